@@ -1,0 +1,382 @@
+"""The `accel` command line. Heavy libraries (torch, diffusers, onnx) are imported inside commands,
+so `accel --help` stays instant. User errors (AccelError) print one message and exit non-zero."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import click
+
+from accel.core.errors import AccelError, RecipeError
+
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.toml"
+store_option = click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Artifact store (default: $ACCEL_STORE or ./.accel-store).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="accel")
+def cli() -> None:
+    """accel: distill a diffusion checkpoint, compile it into an engine, and profile it."""
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except AccelError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; the store keeps only completed stages", err=True)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def _copy_out(src: Path, dst: Path) -> None:
+    """Copy an artifact directory to ``dst`` atomically: a temp sibling, then one rename."""
+    dst = dst.resolve()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@store_option
+def run(recipe: Path, store: Path | None) -> None:
+    """Run RECIPE (TOML): every stage not already in the store."""
+    from accel.core.recipe import load_recipe
+    from accel.pipeline import default_store, run_recipe
+
+    artifacts = run_recipe(load_recipe(recipe), default_store(store))
+    click.echo(artifacts[-1].path)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@store_option
+def plan(recipe: Path, store: Path | None) -> None:
+    """Show which stages of RECIPE are cached (HIT) and which would run (MISS)."""
+    from accel.core.recipe import load_recipe
+    from accel.pipeline import default_store
+    from accel.pipeline import plan as make_plan
+
+    r = load_recipe(recipe)
+    source, stages = make_plan(r, default_store(store))
+    click.echo(
+        f"recipe {r.name}, target {r.target.name} ({r.target.fingerprint}), source {source.key}"
+    )
+    for i, s in enumerate(stages, 1):
+        click.echo(f"  [{i}] {s.plan.stage.name:<12} {'HIT ' if s.hit else 'MISS'}  {s.key}")
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Where student/, engine/ and the report go.",
+)
+@store_option
+def demo(out: Path, store: Path | None) -> None:
+    """Distil the shipped digits teacher to 4 steps, compile it with onnxruntime, profile it."""
+    from accel.core.recipe import load_recipe
+    from accel.pipeline import default_store, run_recipe
+
+    artifacts = run_recipe(load_recipe(DEMO_RECIPE), default_store(store))
+    by_stage = {a.stage: a for a in artifacts}
+    _copy_out(by_stage["progressive"].path, out / "student")
+    _copy_out(by_stage["ort"].path, out / "engine")
+    report = by_stage["profile"].path
+    for f in report.iterdir():
+        if f.suffix in (".json", ".md", ".png") and f.name != "manifest.json":
+            shutil.copy(f, out / f.name)
+    click.echo((out / "report.md").read_text())
+    click.echo(f"wrote {out}/: student/, engine/, report.json, report.md, grid_*.png")
+
+
+# ---------------------------------------------------------------- single stages
+
+
+def _parse_value(raw: str):
+    """A TOML literal if it parses as one ('4', '1e-4', 'true', '[0, 1]'), else the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+class StageCommand(click.Command):
+    """A command for one stage with one option per field of its config (the recipe's key names,
+    dashes for underscores). The config class is imported on first use, not at `accel --help`."""
+
+    def __init__(self, name: str, stage_name: str, help: str) -> None:
+        super().__init__(
+            name,
+            callback=self.invoke_stage,
+            help=help,
+            params=[
+                click.Argument(["input_dir"], metavar="INPUT", type=click.Path(path_type=Path)),
+                click.Option(
+                    ["--out"],
+                    type=click.Path(file_okay=False, path_type=Path),
+                    help="Copy the resulting artifact directory here.",
+                ),
+                click.Option(
+                    ["--target", "target_name"],
+                    default="cpu",
+                    show_default=True,
+                    help="Hardware target (profiles/ name or a .toml path).",
+                ),
+                *store_option(lambda: None).__click_params__,
+            ],
+        )
+        self.stage_name = stage_name
+        self._config_options = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._config_options:
+            from accel.core.stage import get_stage
+
+            self._config_options = True
+            for field, info in get_stage(self.stage_name).config.model_fields.items():
+                self.params.append(
+                    click.Option(
+                        [f"--{field.replace('_', '-')}", field], help=f"(default: {info.default!r})"
+                    )
+                )
+        return super().get_params(ctx)
+
+    def invoke_stage(
+        self, input_dir: Path, out: Path | None, target_name: str, store: Path | None, **options
+    ) -> None:
+        from pydantic import ValidationError
+
+        from accel.core.artifact import MANIFEST, Artifact, artifact_key
+        from accel.core.recipe import StagePlan
+        from accel.core.stage import get_stage, validation_lines
+        from accel.core.target import load_target
+        from accel.pipeline import PlannedStage, default_store, run_stage, say
+
+        stage = get_stage(self.stage_name)
+        try:
+            config = stage.config(
+                **{k: _parse_value(v) for k, v in options.items() if v is not None}
+            )
+        except ValidationError as e:
+            lines = [
+                ln.replace("key '", "option '--").replace("_", "-")
+                for ln in validation_lines(e, stage.config)
+            ]
+            raise RecipeError(f"{self.name}: " + "; ".join(lines)) from None
+        s = default_store(store)
+        if (input_dir / MANIFEST).is_file():
+            parent = Artifact.load(input_dir)
+            parent.verify()
+        else:
+            parent = s.source(input_dir)
+        if parent.kind != stage.consumes:
+            raise RecipeError(
+                f"{self.name} takes a {stage.consumes}, but {input_dir} is a {parent.kind}"
+            )
+        target = load_target(target_name)
+        key = artifact_key(
+            stage.name,
+            stage.version,
+            config.model_dump(mode="json"),
+            parent.key,
+            target.fingerprint if stage.target_specific else None,
+        )
+        if s.has(key):
+            say(f"{stage.name}: cache hit ({key})")
+            artifact = s.get(key)
+        else:
+            artifact = run_stage(
+                PlannedStage(StagePlan(0, stage, config), key, False), parent, target, s, []
+            )
+        if out is not None:
+            _copy_out(artifact.path, out)
+        click.echo(out or artifact.path)
+
+
+@cli.group()
+def distill() -> None:
+    """Distillation stages: train a few-step student from a teacher."""
+
+
+@cli.group()
+def export() -> None:
+    """Export stages: turn a student into a graph."""
+
+
+distill.add_command(
+    StageCommand(
+        "progressive",
+        "progressive",
+        "Progressive distillation (Salimans & Ho 2022) of the teacher at INPUT.",
+    )
+)
+export.add_command(
+    StageCommand(
+        "onnx", "onnx", "Export the student at INPUT to ONNX (dynamo), with a parity check."
+    )
+)
+cli.add_command(
+    StageCommand(
+        "compile",
+        "ort",
+        "Compile the ONNX artifact at INPUT into an onnxruntime engine for --target.",
+    )
+)
+cli.add_command(
+    StageCommand(
+        "profile",
+        "profile",
+        "Profile the engine artifact at INPUT against its teacher (latency, quality).",
+    )
+)
+
+
+# ---------------------------------------------------------------- inspection
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def inspect(artifact: Path) -> None:
+    """Show an artifact's manifest: stage, config, lineage, target, metrics and files."""
+    import json
+
+    from accel.core.artifact import Artifact
+
+    a = Artifact.load(artifact)
+    a.verify()
+    click.echo(f"{a.kind} from stage {a.stage!r}, key {a.key}, parent {a.parent or '-'}")
+    if a.target:
+        click.echo(f"target: {a.target['name']} ({a.target['fingerprint']})")
+    click.echo("config: " + json.dumps(a.config))
+    if a.metrics:
+        click.echo("metrics: " + json.dumps(a.metrics, indent=2)[:4000])
+    click.echo(f"files ({len(a.files)}, hashes verified):")
+    for rel in sorted(a.files):
+        click.echo(f"  {rel}  {(a.path / rel).stat().st_size} bytes")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx: click.Context) -> None:
+    """Hardware targets in profiles/ (lists them without a subcommand)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(targets_list)
+
+
+@targets.command("list")
+def targets_list() -> None:
+    """List the known targets."""
+    from accel.core.target import list_targets, load_target
+
+    for name in list_targets():
+        t = load_target(name)
+        click.echo(f"{name:<16} {t.device:<5} {t.fingerprint}  {t.description}")
+
+
+@targets.command("show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Show one target's fields and fingerprint."""
+    import json
+
+    from accel.core.target import load_target
+
+    t = load_target(name)
+    click.echo(json.dumps(dict(t.model_dump(mode="json"), fingerprint=t.fingerprint), indent=2))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL_OR_ENGINE", type=click.Path(path_type=Path))
+@click.option("-n", "num", type=click.IntRange(min=1), required=True, help="Number of images.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sampling steps (default: the student's own, or 50 for a teacher).",
+)
+@click.option(
+    "--guidance",
+    type=float,
+    default=None,
+    help="Classifier-free guidance scale (default: the model's; students have it baked in).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--target",
+    "target_name",
+    default=None,
+    help="Refuse an engine built for another target than this one.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output .npz with images (N x C x H x W float32 in [0, 1]) and labels (int64).",
+)
+def sample(
+    model: Path,
+    num: int,
+    steps: int | None,
+    guidance: float | None,
+    seed: int,
+    target_name: str | None,
+    out: Path,
+) -> None:
+    """Sample images from a diffusers directory (torch) or an engine artifact (its runtime).
+
+    Noise is numpy's default_rng(SEED).standard_normal; labels cycle through the classes."""
+    import numpy as np
+
+    from accel.core.target import load_target
+    from accel.quality import generate
+    from accel.runtime import open_runtime
+
+    target = load_target(target_name) if target_name else None
+    runtime, plan = open_runtime(model, target, steps, guidance)
+    images, labels = generate(runtime, plan, num, seed, plan.num_classes)
+    if labels is None:
+        labels = np.full(num, -1, dtype=np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, images=((images + 1) / 2).astype(np.float32), labels=labels.astype(np.int64))
+    os.replace(tmp, out)
+    click.echo(f"wrote {num} images {list(images.shape[1:])} to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""accel's contracts: errors, artifacts and their store, stages, recipes, targets. No torch here."""

@@ -1,0 +1,41 @@
+"""The user-facing error family. The CLI prints these without a traceback and exits non-zero;
+any other exception is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class AccelError(Exception):
+    """Base of every error caused by the user's input, files or machine."""
+
+    exit_code = 1
+
+
+class RecipeError(AccelError):
+    """A recipe (or a stage config) is malformed, names unknown keys, or chains stages wrongly."""
+
+    exit_code = 2
+
+
+class CheckpointError(AccelError):
+    """A checkpoint, ONNX graph or engine is missing, corrupt, or holds NaN/Inf weights."""
+
+
+class TargetError(AccelError):
+    """A target profile is unknown or its TOML file is invalid."""
+
+
+class TargetMismatch(AccelError):
+    """An artifact was built for another hardware target than the one asked for."""
+
+
+class StageError(AccelError):
+    """A stage failed. Names the failed stage and the stages that completed before it."""
+
+    def __init__(self, stage: str, message: str, completed: list[str] | None = None):
+        super().__init__(message)
+        self.stage, self.message = stage, message
+        self.completed = list(completed or [])  # the runner fills this in
+
+    def __str__(self) -> str:
+        done = ", ".join(self.completed) if self.completed else "none"
+        return f"stage {self.stage!r} failed: {self.message} (completed stages: {done})"

@@ -1,0 +1,159 @@
+"""Recipes: a source checkpoint, a target and an ordered list of stages, in one TOML file.
+
+A recipe is validated whole before the first stage runs, and every problem is reported at once,
+so a typo in the last stage is found in a second rather than after an hour of training."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from accel.core.artifact import artifact_key
+from accel.core.errors import RecipeError, TargetError
+from accel.core.stage import Stage, StageConfig, did_you_mean, get_stage, validation_lines
+from accel.core.target import Target, load_target
+
+SOURCE_KIND = "checkpoint"
+TOP_LEVEL: dict[str, type] = {"name": str, "source": str, "target": str, "stages": list}
+
+
+@dataclass
+class StagePlan:
+    index: int
+    stage: Stage
+    config: StageConfig
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    source: Path
+    target: Target
+    stages: list[StagePlan]
+
+
+def _check_source(raw: str, recipe_dir: Path, problems: list[str]) -> Path:
+    source = Path(raw).expanduser()
+    source = (source if source.is_absolute() else recipe_dir / source).resolve()
+    if not source.exists():
+        problems.append(
+            f"source: {source} does not exist; 'source' is a diffusers directory, absolute or "
+            "relative to the recipe file"
+        )
+    elif not source.is_dir():
+        problems.append(f"source: {source} is a file; 'source' must be a diffusers directory")
+    elif not any((source / f).is_file() for f in ("config.json", "model_index.json")):
+        problems.append(
+            f"source: {source} has no config.json or model_index.json, so it is not a diffusers "
+            "directory; save the model with save_pretrained()"
+        )
+    return source
+
+
+def _check_stages(entries: list[Any], problems: list[str]) -> list[StagePlan]:
+    plans: list[StagePlan] = []
+    previous: tuple[str, str] | None = ("the source checkpoint", SOURCE_KIND)
+    for i, entry in enumerate(entries):
+        where = f"stages[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected a [[stages]] table, got {entry!r}")
+            previous = None
+            continue
+        values = dict(entry)
+        name = values.pop("stage", None)
+        if not isinstance(name, str):
+            what = (
+                "missing key 'stage'" if name is None else f"'stage' must be a string, got {name!r}"
+            )
+            problems.append(f"{where}: {what}; it names the stage to run")
+            previous = None
+            continue
+        try:
+            stage = get_stage(name)
+        except RecipeError as e:
+            problems.append(f"{where}: {e}")
+            previous = None
+            continue
+        where = f"stages[{i}] ({name})"
+        try:
+            config = stage.config.model_validate(values)
+        except ValidationError as e:
+            problems.extend(f"{where}: {line}" for line in validation_lines(e, stage.config))
+        else:
+            plans.append(StagePlan(i, stage, config))
+        if previous is not None and stage.consumes != previous[1]:
+            problems.append(
+                f"{where} consumes {stage.consumes!r} but {previous[0]} produces "
+                f"{previous[1]!r}; reorder the stages or add one that produces {stage.consumes!r}"
+            )
+        previous = (f"the previous stage ({name})", stage.produces)
+    return plans
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe; every problem found goes into one RecipeError."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
+
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            best = did_you_mean(key, TOP_LEVEL)
+            hint = f"did you mean {best!r}?" if best else f"valid keys: {', '.join(TOP_LEVEL)}"
+            problems.append(f"unknown top-level key {key!r}; {hint}")
+    ok = {}
+    for key, kind in TOP_LEVEL.items():
+        if key not in raw:
+            problems.append(f"missing required top-level key {key!r}")
+        elif not isinstance(raw[key], kind):
+            expected = "a list of [[stages]] tables" if kind is list else "a string"
+            problems.append(f"{key!r} must be {expected}, got {raw[key]!r}")
+        else:
+            ok[key] = raw[key]
+
+    source = _check_source(ok["source"], path.parent, problems) if "source" in ok else None
+    target = None
+    if "target" in ok:
+        try:
+            target = load_target(ok["target"])
+        except TargetError as e:
+            problems.append(f"target: {e}")
+    plans: list[StagePlan] = []
+    if "stages" in ok:
+        if not ok["stages"]:
+            problems.append("'stages' is empty; add at least one [[stages]] table")
+        plans = _check_stages(ok["stages"], problems)
+
+    if problems:
+        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
+        raise RecipeError(
+            f"recipe {path} is invalid ({count}):\n" + "\n".join(f"  {p}" for p in problems)
+        )
+    assert source is not None and target is not None
+    return Recipe(name=ok["name"], path=path, source=source, target=target, stages=plans)
+
+
+def plan_keys(recipe: Recipe, source_key: str) -> list[str]:
+    """The artifact key of every stage in order; a stage whose key is in the store is skipped."""
+    keys, parent = [], source_key
+    for plan in recipe.stages:
+        fingerprint = recipe.target.fingerprint if plan.stage.target_specific else None
+        parent = artifact_key(
+            plan.stage.name,
+            plan.stage.version,
+            plan.config.model_dump(mode="json"),
+            parent,
+            fingerprint,
+        )
+        keys.append(parent)
+    return keys

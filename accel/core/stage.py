@@ -1,0 +1,151 @@
+"""Stages: registered functions Artifact -> Artifact with a typed config.
+
+The table of stages maps names to "module:attribute" strings and is imported lazily, so checking a
+recipe or printing `--help` never imports torch, and there is no import-order side effect to fill
+a registry. Tests add their own stages by patching `STAGES`."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from accel.core.artifact import KINDS, Artifact, Store
+from accel.core.errors import RecipeError
+
+if TYPE_CHECKING:
+    from accel.core.target import Target
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: a typo in a recipe is an error, and a config is a value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` gets: it writes files into `out` and figures into `metrics`."""
+
+    input: Artifact
+    config: BaseModel
+    target: Target
+    out: Path
+    metrics: dict
+    info: dict
+    store: Store
+    progress: Callable[[str], None] = _stderr
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named, versioned step. Bump `version` when its output changes for the same config, so
+    cached artifacts from the old code are not reused."""
+
+    name: str
+    version: int
+    config: type[BaseModel]
+    consumes: str
+    produces: str
+    run: Callable[..., None]
+    target_specific: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for role in ("consumes", "produces"):
+            if getattr(self, role) not in KINDS:
+                kind = getattr(self, role)
+                raise ValueError(f"stage {self.name!r} {role} {kind!r}; use one of {KINDS}")
+        if not (isinstance(self.config, type) and issubclass(self.config, BaseModel)):
+            raise TypeError(f"stage {self.name!r}: config must be a pydantic model class")
+
+
+STAGES: dict[str, str] = {
+    "progressive": "distill.progressive:STAGE",
+    "onnx": "export.onnx_export:STAGE",
+    "ort": "export.ort_compile:STAGE",
+    "profile": "accel.profile_stage:STAGE",
+}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """The closest choice, if any is close enough to be a likely typo."""
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def get_stage(name: str) -> Stage:
+    """Import and return the stage registered under `name`."""
+    if name not in STAGES:
+        known = ", ".join(sorted(STAGES))
+        best = did_you_mean(name, STAGES)
+        hint = f"did you mean {best!r}? " if best else ""
+        raise RecipeError(f"unknown stage {name!r}; {hint}known stages: {known}")
+    module_name, _, attr = STAGES[name].partition(":")
+    stage = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(stage, Stage) or stage.name != name:
+        raise TypeError(f"STAGES[{name!r}] = {STAGES[name]!r} is not a Stage named {name!r}")
+    return stage
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `Shapes`, `Shapes | None`, `list[Shapes]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _submodel(arg)) is not None:
+            return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        if isinstance(part, int):  # a list index: the element type was already unwrapped
+            continue
+        info = model.model_fields.get(part)
+        sub = _submodel(info.annotation) if info is not None else None
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_lines(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One readable line per pydantic error, with the field path and, for an unknown key, the
+    closest valid key (pydantic alone says only 'Extra inputs are not permitted')."""
+    lines = []
+    for err in exc.errors():
+        loc, path = tuple(err["loc"]), _dotted(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden" and loc:
+            owner = _model_at(model, loc[:-1])
+            fields = list(owner.model_fields) if owner is not None else []
+            prefix = _dotted(loc[:-1]) + "." if len(loc) > 1 else ""
+            best = did_you_mean(str(loc[-1]), fields)
+            if best:
+                lines.append(f"unknown key '{path}'; did you mean '{prefix}{best}'?")
+            else:
+                lines.append(f"unknown key '{path}'; valid keys: {', '.join(fields) or 'none'}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{path}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f"key '{path}'" if path else "config"
+            lines.append(f"{where}: {msg} (got {err['input']!r})")
+    return lines

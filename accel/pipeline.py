@@ -1,0 +1,110 @@
+"""Run a recipe: source checkpoint, then each stage, skipping every stage whose key is stored."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from accel.core.artifact import Artifact, Store
+from accel.core.errors import AccelError, StageError
+from accel.core.recipe import Recipe, StagePlan, plan_keys
+from accel.core.stage import StageContext
+from accel.core.target import Target
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class PlannedStage:
+    plan: StagePlan
+    key: str
+    hit: bool
+
+
+def plan(recipe: Recipe, store: Store) -> tuple[Artifact, list[PlannedStage]]:
+    """The source artifact and, per stage, its key and whether the store already holds it."""
+    source = store.source(recipe.source)
+    return source, [
+        PlannedStage(p, k, store.has(k))
+        for p, k in zip(recipe.stages, plan_keys(recipe, source.key), strict=True)
+    ]
+
+
+def run_stage(
+    planned: PlannedStage,
+    parent: Artifact,
+    target: Target,
+    store: Store,
+    completed: list[str],
+    progress: Callable[[str], None] = say,
+) -> Artifact:
+    """Run one stage into a pending artifact; any failure leaves the store as it was."""
+    stage, config = planned.plan.stage, planned.plan.config
+    with store.write(
+        planned.key,
+        kind=stage.produces,
+        stage=stage.name,
+        stage_version=stage.version,
+        config=config.model_dump(mode="json"),
+        parent=parent.key,
+        target=(
+            {"name": target.name, "fingerprint": target.fingerprint}
+            if stage.target_specific
+            else None
+        ),
+    ) as pending:
+        ctx = StageContext(
+            input=parent,
+            config=config,
+            target=target,
+            out=pending.dir,
+            metrics=pending.metrics,
+            info=pending.info,
+            store=store,
+            progress=progress,
+        )
+        try:
+            stage.run(ctx)
+        except StageError as e:
+            e.completed = list(completed)
+            raise
+        except AccelError as e:
+            raise StageError(stage.name, str(e), completed) from None
+        if not store.has(parent.key):  # a source checkpoint: kept once something is built from it
+            store.add_source(parent.path)
+    assert pending.artifact is not None
+    return pending.artifact
+
+
+def run_recipe(
+    recipe: Recipe, store: Store, progress: Callable[[str], None] = say
+) -> list[Artifact]:
+    """Run every stage not in the store; returns the artifacts of all stages, in order."""
+    source, stages = plan(recipe, store)
+    artifacts, parent, completed = [], source, []
+    for i, planned in enumerate(stages, 1):
+        name = planned.plan.stage.name
+        head = f"[{i}/{len(stages)}] {name}"
+        if planned.hit:
+            progress(f"{head}: cache hit ({planned.key})")
+            artifact = store.get(planned.key)
+        else:
+            progress(f"{head}: running")
+            t0 = time.perf_counter()
+            artifact = run_stage(planned, parent, recipe.target, store, completed, progress)
+            progress(f"{head}: done in {time.perf_counter() - t0:.1f}s ({planned.key})")
+        completed.append(name)
+        artifacts.append(artifact)
+        parent = artifact
+    return artifacts
+
+
+def default_store(path: str | Path | None = None) -> Store:
+    import os
+
+    return Store(Path(path or os.environ.get("ACCEL_STORE") or ".accel-store"))

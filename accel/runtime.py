@@ -1,0 +1,203 @@
+"""Runtimes: one interface over torch eager and onnxruntime, and the sampler plan that drives them.
+
+A runtime runs the denoiser graph (sample, timestep[, class_labels]) -> x0 on numpy feeds, the way
+Polygraphy's runners do (``inputs()``, ``infer(feeds)``). A ``SamplerPlan`` holds the few numbers of
+a deterministic DDIM run (timesteps and x_prev = a x + b x0 per step, guidance), computed at export
+time, so that ``sample`` needs nothing but numpy and a runtime. torch is imported only by
+``TorchRuntime``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from accel.core.errors import CheckpointError
+from accel.core.plan import SamplerPlan
+
+
+class Runtime(Protocol):
+    name: str
+
+    def inputs(self) -> dict[str, tuple[list, str]]: ...
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def sample(
+    runtime: Runtime, plan: SamplerPlan, noise: np.ndarray, labels: np.ndarray | None
+) -> np.ndarray:
+    """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat, where
+    x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)."""
+    x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
+    n = len(x)
+    guided = plan.guidance_scale != 1.0 and labels is not None
+    for step in plan.steps:
+        t = np.full(2 * n if guided else n, step["timestep"], dtype=np.int64)
+        feeds = {"sample": np.concatenate([x, x]) if guided else x, "timestep": t}
+        if labels is not None:
+            lab = labels.astype(np.int64)
+            feeds["class_labels"] = (
+                np.concatenate([lab, np.full_like(lab, plan.null_label)]) if guided else lab
+            )
+        x0 = runtime.infer(feeds)["x0"]
+        if guided:
+            x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
+        x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
+    return x
+
+
+class OrtRuntime:
+    """An onnxruntime session on an ONNX file, refusing a silent fallback to another provider."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        provider: str = "CPUExecutionProvider",
+        threads: int | None = None,
+        optimize: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if optimize
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            # from a path, not bytes: a session made from bytes cannot find external data
+            self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+        except Exception as e:
+            raise CheckpointError(
+                f"onnxruntime cannot load {path}: {str(e).strip()[:300]}"
+            ) from None
+        if provider not in self.session.get_providers():
+            raise CheckpointError(
+                f"onnxruntime did not enable {provider} (got {self.session.get_providers()}); "
+                "install the matching onnxruntime build for this target"
+            )
+        self.name = f"onnxruntime:{provider}"
+        self._inputs = {i.name: (i.shape, i.type) for i in self.session.get_inputs()}
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        return self._inputs
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
+        (x0,) = self.session.run(["x0"], feeds)
+        return {"x0": x0}
+
+
+class TorchRuntime:
+    """torch eager on a DenoiserGraph (the module the ONNX graph is exported from)."""
+
+    def __init__(self, graph: Any, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.graph = graph.eval()
+        self.name = "torch-eager"
+        self._torch = torch
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        cfg = self.graph.backbone.config
+        size = (
+            cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
+        )
+        spec = {
+            "sample": (["batch", cfg.in_channels, *size], "float32"),
+            "timestep": (["batch"], "int64"),
+        }
+        if self.graph.conditional:
+            spec["class_labels"] = (["batch"], "int64")
+        return spec
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            labels = feeds.get("class_labels") if self.graph.conditional else None
+            x0 = self.graph(
+                torch.from_numpy(feeds["sample"]),
+                torch.from_numpy(feeds["timestep"]),
+                None if labels is None else torch.from_numpy(labels),
+            )
+        return {"x0": x0.numpy()}
+
+
+def open_engine(path: str | Path, target: Any = None) -> tuple[OrtRuntime, SamplerPlan]:
+    """An engine artifact's runtime and sampler plan, after checking its file hashes and, when a
+    target is given, that the engine was built for it."""
+    from accel.core.artifact import Artifact
+    from accel.core.errors import TargetMismatch
+    from accel.core.plan import PLAN_FILE
+
+    engine = Artifact.load(path)
+    if engine.kind != "engine":
+        raise CheckpointError(f"{path} is a {engine.kind} artifact, not an engine")
+    engine.verify()
+    if target is not None and engine.target and engine.target["fingerprint"] != target.fingerprint:
+        raise TargetMismatch(
+            f"{path} was built for target {engine.target['name']!r} ({engine.target['fingerprint']}), "
+            f"not {target.name!r} ({target.fingerprint}); rebuild it with "
+            f"`accel compile ONNX_ARTIFACT --target {target.name}`"
+        )
+    runtime = OrtRuntime(
+        Path(path) / engine.info.get("engine_file", "model.onnx"),
+        provider=engine.info.get("provider", "CPUExecutionProvider"),
+    )
+    return runtime, SamplerPlan.load(Path(path) / PLAN_FILE)
+
+
+def open_model(
+    path: str | Path, steps: int | None = None, guidance: float | None = None
+) -> tuple[TorchRuntime, SamplerPlan]:
+    """A diffusers directory in torch eager, with the DDIM plan for ``steps`` (default: a student's
+    own step count, else 50) and ``guidance`` (default: the model's)."""
+    from distill.denoiser import DenoiserGraph, load_denoiser
+    from distill.samplers import sampler_plan
+
+    den, info = load_denoiser(path, guidance_scale=guidance)
+    plan = sampler_plan(
+        den, steps or info.get("num_inference_steps") or 50, info.get("num_classes")
+    )
+    return TorchRuntime(DenoiserGraph(den.backbone, den.schedule, den.prediction_type)), plan
+
+
+def open_runtime(
+    path: str | Path, target: Any = None, steps: int | None = None, guidance: float | None = None
+) -> tuple[Runtime, SamplerPlan]:
+    """An engine artifact (its own runtime) or a diffusers directory (torch eager), with its plan.
+    An engine's step count and guidance are fixed at export time: asking for others is an error."""
+    from accel.core.artifact import MANIFEST
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model or engine not found: {path}")
+    if not (
+        (path / MANIFEST).is_file()
+        and json.loads((path / MANIFEST).read_text()).get("kind") == "engine"
+    ):
+        return open_model(path, steps, guidance)
+    runtime, plan = open_engine(path, target)
+    if steps is not None and steps != len(plan.steps):
+        raise CheckpointError(
+            f"{path} is an engine for {len(plan.steps)} steps; its sampler plan "
+            "is fixed at export time (drop --steps)"
+        )
+    if guidance is not None and guidance != plan.guidance_scale:
+        raise CheckpointError(
+            f"{path} samples with guidance {plan.guidance_scale}, fixed at export "
+            "time (drop --guidance)"
+        )
+    return runtime, plan

@@ -1,0 +1,245 @@
+"""The one contract every method, sampler and exported graph speaks: x_t, t, labels -> x0_hat.
+
+``Denoiser`` wraps a diffusers backbone called as ``backbone(x, t, class_labels=y).sample`` and turns
+its raw output into (x0, eps) in one place, ``to_x0_eps``, for every prediction type:
+
+    epsilon  (Ho et al. 2020)       x0 = (x - sigma eps) / alpha
+    v        (Salimans & Ho 2022)   x0 = alpha x - sigma v,       eps = sigma x + alpha v
+    sample                          x0 = output,                  eps = (x - alpha x0) / sigma
+    flow     (Liu et al. 2022)      v = eps - x0: x0 = x - sigma v, eps = x + alpha v
+
+Classifier-free guidance (Ho & Salimans 2022) mixes the raw outputs,
+out = out_uncond + w (out_cond - out_uncond); every conversion above is affine in the output at fixed
+(x, t), so this equals guiding x0 or eps. w = 1 is the plain conditional model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from accel.core.errors import CheckpointError
+from distill.schedule import Schedule, _bcast
+
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+
+def to_x0_eps(
+    output: torch.Tensor,
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert a backbone output to (x0, eps); alpha and sigma broadcast against x."""
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha, output
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * output, sigma * x + alpha * output
+    if prediction_type == "sample":
+        return output, (x - alpha * output) / sigma
+    if prediction_type == "flow":
+        return x - sigma * output, x + alpha * output
+    raise CheckpointError(
+        f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+def from_x0_eps(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """The backbone output that ``to_x0_eps`` maps to (x0, eps): the regression target of a student."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "flow":
+        return eps - x0
+    raise CheckpointError(
+        f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+class Denoiser(nn.Module):
+    """A diffusers backbone as x0/eps predictor over a Schedule, with optional CFG.
+
+    ``guidance_scale`` w and ``null_label`` (the class id used for the unconditional branch) turn on
+    classifier-free guidance; the batch is doubled inside one backbone call."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule: Schedule,
+        prediction_type: str,
+        guidance_scale: float = 1.0,
+        null_label: int | None = None,
+    ) -> None:
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise CheckpointError(
+                f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+            )
+        if guidance_scale != 1.0 and null_label is None:
+            raise ValueError(
+                "classifier-free guidance needs the null label of the unconditional branch"
+            )
+        self.backbone = backbone
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.guidance_scale = float(guidance_scale)
+        self.null_label = null_label
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The backbone's (guided) output, in its own prediction type."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        if self.guidance_scale == 1.0 or labels is None:
+            return self.backbone(x, t, class_labels=labels).sample
+        null = torch.full_like(labels, self.null_label)
+        out = self.backbone(
+            torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])
+        ).sample
+        cond, uncond = out.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) at timestep(s) t."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        alpha, sigma = (_bcast(v, x) for v in self.schedule.alpha_sigma(t))
+        return to_x0_eps(self.raw(x, t, labels), x, alpha, sigma, self.prediction_type)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.predict(x, t, labels)[0]
+
+
+def load_denoiser(
+    model_dir: str | Path, guidance_scale: float | None = None
+) -> tuple[Denoiser, dict[str, Any]]:
+    """Load a diffusers pipeline directory (``model_index.json``, ``unet/``, ``scheduler/``) as a
+    Denoiser, reading weights through safetensors only (corrupt files and NaN weights are errors).
+
+    ``accel.json`` beside ``model_index.json`` may name ``null_class_label`` (for guidance),
+    ``num_inference_steps`` and ``guidance_scale`` (a student's defaults); it is returned as info."""
+    import diffusers
+
+    from accel.checkpoint import load_safetensors, read_json
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"model directory not found: {root}")
+    for sub in ("unet/config.json", "scheduler/scheduler_config.json"):
+        if not (root / sub).is_file():
+            raise CheckpointError(
+                f"{root} is not a diffusers pipeline directory: {sub} is missing "
+                "(expected model_index.json, unet/ and scheduler/ as save_pretrained writes them)"
+            )
+    config = read_json(root / "unet/config.json")
+    cls_name = config.get("_class_name", "")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not issubclass(cls, diffusers.ModelMixin):
+        raise CheckpointError(f"{root / 'unet/config.json'}: unknown model class {cls_name!r}")
+    weights = root / "unet/diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights} not found; accel reads safetensors only (convert .bin weights with "
+            "save_pretrained(safe_serialization=True))"
+        )
+    try:
+        backbone = cls.from_config(config)
+    except Exception as e:
+        raise CheckpointError(
+            f"{root / 'unet/config.json'} does not build a {cls_name}: {e}"
+        ) from None
+    try:
+        backbone.load_state_dict(load_safetensors(weights), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{weights} does not match {root / 'unet/config.json'}: {' '.join(first[:3])}"
+        ) from None
+    backbone.eval().requires_grad_(False)
+    sched_cfg = read_json(root / "scheduler/scheduler_config.json")
+    info = read_json(root / "accel.json") if (root / "accel.json").is_file() else {}
+    w = guidance_scale if guidance_scale is not None else float(info.get("guidance_scale", 1.0))
+    null = info.get("null_class_label")
+    if w != 1.0 and null is None:
+        raise CheckpointError(
+            f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
+            "null_class_label (students with guidance baked in sample with guidance 1)"
+        )
+    denoiser = Denoiser(
+        backbone,
+        Schedule.from_config(sched_cfg),
+        sched_cfg.get("prediction_type", "epsilon"),
+        guidance_scale=w,
+        null_label=null,
+    )
+    return denoiser, dict(info, scheduler=sched_cfg)
+
+
+def save_pipeline(
+    out_dir: str | Path, backbone: nn.Module, scheduler_config: dict[str, Any], info: dict[str, Any]
+) -> None:
+    """Write a diffusers pipeline directory that stock diffusers loads: model_index.json, the
+    backbone (safetensors), the scheduler named in scheduler_config["_class_name"], and accel.json."""
+    import diffusers
+
+    out = Path(out_dir)
+    backbone.save_pretrained(out / "unet", safe_serialization=True)
+    sched_cls = getattr(diffusers, scheduler_config["_class_name"])
+    sched_cls.from_config(scheduler_config).save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DiffusionPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "scheduler": ["diffusers", scheduler_config["_class_name"]],
+                "unet": ["diffusers", type(backbone).__name__],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "accel.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class DenoiserGraph(nn.Module):
+    """The denoiser as a deployable graph: (sample, timestep[, class_labels]) -> x0, float32.
+
+    alpha(t), sigma(t) are float32 lookup tables inside the graph, so every runtime receives the
+    same x0 contract whatever the backbone's prediction type; guidance and the sampler's step
+    arithmetic stay outside (see the sampler plan)."""
+
+    def __init__(self, backbone: nn.Module, schedule: Schedule, prediction_type: str) -> None:
+        super().__init__()
+        if schedule.kind != "discrete":
+            raise CheckpointError("only discrete-time (DDPM-family) schedules export so far")
+        self.backbone = backbone
+        self.prediction_type = prediction_type
+        alpha, sigma = schedule.alpha_sigma(torch.arange(schedule.num_train_timesteps))
+        self.register_buffer("alpha", alpha.float(), persistent=False)
+        self.register_buffer("sigma", sigma.float(), persistent=False)
+        cfg = getattr(backbone, "config", {})
+        self.conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self.backbone(sample, timestep, class_labels=class_labels).sample
+        alpha = self.alpha[timestep].reshape(-1, 1, 1, 1)
+        sigma = self.sigma[timestep].reshape(-1, 1, 1, 1)
+        return to_x0_eps(out, sample, alpha, sigma, self.prediction_type)[0]

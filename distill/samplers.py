@@ -1,0 +1,154 @@
+"""Reference samplers, one plain function each: ``sampler(denoiser, x, timesteps, labels) -> x0``.
+
+``timesteps`` is a list of (t, t_prev) pairs (``Schedule.ddim_timesteps(n)``); t_prev = -1 is clean data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from accel.core.plan import SamplerPlan
+from distill.denoiser import Denoiser
+from distill.schedule import Schedule, _bcast
+
+
+def _alpha_sigma(
+    schedule: Schedule, t: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([t]))
+    return _bcast(alpha, like), _bcast(sigma, like)
+
+
+def ddim_step(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: Schedule,
+    t_prev: int,
+    eta: float = 0.0,
+    t: int | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM update (Song et al. 2021, eq. 12): x_prev = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s z,
+    s = eta sqrt(sigma'^2 / sigma^2 (1 - alpha^2 / alpha'^2)); eta = 0 is the deterministic ODE step."""
+    a_prev, s_prev = _alpha_sigma(schedule, t_prev, x0)
+    if eta == 0.0:
+        return a_prev * x0 + s_prev * eps
+    assert t is not None and noise is not None, "stochastic DDIM needs t and noise"
+    a, s = _alpha_sigma(schedule, t, x0)
+    std = eta * ((s_prev**2 / s**2) * (1 - a**2 / a_prev**2)).clamp(min=0).sqrt()
+    return a_prev * x0 + (s_prev**2 - std**2).clamp(min=0).sqrt() * eps + std * noise
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[tuple[int, int]],
+    labels: torch.Tensor | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, Denoising Diffusion Implicit Models), step for step what
+    diffusers' DDIMScheduler.step computes with clip_sample=False."""
+    for t, t_prev in timesteps:
+        x0, eps = denoiser.predict(x, torch.tensor(t), labels)
+        noise = None if eta == 0.0 else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = ddim_step(x0, eps, denoiser.schedule, t_prev, eta=eta, t=t, noise=noise)
+    return x
+
+
+def _ode_state(schedule: Schedule, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probability-flow ODE as dy/ds = d: for VP schedules y = x / alpha, s = sigma / alpha and
+    d = eps (Karras et al. 2022, eq. 4 with s(t) = alpha); for flow matching y = x, s = sigma and
+    d = eps - x0 (the velocity)."""
+    alpha, sigma = _alpha_sigma(schedule, t, x)
+    if schedule.kind == "flow":
+        return x, sigma
+    return x / alpha, sigma / alpha
+
+
+def _ode_x(schedule: Schedule, y: torch.Tensor, t: int) -> torch.Tensor:
+    return y if schedule.kind == "flow" else y * _alpha_sigma(schedule, t, y)[0]
+
+
+def _ode_slope(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return eps - x0 if schedule.kind == "flow" else eps
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[tuple[int, int]],
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 with Euler only).
+    In these coordinates an Euler step equals a deterministic DDIM step (Song et al. 2021, sec. 4.3)."""
+    sched = denoiser.schedule
+    for t, t_prev in timesteps:
+        x0, eps = denoiser.predict(x, torch.tensor(t), labels)
+        y, s = _ode_state(sched, x, t)
+        s_prev = _ode_state(sched, x, t_prev)[1]
+        x = _ode_x(sched, y + (s_prev - s) * _ode_slope(sched, x0, eps), t_prev)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[tuple[int, int]],
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1):
+    an Euler step, then the average of the slopes at both ends; the last step onto clean data
+    (t_prev = -1) stays Euler, as in the paper."""
+    sched = denoiser.schedule
+    for t, t_prev in timesteps:
+        x0, eps = denoiser.predict(x, torch.tensor(t), labels)
+        y, s = _ode_state(sched, x, t)
+        s_prev = _ode_state(sched, x, t_prev)[1]
+        d = _ode_slope(sched, x0, eps)
+        y_next = y + (s_prev - s) * d
+        if t_prev >= 0:
+            x0_2, eps_2 = denoiser.predict(
+                _ode_x(sched, y_next, t_prev), torch.tensor(t_prev), labels
+            )
+            y_next = y + (s_prev - s) * (d + _ode_slope(sched, x0_2, eps_2)) / 2
+        x = _ode_x(sched, y_next, t_prev)
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun}
+
+
+def ddim_coefficients(schedule: Schedule, steps: int) -> list[dict[str, float]]:
+    """Deterministic DDIM as x_prev = a * x + b * x0_hat per step, for a sampler plan that runs with
+    numpy alone: eps = (x - alpha x0) / sigma gives a = sigma' / sigma, b = alpha' - a * alpha."""
+    plan = []
+    for t, t_prev in schedule.ddim_timesteps(steps):
+        alpha, sigma = (v.item() for v in schedule.alpha_sigma(torch.tensor([t])))
+        alpha_p, sigma_p = (v.item() for v in schedule.alpha_sigma(torch.tensor([t_prev])))
+        a = sigma_p / sigma
+        plan.append({"timestep": t, "a": a, "b": alpha_p - a * alpha})
+    return plan
+
+
+def sampler_plan(denoiser: Denoiser, steps: int, num_classes: int | None = None) -> SamplerPlan:
+    """The deterministic DDIM run of ``denoiser`` over its x0 graph as a numpy-only SamplerPlan."""
+    cfg = denoiser.backbone.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
+    return SamplerPlan(
+        steps=ddim_coefficients(denoiser.schedule, steps),
+        sample_shape=[cfg.in_channels, *size],
+        guidance_scale=denoiser.guidance_scale,
+        null_label=denoiser.null_label,
+        num_classes=num_classes,
+        notes={
+            "sampler": "ddim",
+            "graph_output": "x0",
+            "prediction_type": denoiser.prediction_type,
+        },
+    )

@@ -1,0 +1,113 @@
+"""Noise schedules: x_t = alpha(t) * x0 + sigma(t) * eps, built from a diffusers scheduler config.
+
+Discrete variance-preserving schedules (DDPM, Ho et al. 2020) keep ``alphas_cumprod`` for integer
+timesteps 0..T-1; ``t = -1`` is the clean end of a sampling run (alpha = 1, sigma = 0), which is what
+diffusers' DDIM does with ``set_alpha_to_one=True``. Flow-matching schedules (rectified flow, Liu et
+al. 2022; Esser et al. 2024) use x_t = (1 - s) x0 + s eps with s = shifted t / T.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from accel.core.errors import CheckpointError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008."""
+
+    def alpha_bar(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+        for i in range(num_steps)
+    ]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """alpha(t), sigma(t) of a diffusion process, in float64."""
+
+    kind: Literal["discrete", "flow"]
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor | None = None  # discrete only, shape (T,)
+    shift: float = 1.0  # flow only
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Schedule:
+        """Build from a diffusers ``scheduler_config.json`` dict (any DDPM/DDIM/Euler/LCM/FlowMatch)."""
+        name = config.get("_class_name", "")
+        T = int(config.get("num_train_timesteps", 1000))
+        if name in FLOW_SCHEDULERS:
+            if config.get("use_dynamic_shifting"):
+                raise CheckpointError(
+                    f"{name} with use_dynamic_shifting depends on image size; accel needs a fixed "
+                    "'shift': set use_dynamic_shifting=false in scheduler_config.json"
+                )
+            return cls(kind="flow", num_train_timesteps=T, shift=float(config.get("shift", 1.0)))
+        if config.get("trained_betas") is not None:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        else:
+            kind = config.get("beta_schedule", "linear")
+            start = float(config.get("beta_start", 0.0001))
+            end = float(config.get("beta_end", 0.02))
+            if kind == "linear":
+                betas = torch.linspace(start, end, T, dtype=torch.float64)
+            elif kind == "scaled_linear":
+                betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+            elif kind == "squaredcos_cap_v2":
+                betas = _cosine_betas(T)
+            else:
+                raise CheckpointError(
+                    f"unsupported beta_schedule {kind!r} in scheduler config; "
+                    f"use one of {', '.join(BETA_SCHEDULES)}"
+                )
+        return cls(
+            kind="discrete", num_train_timesteps=T, alphas_cumprod=torch.cumprod(1 - betas, 0)
+        )
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha(t), sigma(t) as float64 tensors shaped like ``t``; ``t = -1`` is clean data."""
+        t = torch.as_tensor(t)
+        if self.kind == "flow":
+            s = t.to(torch.float64).clamp(min=0) / self.num_train_timesteps
+            s = self.shift * s / (1 + (self.shift - 1) * s)
+            return 1 - s, s
+        assert self.alphas_cumprod is not None
+        ac = self.alphas_cumprod.to(t.device)
+        a2 = torch.where(t >= 0, ac[t.long().clamp(min=0)], torch.ones((), dtype=torch.float64))
+        return a2.sqrt(), (1 - a2).sqrt()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha**2 / sigma**2
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = (_bcast(v, x0) for v in self.alpha_sigma(t))
+        return alpha * x0 + sigma * eps
+
+    def ddim_timesteps(self, steps: int) -> list[tuple[int, int]]:
+        """(t, t_prev) pairs of a ``steps``-step run, exactly as diffusers' DDIMScheduler with
+        ``timestep_spacing="trailing"`` visits them: trailing spacing starts at t = T - 1, which
+        few-step samplers need (Lin et al. 2024, "Common diffusion noise schedules and sample
+        steps are flawed"), and diffusers steps to t - T // steps."""
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        ts = [
+            int(round(v)) - 1 for v in torch.arange(T, 0, -T / steps, dtype=torch.float64).tolist()
+        ]
+        return [(t, t - T // steps) for t in ts]
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))

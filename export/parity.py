@@ -1,0 +1,85 @@
+"""One comparator across runtimes, after Polygraphy's Comparator: the same feeds through every
+runtime, error statistics per output against a reference, and one tolerance table per precision.
+NaN or Inf in any output always fails."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from accel.runtime import Runtime
+
+# |out - ref| <= atol + rtol * |ref| elementwise (numpy.allclose semantics)
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"atol": 1e-4, "rtol": 1e-4},
+    "fp16": {"atol": 2e-2, "rtol": 2e-2},
+    "bf16": {"atol": 5e-2, "rtol": 5e-2},
+}
+
+
+def error_stats(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    abs_err = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    rel_err = abs_err / np.maximum(np.abs(ref.astype(np.float64)), 1e-12)
+    return {
+        "max_abs": float(abs_err.max()),
+        "mean_abs": float(abs_err.mean()),
+        "p99_abs": float(np.percentile(abs_err, 99)),
+        "max_rel": float(rel_err.max()),
+        "mean_rel": float(rel_err.mean()),
+        "p99_rel": float(np.percentile(rel_err, 99)),
+    }
+
+
+def compare(
+    reference: Runtime,
+    others: list[Runtime],
+    feeds: list[dict[str, np.ndarray]],
+    precision: str = "fp32",
+) -> dict:
+    """Run every feed through ``reference`` and ``others``; per runtime and output, the worst
+    statistics over the feeds and whether all outputs are within tolerance."""
+    tol = TOLERANCES[precision]
+    report: dict = {"precision": precision, "tolerance": tol, "runtimes": {}, "passed": True}
+    refs = [reference.infer(f) for f in feeds]
+    for rt in others:
+        worst: dict[str, dict] = {}
+        ok = True
+        for ref_out, feed in zip(refs, feeds, strict=True):
+            out = rt.infer(feed)
+            for name, ref in ref_out.items():
+                got = out[name]
+                finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
+                stats = error_stats(ref, got) if finite else {}
+                within = (
+                    finite
+                    and got.shape == ref.shape
+                    and bool(np.all(np.abs(got - ref) <= tol["atol"] + tol["rtol"] * np.abs(ref)))
+                )
+                ok &= within
+                prev = worst.setdefault(name, {"finite": True, "within_tolerance": True})
+                prev["finite"] &= finite
+                prev["within_tolerance"] &= within
+                for k, v in stats.items():
+                    prev[k] = max(prev.get(k, 0.0), v)
+        report["runtimes"][rt.name] = {"passed": ok, "outputs": worst}
+        report["passed"] &= ok
+    return report
+
+
+def describe_failure(report: dict) -> str:
+    """The failing runtimes and outputs with their worst errors, for a StageError message."""
+    parts = []
+    for name, r in report["runtimes"].items():
+        for out, s in r["outputs"].items():
+            if not (s["finite"] and s["within_tolerance"]):
+                what = (
+                    "NaN/Inf in output"
+                    if not s["finite"]
+                    else f"max abs err {s.get('max_abs', float('nan')):.3g}, "
+                    f"max rel err {s.get('max_rel', float('nan')):.3g}"
+                )
+                parts.append(f"{name} output {out!r}: {what}")
+    tol = report["tolerance"]
+    return (
+        "; ".join(parts)
+        + f" (tolerance {report['precision']}: atol {tol['atol']}, rtol {tol['rtol']})"
+    )

@@ -1,0 +1,73 @@
+"""An exact teacher: a class-conditional isotropic Gaussian mixture, whose denoiser is closed-form.
+
+For data x0 ~ sum_k pi_k N(mu_k, s_k^2 I) and x_t = alpha x0 + sigma eps, the posterior mean is
+E[x0 | x_t] = sum_k r_k(x_t) (mu_k + alpha s_k^2 / (alpha^2 s_k^2 + sigma^2) (x_t - alpha mu_k)),
+r_k the responsibilities under N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I). Class c keeps only its
+own components; the null label keeps them all.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from distill.denoiser import from_x0_eps
+from distill.schedule import Schedule, _bcast
+
+
+class GMMBackbone(nn.Module):
+    """Called like a diffusers UNet: ``backbone(x, t, class_labels=y).sample``."""
+
+    def __init__(
+        self,
+        means,
+        stds,
+        classes,
+        schedule: Schedule,
+        prediction_type="v_prediction",
+        null_label=None,
+    ):
+        super().__init__()
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # K x d
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)  # K
+        self.classes = torch.as_tensor(classes)  # K
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.null_label = null_label
+
+    def posterior_mean(self, x, t, labels):
+        shape = x.shape
+        xf = x.reshape(len(x), -1).double()
+        alpha, sigma = (v.double().reshape(-1, 1) for v in self.schedule.alpha_sigma(t))
+        var = alpha**2 * self.stds**2 + sigma**2  # N x K
+        d = xf.shape[1]
+        diff2 = ((xf[:, None, :] - alpha[:, :, None] * self.means[None]) ** 2).sum(-1)
+        logp = -0.5 * diff2 / var - 0.5 * d * var.log()
+        if labels is not None:
+            allowed = (self.classes[None, :] == labels[:, None]) | (
+                labels[:, None] == self.null_label
+            )
+            logp = logp.masked_fill(~allowed, float("-inf"))
+        r = logp.softmax(-1)
+        gain = alpha * self.stds**2 / var  # N x K
+        comp = self.means[None] + gain[:, :, None] * (
+            xf[:, None, :] - alpha[:, :, None] * self.means[None]
+        )
+        return (r[:, :, None] * comp).sum(1).reshape(shape).to(x.dtype)
+
+    def forward(self, x, t, class_labels=None):
+        t = torch.as_tensor(t).expand(len(x))
+        x0 = self.posterior_mean(x, t, class_labels)
+        alpha, sigma = (_bcast(v, x) for v in self.schedule.alpha_sigma(t))
+        eps = (x - alpha * x0) / sigma
+        return SimpleNamespace(sample=from_x0_eps(x0, eps, alpha, sigma, self.prediction_type))
+
+
+def two_class_gmm(schedule: Schedule, prediction_type="v_prediction", d=4):
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, d, generator=g, dtype=torch.float64)
+    return GMMBackbone(
+        means, [0.3, 0.2, 0.4, 0.25], [0, 0, 1, 1], schedule, prediction_type, null_label=2
+    )

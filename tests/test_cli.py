@@ -1,0 +1,178 @@
+"""The CLI: --help is fast and torch-free; user errors are one message, a non-zero exit, no
+traceback, and leave the store as it was."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from accel.cli import main
+
+from tiny import write_tiny_pipeline
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["accel", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def snapshot(root: Path):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys, accel, accel.cli; from click.testing import CliRunner; "
+        "r = CliRunner().invoke(accel.cli.cli, ['--help']); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["distill", "progressive"],
+        ["export", "onnx"],
+        ["compile"],
+        ["profile"],
+        ["run"],
+        ["plan"],
+        ["demo"],
+        ["sample"],
+        ["inspect"],
+        ["targets"],
+        ["targets", "show"],
+    ],
+)
+def test_every_command_has_help(monkeypatch, capsys, command):
+    code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0 and "Usage:" in out
+
+
+def expect_user_error(monkeypatch, capsys, store, *args, match):
+    before = snapshot(store)
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--store", store)
+    assert code != 0
+    assert match in err, err
+    assert "Traceback" not in err
+    assert snapshot(store) == before
+    return err
+
+
+def test_missing_input(monkeypatch, capsys, tmp_path):
+    expect_user_error(
+        monkeypatch,
+        capsys,
+        tmp_path / "store",
+        "distill",
+        "progressive",
+        tmp_path / "nope",
+        match="not found",
+    )
+
+
+def test_corrupt_safetensors(monkeypatch, capsys, tmp_path):
+    model = write_tiny_pipeline(tmp_path / "model")
+    data = (model / WEIGHTS).read_bytes()
+    (model / WEIGHTS).write_bytes(data[: len(data) // 2])
+    expect_user_error(
+        monkeypatch,
+        capsys,
+        tmp_path / "store",
+        "export",
+        "onnx",
+        model,
+        "--num-inference-steps",
+        "2",
+        match="not a readable safetensors file",
+    )
+
+
+def test_nan_weights(monkeypatch, capsys, tmp_path):
+    model = write_tiny_pipeline(tmp_path / "model")
+    tensors = load_file(str(model / WEIGHTS))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(model / WEIGHTS))
+    expect_user_error(
+        monkeypatch,
+        capsys,
+        tmp_path / "store",
+        "distill",
+        "progressive",
+        model,
+        match=f"NaN or Inf weights in {name}",
+    )
+
+
+def test_unknown_recipe_key(monkeypatch, capsys, tmp_path):
+    model = write_tiny_pipeline(tmp_path / "model")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'name = "r"\nsource = "{model}"\ntarget = "cpu"\n'
+        '[[stages]]\nstage = "progressive"\nguidance_scal = 2.0\n'
+    )
+    err = expect_user_error(
+        monkeypatch,
+        capsys,
+        tmp_path / "store",
+        "run",
+        recipe,
+        match="did you mean 'guidance_scale'?",
+    )
+    assert "stages[0]" in err
+
+
+def test_unknown_stage_option(monkeypatch, capsys, tmp_path):
+    model = write_tiny_pipeline(tmp_path / "model")
+    expect_user_error(
+        monkeypatch,
+        capsys,
+        tmp_path / "store",
+        "distill",
+        "progressive",
+        model,
+        "--student-steps",
+        "3",
+        match="power of two",
+    )
+
+
+def test_sample_writes_npz_and_refuses_bad_steps(monkeypatch, capsys, tmp_path):
+    model = write_tiny_pipeline(tmp_path / "model")
+    out = tmp_path / "s.npz"
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        model,
+        "-n",
+        12,
+        "--steps",
+        3,
+        "--guidance",
+        1.5,
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    data = np.load(out)
+    assert data["images"].shape == (12, 1, 16, 16) and data["images"].dtype == np.float32
+    assert data["images"].min() >= 0 and data["images"].max() <= 1
+    assert data["labels"].dtype == np.int64 and data["labels"].tolist() == [
+        i % 10 for i in range(12)
+    ]
+    assert torch.isfinite(torch.from_numpy(data["images"])).all()

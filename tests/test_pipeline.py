@@ -1,0 +1,88 @@
+"""A recipe end to end on a tiny teacher: every stage runs once, a rerun is all cache hits, and a
+failing stage names itself and the stages that completed."""
+
+import json
+
+import pytest
+
+from accel.core.errors import StageError
+from accel.core.recipe import load_recipe
+from accel.pipeline import default_store, plan, run_recipe
+
+from tiny import write_tiny_pipeline
+
+STAGES = """
+[[stages]]
+stage = "progressive"
+teacher_steps = 4
+student_steps = 2
+guidance_scale = 2.0
+iterations_per_round = 4
+batch_size = 8
+
+[[stages]]
+stage = "onnx"
+
+[[stages]]
+stage = "ort"
+{ort_extra}
+
+[[stages]]
+stage = "profile"
+teacher_steps = 6
+quality_samples = 20
+quality_seeds = [0]
+warmup = 1
+iterations = 3
+e2e_iterations = 2
+"""
+
+
+def recipe(tmp_path, ort_extra=""):
+    teacher = tmp_path / "teacher"
+    if not teacher.exists():
+        write_tiny_pipeline(teacher)
+    path = tmp_path / f"r{len(ort_extra)}.toml"
+    path.write_text(
+        'name = "tiny"\nsource = "teacher"\ntarget = "cpu"\n' + STAGES.format(ort_extra=ort_extra)
+    )
+    return load_recipe(path)
+
+
+def test_recipe_runs_then_hits_the_cache_then_fails_cleanly(tmp_path):
+    store = default_store(tmp_path / "store")
+    messages = []
+    artifacts = run_recipe(recipe(tmp_path), store, progress=messages.append)
+    assert [a.stage for a in artifacts] == ["progressive", "onnx", "ort", "profile"]
+    assert [a.kind for a in artifacts] == ["checkpoint", "onnx", "engine", "report"]
+    engine, report_dir = artifacts[2], artifacts[3]
+    assert engine.target["name"] == "cpu"
+    report = json.loads((report_dir.path / "report.json").read_text())
+    assert report["speedup_end_to_end_p50"] > 0
+    for group in report["latency_ms"].values():
+        for s in group.values():
+            assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"] and s["n"] > 0
+    assert set(report["quality"]) == {
+        "teacher, 6 steps",
+        "teacher DDIM, 2 steps",
+        "student onnxruntime, 2 steps",
+    }
+    assert (report_dir.path / "report.md").read_text().startswith("# accel report")
+    assert any(p.suffix == ".png" for p in report_dir.path.iterdir())
+    for a in artifacts:
+        a.verify()
+
+    _, stages = plan(recipe(tmp_path), store)
+    assert all(s.hit for s in stages)
+    again = []
+    assert [a.key for a in run_recipe(recipe(tmp_path), store, progress=again.append)] == [
+        a.key for a in artifacts
+    ]
+    assert all("cache hit" in m for m in again)
+
+    before = sorted(p.name for p in store.artifacts.iterdir())
+    with pytest.raises(StageError) as exc:
+        run_recipe(recipe(tmp_path, 'provider = "CUDAExecutionProvider"'), store, progress=print)
+    assert "stage 'ort' failed" in str(exc.value)
+    assert "completed stages: progressive, onnx" in str(exc.value)
+    assert sorted(p.name for p in store.artifacts.iterdir()) == before

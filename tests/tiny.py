@@ -1,0 +1,40 @@
+"""Tiny diffusers models built from configs, for fast tests."""
+
+from diffusers import UNet2DModel
+
+from distill.denoiser import save_pipeline
+
+
+def tiny_unet(seed: int = 0, num_class_embeds: int | None = 11) -> UNet2DModel:
+    import torch
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "clip_sample": False,
+    "timestep_spacing": "trailing",
+}
+
+
+def write_tiny_pipeline(path, seed=0, **info):
+    save_pipeline(
+        path, tiny_unet(seed), SCHEDULER, {"null_class_label": 10, "num_classes": 10, **info}
+    )
+    return path
