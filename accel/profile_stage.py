@@ -31,6 +31,9 @@ class ProfileConfig(StageConfig):
     teacher_steps: int = Field(50, ge=1)
     quality_samples: int = Field(1000, ge=10)
     quality_seeds: list[int] = [0, 1]
+    engine_spinning: bool = False
+    """Let onnxruntime's idle threads busy-wait between calls. Off by default: in an interleaved
+    run the spinning threads would take the cores of the torch call that follows."""
 
 
 def _lineage(ctx: StageContext):
@@ -67,7 +70,7 @@ def run(ctx: StageContext) -> None:
     w = float(s_info.get("distilled_guidance_scale", 1.0))
     teacher, t_info = load_denoiser(teacher_dir, guidance_scale=w)
     num_classes = t_info.get("num_classes")
-    engine, engine_plan = open_engine(ctx.input.path, target)
+    engine, engine_plan = open_engine(ctx.input.path, target, spin=config.engine_spinning)
     steps = len(engine_plan.steps)
     plans = {
         "teacher": sampler_plan(teacher, config.teacher_steps, num_classes),

@@ -181,7 +181,7 @@ def run(ctx: StageContext) -> None:
     while steps >= config.student_steps:
         t0 = time.perf_counter()
         with tqdm(total=config.iterations_per_round, desc=f"progressive {steps * 2}->{steps}",
-                  leave=False, dynamic_ncols=True) as bar:
+                  leave=False, dynamic_ncols=True, disable=None) as bar:
             teacher, losses = distill_round(teacher, data, steps, config, gen, bar)
         rounds.append(
             {
