@@ -31,38 +31,42 @@ def cli() -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        code = cli.main(standalone_mode=False)  # returns ctx.exit()'s code, if a command set one
+    except click.exceptions.Abort:  # click's form of Ctrl-C
+        click.echo("interrupted; the store keeps only completed stages", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
     except AccelError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; the store keeps only completed stages", err=True)
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 # ---------------------------------------------------------------- recipes
 
 
-def _copy_out(src: Path, dst: Path) -> None:
-    """Copy an artifact directory to ``dst`` atomically: a temp sibling, then one rename."""
+def _publish(dst: Path, fill) -> None:
+    """Build an output directory in a temp sibling with ``fill(tmp)``, then swap it in with one
+    rename: a failure leaves ``dst`` as it was, never half-written or mixing two runs."""
     dst = dst.resolve()
+    if dst.exists() and not dst.is_dir():
+        raise click.BadParameter(f"{dst} exists and is not a directory", param_hint="--out")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        fill(tmp)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_out(src: Path, dst: Path) -> None:
+    _publish(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 @cli.command()
@@ -111,12 +115,15 @@ def demo(out: Path, store: Path | None) -> None:
 
     artifacts = run_recipe(load_recipe(DEMO_RECIPE), default_store(store))
     by_stage = {a.stage: a for a in artifacts}
-    _copy_out(by_stage["progressive"].path, out / "student")
-    _copy_out(by_stage["ort"].path, out / "engine")
-    report = by_stage["profile"].path
-    for f in report.iterdir():
-        if f.suffix in (".json", ".md", ".png") and f.name != "manifest.json":
-            shutil.copy(f, out / f.name)
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(by_stage["progressive"].path, tmp / "student")
+        shutil.copytree(by_stage["ort"].path, tmp / "engine")
+        for f in by_stage["profile"].path.iterdir():
+            if f.suffix in (".json", ".md", ".png") and f.name != "manifest.json":
+                shutil.copy(f, tmp / f.name)
+
+    _publish(out, fill)
     click.echo((out / "report.md").read_text())
     click.echo(f"wrote {out}/: student/, engine/, report.json, report.md, grid_*.png")
 
@@ -180,9 +187,9 @@ class StageCommand(click.Command):
 
         from accel.core.artifact import MANIFEST, Artifact, artifact_key
         from accel.core.recipe import StagePlan
-        from accel.core.stage import get_stage, validation_lines
+        from accel.core.stage import get_stage, say, validation_lines
         from accel.core.target import load_target
-        from accel.pipeline import PlannedStage, default_store, run_stage, say
+        from accel.pipeline import PlannedStage, default_store, run_stage
 
         stage = get_stage(self.stage_name)
         try:
@@ -190,10 +197,9 @@ class StageCommand(click.Command):
                 **{k: _parse_value(v) for k, v in options.items() if v is not None}
             )
         except ValidationError as e:
-            lines = [
-                ln.replace("key '", "option '--").replace("_", "-")
-                for ln in validation_lines(e, stage.config)
-            ]
+            lines = validation_lines(e, stage.config)
+            for field in stage.config.model_fields:  # recipe key names -> option names
+                lines = [ln.replace(f"'{field}'", f"'--{field.replace('_', '-')}'") for ln in lines]
             raise RecipeError(f"{self.name}: " + "; ".join(lines)) from None
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():
@@ -216,6 +222,7 @@ class StageCommand(click.Command):
         if s.has(key):
             say(f"{stage.name}: cache hit ({key})")
             artifact = s.get(key)
+            artifact.verify()
         else:
             artifact = run_stage(
                 PlannedStage(StagePlan(0, stage, config), key, False), parent, target, s, []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,12 +11,8 @@ from pathlib import Path
 from accel.core.artifact import Artifact, Store
 from accel.core.errors import AccelError, StageError
 from accel.core.recipe import Recipe, StagePlan, plan_keys
-from accel.core.stage import StageContext
+from accel.core.stage import StageContext, say
 from accel.core.target import Target
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -75,8 +71,8 @@ def run_stage(
             raise
         except AccelError as e:
             raise StageError(stage.name, str(e), completed) from None
-        if not store.has(parent.key):  # a source checkpoint: kept once something is built from it
-            store.add_source(parent.path)
+        if parent.stage == "source" and not store.has(parent.key):
+            store.add_source(parent.path)  # a source is kept once something is built from it
     assert pending.artifact is not None
     return pending.artifact
 
@@ -85,6 +81,7 @@ def run_recipe(
     recipe: Recipe, store: Store, progress: Callable[[str], None] = say
 ) -> list[Artifact]:
     """Run every stage not in the store; returns the artifacts of all stages, in order."""
+    store.clean_tmp()
     source, stages = plan(recipe, store)
     artifacts, parent, completed = [], source, []
     for i, planned in enumerate(stages, 1):
@@ -93,6 +90,7 @@ def run_recipe(
         if planned.hit:
             progress(f"{head}: cache hit ({planned.key})")
             artifact = store.get(planned.key)
+            artifact.verify()
         else:
             progress(f"{head}: running")
             t0 = time.perf_counter()
@@ -105,6 +103,4 @@ def run_recipe(
 
 
 def default_store(path: str | Path | None = None) -> Store:
-    import os
-
     return Store(Path(path or os.environ.get("ACCEL_STORE") or ".accel-store"))

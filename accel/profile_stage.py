@@ -14,7 +14,7 @@ import time
 import numpy as np
 from pydantic import Field
 
-from accel.core.errors import StageError
+from accel.core.errors import StageError, TargetError
 from accel.core.plan import SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 
@@ -30,7 +30,7 @@ class ProfileConfig(StageConfig):
     """Timed end-to-end runs (noise -> image) per workload."""
     teacher_steps: int = Field(50, ge=1)
     quality_samples: int = Field(1000, ge=10)
-    quality_seeds: list[int] = [0, 1]
+    quality_seeds: list[int] = Field([0, 1], min_length=1)
     engine_spinning: bool = False
     """Let onnxruntime's idle threads busy-wait between calls. Off by default: in an interleaved
     run the spinning threads would take the cores of the torch call that follows."""
@@ -63,6 +63,11 @@ def run(ctx: StageContext) -> None:
 
     target = ctx.target
     batch = config.batch_size or target.shapes.batch.opt
+    if not target.shapes.batch.min <= batch <= target.shapes.batch.max:
+        raise TargetError(
+            f"batch {batch} is outside target {target.name!r}'s batch profile "
+            f"{target.shapes.batch.min}..{target.shapes.batch.max}; pick a batch_size inside it"
+        )
     warmup = target.profile.warmup if config.warmup is None else config.warmup
     iterations = config.iterations or target.profile.iterations
     student_dir, teacher_dir = _lineage(ctx)

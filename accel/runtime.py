@@ -9,7 +9,6 @@ time, so that ``sample`` needs nothing but numpy and a runtime. torch is importe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -116,12 +115,10 @@ class TorchRuntime:
         self._torch = torch
 
     def inputs(self) -> dict[str, tuple[list, str]]:
-        cfg = self.graph.backbone.config
-        size = (
-            cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
-        )
+        from distill.denoiser import sample_shape
+
         spec = {
-            "sample": (["batch", cfg.in_channels, *size], "float32"),
+            "sample": (["batch", *sample_shape(self.graph.backbone)], "float32"),
             "timestep": (["batch"], "int64"),
         }
         if self.graph.conditional:
@@ -187,15 +184,12 @@ def open_runtime(
 ) -> tuple[Runtime, SamplerPlan]:
     """An engine artifact (its own runtime) or a diffusers directory (torch eager), with its plan.
     An engine's step count and guidance are fixed at export time: asking for others is an error."""
-    from accel.core.artifact import MANIFEST
+    from accel.core.artifact import MANIFEST, Artifact
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model or engine not found: {path}")
-    if not (
-        (path / MANIFEST).is_file()
-        and json.loads((path / MANIFEST).read_text()).get("kind") == "engine"
-    ):
+    if not ((path / MANIFEST).is_file() and Artifact.load(path).kind == "engine"):
         return open_model(path, steps, guidance)
     runtime, plan = open_engine(path, target)
     if steps is not None and steps != len(plan.steps):

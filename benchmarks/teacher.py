@@ -30,24 +30,45 @@ def main() -> None:
         for steps in args.steps:
             runtime, plan = open_model(TEACHER_DIR, steps=steps, guidance=w)
             t0 = time.perf_counter()
-            per_seed = [evaluate_images(*generate(runtime, plan, args.n, s, plan.num_classes))
-                        for s in args.seeds]
-            row = {"guidance_scale": w, "steps": steps,
-                   "fd_digits": float(np.mean([r["fd_digits"] for r in per_seed])),
-                   "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
-                   "per_seed": per_seed, "seconds": time.perf_counter() - t0}
+            per_seed = [
+                evaluate_images(*generate(runtime, plan, args.n, s, plan.num_classes))
+                for s in args.seeds
+            ]
+            row = {
+                "guidance_scale": w,
+                "steps": steps,
+                "fd_digits": float(np.mean([r["fd_digits"] for r in per_seed])),
+                "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
+                "per_seed": per_seed,
+                "seconds": time.perf_counter() - t0,
+            }
             rows.append(row)
-            print(f"w={w} steps={steps}: FD-digits {row['fd_digits']:.3f}, "
-                  f"accuracy {row['class_accuracy']:.4f} ({row['seconds']:.0f}s)", flush=True)
+            print(
+                f"w={w} steps={steps}: FD-digits {row['fd_digits']:.3f}, "
+                f"accuracy {row['class_accuracy']:.4f} ({row['seconds']:.0f}s)",
+                flush=True,
+            )
     floor = [fd_floor(s) for s in args.seeds]
     print(f"FD floor (two halves of the real digits): {np.mean(floor):.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": "python benchmarks/teacher.py " + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "out"),
-        "n": args.n, "seeds": args.seeds, "fd_floor": float(np.mean(floor)), "rows": rows,
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/teacher.py "
+                + " ".join(
+                    f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in vars(args).items()
+                    if k != "out"
+                ),
+                "n": args.n,
+                "seeds": args.seeds,
+                "fd_floor": float(np.mean(floor)),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
+def _unknown_prediction_type(name: str) -> CheckpointError:
+    return CheckpointError(
+        f"unknown prediction_type {name!r}; use one of {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+def sample_shape(backbone: nn.Module) -> list[int]:
+    """[C, H, W] of the backbone's samples, from its diffusers config."""
+    cfg = backbone.config
+    size = cfg.sample_size
+    return [cfg.in_channels, *(size if isinstance(size, (list, tuple)) else (size, size))]
+
+
 def to_x0_eps(
     output: torch.Tensor,
     x: torch.Tensor,
@@ -45,9 +58,7 @@ def to_x0_eps(
         return output, (x - alpha * output) / sigma
     if prediction_type == "flow":
         return x - sigma * output, x + alpha * output
-    raise CheckpointError(
-        f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
-    )
+    raise _unknown_prediction_type(prediction_type)
 
 
 def from_x0_eps(
@@ -66,9 +77,7 @@ def from_x0_eps(
         return x0
     if prediction_type == "flow":
         return eps - x0
-    raise CheckpointError(
-        f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
-    )
+    raise _unknown_prediction_type(prediction_type)
 
 
 class Denoiser(nn.Module):
@@ -87,9 +96,7 @@ class Denoiser(nn.Module):
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
-            raise CheckpointError(
-                f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
-            )
+            raise _unknown_prediction_type(prediction_type)
         if guidance_scale != 1.0 and null_label is None:
             raise ValueError(
                 "classifier-free guidance needs the null label of the unconditional branch"
@@ -202,10 +209,12 @@ def save_pipeline(
     backbone.save_pretrained(out / "unet", safe_serialization=True)
     sched_cls = getattr(diffusers, scheduler_config["_class_name"])
     sched_cls.from_config(scheduler_config).save_pretrained(out / "scheduler")
+    # DDPMPipeline makes DiffusionPipeline.from_pretrained load the components; its __call__ knows
+    # no class labels, so the contract is the unet/ and scheduler/ pair in a plain loop.
     (out / "model_index.json").write_text(
         json.dumps(
             {
-                "_class_name": "DiffusionPipeline",
+                "_class_name": "DDPMPipeline",
                 "_diffusers_version": diffusers.__version__,
                 "scheduler": ["diffusers", scheduler_config["_class_name"]],
                 "unet": ["diffusers", type(backbone).__name__],

@@ -25,7 +25,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
 from accel.core.stage import Stage, StageConfig, StageContext
@@ -34,15 +34,15 @@ from distill.schedule import _bcast
 
 
 class ProgressiveConfig(StageConfig):
-    teacher_steps: int = 16
+    teacher_steps: int = Field(16, ge=2, le=1000)
     """DDIM steps of the teacher where halving starts: pick where its DDIM is already close to its
     50-step quality, each round only inherits what the previous one reached."""
-    student_steps: int = 4
-    guidance_scale: float = 1.0
+    student_steps: int = Field(4, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's output that the first round distils."""
-    iterations_per_round: int = 600
-    batch_size: int = 64
-    learning_rate: float = 1e-4
+    iterations_per_round: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
     dataset: Literal["digits"] = "digits"
     """Training images x ~ D of Algorithm 2; the digits demo's set is the only one wired so far."""
     seed: int = 0
@@ -71,7 +71,11 @@ def progressive_target(
     labels: torch.Tensor | None,
 ) -> torch.Tensor:
     """x_tilde for a student taking ``student_steps`` steps: two teacher DDIM steps
-    t -> t - T // (2N) -> t - T // N, then the x0 a single DDIM step would need to land there."""
+    t -> t - T // (2N) -> t - T // N, then the x0 a single DDIM step would need to land there.
+
+    The end point t - T // N is where diffusers' N-step DDIM goes next, so the student's stock
+    scheduler reproduces it; the midpoint equals diffusers' own 2N-step grid when 2N divides T
+    (it is one timestep off for 16 steps at T = 1000: 937 -> 874 rather than 875)."""
     sched = teacher.schedule
     T = sched.num_train_timesteps
     t_mid, t_end = t - T // (2 * student_steps), t - T // student_steps
@@ -124,6 +128,13 @@ def distill_round(
         loss.backward()
         opt.step()
         lr_decay.step()
+        if not torch.isfinite(loss):
+            raise StageError(
+                "progressive",
+                f"the loss became {loss.item()} at iteration "
+                f"{len(losses) + 1} of the {student_steps}-step round; lower "
+                "learning_rate",
+            )
         losses.append(loss.item())
         if bar is not None:
             bar.update(1)
@@ -167,6 +178,13 @@ def run(ctx: StageContext) -> None:
             "flow-matching teachers are not supported yet: progressive "
             "distillation here targets DDIM on a discrete VP schedule",
         )
+    if teacher.prediction_type == "epsilon":
+        raise StageError(
+            "progressive",
+            "the teacher predicts epsilon; its x0 = (z - sigma eps) / alpha is ill-posed near "
+            "SNR 0, which few-step students start from (Salimans & Ho 2022, sec. 4): use a "
+            "v_prediction or sample-prediction teacher",
+        )
     if info.get("num_inference_steps") is not None:
         raise StageError(
             "progressive",
@@ -180,8 +198,13 @@ def run(ctx: StageContext) -> None:
     rounds = []
     while steps >= config.student_steps:
         t0 = time.perf_counter()
-        with tqdm(total=config.iterations_per_round, desc=f"progressive {steps * 2}->{steps}",
-                  leave=False, dynamic_ncols=True, disable=None) as bar:
+        with tqdm(
+            total=config.iterations_per_round,
+            desc=f"progressive {steps * 2}->{steps}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=None,
+        ) as bar:
             teacher, losses = distill_round(teacher, data, steps, config, gen, bar)
         rounds.append(
             {

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from accel.core.plan import SamplerPlan
-from distill.denoiser import Denoiser
+from distill.denoiser import Denoiser, sample_shape
 from distill.schedule import Schedule, _bcast
 
 
@@ -138,11 +138,9 @@ def ddim_coefficients(schedule: Schedule, steps: int) -> list[dict[str, float]]:
 
 def sampler_plan(denoiser: Denoiser, steps: int, num_classes: int | None = None) -> SamplerPlan:
     """The deterministic DDIM run of ``denoiser`` over its x0 graph as a numpy-only SamplerPlan."""
-    cfg = denoiser.backbone.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
     return SamplerPlan(
         steps=ddim_coefficients(denoiser.schedule, steps),
-        sample_shape=[cfg.in_channels, *size],
+        sample_shape=sample_shape(denoiser.backbone),
         guidance_scale=denoiser.guidance_scale,
         null_label=denoiser.null_label,
         num_classes=num_classes,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from accel.core.errors import CheckpointError
+from accel.core.errors import CheckpointError, RecipeError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -54,6 +54,11 @@ class Schedule:
                     "'shift': set use_dynamic_shifting=false in scheduler_config.json"
                 )
             return cls(kind="flow", num_train_timesteps=T, shift=float(config.get("shift", 1.0)))
+        if config.get("rescale_betas_zero_snr"):
+            raise CheckpointError(
+                "rescale_betas_zero_snr=true (Lin et al. 2024) is not supported yet; its alphas "
+                "differ from the plain schedule, so accel would sample the wrong process"
+            )
         if config.get("trained_betas") is not None:
             betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
         else:
@@ -102,7 +107,9 @@ class Schedule:
         steps are flawed"), and diffusers steps to t - T // steps."""
         T = self.num_train_timesteps
         if not 1 <= steps <= T:
-            raise ValueError(f"steps must be in 1..{T}, got {steps}")
+            raise RecipeError(
+                f"the number of sampling steps must be between 1 and {T}, got {steps}"
+            )
         ts = [
             int(round(v)) - 1 for v in torch.arange(T, 0, -T / steps, dtype=torch.float64).tolist()
         ]

@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from pydantic import Field
@@ -30,22 +31,21 @@ class OnnxConfig(StageConfig):
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
     """Guidance of the sampler plan; default: the checkpoint's (1 for students with it baked in)."""
-    parity_batch_sizes: list[int] = [1, 3]
+    parity_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 3], min_length=1)
 
 
 def example_inputs(graph, batch: int, timesteps: list[int], seed: int = 0) -> dict[str, np.ndarray]:
     """Feeds for parity checks: Gaussian samples, the given timesteps cycled, labels 0..K-1 cycled."""
-    cfg = graph.backbone.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+    from distill.denoiser import sample_shape
+
     rng = np.random.default_rng(seed)
     feeds = {
-        "sample": rng.standard_normal((batch, cfg.in_channels, *size)).astype(np.float32),
+        "sample": rng.standard_normal((batch, *sample_shape(graph.backbone))).astype(np.float32),
         "timestep": np.resize(np.asarray(timesteps, dtype=np.int64), batch),
     }
     if graph.conditional:
-        feeds["class_labels"] = np.arange(batch, dtype=np.int64) % max(
-            int(cfg.num_class_embeds or 1), 1
-        )
+        classes = int(graph.backbone.config.num_class_embeds or 1)
+        feeds["class_labels"] = np.arange(batch, dtype=np.int64) % classes
     return feeds
 
 

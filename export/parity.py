@@ -47,11 +47,12 @@ def compare(
             out = rt.infer(feed)
             for name, ref in ref_out.items():
                 got = out[name]
+                same_shape = got.shape == ref.shape
                 finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
-                stats = error_stats(ref, got) if finite else {}
+                stats = error_stats(ref, got) if finite and same_shape else {}
                 within = (
                     finite
-                    and got.shape == ref.shape
+                    and same_shape
                     and bool(np.all(np.abs(got - ref) <= tol["atol"] + tol["rtol"] * np.abs(ref)))
                 )
                 ok &= within
@@ -71,12 +72,12 @@ def describe_failure(report: dict) -> str:
     for name, r in report["runtimes"].items():
         for out, s in r["outputs"].items():
             if not (s["finite"] and s["within_tolerance"]):
-                what = (
-                    "NaN/Inf in output"
-                    if not s["finite"]
-                    else f"max abs err {s.get('max_abs', float('nan')):.3g}, "
-                    f"max rel err {s.get('max_rel', float('nan')):.3g}"
-                )
+                if not s["finite"]:
+                    what = "NaN/Inf in output"
+                elif "max_abs" not in s:
+                    what = "output shape differs from the reference"
+                else:
+                    what = f"max abs err {s['max_abs']:.3g}, max rel err {s['max_rel']:.3g}"
                 parts.append(f"{name} output {out!r}: {what}")
     tol = report["tolerance"]
     return (

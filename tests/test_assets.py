@@ -20,7 +20,9 @@ def test_teacher_is_a_small_stock_diffusers_pipeline():
     unet = UNet2DModel.from_pretrained(TEACHER_DIR, subfolder="unet")
     assert unet.config.num_class_embeds == 11 and unet.config.sample_size == 16
     sched = DDPMScheduler.from_pretrained(TEACHER_DIR, subfolder="scheduler")
-    assert sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "v_prediction"
+    assert (
+        sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "v_prediction"
+    )
 
 
 def test_teacher_draws_the_requested_digits():

@@ -29,7 +29,7 @@ def run_cli(monkeypatch, capsys, *args):
 
 
 def snapshot(root: Path):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def test_help_does_not_import_torch():
@@ -176,3 +176,28 @@ def test_sample_writes_npz_and_refuses_bad_steps(monkeypatch, capsys, tmp_path):
         i % 10 for i in range(12)
     ]
     assert torch.isfinite(torch.from_numpy(data["images"])).all()
+
+
+def test_epsilon_teacher_is_refused_by_progressive(monkeypatch, capsys, tmp_path):
+    from distill.denoiser import save_pipeline
+
+    from tiny import SCHEDULER, tiny_unet
+
+    model = tmp_path / "eps"
+    save_pipeline(
+        model,
+        tiny_unet(),
+        dict(SCHEDULER, prediction_type="epsilon"),
+        {"null_class_label": 10, "num_classes": 10},
+    )
+    expect_user_error(
+        monkeypatch,
+        capsys,
+        tmp_path / "store",
+        "distill",
+        "progressive",
+        model,
+        "--iterations-per-round",
+        "1",
+        match="the teacher predicts epsilon",
+    )

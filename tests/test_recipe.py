@@ -32,8 +32,9 @@ def fake_table(monkeypatch):
 
 @pytest.fixture
 def recipe_dir(tmp_path):
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "config.json").write_text("{}")
+    for sub, name in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
+        (tmp_path / "teacher" / sub).mkdir(parents=True)
+        (tmp_path / "teacher" / sub / name).write_text("{}")
     return tmp_path
 
 
@@ -117,7 +118,9 @@ def test_missing_source_dir(recipe_dir):
     msg = problems(recipe_dir, GOOD.replace('"teacher"', '"nowhere"'))
     assert f"source: {recipe_dir.resolve() / 'nowhere'} does not exist" in msg
     (recipe_dir / "empty").mkdir()
-    assert "not a diffusers directory" in problems(recipe_dir, GOOD.replace('"teacher"', '"empty"'))
+    assert "not a diffusers pipeline directory" in problems(
+        recipe_dir, GOOD.replace('"teacher"', '"empty"')
+    )
 
 
 def test_all_problems_in_one_error(recipe_dir):

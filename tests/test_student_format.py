@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 
 from accel.cli import main
 from distill.denoiser import save_pipeline
@@ -34,6 +34,8 @@ def test_plain_diffusers_loop_reproduces_accel_sample(tmp_path, monkeypatch):
     main()
     ours = np.load(out)
 
+    pipe = DiffusionPipeline.from_pretrained(student)
+    assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDIMScheduler)
     unet = UNet2DModel.from_pretrained(student, subfolder="unet").eval()
     scheduler = DDIMScheduler.from_pretrained(student, subfolder="scheduler")
     scheduler.set_timesteps(4)

@@ -108,10 +108,13 @@ class Artifact:
                 f"{manifest_path} is not valid JSON ({e}); delete the artifact directory "
                 f"{path} and rerun"
             ) from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        required = {"key": str, "kind": str, "stage": str, "files": dict}
+        if not isinstance(manifest, dict) or any(
+            not isinstance(manifest.get(k), t) for k, t in required.items()
+        ):
             raise CheckpointError(
-                f"{manifest_path} is not an accel manifest (no 'files' table); delete the "
-                f"artifact directory {path} and rerun"
+                f"{manifest_path} is not an accel manifest (it needs {', '.join(required)}); "
+                f"delete the artifact directory {path} and rerun"
             )
         return cls(path, manifest)
 
@@ -251,21 +254,26 @@ class Store:
         finally:
             # After a commit the temp dir has been renamed away (or lost a race): nothing to remove.
             shutil.rmtree(pending.dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # leave no empty tmp/ behind: the store is as it was
-                self.tmp.rmdir()
 
     def _commit(self, key: str, tmp_dir: Path) -> None:
+        """One rename publishes the artifact. rename() refuses a non-empty target directory, so a
+        concurrent writer's committed artifact is never replaced or deleted."""
         final = self.path(key)
-        if self.has(key):  # an earlier or concurrent writer got there first: keep theirs
-            return
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a manifest-less leftover does not exist as an artifact
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp_dir, final)
-        except OSError:
-            if not self.has(key):
-                raise
+        for _ in range(2):
+            try:
+                os.rename(tmp_dir, final)
+                return
+            except OSError:
+                if self.has(key):  # an earlier or concurrent writer got there first: keep theirs
+                    return
+            # A manifest-less leftover (a killed delete, a hand-made dir) is not an artifact:
+            # move it into tmp/ with one rename, then retry.
+            trash = Path(tempfile.mkdtemp(prefix="leftover.", dir=self.tmp))
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, trash / key)
+            shutil.rmtree(trash, ignore_errors=True)
+        raise CheckpointError(f"cannot publish artifact {key} at {final}; remove that directory")
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> int:
         """Remove temp dirs left by killed processes; recent ones may belong to a live writer."""

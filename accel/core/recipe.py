@@ -18,6 +18,7 @@ from accel.core.stage import Stage, StageConfig, did_you_mean, get_stage, valida
 from accel.core.target import Target, load_target
 
 SOURCE_KIND = "checkpoint"
+PIPELINE_FILES = ("unet/config.json", "scheduler/scheduler_config.json")
 TOP_LEVEL: dict[str, type] = {"name": str, "source": str, "target": str, "stages": list}
 
 
@@ -47,10 +48,10 @@ def _check_source(raw: str, recipe_dir: Path, problems: list[str]) -> Path:
         )
     elif not source.is_dir():
         problems.append(f"source: {source} is a file; 'source' must be a diffusers directory")
-    elif not any((source / f).is_file() for f in ("config.json", "model_index.json")):
+    elif not all((source / f).is_file() for f in PIPELINE_FILES):
         problems.append(
-            f"source: {source} has no config.json or model_index.json, so it is not a diffusers "
-            "directory; save the model with save_pretrained()"
+            f"source: {source} is not a diffusers pipeline directory (it needs "
+            f"{' and '.join(PIPELINE_FILES)}, as save_pretrained writes them)"
         )
     return source
 
@@ -102,7 +103,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"recipe not found: {path}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
 
     problems: list[str] = []

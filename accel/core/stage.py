@@ -29,7 +29,7 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _stderr(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -44,7 +44,7 @@ class StageContext:
     metrics: dict
     info: dict
     store: Store
-    progress: Callable[[str], None] = _stderr
+    progress: Callable[[str], None] = say
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def load_target(name_or_path: str | Path) -> Target:
             )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise TargetError(f"target file {path} is not valid TOML: {e}") from None
     try:
         return Target.model_validate(data)
