@@ -56,6 +56,7 @@ def _publish(dst: Path, fill) -> None:
         raise click.BadParameter(f"{dst} exists and is not a directory", param_hint="--out")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would become the output's mode
     try:
         fill(tmp)
         if dst.exists():
@@ -185,8 +186,8 @@ class StageCommand(click.Command):
     ) -> None:
         from pydantic import ValidationError
 
-        from accel.core.artifact import MANIFEST, Artifact, artifact_key
-        from accel.core.recipe import StagePlan
+        from accel.core.artifact import MANIFEST, Artifact
+        from accel.core.recipe import StagePlan, stage_key
         from accel.core.stage import get_stage, say, validation_lines
         from accel.core.target import load_target
         from accel.pipeline import PlannedStage, default_store, run_stage
@@ -212,13 +213,7 @@ class StageCommand(click.Command):
                 f"{self.name} takes a {stage.consumes}, but {input_dir} is a {parent.kind}"
             )
         target = load_target(target_name)
-        key = artifact_key(
-            stage.name,
-            stage.version,
-            config.model_dump(mode="json"),
-            parent.key,
-            target.fingerprint if stage.target_specific else None,
-        )
+        key = stage_key(stage, config, parent.key, target)
         if s.has(key):
             say(f"{stage.name}: cache hit ({key})")
             artifact = s.get(key)

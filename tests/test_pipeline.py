@@ -2,12 +2,15 @@
 failing stage names itself and the stages that completed."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from accel.core.errors import StageError
+from accel.core.errors import StageError, TargetMismatch
 from accel.core.recipe import load_recipe
+from accel.core.target import load_target, profiles_dir
 from accel.pipeline import default_store, plan, run_recipe
+from accel.runtime import open_engine
 
 from tiny import write_tiny_pipeline
 
@@ -71,6 +74,13 @@ def test_recipe_runs_then_hits_the_cache_then_fails_cleanly(tmp_path):
     assert any(p.suffix == ".png" for p in report_dir.path.iterdir())
     for a in artifacts:
         a.verify()
+
+    other = tmp_path / "other.toml"
+    other.write_text(Path(profiles_dir() / "cpu.toml").read_text().replace("max = 64", "max = 32"))
+    with pytest.raises(TargetMismatch, match="was built for target 'cpu'"):
+        open_engine(engine.path, load_target(str(other)))
+    runtime, plan_ = open_engine(engine.path, load_target("cpu"))
+    assert len(plan_.steps) == 2 and "class_labels" in runtime.inputs()
 
     _, stages = plan(recipe(tmp_path), store)
     assert all(s.hit for s in stages)

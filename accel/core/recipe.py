@@ -144,17 +144,19 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(name=ok["name"], path=path, source=source, target=target, stages=plans)
 
 
+def stage_key(stage: Stage, config: StageConfig, parent_key: str, target: Target) -> str:
+    """An artifact's key: stage name and version, config, parent and, for target-specific
+    stages, the target's fingerprint."""
+    fingerprint = target.fingerprint if stage.target_specific else None
+    return artifact_key(
+        stage.name, stage.version, config.model_dump(mode="json"), parent_key, fingerprint
+    )
+
+
 def plan_keys(recipe: Recipe, source_key: str) -> list[str]:
     """The artifact key of every stage in order; a stage whose key is in the store is skipped."""
     keys, parent = [], source_key
     for plan in recipe.stages:
-        fingerprint = recipe.target.fingerprint if plan.stage.target_specific else None
-        parent = artifact_key(
-            plan.stage.name,
-            plan.stage.version,
-            plan.config.model_dump(mode="json"),
-            parent,
-            fingerprint,
-        )
+        parent = stage_key(plan.stage, plan.config, parent, recipe.target)
         keys.append(parent)
     return keys
