@@ -244,6 +244,13 @@ distill.add_command(
         "Progressive distillation (Salimans & Ho 2022) of the teacher at INPUT.",
     )
 )
+distill.add_command(
+    StageCommand(
+        "consistency",
+        "consistency",
+        "Consistency distillation (Song et al. 2023; LCM) of the teacher at INPUT.",
+    )
+)
 export.add_command(
     StageCommand(
         "onnx", "onnx", "Export the student at INPUT to ONNX (dynamo), with a parity check."

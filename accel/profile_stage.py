@@ -84,12 +84,8 @@ def run(ctx: StageContext) -> None:
     }
     threads = torch.get_num_threads()
     runtimes = {
-        "teacher": TorchRuntime(
-            DenoiserGraph(teacher.backbone, teacher.schedule, teacher.prediction_type)
-        ),
-        "student": TorchRuntime(
-            DenoiserGraph(student.backbone, student.schedule, student.prediction_type)
-        ),
+        "teacher": TorchRuntime(DenoiserGraph.of(teacher)),
+        "student": TorchRuntime(DenoiserGraph.of(student)),
         "engine": engine,
     }
     rng = np.random.default_rng(1234)
@@ -111,7 +107,7 @@ def run(ctx: StageContext) -> None:
         return lambda: rt.infer(feeds)
 
     def e2e(rt, plan):
-        return lambda: sample(rt, plan, noise, labels)
+        return lambda: sample(rt, plan, noise, labels, np.random.default_rng(0))
 
     ctx.progress(
         f"profile: per-step latency, batch {batch}, {warmup} warm-up + {iterations} calls each"

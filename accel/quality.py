@@ -122,9 +122,14 @@ def generate(runtime, plan, n: int, seed: int, num_classes: int | None, chunk: i
 
     noise = np.random.default_rng(seed).standard_normal((n, *plan.sample_shape)).astype(np.float32)
     labels = (np.arange(n) % num_classes).astype(np.int64) if num_classes else None
+    step_noise = np.random.default_rng([seed, 1])  # for stochastic (consistency) steps
     out = [
         sample(
-            runtime, plan, noise[i : i + chunk], None if labels is None else labels[i : i + chunk]
+            runtime,
+            plan,
+            noise[i : i + chunk],
+            None if labels is None else labels[i : i + chunk],
+            step_noise,
         )
         for i in range(0, n, chunk)
     ]

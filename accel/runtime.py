@@ -27,10 +27,15 @@ class Runtime(Protocol):
 
 
 def sample(
-    runtime: Runtime, plan: SamplerPlan, noise: np.ndarray, labels: np.ndarray | None
+    runtime: Runtime,
+    plan: SamplerPlan,
+    noise: np.ndarray,
+    labels: np.ndarray | None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat, where
-    x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)."""
+    """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat + c z, where
+    x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)
+    and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps."""
     x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
     n = len(x)
     guided = plan.guidance_scale != 1.0 and labels is not None
@@ -46,6 +51,10 @@ def sample(
         if guided:
             x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
         x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
+        if step.get("c", 0.0):
+            if rng is None:
+                raise ValueError("this sampler plan draws fresh noise: pass rng")
+            x += np.float32(step["c"]) * rng.standard_normal(x.shape, dtype=np.float32)
     return x
 
 
@@ -176,7 +185,7 @@ def open_model(
     plan = sampler_plan(
         den, steps or info.get("num_inference_steps") or 50, info.get("num_classes")
     )
-    return TorchRuntime(DenoiserGraph(den.backbone, den.schedule, den.prediction_type)), plan
+    return TorchRuntime(DenoiserGraph.of(den)), plan
 
 
 def open_runtime(

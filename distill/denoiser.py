@@ -107,6 +107,8 @@ class Denoiser(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.null_label = null_label
 
+    consistency = False  # True for students carrying the consistency boundary condition
+
     def raw(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The backbone's (guided) output, in its own prediction type."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
@@ -131,6 +133,39 @@ class Denoiser(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.predict(x, t, labels)[0]
+
+
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+
+
+def boundary_scalings(
+    t: torch.Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at integer timesteps t, as LCMScheduler computes them: f(x, 0) = x."""
+    s = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s / (s**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+class ConsistencyDenoiser(Denoiser):
+    """A Denoiser whose x0 is the consistency function f(x, t) = c_skip x + c_out x0_hat
+    (Song et al. 2023, eq. 5), trained on the ``solver_steps`` grid of ``distill.consistency``."""
+
+    consistency = True
+
+    def __init__(self, *args, solver_steps: int = 50, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.solver_steps = solver_steps
+
+    def predict(self, x, t, labels=None):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        x0_hat = super().predict(x, t, labels)[0]
+        c_skip, c_out = (_bcast(v, x) for v in boundary_scalings(t))
+        x0 = c_skip * x + c_out * x0_hat
+        alpha, sigma = (_bcast(v, x) for v in self.schedule.alpha_sigma(t))
+        return x0, (x - alpha * x0) / sigma.clamp(min=1e-12)
 
 
 def load_denoiser(
@@ -188,13 +223,21 @@ def load_denoiser(
             f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
             "null_class_label (students with guidance baked in sample with guidance 1)"
         )
-    denoiser = Denoiser(
-        backbone,
-        Schedule.from_config(sched_cfg),
-        sched_cfg.get("prediction_type", "epsilon"),
-        guidance_scale=w,
-        null_label=null,
-    )
+    args = (backbone, Schedule.from_config(sched_cfg), sched_cfg.get("prediction_type", "epsilon"))
+    if "consistency" in info:
+        if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
+            raise CheckpointError(
+                f"{root}: timestep_scaling other than {TIMESTEP_SCALING} is not "
+                "supported for consistency students"
+            )
+        denoiser: Denoiser = ConsistencyDenoiser(
+            *args,
+            guidance_scale=w,
+            null_label=null,
+            solver_steps=int(info["consistency"]["solver_steps"]),
+        )
+    else:
+        denoiser = Denoiser(*args, guidance_scale=w, null_label=null)
     return denoiser, dict(info, scheduler=sched_cfg)
 
 
@@ -233,15 +276,30 @@ class DenoiserGraph(nn.Module):
     same x0 contract whatever the backbone's prediction type; guidance and the sampler's step
     arithmetic stay outside (see the sampler plan)."""
 
-    def __init__(self, backbone: nn.Module, schedule: Schedule, prediction_type: str) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule: Schedule,
+        prediction_type: str,
+        consistency: bool = False,
+    ) -> None:
         super().__init__()
         if schedule.kind != "discrete":
             raise CheckpointError("only discrete-time (DDPM-family) schedules export so far")
         self.backbone = backbone
         self.prediction_type = prediction_type
-        alpha, sigma = schedule.alpha_sigma(torch.arange(schedule.num_train_timesteps))
-        self.register_buffer("alpha", alpha.float(), persistent=False)
-        self.register_buffer("sigma", sigma.float(), persistent=False)
+        t = torch.arange(schedule.num_train_timesteps)
+        alpha, sigma = schedule.alpha_sigma(t)
+        # f = c_skip x + c_out x0_hat for consistency students; c_skip = 0, c_out = 1 otherwise
+        c_skip, c_out = boundary_scalings(t) if consistency else (0 * alpha, 1 + 0 * alpha)
+        for name, table in (
+            ("alpha", alpha),
+            ("sigma", sigma),
+            ("c_skip", c_skip),
+            ("c_out", c_out),
+        ):
+            self.register_buffer(name, table.float(), persistent=False)
+        self.consistency = consistency
         cfg = getattr(backbone, "config", {})
         self.conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
 
@@ -249,6 +307,18 @@ class DenoiserGraph(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = self.backbone(sample, timestep, class_labels=class_labels).sample
-        alpha = self.alpha[timestep].reshape(-1, 1, 1, 1)
-        sigma = self.sigma[timestep].reshape(-1, 1, 1, 1)
-        return to_x0_eps(out, sample, alpha, sigma, self.prediction_type)[0]
+        alpha, sigma, c_skip, c_out = (
+            table[timestep].reshape(-1, 1, 1, 1)
+            for table in (self.alpha, self.sigma, self.c_skip, self.c_out)
+        )
+        x0 = to_x0_eps(out, sample, alpha, sigma, self.prediction_type)[0]
+        return c_skip * sample + c_out * x0 if self.consistency else x0
+
+    @classmethod
+    def of(cls, denoiser: Denoiser) -> DenoiserGraph:
+        return cls(
+            denoiser.backbone,
+            denoiser.schedule,
+            denoiser.prediction_type,
+            consistency=denoiser.consistency,
+        )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from accel.core.errors import RecipeError
 from accel.core.plan import SamplerPlan
 from distill.denoiser import Denoiser, sample_shape
 from distill.schedule import Schedule, _bcast
@@ -136,16 +137,50 @@ def ddim_coefficients(schedule: Schedule, steps: int) -> list[dict[str, float]]:
     return plan
 
 
+def consistency_timesteps(num_train_timesteps: int, solver_steps: int, steps: int) -> list[int]:
+    """The timesteps of ``steps``-step consistency sampling, as LCMScheduler.set_timesteps picks
+    them: evenly spaced (floored) indices into the reversed skipping-step grid (n + 1) k - 1."""
+    k = num_train_timesteps // solver_steps
+    if not 1 <= steps <= solver_steps:
+        raise RecipeError(f"consistency sampling takes 1 to {solver_steps} steps, got {steps}")
+    grid = [(n + 1) * k - 1 for n in range(solver_steps)][::-1]
+    return [grid[int(i)] for i in torch.linspace(0, solver_steps, steps + 1)[:-1].floor().tolist()]
+
+
+def consistency_coefficients(schedule: Schedule, timesteps: list[int]) -> list[dict[str, float]]:
+    """Multistep consistency sampling as x_next = a x + b x0_hat + c z: a = 0, b = alpha(t_next),
+    c = sigma(t_next) (fresh noise z), and x0_hat itself after the last step."""
+    plan = []
+    for i, t in enumerate(timesteps):
+        if i + 1 < len(timesteps):
+            alpha, sigma = (
+                v.item() for v in schedule.alpha_sigma(torch.tensor([timesteps[i + 1]]))
+            )
+            plan.append({"timestep": t, "a": 0.0, "b": alpha, "c": sigma})
+        else:
+            plan.append({"timestep": t, "a": 0.0, "b": 1.0, "c": 0.0})
+    return plan
+
+
 def sampler_plan(denoiser: Denoiser, steps: int, num_classes: int | None = None) -> SamplerPlan:
     """The deterministic DDIM run of ``denoiser`` over its x0 graph as a numpy-only SamplerPlan."""
+    if denoiser.consistency:
+        T = denoiser.schedule.num_train_timesteps
+        timesteps = consistency_timesteps(T, denoiser.solver_steps, steps)
+        coefficients, sampler = (
+            consistency_coefficients(denoiser.schedule, timesteps),
+            "consistency",
+        )
+    else:
+        coefficients, sampler = ddim_coefficients(denoiser.schedule, steps), "ddim"
     return SamplerPlan(
-        steps=ddim_coefficients(denoiser.schedule, steps),
+        steps=coefficients,
         sample_shape=sample_shape(denoiser.backbone),
         guidance_scale=denoiser.guidance_scale,
         null_label=denoiser.null_label,
         num_classes=num_classes,
         notes={
-            "sampler": "ddim",
+            "sampler": sampler,
             "graph_output": "x0",
             "prediction_type": denoiser.prediction_type,
         },

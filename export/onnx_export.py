@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> None:
             f"{ctx.input.path} names no num_inference_steps (not a distilled "
             "student): set num_inference_steps in the onnx stage config",
         )
-    graph = DenoiserGraph(denoiser.backbone, denoiser.schedule, denoiser.prediction_type)
+    graph = DenoiserGraph.of(denoiser)
     plan = sampler_plan(denoiser, steps, info.get("num_classes"))
     t0 = time.perf_counter()
     ctx.progress(

@@ -71,3 +71,26 @@ def two_class_gmm(schedule: Schedule, prediction_type="v_prediction", d=4):
     return GMMBackbone(
         means, [0.3, 0.2, 0.4, 0.25], [0, 0, 1, 1], schedule, prediction_type, null_label=2
     )
+
+
+class Residual(nn.Module):
+    """The GMM teacher plus a small learnable correction: a student initialised at the teacher."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.net = nn.Sequential(nn.Linear(4 + 2 + 3, 64), nn.SiLU(), nn.Linear(64, 4)).double()
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x, t, class_labels=None):
+        t = torch.as_tensor(t).expand(len(x)).double()
+        feats = torch.cat(
+            [
+                x,
+                torch.stack([t / 1000, (t / 1000) ** 2], 1),
+                nn.functional.one_hot(class_labels, 3).double(),
+            ],
+            1,
+        )
+        return SimpleNamespace(sample=self.base(x, t.long(), class_labels).sample + self.net(feats))

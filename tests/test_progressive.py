@@ -11,7 +11,7 @@ from distill.progressive import ProgressiveConfig, distill_round, progressive_ta
 from distill.samplers import sample_ddim
 from distill.schedule import Schedule, _bcast
 
-from gmm import two_class_gmm
+from gmm import Residual, two_class_gmm
 
 
 class PerfectStudent(nn.Module):
@@ -55,29 +55,6 @@ def test_student_at_half_the_steps_matches_teacher_per_sample():
         )
         # and the 4-step teacher itself is measurably worse than the 4-step student
         assert (sample_ddim(teacher, x_T, sched.ddim_timesteps(4), labels) - ref).abs().max() > 1e-2
-
-
-class Residual(nn.Module):
-    """The GMM teacher plus a small learnable correction: a student initialised at the teacher."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-        self.net = nn.Sequential(nn.Linear(4 + 2 + 3, 64), nn.SiLU(), nn.Linear(64, 4)).double()
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x, t, class_labels=None):
-        t = torch.as_tensor(t).expand(len(x)).double()
-        feats = torch.cat(
-            [
-                x,
-                torch.stack([t / 1000, (t / 1000) ** 2], 1),
-                nn.functional.one_hot(class_labels, 3).double(),
-            ],
-            1,
-        )
-        return SimpleNamespace(sample=self.base(x, t.long(), class_labels).sample + self.net(feats))
 
 
 def test_one_round_of_training_closes_the_gap_to_the_teacher():

@@ -72,6 +72,7 @@ class Stage:
 
 STAGES: dict[str, str] = {
     "progressive": "distill.progressive:STAGE",
+    "consistency": "distill.consistency:STAGE",
     "onnx": "export.onnx_export:STAGE",
     "ort": "export.ort_compile:STAGE",
     "profile": "accel.profile_stage:STAGE",

@@ -1,0 +1,277 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2), in the
+discrete-time, guided form of Latent Consistency Models (Luo et al. 2023).
+
+The student is a consistency function f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t), whose
+boundary scalings make f(x, 0) = x exactly (LCM's discrete scalings, the ones diffusers'
+LCMScheduler applies): with s = timestep_scaling * t,
+
+    c_skip = sigma_data^2 / (s^2 + sigma_data^2),   c_out = s / sqrt(s^2 + sigma_data^2).
+
+Training walks the skipping-step grid t_n = (n + 1) k - 1 (k = T / N, N = ``solver_steps``): from
+x_{t_n} = alpha x + sigma eps, one deterministic DDIM step of the (guided) teacher gives
+x_hat at t_n - k, and the loss is
+
+    d( f_theta(x_{t_n}, t_n),  f_theta-(x_hat_{t_n - k}, t_n - k) )
+
+with theta- an exponential moving average of theta (the target network) and d either the squared
+L2 distance or the pseudo-Huber distance sqrt(||a - b||^2 + c^2) - c of Song & Dhariwal 2023
+("Improved Techniques for Training Consistency Models"), c = 0.00054 sqrt(d).
+Sampling is Song et al.'s multistep consistency sampling (Algorithm 1): x0 = f(x, t), then
+re-noise to the next timestep with fresh noise, which is what LCMScheduler.step does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from accel.core.errors import StageError
+from accel.core.stage import Stage, StageConfig, StageContext
+from distill.denoiser import (
+    TIMESTEP_SCALING,
+    ConsistencyDenoiser,
+    Denoiser,
+    load_denoiser,
+    save_pipeline,
+)
+from distill.samplers import ddim_step
+from distill.schedule import _bcast
+
+
+def consistency_grid(num_train_timesteps: int, solver_steps: int) -> list[int]:
+    """The skipping-step grid t_n = (n + 1) k - 1, k = T / N: LCMScheduler's origin timesteps."""
+    k = num_train_timesteps // solver_steps
+    return [(n + 1) * k - 1 for n in range(solver_steps)]
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: Literal["l2", "huber"]) -> torch.Tensor:
+    """Per-sample distance: squared L2 (mean over pixels) or pseudo-Huber."""
+    diff2 = (a - b).pow(2).flatten(1).mean(1)
+    if kind == "l2":
+        return diff2
+    c = 0.00054 * (a[0].numel() ** 0.5)
+    # Song & Dhariwal's distance on the sum of squares; the mean keeps it scale-free in d
+    return (diff2 * a[0].numel() + c**2).sqrt() - c
+
+
+def consistency_loss(
+    student: ConsistencyDenoiser,
+    target: ConsistencyDenoiser,
+    teacher: Denoiser,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    grid: torch.Tensor,
+    skip: int,
+    kind: Literal["l2", "huber"],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One batch of the consistency distillation objective (Algorithm 2's loss term)."""
+    sched = teacher.schedule
+    t = grid[torch.randint(0, len(grid), (len(x0),), generator=generator)]
+    t_prev = (t - skip).clamp(min=0)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    x_t = sched.add_noise(x0, eps, t)
+    with torch.no_grad():
+        x0_teacher, eps_teacher = teacher.predict(x_t, t, labels)
+        a_prev, s_prev = (_bcast(v, x0) for v in sched.alpha_sigma(t_prev))
+        x_prev = a_prev * x0_teacher + s_prev * eps_teacher  # one DDIM step t -> t_prev
+        goal = target.predict(x_prev, t_prev, labels)[0]
+    return distance(student.predict(x_t, t, labels)[0], goal, kind).mean()
+
+
+def distill(
+    teacher: Denoiser,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    solver_steps: int = 50,
+    iterations: int = 1000,
+    batch_size: int = 64,
+    learning_rate: float = 1e-4,
+    ema_decay: float = 0.95,
+    loss: Literal["l2", "huber"] = "huber",
+    generator: torch.Generator | None = None,
+    bar=None,
+) -> tuple[ConsistencyDenoiser, list[float]]:
+    """Train a consistency student initialised from the teacher's backbone; the teacher's
+    guidance (if any) is distilled in, so the student takes one unguided pass."""
+    gen = generator or torch.Generator().manual_seed(0)
+    sched = teacher.schedule
+    student = ConsistencyDenoiser(
+        copy.deepcopy(teacher.backbone).requires_grad_(True).train(),
+        sched,
+        teacher.prediction_type,
+        solver_steps=solver_steps,
+    )
+    target = ConsistencyDenoiser(
+        copy.deepcopy(student.backbone).requires_grad_(False),
+        sched,
+        teacher.prediction_type,
+        solver_steps=solver_steps,
+    )
+    grid = torch.tensor(consistency_grid(sched.num_train_timesteps, solver_steps))
+    skip = sched.num_train_timesteps // solver_steps
+    opt = torch.optim.Adam(student.backbone.parameters(), lr=learning_rate)
+    x_data, y_data = data
+    losses = []
+    for _ in range(iterations):
+        idx = torch.randint(0, len(x_data), (batch_size,), generator=gen)
+        value = consistency_loss(
+            student, target, teacher, x_data[idx], y_data[idx], grid, skip, loss, gen
+        )
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        with torch.no_grad():
+            for pt, ps in zip(
+                target.backbone.parameters(), student.backbone.parameters(), strict=True
+            ):
+                pt.lerp_(ps, 1 - ema_decay)
+        losses.append(value.item())
+        if bar is not None:
+            bar.update(1)
+    student.backbone.eval().requires_grad_(False)
+    return student, losses
+
+
+@torch.no_grad()
+def sample_consistency(
+    denoiser: ConsistencyDenoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x0 = f(x, t_i), then
+    x = alpha(t_{i+1}) x0 + sigma(t_{i+1}) z with fresh noise z, step for step LCMScheduler.step."""
+    x0 = x
+    for i, t in enumerate(timesteps):
+        x0 = denoiser.predict(x, torch.tensor(t), labels)[0]
+        if i + 1 < len(timesteps):
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = ddim_step(x0, z, denoiser.schedule, timesteps[i + 1])
+    return x0
+
+
+class ConsistencyConfig(StageConfig):
+    solver_steps: int = Field(50, ge=2, le=1000)
+    """N of the skipping-step grid (k = T / N): LCM's original_inference_steps."""
+    num_inference_steps: int = Field(4, ge=1)
+    """The student's default step count (it samples with any count from 1 to solver_steps)."""
+    guidance_scale: float = Field(1.0, ge=0)
+    """Classifier-free guidance scale of the teacher's DDIM step, distilled into the student."""
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    ema_decay: float = Field(0.95, ge=0, lt=1)
+    """Decay of the target network theta- (LCM uses 0.95)."""
+    loss: Literal["l2", "huber"] = "huber"
+    dataset: Literal["digits"] = "digits"
+    """Training images; the digits demo's set is the only one wired so far."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _steps(self) -> ConsistencyConfig:
+        if self.num_inference_steps > self.solver_steps:
+            raise ValueError(
+                f"num_inference_steps ({self.num_inference_steps}) cannot exceed solver_steps "
+                f"({self.solver_steps})"
+            )
+        return self
+
+
+def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict:
+    """A stock LCMScheduler whose set_timesteps/step loop is ``sample_consistency``."""
+    keep = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+    )
+    cfg = {k: teacher_scheduler[k] for k in keep if k in teacher_scheduler}
+    return dict(
+        cfg,
+        _class_name="LCMScheduler",
+        original_inference_steps=solver_steps,
+        timestep_scaling=TIMESTEP_SCALING,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        thresholding=False,
+    )
+
+
+def run(ctx: StageContext) -> None:
+    config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
+    from tqdm import tqdm
+
+    from accel.quality import digits_dataset
+
+    teacher, info = load_denoiser(ctx.input.path, guidance_scale=config.guidance_scale)
+    T = teacher.schedule.num_train_timesteps
+    if teacher.schedule.kind != "discrete" or T % config.solver_steps:
+        raise StageError(
+            "consistency",
+            f"needs a discrete schedule whose {T} timesteps divide "
+            f"evenly into solver_steps={config.solver_steps}",
+        )
+    if info.get("num_inference_steps") is not None:
+        raise StageError(
+            "consistency",
+            "the input is already a distilled student; distil the "
+            "teacher (consistency needs its ODE)",
+        )
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    with tqdm(
+        total=config.iterations, desc="consistency", leave=False, dynamic_ncols=True, disable=None
+    ) as bar:
+        student, losses = distill(
+            teacher,
+            digits_dataset(),
+            solver_steps=config.solver_steps,
+            iterations=config.iterations,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            ema_decay=config.ema_decay,
+            loss=config.loss,
+            generator=gen,
+            bar=bar,
+        )
+    if not all(torch.isfinite(torch.tensor(losses))):
+        raise StageError("consistency", "the loss became NaN or Inf; lower learning_rate")
+    save_pipeline(
+        ctx.out,
+        student.backbone,
+        student_scheduler_config(info["scheduler"], config.solver_steps),
+        {
+            "method": "consistency",
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": 1.0,
+            "distilled_guidance_scale": config.guidance_scale,
+            "num_classes": info.get("num_classes"),
+            "consistency": {
+                "solver_steps": config.solver_steps,
+                "sigma_data": 0.5,
+                "timestep_scaling": TIMESTEP_SCALING,
+            },
+        },
+    )
+    ctx.metrics["final_loss"] = sum(losses[-50:]) / len(losses[-50:])
+    ctx.info["loss_log"] = losses[::10]
+
+
+STAGE = Stage(
+    name="consistency",
+    version=1,
+    config=ConsistencyConfig,
+    consumes="checkpoint",
+    produces="checkpoint",
+    run=run,
+    description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
+)
