@@ -92,6 +92,7 @@ def test_consistency_stage_to_engine_samples_like_torch(tmp_path):
     from accel.pipeline import default_store, run_recipe
     from accel.quality import generate
     from accel.runtime import open_engine, open_model
+
     from tiny import write_tiny_pipeline
 
     write_tiny_pipeline(tmp_path / "teacher")
