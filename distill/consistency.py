@@ -39,7 +39,7 @@ from distill.denoiser import (
     save_pipeline,
 )
 from distill.samplers import ddim_step
-from distill.schedule import _bcast
+from distill.schedule import _bcast, process_config
 
 
 def consistency_grid(num_train_timesteps: int, solver_steps: int) -> list[int]:
@@ -185,17 +185,8 @@ class ConsistencyConfig(StageConfig):
 
 def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict:
     """A stock LCMScheduler whose set_timesteps/step loop is ``sample_consistency``."""
-    keep = (
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "prediction_type",
-    )
-    cfg = {k: teacher_scheduler[k] for k in keep if k in teacher_scheduler}
     return dict(
-        cfg,
+        process_config(teacher_scheduler),
         _class_name="LCMScheduler",
         original_inference_steps=solver_steps,
         timestep_scaling=TIMESTEP_SCALING,

@@ -290,14 +290,10 @@ class DenoiserGraph(nn.Module):
         self.prediction_type = prediction_type
         t = torch.arange(schedule.num_train_timesteps)
         alpha, sigma = schedule.alpha_sigma(t)
-        # f = c_skip x + c_out x0_hat for consistency students; c_skip = 0, c_out = 1 otherwise
-        c_skip, c_out = boundary_scalings(t) if consistency else (0 * alpha, 1 + 0 * alpha)
-        for name, table in (
-            ("alpha", alpha),
-            ("sigma", sigma),
-            ("c_skip", c_skip),
-            ("c_out", c_out),
-        ):
+        tables = {"alpha": alpha, "sigma": sigma}
+        if consistency:  # f = c_skip x + c_out x0_hat: the boundary condition lives in the graph
+            tables["c_skip"], tables["c_out"] = boundary_scalings(t)
+        for name, table in tables.items():
             self.register_buffer(name, table.float(), persistent=False)
         self.consistency = consistency
         cfg = getattr(backbone, "config", {})
@@ -307,12 +303,13 @@ class DenoiserGraph(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = self.backbone(sample, timestep, class_labels=class_labels).sample
-        alpha, sigma, c_skip, c_out = (
-            table[timestep].reshape(-1, 1, 1, 1)
-            for table in (self.alpha, self.sigma, self.c_skip, self.c_out)
-        )
-        x0 = to_x0_eps(out, sample, alpha, sigma, self.prediction_type)[0]
-        return c_skip * sample + c_out * x0 if self.consistency else x0
+        def at(table: torch.Tensor) -> torch.Tensor:
+            return table[timestep].reshape(-1, 1, 1, 1)
+
+        x0 = to_x0_eps(out, sample, at(self.alpha), at(self.sigma), self.prediction_type)[0]
+        if not self.consistency:
+            return x0
+        return at(self.c_skip) * sample + at(self.c_out) * x0
 
     @classmethod
     def of(cls, denoiser: Denoiser) -> DenoiserGraph:

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from accel.core.errors import StageError
 from accel.core.stage import Stage, StageConfig, StageContext
 from distill.denoiser import Denoiser, load_denoiser, save_pipeline
-from distill.schedule import _bcast
+from distill.schedule import _bcast, process_config
 
 
 class ProgressiveConfig(StageConfig):
@@ -145,17 +145,8 @@ def distill_round(
 
 def student_scheduler_config(teacher_scheduler: dict) -> dict:
     """A stock DDIMScheduler whose loop (set_timesteps, step) is exactly accel's DDIM sampler."""
-    keep = (
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "prediction_type",
-    )
-    cfg = {k: teacher_scheduler[k] for k in keep if k in teacher_scheduler}
     return dict(
-        cfg,
+        process_config(teacher_scheduler),
         _class_name="DDIMScheduler",
         clip_sample=False,
         set_alpha_to_one=True,

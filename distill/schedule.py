@@ -116,5 +116,21 @@ class Schedule:
         return [(t, t - T // steps) for t in ts]
 
 
+PROCESS_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
+
+
+def process_config(scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a scheduler config that define the noise process and the model's output, to
+    carry from a teacher's scheduler into its student's (a different scheduler class)."""
+    return {k: scheduler_config[k] for k in PROCESS_KEYS if k in scheduler_config}
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
