@@ -35,7 +35,7 @@ from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
     Denoiser,
-    load_denoiser,
+    load_teacher,
     save_pipeline,
 )
 from distill.samplers import ddim_step
@@ -203,19 +203,11 @@ def run(ctx: StageContext) -> None:
 
     from accel.quality import digits_dataset
 
-    teacher, info = load_denoiser(ctx.input.path, guidance_scale=config.guidance_scale)
+    teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale)
     T = teacher.schedule.num_train_timesteps
-    if teacher.schedule.kind != "discrete" or T % config.solver_steps:
+    if T % config.solver_steps:
         raise StageError(
-            "consistency",
-            f"needs a discrete schedule whose {T} timesteps divide "
-            f"evenly into solver_steps={config.solver_steps}",
-        )
-    if info.get("num_inference_steps") is not None:
-        raise StageError(
-            "consistency",
-            "the input is already a distilled student; distil the "
-            "teacher (consistency needs its ODE)",
+            "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)

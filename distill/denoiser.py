@@ -241,6 +241,29 @@ def load_denoiser(
     return denoiser, dict(info, scheduler=sched_cfg)
 
 
+def load_teacher(
+    path: str | Path, stage: str, guidance_scale: float
+) -> tuple[Denoiser, dict[str, Any]]:
+    """A teacher for a step-distillation stage: a discrete-time model that is not itself a
+    distilled student (distillation needs the teacher's own ODE)."""
+    from accel.core.errors import StageError
+
+    teacher, info = load_denoiser(path, guidance_scale=guidance_scale)
+    if teacher.schedule.kind != "discrete":
+        raise StageError(
+            stage,
+            "flow-matching teachers are not supported yet: the students "
+            "here step a discrete VP schedule",
+        )
+    if info.get("num_inference_steps") is not None:
+        raise StageError(
+            stage,
+            "the input is already a distilled student; distil from the "
+            "teacher, which holds the ODE the student learns",
+        )
+    return teacher, info
+
+
 def save_pipeline(
     out_dir: str | Path, backbone: nn.Module, scheduler_config: dict[str, Any], info: dict[str, Any]
 ) -> None:
@@ -303,6 +326,7 @@ class DenoiserGraph(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = self.backbone(sample, timestep, class_labels=class_labels).sample
+
         def at(table: torch.Tensor) -> torch.Tensor:
             return table[timestep].reshape(-1, 1, 1, 1)
 

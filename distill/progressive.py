@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
 from accel.core.stage import Stage, StageConfig, StageContext
-from distill.denoiser import Denoiser, load_denoiser, save_pipeline
+from distill.denoiser import Denoiser, load_teacher, save_pipeline
 from distill.schedule import _bcast, process_config
 
 
@@ -162,25 +162,13 @@ def run(ctx: StageContext) -> None:
 
     from accel.quality import digits_dataset
 
-    teacher, info = load_denoiser(ctx.input.path, guidance_scale=config.guidance_scale)
-    if teacher.schedule.kind != "discrete":
-        raise StageError(
-            "progressive",
-            "flow-matching teachers are not supported yet: progressive "
-            "distillation here targets DDIM on a discrete VP schedule",
-        )
+    teacher, info = load_teacher(ctx.input.path, "progressive", config.guidance_scale)
     if teacher.prediction_type == "epsilon":
         raise StageError(
             "progressive",
             "the teacher predicts epsilon; its x0 = (z - sigma eps) / alpha is ill-posed near "
             "SNR 0, which few-step students start from (Salimans & Ho 2022, sec. 4): use a "
             "v_prediction or sample-prediction teacher",
-        )
-    if info.get("num_inference_steps") is not None:
-        raise StageError(
-            "progressive",
-            "the input is already a distilled student; chain progressive "
-            "once, from the teacher, with teacher_steps/student_steps",
         )
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
