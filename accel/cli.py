@@ -21,6 +21,11 @@ store_option = click.option(
     default=None,
     help="Artifact store (default: $ACCEL_STORE or ./.accel-store).",
 )
+resume_option = click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue training stages from the checkpoints of an interrupted run.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,12 +78,13 @@ def _copy_out(src: Path, dst: Path) -> None:
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @store_option
-def run(recipe: Path, store: Path | None) -> None:
+@resume_option
+def run(recipe: Path, store: Path | None, resume: bool) -> None:
     """Run RECIPE (TOML): every stage not already in the store."""
     from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
 
-    artifacts = run_recipe(load_recipe(recipe), default_store(store))
+    artifacts = run_recipe(load_recipe(recipe), default_store(store), resume=resume)
     click.echo(artifacts[-1].path)
 
 
@@ -163,6 +169,7 @@ class StageCommand(click.Command):
                     help="Hardware target (profiles/ name or a .toml path).",
                 ),
                 *store_option(lambda: None).__click_params__,
+                *resume_option(lambda: None).__click_params__,
             ],
         )
         self.stage_name = stage_name
@@ -182,7 +189,13 @@ class StageCommand(click.Command):
         return super().get_params(ctx)
 
     def invoke_stage(
-        self, input_dir: Path, out: Path | None, target_name: str, store: Path | None, **options
+        self,
+        input_dir: Path,
+        out: Path | None,
+        target_name: str,
+        store: Path | None,
+        resume: bool,
+        **options,
     ) -> None:
         from pydantic import ValidationError
 
@@ -220,7 +233,12 @@ class StageCommand(click.Command):
             artifact.verify()
         else:
             artifact = run_stage(
-                PlannedStage(StagePlan(0, stage, config), key, False), parent, target, s, []
+                PlannedStage(StagePlan(0, stage, config), key, False),
+                parent,
+                target,
+                s,
+                [],
+                resume=resume,
             )
         if out is not None:
             _copy_out(artifact.path, out)

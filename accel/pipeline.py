@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,12 @@ def run_stage(
     store: Store,
     completed: list[str],
     progress: Callable[[str], None] = say,
+    resume: bool = False,
 ) -> Artifact:
-    """Run one stage into a pending artifact; any failure leaves the store as it was."""
+    """Run one stage into a pending artifact; any failure leaves the store as it was, apart from
+    the stage's work dir (training checkpoints), which ``resume`` continues from."""
     stage, config = planned.plan.stage, planned.plan.config
+    work = store.work_dir(planned.key)
     with store.write(
         planned.key,
         kind=stage.produces,
@@ -63,6 +67,8 @@ def run_stage(
             info=pending.info,
             store=store,
             progress=progress,
+            work=work,
+            resume=resume,
         )
         try:
             stage.run(ctx)
@@ -74,13 +80,15 @@ def run_stage(
         if parent.stage == "source" and not store.has(parent.key):
             store.add_source(parent.path)  # a source is kept once something is built from it
     assert pending.artifact is not None
+    shutil.rmtree(work, ignore_errors=True)
     return pending.artifact
 
 
 def run_recipe(
-    recipe: Recipe, store: Store, progress: Callable[[str], None] = say
+    recipe: Recipe, store: Store, progress: Callable[[str], None] = say, resume: bool = False
 ) -> list[Artifact]:
-    """Run every stage not in the store; returns the artifacts of all stages, in order."""
+    """Run every stage not in the store; returns the artifacts of all stages, in order.
+    ``resume`` lets training stages continue from the checkpoints of an interrupted run."""
     store.clean_tmp()
     source, stages = plan(recipe, store)
     artifacts, parent, completed = [], source, []
@@ -94,7 +102,7 @@ def run_recipe(
         else:
             progress(f"{head}: running")
             t0 = time.perf_counter()
-            artifact = run_stage(planned, parent, recipe.target, store, completed, progress)
+            artifact = run_stage(planned, parent, recipe.target, store, completed, progress, resume)
             progress(f"{head}: done in {time.perf_counter() - t0:.1f}s ({planned.key})")
         completed.append(name)
         artifacts.append(artifact)

@@ -23,14 +23,15 @@ re-noise to the next timestep with fresh noise, which is what LCMScheduler.step 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
-from accel.core.stage import Stage, StageConfig, StageContext
+from accel.core.stage import Stage, StageContext, say
 from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
@@ -40,6 +41,7 @@ from distill.denoiser import (
 )
 from distill.samplers import ddim_step
 from distill.schedule import _bcast, process_config
+from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 
 def consistency_grid(num_train_timesteps: int, solver_steps: int) -> list[int]:
@@ -67,14 +69,13 @@ def consistency_loss(
     grid: torch.Tensor,
     skip: int,
     kind: Literal["l2", "huber"],
-    generator: torch.Generator,
+    rng: Trainer,
 ) -> torch.Tensor:
     """One batch of the consistency distillation objective (Algorithm 2's loss term)."""
     sched = teacher.schedule
-    t = grid[torch.randint(0, len(grid), (len(x0),), generator=generator)]
+    t = grid[rng.randint(len(grid), len(x0))]
     t_prev = (t - skip).clamp(min=0)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    x_t = sched.add_noise(x0, eps, t)
+    x_t = sched.add_noise(x0, rng.randn(x0.shape, x0.dtype), t)
     with torch.no_grad():
         x0_teacher, eps_teacher = teacher.predict(x_t, t, labels)
         a_prev, s_prev = (_bcast(v, x0) for v in sched.alpha_sigma(t_prev))
@@ -86,55 +87,46 @@ def consistency_loss(
 def distill(
     teacher: Denoiser,
     data: tuple[torch.Tensor, torch.Tensor],
-    *,
-    solver_steps: int = 50,
-    iterations: int = 1000,
-    batch_size: int = 64,
-    learning_rate: float = 1e-4,
-    ema_decay: float = 0.95,
-    loss: Literal["l2", "huber"] = "huber",
-    generator: torch.Generator | None = None,
-    bar=None,
-) -> tuple[ConsistencyDenoiser, list[float]]:
+    config: ConsistencyConfig,
+    work: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = say,
+) -> tuple[ConsistencyDenoiser, list[dict[str, float]]]:
     """Train a consistency student initialised from the teacher's backbone; the teacher's
     guidance (if any) is distilled in, so the student takes one unguided pass."""
-    gen = generator or torch.Generator().manual_seed(0)
+    trainer = Trainer("consistency", config, config.iterations, work, resume, progress=progress)
     sched = teacher.schedule
-    student = ConsistencyDenoiser(
-        copy.deepcopy(teacher.backbone).requires_grad_(True).train(),
-        sched,
-        teacher.prediction_type,
-        solver_steps=solver_steps,
-    )
-    target = ConsistencyDenoiser(
-        copy.deepcopy(student.backbone).requires_grad_(False),
-        sched,
-        teacher.prediction_type,
-        solver_steps=solver_steps,
-    )
-    grid = torch.tensor(consistency_grid(sched.num_train_timesteps, solver_steps))
-    skip = sched.num_train_timesteps // solver_steps
-    opt = torch.optim.Adam(student.backbone.parameters(), lr=learning_rate)
-    x_data, y_data = data
-    losses = []
-    for _ in range(iterations):
-        idx = torch.randint(0, len(x_data), (batch_size,), generator=gen)
-        value = consistency_loss(
-            student, target, teacher, x_data[idx], y_data[idx], grid, skip, loss, gen
+    backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+    ema = copy.deepcopy(backbone).requires_grad_(False)
+    opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
+    backbone, opt = trainer.prepare(backbone, opt)
+    trainer.ema(ema, backbone, config.ema_decay)
+    teacher.to(trainer.device)
+
+    def consistency(net: torch.nn.Module) -> ConsistencyDenoiser:
+        return ConsistencyDenoiser(
+            net, sched, teacher.prediction_type, solver_steps=config.solver_steps
         )
-        opt.zero_grad(set_to_none=True)
-        value.backward()
+
+    student, target = consistency(backbone), consistency(ema)
+    grid = torch.tensor(consistency_grid(sched.num_train_timesteps, config.solver_steps))
+    grid = grid.to(trainer.device)
+    skip = sched.num_train_timesteps // config.solver_steps
+    x_data, y_data = (d.to(trainer.device) for d in data)
+
+    def step() -> dict[str, torch.Tensor]:
+        idx = trainer.randint(len(x_data), config.batch_size)
+        loss = consistency_loss(
+            student, target, teacher, x_data[idx], y_data[idx], grid, skip, config.loss, trainer
+        )
+        trainer.backward(loss)
         opt.step()
-        with torch.no_grad():
-            for pt, ps in zip(
-                target.backbone.parameters(), student.backbone.parameters(), strict=True
-            ):
-                pt.lerp_(ps, 1 - ema_decay)
-        losses.append(value.item())
-        if bar is not None:
-            bar.update(1)
-    student.backbone.eval().requires_grad_(False)
-    return student, losses
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    log = trainer.run(step)
+    student = consistency(trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False))
+    return student, log
 
 
 @torch.no_grad()
@@ -156,7 +148,7 @@ def sample_consistency(
     return x0
 
 
-class ConsistencyConfig(StageConfig):
+class ConsistencyConfig(TrainingConfig):
     solver_steps: int = Field(50, ge=2, le=1000)
     """N of the skipping-step grid (k = T / N): LCM's original_inference_steps."""
     num_inference_steps: int = Field(4, ge=1)
@@ -164,14 +156,11 @@ class ConsistencyConfig(StageConfig):
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's DDIM step, distilled into the student."""
     iterations: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
     ema_decay: float = Field(0.95, ge=0, lt=1)
     """Decay of the target network theta- (LCM uses 0.95)."""
     loss: Literal["l2", "huber"] = "huber"
     dataset: Literal["digits"] = "digits"
     """Training images; the digits demo's set is the only one wired so far."""
-    seed: int = 0
 
     @model_validator(mode="after")
     def _steps(self) -> ConsistencyConfig:
@@ -199,8 +188,6 @@ def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict
 
 def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
-    from tqdm import tqdm
-
     from accel.quality import digits_dataset
 
     teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale)
@@ -209,25 +196,7 @@ def run(ctx: StageContext) -> None:
         raise StageError(
             "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    with tqdm(
-        total=config.iterations, desc="consistency", leave=False, dynamic_ncols=True, disable=None
-    ) as bar:
-        student, losses = distill(
-            teacher,
-            digits_dataset(),
-            solver_steps=config.solver_steps,
-            iterations=config.iterations,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            ema_decay=config.ema_decay,
-            loss=config.loss,
-            generator=gen,
-            bar=bar,
-        )
-    if not all(torch.isfinite(torch.tensor(losses))):
-        raise StageError("consistency", "the loss became NaN or Inf; lower learning_rate")
+    student, log = distill(teacher, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress)
     save_pipeline(
         ctx.out,
         student.backbone,
@@ -245,13 +214,13 @@ def run(ctx: StageContext) -> None:
             },
         },
     )
-    ctx.metrics["final_loss"] = sum(losses[-50:]) / len(losses[-50:])
-    ctx.info["loss_log"] = losses[::10]
+    ctx.metrics["final_loss"] = mean_tail(log)
+    write_loss_log(ctx.out, log)
 
 
 STAGE = Stage(
     name="consistency",
-    version=1,
+    version=2,
     config=ConsistencyConfig,
     consumes="checkpoint",
     produces="checkpoint",

@@ -21,19 +21,23 @@ As in the paper the learning rate decays linearly to zero within each round.
 from __future__ import annotations
 
 import copy
+import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
-from accel.core.stage import Stage, StageConfig, StageContext
+from accel.core.stage import Stage, StageContext, say
 from distill.denoiser import Denoiser, load_teacher, save_pipeline
 from distill.schedule import _bcast, process_config
+from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 
-class ProgressiveConfig(StageConfig):
+class ProgressiveConfig(TrainingConfig):
     teacher_steps: int = Field(16, ge=2, le=1000)
     """DDIM steps of the teacher where halving starts: pick where its DDIM is already close to its
     50-step quality, each round only inherits what the previous one reached."""
@@ -41,11 +45,8 @@ class ProgressiveConfig(StageConfig):
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's output that the first round distils."""
     iterations_per_round: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
     dataset: Literal["digits"] = "digits"
     """Training images x ~ D of Algorithm 2; the digits demo's set is the only one wired so far."""
-    seed: int = 0
 
     @model_validator(mode="after")
     def _halvings(self) -> ProgressiveConfig:
@@ -99,48 +100,51 @@ def distill_round(
     data: tuple[torch.Tensor, torch.Tensor],
     student_steps: int,
     config: ProgressiveConfig,
-    generator: torch.Generator,
-    bar=None,
-) -> tuple[Denoiser, list[float]]:
-    """One halving: returns a student for ``student_steps`` steps (guidance baked in) and its losses."""
-    sched = teacher.schedule
-    student = Denoiser(
-        copy.deepcopy(teacher.backbone).requires_grad_(True).train(), sched, teacher.prediction_type
+    work: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = say,
+) -> tuple[Denoiser, list[dict[str, float]]]:
+    """One halving: returns a student for ``student_steps`` steps (guidance baked in) and its
+    loss log. Each round draws from its own seed (config.seed + student_steps)."""
+    trainer = Trainer(
+        "progressive",
+        config.model_copy(update={"seed": config.seed + student_steps}),
+        config.iterations_per_round,
+        work,
+        resume,
+        desc=f"progressive {2 * student_steps}->{student_steps}",
+        progress=progress,
     )
-    grid = torch.tensor([t for t, _ in sched.ddim_timesteps(student_steps)])
-    opt = torch.optim.Adam(student.backbone.parameters(), lr=config.learning_rate)
+    sched = teacher.schedule
+    backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+    opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     n = config.iterations_per_round
     lr_decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / n)
-    x_data, y_data = data
-    losses = []
-    for _ in range(n):
-        idx = torch.randint(0, len(x_data), (config.batch_size,), generator=generator)
+    backbone, opt, lr_decay = trainer.prepare(backbone, opt, lr_decay)
+    teacher.to(trainer.device)
+    student = Denoiser(backbone, sched, teacher.prediction_type)
+    grid = torch.tensor([t for t, _ in sched.ddim_timesteps(student_steps)]).to(trainer.device)
+    x_data, y_data = (d.to(trainer.device) for d in data)
+
+    def step() -> dict[str, torch.Tensor]:
+        idx = trainer.randint(len(x_data), config.batch_size)
         x0, labels = x_data[idx], y_data[idx]
-        t = grid[torch.randint(0, student_steps, (config.batch_size,), generator=generator)]
-        eps = torch.randn(x0.shape, generator=generator)
-        z_t = sched.add_noise(x0, eps, t)
+        t = grid[trainer.randint(student_steps, config.batch_size)]
+        z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
         with torch.no_grad():
             target = progressive_target(teacher, z_t, t, student_steps, labels)
         x_hat = student.predict(z_t, t, labels)[0]
         weight = _bcast(sched.snr(t).clamp(min=1.0), x0)
         loss = (weight * (target - x_hat) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        trainer.backward(loss)
         opt.step()
         lr_decay.step()
-        if not torch.isfinite(loss):
-            raise StageError(
-                "progressive",
-                f"the loss became {loss.item()} at iteration "
-                f"{len(losses) + 1} of the {student_steps}-step round; lower "
-                "learning_rate",
-            )
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-    student.backbone.eval().requires_grad_(False)
-    return student, losses
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    log = trainer.run(step)
+    backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
+    return Denoiser(backbone, sched, teacher.prediction_type), log
 
 
 def student_scheduler_config(teacher_scheduler: dict) -> dict:
@@ -158,7 +162,7 @@ def student_scheduler_config(teacher_scheduler: dict) -> dict:
 
 def run(ctx: StageContext) -> None:
     config: ProgressiveConfig = ctx.config  # type: ignore[assignment]
-    from tqdm import tqdm
+    from safetensors.torch import load_file, save_file
 
     from accel.quality import digits_dataset
 
@@ -170,27 +174,34 @@ def run(ctx: StageContext) -> None:
             "SNR 0, which few-step students start from (Salimans & Ho 2022, sec. 4): use a "
             "v_prediction or sample-prediction teacher",
         )
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
     data = digits_dataset()
     steps = config.teacher_steps // 2
     rounds = []
     while steps >= config.student_steps:
+        # each finished round is kept in the work dir, so --resume skips it
+        work = ctx.work / f"round-{steps}" if ctx.work is not None else None
+        done = work / "student.safetensors" if work is not None else None
         t0 = time.perf_counter()
-        with tqdm(
-            total=config.iterations_per_round,
-            desc=f"progressive {steps * 2}->{steps}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=None,
-        ) as bar:
-            teacher, losses = distill_round(teacher, data, steps, config, gen, bar)
+        if ctx.resume and done is not None and done.is_file():
+            teacher = Denoiser(
+                copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type
+            )
+            teacher.backbone.load_state_dict(load_file(str(done)))
+            log = json.loads((work / "loss_log.json").read_text())
+        else:
+            teacher, log = distill_round(
+                teacher, data, steps, config, work, ctx.resume, ctx.progress
+            )
+            if done is not None:
+                work.mkdir(parents=True, exist_ok=True)
+                save_file(teacher.backbone.state_dict(), str(done))
+                write_loss_log(work, log)
         rounds.append(
             {
                 "student_steps": steps,
                 "seconds": time.perf_counter() - t0,
-                "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-                "losses": losses[::10],
+                "final_loss": mean_tail(log),
+                "losses": log,
             }
         )
         ctx.progress(
@@ -210,12 +221,12 @@ def run(ctx: StageContext) -> None:
         },
     )
     ctx.metrics["rounds"] = [{k: v for k, v in r.items() if k != "losses"} for r in rounds]
-    ctx.info["loss_log"] = rounds
+    write_loss_log(ctx.out, {"rounds": rounds})
 
 
 STAGE = Stage(
     name="progressive",
-    version=1,
+    version=2,
     config=ProgressiveConfig,
     consumes="checkpoint",
     produces="checkpoint",

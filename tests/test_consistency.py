@@ -5,7 +5,12 @@ import copy
 import torch
 from diffusers import LCMScheduler
 
-from distill.consistency import consistency_grid, distill, sample_consistency
+from distill.consistency import (
+    ConsistencyConfig,
+    consistency_grid,
+    distill,
+    sample_consistency,
+)
 from distill.denoiser import ConsistencyDenoiser, Denoiser, boundary_scalings
 from distill.samplers import sample_ddim
 from distill.schedule import Schedule
@@ -68,17 +73,15 @@ def test_one_step_endpoints_move_toward_exact_ode_endpoints():
     before = one_step_error(
         ConsistencyDenoiser(copy.deepcopy(teacher.backbone), sched, "v_prediction")
     )
-    student, losses = distill(
-        teacher,
-        (x0, gmm.classes[comp]),
+    config = ConsistencyConfig(
         solver_steps=20,
         iterations=400,
         batch_size=128,
         learning_rate=3e-3,
         ema_decay=0.9,
         loss="l2",
-        generator=g,
     )
+    student, _ = distill(teacher, (x0, gmm.classes[comp]), config)
     after = one_step_error(student)
     assert after < before / 2, (before, after)
 

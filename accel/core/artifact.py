@@ -182,7 +182,8 @@ class Pending:
 
 class Store:
     """Artifacts at root/artifacts/<key>; temp dirs at root/tmp, on the same filesystem so the
-    final rename is atomic."""
+    final rename is atomic; work dirs of unfinished stages (training checkpoints) at
+    root/work/<key>, kept after a failure so the stage can resume."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -191,6 +192,9 @@ class Store:
 
     def path(self, key: str) -> Path:
         return self.artifacts / key
+
+    def work_dir(self, key: str) -> Path:
+        return self.root / "work" / key
 
     def has(self, key: str) -> bool:
         return (self.path(key) / MANIFEST).is_file()

@@ -45,6 +45,10 @@ class StageContext:
     info: dict
     store: Store
     progress: Callable[[str], None] = say
+    work: Path | None = None
+    """A directory that outlives a failed run (training checkpoints); removed after success."""
+    resume: bool = False
+    """Continue from the checkpoints in ``work`` instead of starting over."""
 
 
 @dataclass(frozen=True)

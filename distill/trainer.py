@@ -1,0 +1,245 @@
+"""The training loop every distillation method shares, on Hugging Face Accelerate.
+
+Accelerate gives device placement, gradient accumulation, mixed precision on GPU and multi-process
+runs under ``accelerate launch``; this module adds what a distillation stage needs around it:
+
+- one seeded ``torch.Generator`` that draws every batch index, timestep and noise of the method, so a
+  run is a function of its config;
+- EMA copies (target networks, EMA students) updated after each optimizer step;
+- a checkpoint every ``checkpoint_every`` steps: ``Accelerator.save_state`` (models, optimizers,
+  LR schedulers, RNG states) plus the EMA weights (safetensors), the generator state and the loss log,
+  written to a temporary directory and renamed, so a directory named ``checkpoint-N`` is complete;
+- ``resume``: continue from the newest checkpoint and end with the same weights as an uninterrupted
+  run (every random draw after step N comes from the restored generator);
+- a tqdm bar with the running loss and rate, and a loss log (one dict per step) for the artifact.
+
+A method builds its modules and optimizers, calls ``prepare``, registers EMA pairs, then ``run``s a
+step function that computes its losses, calls ``backward`` and steps its (prepared) optimizers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from accel.core.errors import StageError
+from accel.core.stage import StageConfig, say
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingConfig(StageConfig):
+    """Fields every training stage takes (the recipe keys and `accel distill` options)."""
+
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=0)
+    """Optimizer steps between resumable checkpoints in the stage's work dir (0: none)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision (Accelerate); fp16 needs a GPU."""
+
+
+def checkpoints(work: Path) -> list[Path]:
+    """Complete checkpoints in ``work``, oldest first."""
+    if not work.is_dir():
+        return []
+    found = [
+        p
+        for p in work.iterdir()
+        if p.is_dir()
+        and p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+class Trainer:
+    """One training run of ``iterations`` optimizer steps, checkpointed into ``work``.
+
+    ``stage`` names the stage in errors; ``resume`` continues from the newest checkpoint in ``work``
+    (without it, old checkpoints there are discarded and the run starts from step 0)."""
+
+    def __init__(
+        self,
+        stage: str,
+        config: TrainingConfig,
+        iterations: int,
+        work: Path | None = None,
+        resume: bool = False,
+        desc: str | None = None,
+        progress: Callable[[str], None] = say,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.stage, self.iterations, self.work = stage, iterations, work
+        self.resume, self.desc, self.progress = resume, desc or stage, progress
+        self.checkpoint_every = config.checkpoint_every if work is not None else 0
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise StageError(stage, "mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16'")
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+        set_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.log: list[dict[str, float]] = []
+        self._models: list[nn.Module] = []
+        self._ema: list[tuple[nn.Module, nn.Module, float]] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def prepare(self, *objects):
+        """Accelerate's prepare for models, optimizers and LR schedulers (same order back)."""
+        out = self.accelerator.prepare(*objects)
+        out = out if isinstance(out, tuple) else (out,)
+        self._models += [m for m in out if isinstance(m, nn.Module)]
+        return out if len(out) > 1 else out[0]
+
+    def ema(self, target: nn.Module, source: nn.Module, decay: float) -> nn.Module:
+        """Keep ``target`` an exponential moving average of ``source``: after every optimizer
+        step, target <- decay * target + (1 - decay) * source."""
+        target.to(self.device).requires_grad_(False)
+        self._ema.append((target, self.accelerator.unwrap_model(source), decay))
+        return target
+
+    def randn(
+        self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=dtype).to(self.device)
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=self.generator).to(self.device)
+
+    def rand(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, dtype=dtype).to(self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, step_fn: Callable[[], dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+        """Call ``step_fn`` (under gradient accumulation) until ``iterations`` optimizer steps are
+        done; returns the loss log. ``step_fn`` returns its losses by name (detached or not)."""
+        from tqdm import tqdm
+
+        self._start()
+        acc = self.accelerator
+        with tqdm(
+            total=self.iterations,
+            initial=self.step,
+            desc=self.desc,
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if acc.is_main_process else True,
+        ) as bar:
+            while self.step < self.iterations:
+                with acc.accumulate(*self._models):
+                    losses = {k: float(torch.as_tensor(v).detach()) for k, v in step_fn().items()}
+                bad = [k for k, v in losses.items() if v != v or abs(v) == float("inf")]
+                if bad:
+                    raise StageError(
+                        self.stage,
+                        f"the {bad[0]} loss became {losses[bad[0]]} at step {self.step + 1}; "
+                        "lower learning_rate",
+                    )
+                if not acc.sync_gradients:
+                    continue
+                self._update_ema()
+                self.step += 1
+                self.log.append(losses)
+                bar.update(1)
+                recent = self.log[-50:]
+                bar.set_postfix(
+                    {k: f"{sum(r[k] for r in recent) / len(recent):.4f}" for k in losses},
+                    refresh=False,
+                )
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save()
+        return self.log
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for target, source, decay in self._ema:
+            for pt, ps in zip(target.parameters(), source.parameters(), strict=True):
+                pt.lerp_(ps.detach().to(pt.dtype), 1 - decay)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _start(self) -> None:
+        if self.work is None:
+            return
+        found = checkpoints(self.work)
+        if found and self.resume:
+            self.load(found[-1])
+            self.progress(f"{self.stage}: resuming from {found[-1].name}")
+        elif found:
+            self.progress(
+                f"{self.stage}: discarding {found[-1].name} of an interrupted run "
+                "(pass --resume to continue from it)"
+            )
+            for p in found:
+                shutil.rmtree(p)
+
+    def save(self) -> Path:
+        """Write checkpoint-<step> atomically; older checkpoints are removed once it exists."""
+        from safetensors.torch import save_file
+
+        assert self.work is not None
+        acc = self.accelerator
+        final = self.work / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.work / f".{final.name}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.work.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            for i, (target, _, _) in enumerate(self._ema):
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items()},
+                    str(tmp / f"ema_{i}.safetensors"),
+                )
+            save_file({"state": self.generator.get_state()}, str(tmp / "generator.safetensors"))
+            (tmp / "loop.json").write_text(json.dumps({"step": self.step, "log": self.log}))
+            os.replace(tmp, final)
+            for old in checkpoints(self.work)[:-1]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        # Accelerate's optimizer and RNG files are torch pickles; they are read only from this
+        # stage's own work dir in the store, never from a user-supplied path.
+        self.accelerator.load_state(str(path))
+        for i, (target, _, _) in enumerate(self._ema):
+            target.load_state_dict(load_file(str(path / f"ema_{i}.safetensors")))
+        self.generator.set_state(load_file(str(path / "generator.safetensors"))["state"])
+        loop = json.loads((path / "loop.json").read_text())
+        self.step, self.log = int(loop["step"]), list(loop["log"])
+
+
+def write_loss_log(out: Path, log: list[dict[str, float]] | dict) -> None:
+    """The loss log of a training stage, as ``loss_log.json`` in its artifact."""
+    Path(out, "loss_log.json").write_text(json.dumps(log) + "\n")
+
+
+def mean_tail(log: list[dict[str, float]], key: str = "loss", n: int = 50) -> float:
+    tail = log[-n:]
+    return sum(r[key] for r in tail) / len(tail)

@@ -1,0 +1,123 @@
+"""The shared trainer: checkpoints are complete, and a run that dies and resumes ends with the same
+weights, EMA and loss log as one that never stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from accel.core.errors import StageError
+from distill.trainer import Trainer, TrainingConfig, checkpoints
+
+from tiny import write_tiny_pipeline
+
+
+class Crash(Exception):
+    pass
+
+
+def toy_run(work, resume=False, crash_at=None, iterations=12):
+    config = TrainingConfig(checkpoint_every=5, seed=3)
+    trainer = Trainer("toy", config, iterations, work, resume, progress=lambda m: None)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    ema = nn.Linear(4, 1)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model, opt = trainer.prepare(model, opt)
+    trainer.ema(ema, model, 0.9)
+    w_true = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+
+    def step():
+        if crash_at is not None and trainer.step == crash_at:
+            raise Crash
+        x = trainer.randn((16, 4))
+        loss = (model(x) - x @ w_true.T).pow(2).mean()
+        trainer.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        return {"loss": loss}
+
+    log = trainer.run(step)
+    return model.state_dict(), ema.state_dict(), log
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    ref = toy_run(tmp_path / "ref")
+    with pytest.raises(Crash):
+        toy_run(tmp_path / "w", crash_at=8)
+    assert [p.name for p in checkpoints(tmp_path / "w")] == ["checkpoint-5"]
+    resumed = toy_run(tmp_path / "w", resume=True)
+    for a, b in zip(ref[:2], resumed[:2], strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert resumed[2] == ref[2] and len(ref[2]) == 12
+    assert [p.name for p in checkpoints(tmp_path / "w")] == ["checkpoint-10"]
+
+
+def test_without_resume_a_stale_checkpoint_is_discarded(tmp_path):
+    with pytest.raises(Crash):
+        toy_run(tmp_path / "w", crash_at=8)
+    fresh = toy_run(tmp_path / "w")  # starts over at step 0: same as a clean run
+    ref = toy_run(tmp_path / "ref")
+    assert fresh[2] == ref[2]
+
+
+def test_a_nan_loss_is_a_stage_error(tmp_path):
+    trainer = Trainer("toy", TrainingConfig(), 3, None, progress=lambda m: None)
+    with pytest.raises(StageError, match="loss became nan at step 1"):
+        trainer.run(lambda: {"loss": torch.tensor(float("nan"))})
+
+
+def test_fp16_without_a_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(StageError, match="'fp16' needs a CUDA GPU"):
+        Trainer("toy", TrainingConfig(mixed_precision="fp16"), 3)
+
+
+def test_killed_distillation_resumes_to_the_same_student(tmp_path):
+    """SIGKILL an `accel distill consistency` run after its first checkpoint; `--resume` finishes
+    it with the same student as an uninterrupted run."""
+    write_tiny_pipeline(tmp_path / "teacher")
+    args = [
+        "distill", "consistency", str(tmp_path / "teacher"),
+        "--solver-steps", "10", "--iterations", "150", "--batch-size", "4",
+        "--checkpoint-every", "10",
+    ]  # fmt: skip
+    env = dict(os.environ, TQDM_DISABLE="1")
+
+    def accel(store, *extra, **kw):
+        cmd = [sys.executable, "-m", "accel.cli", *args, "--store", str(store), *extra]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+    killed = accel(tmp_path / "s")
+    work = tmp_path / "s" / "work"
+    deadline = time.monotonic() + 120
+    while not list(work.glob("*/checkpoint-*")) and killed.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read().decode()
+    assert not list((tmp_path / "s" / "artifacts").glob("*")), "finished before the kill"
+
+    resumed = accel(tmp_path / "s", "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()
+    assert "resuming from checkpoint-" in err.decode()
+    clean = accel(tmp_path / "clean")
+    out2, err2 = clean.communicate(timeout=300)
+    assert clean.returncode == 0, err2.decode()
+
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a = load_file(os.path.join(out.decode().strip(), weights))
+    b = load_file(os.path.join(out2.decode().strip(), weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "s" / "work").exists() or not any((tmp_path / "s" / "work").iterdir())
