@@ -269,6 +269,20 @@ distill.add_command(
         "Consistency distillation (Song et al. 2023; LCM) of the teacher at INPUT.",
     )
 )
+distill.add_command(
+    StageCommand(
+        "adversarial",
+        "adversarial",
+        "DMD2 (Yin et al. 2024) of the teacher at INPUT, or a fine-tune of a student it distilled.",
+    )
+)
+distill.add_command(
+    StageCommand(
+        "guidance",
+        "guidance",
+        "Guidance distillation (Meng et al. 2023) of the teacher at INPUT: w becomes an input.",
+    )
+)
 export.add_command(
     StageCommand(
         "onnx", "onnx", "Export the student at INPUT to ONNX (dynamo), with a parity check."

@@ -70,6 +70,7 @@ def run_stage(
             work=work,
             resume=resume,
         )
+        t0 = time.perf_counter()
         try:
             stage.run(ctx)
         except StageError as e:
@@ -77,6 +78,7 @@ def run_stage(
             raise
         except AccelError as e:
             raise StageError(stage.name, str(e), completed) from None
+        pending.metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
         if parent.stage == "source" and not store.has(parent.key):
             store.add_source(parent.path)  # a source is kept once something is built from it
     assert pending.artifact is not None

@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> None:
     from accel.profile import environment, measure_interleaved
     from accel.quality import evaluate_images, fd_floor, generate
     from accel.report import write_report
-    from accel.runtime import TorchRuntime, open_engine, sample
+    from accel.runtime import TorchRuntime, open_engine, sample, step_feeds
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
 
@@ -92,16 +92,8 @@ def run(ctx: StageContext) -> None:
     noise = rng.standard_normal((batch, *engine_plan.sample_shape)).astype(np.float32)
     labels = (np.arange(batch) % (num_classes or 1)).astype(np.int64) if num_classes else None
 
-    def step_feeds(plan: SamplerPlan) -> dict:
-        guided = plan.guidance_scale != 1.0 and labels is not None
-        n = 2 * batch if guided else batch
-        f = {
-            "sample": np.resize(noise, (n, *noise.shape[1:])),
-            "timestep": np.full(n, plan.steps[0]["timestep"], np.int64),
-        }
-        if labels is not None:
-            f["class_labels"] = np.resize(labels, n)
-        return f
+    def first_step(plan: SamplerPlan) -> dict:
+        return step_feeds(plan, noise, plan.steps[0]["timestep"], labels)
 
     def call(rt, feeds):
         return lambda: rt.infer(feeds)
@@ -115,10 +107,10 @@ def run(ctx: StageContext) -> None:
     per_step = measure_interleaved(
         {
             f"teacher eager ({'cfg, ' if plans['teacher'].guidance_scale != 1 else ''}per step)": call(
-                runtimes["teacher"], step_feeds(plans["teacher"])
+                runtimes["teacher"], first_step(plans["teacher"])
             ),
-            "student eager (per step)": call(runtimes["student"], step_feeds(plans["student"])),
-            "student onnxruntime (per step)": call(runtimes["engine"], step_feeds(engine_plan)),
+            "student eager (per step)": call(runtimes["student"], first_step(plans["student"])),
+            "student onnxruntime (per step)": call(runtimes["engine"], first_step(engine_plan)),
         },
         warmup,
         iterations,

@@ -26,6 +26,29 @@ class Runtime(Protocol):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def step_feeds(
+    plan: SamplerPlan, x: np.ndarray, timestep: int | np.ndarray, labels: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """The graph's feeds for one step of ``plan`` on x: the batch doubled (label, then null label)
+    when the plan applies classifier-free guidance; w as an input for guidance-distilled graphs."""
+    n = len(x)
+    guided = plan.guidance_scale != 1.0 and labels is not None and not _w_input(plan)
+    t = np.resize(np.asarray(timestep, dtype=np.int64), n)
+    feeds = {"sample": x, "timestep": t}
+    if labels is not None:
+        feeds["class_labels"] = labels.astype(np.int64)
+    if guided:
+        feeds = {k: np.concatenate([v, v]) for k, v in feeds.items()}
+        feeds["class_labels"][n:] = plan.null_label
+    if _w_input(plan):
+        feeds["guidance_scale"] = np.full(len(feeds["sample"]), plan.guidance_scale, np.float32)
+    return feeds
+
+
+def _w_input(plan: SamplerPlan) -> bool:
+    return bool(plan.notes.get("guidance_input"))
+
+
 def sample(
     runtime: Runtime,
     plan: SamplerPlan,
@@ -38,17 +61,9 @@ def sample(
     and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps."""
     x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
     n = len(x)
-    guided = plan.guidance_scale != 1.0 and labels is not None
     for step in plan.steps:
-        t = np.full(2 * n if guided else n, step["timestep"], dtype=np.int64)
-        feeds = {"sample": np.concatenate([x, x]) if guided else x, "timestep": t}
-        if labels is not None:
-            lab = labels.astype(np.int64)
-            feeds["class_labels"] = (
-                np.concatenate([lab, np.full_like(lab, plan.null_label)]) if guided else lab
-            )
-        x0 = runtime.infer(feeds)["x0"]
-        if guided:
+        x0 = runtime.infer(step_feeds(plan, x, step["timestep"], labels))["x0"]
+        if len(x0) == 2 * n:  # guided: conditional half, then unconditional
             x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
         x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
         if step.get("c", 0.0):
@@ -132,16 +147,20 @@ class TorchRuntime:
         }
         if self.graph.conditional:
             spec["class_labels"] = (["batch"], "int64")
+        if self.graph.guidance_input:
+            spec["guidance_scale"] = (["batch"], "float32")
         return spec
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             labels = feeds.get("class_labels") if self.graph.conditional else None
+            w = feeds.get("guidance_scale") if self.graph.guidance_input else None
             x0 = self.graph(
                 torch.from_numpy(feeds["sample"]),
                 torch.from_numpy(feeds["timestep"]),
                 None if labels is None else torch.from_numpy(labels),
+                None if w is None else torch.from_numpy(w),
             )
         return {"x0": x0.numpy()}
 

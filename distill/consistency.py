@@ -36,6 +36,7 @@ from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
     Denoiser,
+    guidance_info,
     load_teacher,
     save_pipeline,
 )
@@ -96,6 +97,7 @@ def distill(
     guidance (if any) is distilled in, so the student takes one unguided pass."""
     trainer = Trainer("consistency", config, config.iterations, work, resume, progress=progress)
     sched = teacher.schedule
+    teacher.labels_carry_guidance = teacher.guidance_scales is not None
     backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
     ema = copy.deepcopy(backbone).requires_grad_(False)
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
@@ -104,8 +106,8 @@ def distill(
     teacher.to(trainer.device)
 
     def consistency(net: torch.nn.Module) -> ConsistencyDenoiser:
-        return ConsistencyDenoiser(
-            net, sched, teacher.prediction_type, solver_steps=config.solver_steps
+        return teacher.student_of(  # type: ignore[return-value]
+            net, ConsistencyDenoiser, solver_steps=config.solver_steps
         )
 
     student, target = consistency(backbone), consistency(ema)
@@ -116,8 +118,9 @@ def distill(
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
+        labels = teacher.training_labels(y_data[idx], trainer.randint)
         loss = consistency_loss(
-            student, target, teacher, x_data[idx], y_data[idx], grid, skip, config.loss, trainer
+            student, target, teacher, x_data[idx], labels, grid, skip, config.loss, trainer
         )
         trainer.backward(loss)
         opt.step()
@@ -126,6 +129,7 @@ def distill(
 
     log = trainer.run(step)
     student = consistency(trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False))
+    student.labels_carry_guidance = False
     return student, log
 
 
@@ -204,8 +208,7 @@ def run(ctx: StageContext) -> None:
         {
             "method": "consistency",
             "num_inference_steps": config.num_inference_steps,
-            "guidance_scale": 1.0,
-            "distilled_guidance_scale": config.guidance_scale,
+            **guidance_info(info, config.guidance_scale),
             "num_classes": info.get("num_classes"),
             "consistency": {
                 "solver_steps": config.solver_steps,

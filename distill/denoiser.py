@@ -16,6 +16,7 @@ out = out_uncond + w (out_cond - out_uncond); every conversion above is affine i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,11 +81,23 @@ def from_x0_eps(
     raise _unknown_prediction_type(prediction_type)
 
 
+def guidance_labels(
+    labels: torch.Tensor, w: torch.Tensor | float, scales: torch.Tensor, num_labels: int
+) -> torch.Tensor:
+    """The class ids of a guidance-distilled (w-conditioned) backbone: label + num_labels * j, j the
+    grid point of ``scales`` nearest to w (see ``distill.guidance``)."""
+    w = torch.as_tensor(w, dtype=scales.dtype, device=labels.device).expand(labels.shape[0])
+    j = (scales.to(labels.device)[None, :] - w[:, None]).abs().argmin(1)
+    return labels + num_labels * j
+
+
 class Denoiser(nn.Module):
     """A diffusers backbone as x0/eps predictor over a Schedule, with optional CFG.
 
     ``guidance_scale`` w and ``null_label`` (the class id used for the unconditional branch) turn on
-    classifier-free guidance; the batch is doubled inside one backbone call."""
+    classifier-free guidance; the batch is doubled inside one backbone call. A guidance-distilled
+    backbone (``guidance_scales``: its grid of w, Meng et al. 2023) takes w as an input instead, in
+    one pass; with ``labels_carry_guidance`` the labels given are already such class ids."""
 
     def __init__(
         self,
@@ -93,11 +106,13 @@ class Denoiser(nn.Module):
         prediction_type: str,
         guidance_scale: float = 1.0,
         null_label: int | None = None,
+        guidance_scales: list[float] | None = None,
+        num_labels: int | None = None,
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise _unknown_prediction_type(prediction_type)
-        if guidance_scale != 1.0 and null_label is None:
+        if guidance_scale != 1.0 and null_label is None and guidance_scales is None:
             raise ValueError(
                 "classifier-free guidance needs the null label of the unconditional branch"
             )
@@ -106,12 +121,52 @@ class Denoiser(nn.Module):
         self.prediction_type = prediction_type
         self.guidance_scale = float(guidance_scale)
         self.null_label = null_label
+        self.guidance_scales = None if guidance_scales is None else list(guidance_scales)
+        self.num_labels = num_labels
+        self.labels_carry_guidance = False
+        if self.guidance_scales is not None:
+            if num_labels is None:
+                raise ValueError("a w-conditioned backbone needs num_labels")
+            if min(abs(w - guidance_scale) for w in self.guidance_scales) > 1e-6:
+                raise CheckpointError(
+                    f"guidance scale {guidance_scale} is not on this guidance-distilled model's "
+                    f"grid {self.guidance_scales}"
+                )
 
     consistency = False  # True for students carrying the consistency boundary condition
+
+    def student_of(self, backbone: nn.Module, cls: type[Denoiser] | None = None, **kw) -> Denoiser:
+        """A Denoiser on ``backbone`` with this one's schedule and prediction type, without CFG (a
+        student has guidance baked in) but with the w input if this model has one."""
+        student = (cls or Denoiser)(
+            backbone,
+            self.schedule,
+            self.prediction_type,
+            guidance_scale=self.guidance_scale if self.guidance_scales else 1.0,
+            guidance_scales=self.guidance_scales,
+            num_labels=self.num_labels,
+            **kw,
+        )
+        student.labels_carry_guidance = self.labels_carry_guidance
+        return student
+
+    def training_labels(
+        self, labels: torch.Tensor, randint: Callable[[int, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Labels for step-distilling a w-conditioned model: each paired with a random w of its
+        grid (Meng et al. 2023, stage two; set ``labels_carry_guidance``); others unchanged."""
+        if self.guidance_scales is None or self.num_labels is None:
+            return labels
+        return labels + self.num_labels * randint(len(self.guidance_scales), len(labels))
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The backbone's (guided) output, in its own prediction type."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        if self.guidance_scales is not None and labels is not None:
+            if not self.labels_carry_guidance:
+                scales = torch.tensor(self.guidance_scales, dtype=torch.float64)
+                labels = guidance_labels(labels, self.guidance_scale, scales, self.num_labels)
+            return self.backbone(x, t, class_labels=labels).sample
         if self.guidance_scale == 1.0 or labels is None:
             return self.backbone(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.null_label)
@@ -218,12 +273,16 @@ def load_denoiser(
     info = read_json(root / "accel.json") if (root / "accel.json").is_file() else {}
     w = guidance_scale if guidance_scale is not None else float(info.get("guidance_scale", 1.0))
     null = info.get("null_class_label")
-    if w != 1.0 and null is None:
+    embedding = info.get("guidance_embedding")  # a guidance-distilled model: w is an input
+    if w != 1.0 and null is None and embedding is None:
         raise CheckpointError(
             f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
             "null_class_label (students with guidance baked in sample with guidance 1)"
         )
     args = (backbone, Schedule.from_config(sched_cfg), sched_cfg.get("prediction_type", "epsilon"))
+    kwargs: dict[str, Any] = {"guidance_scale": w, "null_label": null}
+    if embedding is not None:
+        kwargs.update(guidance_scales=embedding["scales"], num_labels=embedding["num_labels"])
     if "consistency" in info:
         if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
             raise CheckpointError(
@@ -231,21 +290,19 @@ def load_denoiser(
                 "supported for consistency students"
             )
         denoiser: Denoiser = ConsistencyDenoiser(
-            *args,
-            guidance_scale=w,
-            null_label=null,
-            solver_steps=int(info["consistency"]["solver_steps"]),
+            *args, solver_steps=int(info["consistency"]["solver_steps"]), **kwargs
         )
     else:
-        denoiser = Denoiser(*args, guidance_scale=w, null_label=null)
+        denoiser = Denoiser(*args, **kwargs)
     return denoiser, dict(info, scheduler=sched_cfg)
 
 
 def load_teacher(
-    path: str | Path, stage: str, guidance_scale: float
+    path: str | Path, stage: str, guidance_scale: float, students: tuple[str, ...] = ()
 ) -> tuple[Denoiser, dict[str, Any]]:
     """A teacher for a step-distillation stage: a discrete-time model that is not itself a
-    distilled student (distillation needs the teacher's own ODE)."""
+    distilled student (distillation needs the teacher's own ODE), unless it is a student of one of
+    the ``students`` methods (a progressive student is a deterministic DDIM sampler of the ODE)."""
     from accel.core.errors import StageError
 
     teacher, info = load_denoiser(path, guidance_scale=guidance_scale)
@@ -255,13 +312,24 @@ def load_teacher(
             "flow-matching teachers are not supported yet: the students "
             "here step a discrete VP schedule",
         )
-    if info.get("num_inference_steps") is not None:
+    if info.get("num_inference_steps") is not None and info.get("method") not in students:
         raise StageError(
             stage,
-            "the input is already a distilled student; distil from the "
-            "teacher, which holds the ODE the student learns",
+            f"the input is already a distilled {info.get('method', '')} student; distil from "
+            "the teacher, which holds the ODE the student learns",
         )
     return teacher, info
+
+
+def guidance_info(teacher_info: dict[str, Any], guidance_scale: float) -> dict[str, Any]:
+    """accel.json guidance keys of a step-distilled student: guidance baked in at
+    ``guidance_scale`` (sample with 1), or, from a guidance-distilled teacher, the same w input."""
+    embedding = teacher_info.get("guidance_embedding")
+    if embedding is None:
+        if guidance_scale == 1.0:  # a student of a student: the guidance its teacher baked in
+            guidance_scale = teacher_info.get("distilled_guidance_scale", 1.0)
+        return {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
+    return {"guidance_scale": guidance_scale, "guidance_embedding": embedding}
 
 
 def save_pipeline(
@@ -305,6 +373,8 @@ class DenoiserGraph(nn.Module):
         schedule: Schedule,
         prediction_type: str,
         consistency: bool = False,
+        guidance_scales: list[float] | None = None,
+        num_labels: int | None = None,
     ) -> None:
         super().__init__()
         if schedule.kind != "discrete":
@@ -321,10 +391,25 @@ class DenoiserGraph(nn.Module):
         self.consistency = consistency
         cfg = getattr(backbone, "config", {})
         self.conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
+        # a guidance-distilled backbone: w is a graph input, mapped to its class ids in the graph
+        self.guidance_input = guidance_scales is not None
+        if self.guidance_input:
+            self.register_buffer(
+                "scales", torch.tensor(guidance_scales, dtype=torch.float32), persistent=False
+            )
+            self.num_labels = int(num_labels or 0)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.guidance_input and class_labels is not None and guidance_scale is not None:
+            class_labels = guidance_labels(
+                class_labels, guidance_scale, self.scales, self.num_labels
+            )
         out = self.backbone(sample, timestep, class_labels=class_labels).sample
 
         def at(table: torch.Tensor) -> torch.Tensor:
@@ -342,4 +427,6 @@ class DenoiserGraph(nn.Module):
             denoiser.schedule,
             denoiser.prediction_type,
             consistency=denoiser.consistency,
+            guidance_scales=denoiser.guidance_scales,
+            num_labels=denoiser.num_labels,
         )

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
 from accel.core.stage import Stage, StageContext, say
-from distill.denoiser import Denoiser, load_teacher, save_pipeline
+from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -116,19 +116,20 @@ def distill_round(
         progress=progress,
     )
     sched = teacher.schedule
+    teacher.labels_carry_guidance = teacher.guidance_scales is not None
     backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     n = config.iterations_per_round
     lr_decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / n)
     backbone, opt, lr_decay = trainer.prepare(backbone, opt, lr_decay)
     teacher.to(trainer.device)
-    student = Denoiser(backbone, sched, teacher.prediction_type)
+    student = teacher.student_of(backbone)
     grid = torch.tensor([t for t, _ in sched.ddim_timesteps(student_steps)]).to(trainer.device)
     x_data, y_data = (d.to(trainer.device) for d in data)
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        x0, labels = x_data[idx], y_data[idx]
+        x0, labels = x_data[idx], teacher.training_labels(y_data[idx], trainer.randint)
         t = grid[trainer.randint(student_steps, config.batch_size)]
         z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
         with torch.no_grad():
@@ -144,7 +145,7 @@ def distill_round(
 
     log = trainer.run(step)
     backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
-    return Denoiser(backbone, sched, teacher.prediction_type), log
+    return teacher.student_of(backbone), log
 
 
 def student_scheduler_config(teacher_scheduler: dict) -> dict:
@@ -166,7 +167,15 @@ def run(ctx: StageContext) -> None:
 
     from accel.quality import digits_dataset
 
-    teacher, info = load_teacher(ctx.input.path, "progressive", config.guidance_scale)
+    teacher, info = load_teacher(
+        ctx.input.path, "progressive", config.guidance_scale, students=("progressive",)
+    )
+    if info.get("num_inference_steps") not in (None, config.teacher_steps):
+        raise StageError(
+            "progressive",
+            f"the input is a {info['num_inference_steps']}-step progressive student: set "
+            f"teacher_steps = {info['num_inference_steps']} to halve it further",
+        )
     if teacher.prediction_type == "epsilon":
         raise StageError(
             "progressive",
@@ -183,9 +192,7 @@ def run(ctx: StageContext) -> None:
         done = work / "student.safetensors" if work is not None else None
         t0 = time.perf_counter()
         if ctx.resume and done is not None and done.is_file():
-            teacher = Denoiser(
-                copy.deepcopy(teacher.backbone), teacher.schedule, teacher.prediction_type
-            )
+            teacher = teacher.student_of(copy.deepcopy(teacher.backbone))
             teacher.backbone.load_state_dict(load_file(str(done)))
             log = json.loads((work / "loss_log.json").read_text())
         else:
@@ -215,8 +222,7 @@ def run(ctx: StageContext) -> None:
         {
             "method": "progressive",
             "num_inference_steps": config.student_steps,
-            "guidance_scale": 1.0,
-            "distilled_guidance_scale": config.guidance_scale,
+            **guidance_info(info, config.guidance_scale),
             "num_classes": info.get("num_classes"),
         },
     )

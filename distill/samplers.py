@@ -183,5 +183,7 @@ def sampler_plan(denoiser: Denoiser, steps: int, num_classes: int | None = None)
             "sampler": sampler,
             "graph_output": "x0",
             "prediction_type": denoiser.prediction_type,
+            # guidance-distilled graphs take w as an input: one pass, no doubled batch
+            "guidance_input": denoiser.guidance_scales is not None,
         },
     )

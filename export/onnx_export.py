@@ -44,8 +44,12 @@ def example_inputs(graph, batch: int, timesteps: list[int], seed: int = 0) -> di
         "timestep": np.resize(np.asarray(timesteps, dtype=np.int64), batch),
     }
     if graph.conditional:
-        classes = int(graph.backbone.config.num_class_embeds or 1)
-        feeds["class_labels"] = np.arange(batch, dtype=np.int64) % classes
+        classes = (
+            graph.num_labels if graph.guidance_input else graph.backbone.config.num_class_embeds
+        )
+        feeds["class_labels"] = np.arange(batch, dtype=np.int64) % int(classes or 1)
+        if graph.guidance_input:  # after class_labels: the order of DenoiserGraph.forward
+            feeds["guidance_scale"] = np.resize(graph.scales.numpy(), batch).astype(np.float32)
     return feeds
 
 

@@ -62,7 +62,7 @@ def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -
 
 def run(ctx: StageContext) -> None:
     config: OrtConfig = ctx.config  # type: ignore[assignment]
-    from accel.runtime import OrtRuntime
+    from accel.runtime import OrtRuntime, step_feeds
     from export.onnx_export import MODEL_FILE
     from export.parity import compare, describe_failure
 
@@ -92,13 +92,11 @@ def run(ctx: StageContext) -> None:
     c, h, w = plan.sample_shape
     feeds = []
     for b in sorted({1, ctx.target.shapes.batch.opt}):
-        f = {
-            "sample": rng.standard_normal((b, c, h, w)).astype(np.float32),
-            "timestep": np.resize(np.array([s["timestep"] for s in plan.steps], np.int64), b),
-        }
-        if "class_labels" in engine.inputs():
-            f["class_labels"] = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
-        feeds.append(f)
+        labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
+        x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+        timesteps = np.array([s["timestep"] for s in plan.steps], np.int64)
+        conditional = "class_labels" in engine.inputs()
+        feeds.append(step_feeds(plan, x, timesteps, labels if conditional else None))
     report = compare(reference, [engine], feeds, "fp32")
     if not report["passed"]:
         raise StageError(

@@ -76,10 +76,12 @@ def two_class_gmm(schedule: Schedule, prediction_type="v_prediction", d=4):
 class Residual(nn.Module):
     """The GMM teacher plus a small learnable correction: a student initialised at the teacher."""
 
-    def __init__(self, base):
+    def __init__(self, base, hidden=64):
         super().__init__()
         self.base = base
-        self.net = nn.Sequential(nn.Linear(4 + 2 + 3, 64), nn.SiLU(), nn.Linear(64, 4)).double()
+        self.net = nn.Sequential(
+            nn.Linear(4 + 2 + 3, hidden), nn.SiLU(), nn.Linear(hidden, 4)
+        ).double()
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -94,3 +96,42 @@ class Residual(nn.Module):
             1,
         )
         return SimpleNamespace(sample=self.base(x, t.long(), class_labels).sample + self.net(feats))
+
+
+class TimeResidual(nn.Module):
+    """A GMM teacher plus a two-layer correction with alpha(t)/sigma(t) features and Fourier
+    features of t: enough capacity for a critic (DMD2's fake score) to track a student's
+    distribution at every noise level, which ``Residual`` lacks."""
+
+    def __init__(self, base, hidden=256, labels=3):
+        super().__init__()
+        self.base = base
+        self.labels = labels  # ids label + 3 j: a w-conditioned (guidance-distilled) table
+        self.net = nn.Sequential(
+            nn.Linear(4 * 3 + 2 * 8 + labels, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 4),
+        ).double()
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.register_buffer("freqs", torch.pi * 2.0 ** torch.arange(8, dtype=torch.float64))
+
+    def forward(self, x, t, class_labels=None):
+        t = torch.as_tensor(t, device=x.device).expand(len(x))
+        a, s = (v.reshape(-1, 1) for v in self.base.schedule.alpha_sigma(t))
+        angle = (t.double() / 1000)[:, None] * self.freqs
+        feats = torch.cat(
+            [
+                x,
+                x * a,
+                x * s,
+                angle.sin(),
+                angle.cos(),
+                nn.functional.one_hot(class_labels, self.labels).double(),
+            ],
+            1,
+        )
+        base = self.base(x, t, class_labels % 3).sample
+        return SimpleNamespace(sample=base + self.net(feats))

@@ -77,6 +77,8 @@ class Stage:
 STAGES: dict[str, str] = {
     "progressive": "distill.progressive:STAGE",
     "consistency": "distill.consistency:STAGE",
+    "adversarial": "distill.dmd:STAGE",
+    "guidance": "distill.guidance:STAGE",
     "onnx": "export.onnx_export:STAGE",
     "ort": "export.ort_compile:STAGE",
     "profile": "accel.profile_stage:STAGE",

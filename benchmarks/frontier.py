@@ -1,0 +1,251 @@
+"""The quality-vs-steps frontier: FD-digits and class accuracy at 1, 2, 4 and 8 steps for each
+distillation method on the shipped teacher, against the teacher's own DDIM at the same step counts
+and the teacher at 50 steps (all at guidance 1.5).
+
+    python benchmarks/frontier.py [--methods ...] [--seeds 0 1] [--n 1000] [--store DIR]
+
+Each method is a recipe run through the store (a rerun reuses every trained student), timed per
+stage; students are sampled in eager torch on the noise `accel sample` uses. Writes
+benchmarks/results/frontier.json and frontier.png (FD against steps, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from accel.core.recipe import load_recipe
+from accel.pipeline import default_store, run_recipe
+from accel.quality import TEACHER_DIR, evaluate_images, fd_floor, generate
+from accel.runtime import open_model
+
+GUIDANCE = 1.5
+STEPS = [1, 2, 4, 8]
+
+
+def _stage(name: str, **config) -> str:
+    lines = [f'[[stages]]\nstage = "{name}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in config.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _progressive(teacher_steps: int) -> str:
+    return _stage(
+        "progressive",
+        teacher_steps=teacher_steps,
+        student_steps=teacher_steps // 2,
+        guidance_scale=GUIDANCE if teacher_steps == 16 else 1.0,
+        iterations_per_round=800,
+    )
+
+
+GUIDED = "guidance student, DDIM (one pass; not step-distilled)"
+# method: (stages, {stage index: [(row label, step counts its student is sampled with)]})
+METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
+    "progressive": (
+        [_progressive(16), _progressive(8), _progressive(4), _progressive(2)],
+        {i: [("progressive", [8 >> i])] for i in range(4)},
+    ),
+    "consistency": (
+        [_stage("consistency", guidance_scale=GUIDANCE, iterations=1500, num_inference_steps=4)],
+        {0: [("consistency", STEPS)]},
+    ),
+    "dmd2": (
+        [
+            _stage(
+                "adversarial",
+                student_steps=1,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                learning_rate=5e-5,
+            )
+        ],
+        {0: [("dmd2 (1-step)", [1])]},
+    ),  # fmt: skip
+    "dmd2-no-gan": (
+        [
+            _stage(
+                "adversarial",
+                student_steps=1,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                learning_rate=5e-5,
+                gan_weight_generator=0.0,
+                gan_weight_critic=0.0,
+            )
+        ],
+        {0: [("dmd2 without GAN (1-step)", [1])]},
+    ),  # fmt: skip
+    "dmd2-multistep": (
+        [
+            _stage(
+                "adversarial",
+                student_steps=8,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                learning_rate=5e-5,
+            )
+        ],
+        {0: [("dmd2 (8-step grid, backward simulation)", STEPS)]},
+    ),  # fmt: skip
+    "guidance-consistency": (
+        [
+            _stage(
+                "guidance",
+                guidance_min=1.0,
+                guidance_max=2.0,
+                guidance_step=0.5,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+            ),
+            _stage("consistency", guidance_scale=GUIDANCE, iterations=1500, num_inference_steps=4),
+        ],
+        {0: [(GUIDED, [4, 8])], 1: [("guidance -> consistency (w-conditioned)", STEPS)]},
+    ),  # fmt: skip
+}
+REFERENCES = ("teacher DDIM", GUIDED)  # rows outside the acceptance bars
+
+
+def evaluate(path: Path, steps: int, seeds: list[int], n: int, guidance: float | None = None):
+    runtime, plan = open_model(path, steps=steps, guidance=guidance)
+    per_seed = [evaluate_images(*generate(runtime, plan, n, s, plan.num_classes)) for s in seeds]
+    return {
+        "steps": steps,
+        "fd_digits": float(np.mean([r["fd_digits"] for r in per_seed])),
+        "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
+        "per_seed": per_seed,
+    }
+
+
+def acceptance(rows: list[dict], teacher50: float) -> dict:
+    """The issue's bars: best 1-step <= 2.0x and best 2-step <= 1.5x the teacher's 50-step FD;
+    every student <= 0.5x the teacher's DDIM at its step count (1/3 at 1 and 2); accuracy >= 95%."""
+    ddim = {r["steps"]: r["fd_digits"] for r in rows if r["method"] == "teacher DDIM"}
+    students = [r for r in rows if r["method"] not in REFERENCES]
+    checks = {}
+    for k, bar in ((1, 2.0), (2, 1.5)):
+        best = min((r["fd_digits"] for r in students if r["steps"] == k), default=float("inf"))
+        checks[f"best {k}-step FD / teacher-50 FD <= {bar}"] = (
+            best / teacher50,
+            best / teacher50 <= bar,
+        )
+    worst = {}
+    for r in students:
+        ratio = r["fd_digits"] / ddim[r["steps"]]
+        r["fd_over_teacher_ddim"] = ratio
+        r["fd_over_teacher_50"] = r["fd_digits"] / teacher50
+        bar = 1 / 3 if r["steps"] <= 2 else 0.5
+        worst[f"{r['method']} @ {r['steps']}"] = (ratio, ratio <= bar)
+    checks["every student FD / teacher DDIM FD at its steps <= 0.5 (1/3 at 1, 2)"] = (
+        max(v[0] for v in worst.values()),
+        all(v[1] for v in worst.values()),
+    )
+    acc = min(r["class_accuracy"] for r in students)
+    checks["every student class accuracy >= 0.95"] = (acc, acc >= 0.95)
+    return {k: {"value": v, "passed": bool(ok)} for k, (v, ok) in checks.items()}
+
+
+def plot(rows: list[dict], teacher50: float, floor: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["steps"], r["fd_digits"]) for r in rows if r["method"] == method)
+        style = "k--o" if method == "teacher DDIM" else (":x" if method in REFERENCES else "-o")
+        ax.plot(*zip(*pts, strict=True), style, label=method)
+    ax.axhline(teacher50, color="gray", ls=":", label="teacher, 50 steps")
+    ax.axhline(floor, color="green", ls=":", label="FD floor (real vs real)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(STEPS, [str(s) for s in STEPS])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FD-digits (lower is better)")
+    ax.set_title(f"Quality vs steps, shipped digits teacher, guidance {GUIDANCE}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--store", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier.json"))
+    args = p.parse_args()
+    store = default_store(args.store)
+    rows: list[dict] = []
+    for steps in STEPS:
+        rows.append(
+            {"method": "teacher DDIM", **evaluate(TEACHER_DIR, steps, args.seeds, args.n, GUIDANCE)}
+        )
+        print(f"teacher DDIM @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
+    teacher50 = evaluate(TEACHER_DIR, 50, args.seeds, args.n, GUIDANCE)
+    print(f"teacher @ 50: {teacher50['fd_digits']:.2f}", flush=True)
+    training = {}
+    for method in args.methods:
+        stages, evals = METHODS[method]
+        with tempfile.TemporaryDirectory() as tmp:
+            recipe = Path(tmp) / "recipe.toml"
+            recipe.write_text(
+                f'name = "frontier"\nsource = "{TEACHER_DIR}"\ntarget = "cpu"\n' + "".join(stages)
+            )
+            t0 = time.perf_counter()
+            artifacts = run_recipe(
+                load_recipe(recipe), store, lambda m, k=method: print(f"  {k}: {m}", flush=True)
+            )
+            wall = time.perf_counter() - t0
+        training[method] = {
+            "stage_seconds": [a.metrics.get("wall_seconds") for a in artifacts],
+            "config": [a.config for a in artifacts],
+            "wall_seconds_this_run": wall,
+        }
+        for i, labelled in evals.items():
+            for label, counts in labelled:
+                for steps in counts:
+                    row = {
+                        "method": label,
+                        **evaluate(artifacts[i].path, steps, args.seeds, args.n),
+                    }
+                    rows.append(row)
+                    print(
+                        f"{label} @ {steps}: FD {row['fd_digits']:.2f}, "
+                        f"accuracy {row['class_accuracy']:.4f}",
+                        flush=True,
+                    )
+    floor = float(np.mean([fd_floor(s) for s in args.seeds]))
+    checks = acceptance(rows, teacher50["fd_digits"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, teacher50["fd_digits"], floor, args.out.with_suffix(".png"))
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/frontier.py",
+                "guidance_scale": GUIDANCE,
+                "n": args.n,
+                "seeds": args.seeds,
+                "fd_floor": floor,
+                "teacher_50": teacher50,
+                "rows": rows,
+                "training": training,
+                "acceptance": checks,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    for name, c in checks.items():
+        print(f"{'PASS' if c['passed'] else 'FAIL'}  {name}: {c['value']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Distribution matching distillation with a GAN term: DMD2 (Yin et al. 2024, "Improved
+Distribution Matching Distillation for Fast Image Synthesis"; DMD: Yin et al. 2023).
+
+Three networks, all initialised from the teacher (or, for a fine-tune, the generator from a
+distilled student):
+
+- the generator G (the student) maps noise to images in ``student_steps`` steps;
+- the real score is the frozen teacher, classifier-free guided at ``guidance_scale``;
+- the fake score (the critic) mu_fake is trained to denoise G's samples, so it tracks the score of
+  the student's distribution; a small discriminator head D on its bottleneck features
+  (``feature_module``) classifies noisy real images against noisy generated ones.
+
+For a generated x = G(z) and x_t = alpha_t x + sigma_t eps, t ~ U[0.02 T, 0.98 T], the generator
+minimises the reverse KL through its distribution-matching gradient (DMD eq. 7-8)
+
+    grad_x = (mu_fake(x_t, t) - mu_real(x_t, t)) / mean|x - mu_real(x_t, t)|,
+    L_DMD = 1/2 || x - stopgrad(x - grad_x) ||^2
+
+plus ``gan_weight_generator`` * softplus(-D(x_t)) (the non-saturating GAN loss). The critic
+minimises the denoising loss of its own prediction type on G's samples plus
+``gan_weight_critic`` * [softplus(-D(real_t)) + softplus(D(x_t))], and takes
+``critic_updates_per_generator`` updates per generator update (DMD2's two time-scale rule, 5 in the
+paper), which replaces DMD's regression loss. ``gan_weight_generator = 0`` and
+``gan_weight_critic = 0`` give DMD2 without its GAN term.
+
+Multi-step students (DMD2 sec. 4.5) denoise at the fixed timesteps t_0 = T - 1 > t_1 > ... (the
+LCMScheduler grid of ``student_steps``, e.g. 999, 749, 499, 249) and re-noise with fresh noise in
+between. With ``backward_simulation`` the generator's training inputs at t_k are made by running the
+current generator itself k steps from pure noise, as at inference; without it they are noised real
+images (the train/inference mismatch the paper removes). The student is written as an
+LCMScheduler checkpoint, whose loop is exactly this sampler (its boundary scalings are 1 and 0 to
+within 1e-7 at these timesteps).
+
+Deviations: one backward-simulation depth k is drawn per batch rather than per sample, and the
+critic's denoising loss is the teacher's own training loss (its prediction type) on G's samples.
+ADD (Sauer et al. 2023) is not implemented.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from accel.core.errors import StageError
+from accel.core.stage import Stage, StageContext, say
+from distill.consistency import student_scheduler_config
+from distill.denoiser import (
+    TIMESTEP_SCALING,
+    ConsistencyDenoiser,
+    Denoiser,
+    from_x0_eps,
+    load_denoiser,
+    load_teacher,
+    save_pipeline,
+)
+from distill.samplers import consistency_timesteps
+from distill.schedule import _bcast
+from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+
+
+class AdversarialConfig(TrainingConfig):
+    student_steps: int = Field(1, ge=1, le=64)
+    """Denoising steps of the student: 1, or a multi-step student trained with backward simulation."""
+    guidance_scale: float = Field(1.0, ge=0)
+    """Classifier-free guidance of the real score (the teacher), distilled into the student."""
+    iterations: int = Field(2000, ge=1)
+    """Critic updates; the generator is updated every ``critic_updates_per_generator`` of them."""
+    critic_updates_per_generator: int = Field(5, ge=1)
+    critic_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of the fake score and discriminator (default: ``learning_rate``)."""
+    gan_weight_generator: float = Field(3e-3, ge=0)
+    gan_weight_critic: float = Field(1e-2, ge=0)
+    backward_simulation: bool = True
+    min_timestep: float = Field(0.02, ge=0, lt=1)
+    max_timestep: float = Field(0.98, gt=0, le=1)
+    """DMD's timestep range for the distribution-matching gradient, as fractions of T."""
+    feature_module: str = "mid_block"
+    """Submodule of the fake score whose output feeds the discriminator head."""
+    adam_betas: tuple[float, float] = (0.0, 0.99)
+    """DMD2's Adam betas for both players (beta1 = 0, as usual for GANs)."""
+    dataset: Literal["digits"] = "digits"
+    """Real images for the GAN term; the digits demo's set is the only one wired so far."""
+
+    @model_validator(mode="after")
+    def _range(self) -> AdversarialConfig:
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError("min_timestep must be below max_timestep")
+        return self
+
+
+class Discriminator(nn.Module):
+    """DMD2's classification branch: a small head on the critic's bottleneck features, built for
+    their shape (B x C x H x W feature maps or B x F vectors); one logit per sample."""
+
+    def __init__(self, feature_shape: torch.Size) -> None:
+        super().__init__()
+        c = feature_shape[1]
+        if len(feature_shape) == 4:
+            self.net: nn.Module = nn.Sequential(
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.GroupNorm(min(32, c // 4) or 1, c),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(c, 1),
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(-1)
+
+
+class FeatureTap:
+    """Keeps the output of one submodule from the last forward pass (a forward hook)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
+            raise StageError(
+                "adversarial",
+                f"feature_module {name!r} is not a submodule of the {type(module).__name__} "
+                "backbone; name its bottleneck (for diffusers UNets: 'mid_block')",
+            ) from None
+        self.value: torch.Tensor | None = None
+        sub.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
+def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's normalised distribution-matching direction (mu_fake - mu_real) / mean|x - mu_real|."""
+    dims = tuple(range(1, x.dim()))
+    weight = (x - real_x0).abs().mean(dims, keepdim=True).clamp(min=1e-8)
+    return torch.nan_to_num((fake_x0 - real_x0) / weight)
+
+
+def distill(
+    teacher: Denoiser,
+    generator_init: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    config: AdversarialConfig,
+    work: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = say,
+) -> tuple[ConsistencyDenoiser, list[dict[str, float]]]:
+    """Train a ``student_steps``-step DMD2 student; returns it and the loss log."""
+    trainer = Trainer("adversarial", config, config.iterations, work, resume, progress=progress)
+    sched, ptype = teacher.schedule, teacher.prediction_type
+    T, N = sched.num_train_timesteps, config.student_steps
+    x_data, y_data = (d.to(trainer.device) for d in data)
+    teacher.to(trainer.device)
+
+    g_net = copy.deepcopy(generator_init).requires_grad_(True).train()
+    f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+    tap = FeatureTap(f_net, config.feature_module)
+    with torch.no_grad():
+        f_net(x_data[:2], torch.full((2,), T - 1), class_labels=y_data[:2])
+    assert tap.value is not None
+    disc = Discriminator(tap.value.shape).to(x_data.dtype)
+    betas = config.adam_betas
+    opt_g = torch.optim.Adam(g_net.parameters(), lr=config.learning_rate, betas=betas)
+    opt_c = torch.optim.Adam(
+        [*f_net.parameters(), *disc.parameters()],
+        lr=config.critic_learning_rate or config.learning_rate,
+        betas=betas,
+    )
+    g_net, f_net, disc, opt_g, opt_c = trainer.prepare(g_net, f_net, disc, opt_g, opt_c)
+    generator = ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N)
+    fake = Denoiser(f_net, sched, ptype)
+    timesteps = consistency_timesteps(T, N, N)
+    t_lo, t_hi = int(config.min_timestep * T), int(config.max_timestep * T)
+    use_gan = config.gan_weight_critic > 0 or config.gan_weight_generator > 0
+    state: dict[str, float] = {}
+
+    def draw_t(n: int) -> torch.Tensor:
+        return t_lo + trainer.randint(t_hi - t_lo, n)
+
+    def generator_inputs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x at t_k for a random depth k: k steps of the current generator from pure noise
+        (backward simulation), or noised real images."""
+        y = y_data[idx]
+        k = int(trainer.randint(N, 1).item())
+        shape = x_data[idx].shape
+        if not config.backward_simulation and k > 0:
+            t = torch.full((len(idx),), timesteps[k], device=trainer.device)
+            return sched.add_noise(x_data[idx], trainer.randn(shape, x_data.dtype), t), t
+        x = trainer.randn(shape, x_data.dtype)
+        with torch.no_grad():
+            for i in range(k):
+                x0 = generator.predict(x, torch.tensor(timesteps[i]), y)[0]
+                t_next = torch.full((len(idx),), timesteps[i + 1], device=trainer.device)
+                x = sched.add_noise(x0, trainer.randn(shape, x_data.dtype), t_next)
+        return x, torch.full((len(idx),), timesteps[k], device=trainer.device)
+
+    def logits(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        fake.raw(sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t), t, y)
+        return disc(tap.value)
+
+    def step() -> dict[str, torch.Tensor | float]:
+        idx = trainer.randint(len(x_data), config.batch_size)
+        y = y_data[idx]
+        x_in, t_in = generator_inputs(idx)
+        if trainer.step % config.critic_updates_per_generator == 0:  # the generator's turn
+            x = generator.predict(x_in, t_in, y)[0]
+            t = draw_t(len(x))
+            x_t = sched.add_noise(x, trainer.randn(x.shape, x.dtype), t)
+            with torch.no_grad():
+                grad = dmd_gradient(x, teacher.predict(x_t, t, y)[0], fake.predict(x_t, t, y)[0])
+            loss_dmd = 0.5 * F.mse_loss(x, (x - grad).detach())
+            loss_g = loss_dmd
+            if config.gan_weight_generator > 0:
+                gan_g = F.softplus(-logits(x, y, draw_t(len(x)))).mean()
+                loss_g = loss_g + config.gan_weight_generator * gan_g
+                state["gan_generator"] = float(gan_g.detach())
+            trainer.backward(loss_g)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            opt_c.zero_grad(set_to_none=True)  # the GAN term reached the critic: not its update
+            state["dmd"] = float(loss_dmd.detach())
+            x = x.detach()
+        else:
+            with torch.no_grad():
+                x = generator.predict(x_in, t_in, y)[0]
+        # the critic: denoise the generator's samples (+ tell noisy real from noisy generated)
+        t = draw_t(len(x))
+        eps = trainer.randn(x.shape, x.dtype)
+        x_t = sched.add_noise(x, eps, t)
+        alpha, sigma = (_bcast(v, x) for v in sched.alpha_sigma(t))
+        out = fake.raw(x_t, t, y)
+        loss_fake = F.mse_loss(out, from_x0_eps(x, eps, alpha, sigma, ptype))
+        loss_c = loss_fake
+        if use_gan and config.gan_weight_critic > 0:
+            d_fake = disc(tap.value)
+            real = trainer.randint(len(x_data), config.batch_size)
+            d_real = logits(x_data[real], y_data[real], draw_t(len(real)))
+            gan_c = (F.softplus(-d_real) + F.softplus(d_fake)).mean()
+            loss_c = loss_c + config.gan_weight_critic * gan_c
+            state["gan_critic"] = float(gan_c.detach())
+        trainer.backward(loss_c)
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+        return {"fake": loss_fake.detach(), **state}
+
+    log = trainer.run(step)
+    g_net = trainer.accelerator.unwrap_model(g_net).eval().requires_grad_(False)
+    return ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N), log
+
+
+def find_teacher(ctx: StageContext, guidance_scale: float) -> tuple[Denoiser, nn.Module, dict]:
+    """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
+    student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
+    _, info = load_denoiser(ctx.input.path)
+    if info.get("num_inference_steps") is None:
+        teacher, info = load_teacher(ctx.input.path, "adversarial", guidance_scale)
+        return teacher, teacher.backbone, info
+    student, _ = load_denoiser(ctx.input.path, guidance_scale=1.0)
+    for artifact in ctx.store.lineage(ctx.input)[1:]:
+        _, ancestor = load_denoiser(artifact.path)
+        if artifact.kind == "checkpoint" and ancestor.get("num_inference_steps") is None:
+            teacher, info = load_teacher(artifact.path, "adversarial", guidance_scale)
+            return teacher, student.backbone, info
+    raise StageError(
+        "adversarial",
+        f"{ctx.input.path} is a distilled student and its teacher is not in the store; fine-tune "
+        "it in the recipe that distilled it (the teacher is the recipe's source), or distil from "
+        "the teacher",
+    )
+
+
+def run(ctx: StageContext) -> None:
+    config: AdversarialConfig = ctx.config  # type: ignore[assignment]
+    from accel.quality import digits_dataset
+
+    teacher, init, info = find_teacher(ctx, config.guidance_scale)
+    student, log = distill(
+        teacher, init, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress
+    )
+    N = config.student_steps
+    save_pipeline(
+        ctx.out,
+        student.backbone,
+        student_scheduler_config(info["scheduler"], N),
+        {
+            "method": "dmd2",
+            "num_inference_steps": N,
+            "guidance_scale": 1.0,
+            "distilled_guidance_scale": config.guidance_scale,
+            "num_classes": info.get("num_classes"),
+            "consistency": {
+                "solver_steps": N,
+                "sigma_data": 0.5,
+                "timestep_scaling": TIMESTEP_SCALING,
+            },
+        },
+    )
+    ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
+    write_loss_log(ctx.out, log)
+
+
+STAGE = Stage(
+    name="adversarial",
+    version=1,
+    config=AdversarialConfig,
+    consumes="checkpoint",
+    produces="checkpoint",
+    run=run,
+    description="DMD2 (Yin et al. 2024): distribution matching + GAN, 1-step or multi-step",
+)

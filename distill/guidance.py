@@ -1,0 +1,207 @@
+"""Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models", stage one).
+
+A classifier-free-guided teacher (Ho & Salimans 2022) runs its backbone twice per step, on the label c
+and on the null label. A w-conditioned student x_eta(z_t, c, w) learns the guided output in one pass:
+
+    L = E_{w, t, x ~ D, eps} [ max(SNR_t, 1) || x_eta(z_t, c, w) - x_hat^w(z_t, c) ||^2 ],
+    x_hat^w = x_hat(z_t, null) + w (x_hat(z_t, c) - x_hat(z_t, null)),
+
+in x0 space, with t uniform over the training timesteps and w uniform over a grid. (The paper writes
+(1 + w) x_c - w x_u, i.e. its w is ours minus one; its weight omega(lambda_t) is taken here as the
+truncated SNR weight of Salimans & Ho 2022, which the same authors use for stage two.)
+
+How w enters: the paper adds a Fourier embedding of w to the time embedding. A ``UNet2DModel`` (the
+shipped teacher's class) has exactly one side input, the class label, looked up in an embedding
+table, and no slot for a continuous value. So the student's table gets one row per (label, w) pair on
+a grid of w (``guidance_min`` to ``guidance_max`` in steps of ``guidance_step``), each initialised to
+the teacher's row of that label: class id = label + num_labels * j for grid point j. The student stays
+a stock ``UNet2DModel``; ``accel.json`` records the grid (``guidance_embedding``), and the exported
+graph takes ``guidance_scale`` as an input and maps it to the nearest grid point. Deviation from the
+paper: w is discrete (a grid) rather than continuous.
+
+Stage two of the paper (step distillation of the w-conditioned model, w sampled per example) is what
+the ``progressive`` and ``consistency`` stages do when their input is this stage's student.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from accel.core.errors import StageError
+from accel.core.stage import Stage, StageContext, say
+from distill.denoiser import Denoiser, load_teacher, save_pipeline, to_x0_eps
+from distill.progressive import student_scheduler_config as ddim_scheduler_config
+from distill.schedule import _bcast
+from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+
+
+class GuidanceConfig(TrainingConfig):
+    guidance_min: float = Field(1.0, ge=0)
+    guidance_max: float = Field(3.0, ge=0)
+    guidance_step: float = Field(0.25, gt=0)
+    """The grid of w the student learns: guidance_min, guidance_min + step, ..., guidance_max."""
+    guidance_scale: float = Field(1.5, ge=0)
+    """The student's default w (on the grid)."""
+    iterations: int = Field(2000, ge=1)
+    dataset: Literal["digits"] = "digits"
+    """Training images x ~ D; the digits demo's set is the only one wired so far."""
+
+    @model_validator(mode="after")
+    def _grid(self) -> GuidanceConfig:
+        scales = self.scales()
+        if self.guidance_max < self.guidance_min or len(scales) > 64:
+            raise ValueError(
+                "the guidance grid needs guidance_min <= guidance_max, 64 points at most"
+            )
+        if min(abs(w - self.guidance_scale) for w in scales) > 1e-6:
+            raise ValueError(f"guidance_scale {self.guidance_scale} is not on the grid {scales}")
+        return self
+
+    def scales(self) -> list[float]:
+        n = int(round((self.guidance_max - self.guidance_min) / self.guidance_step)) + 1
+        return [round(self.guidance_min + i * self.guidance_step, 6) for i in range(n)]
+
+
+def w_conditioned_backbone(backbone: nn.Module, grid_size: int) -> nn.Module:
+    """A copy of a class-conditional diffusers backbone whose label table has ``grid_size`` copies of
+    the teacher's rows (row label + num_labels * j), so it starts as the unguided teacher at every w."""
+    cfg = dict(getattr(backbone, "config", {}))
+    num_labels = cfg.get("num_class_embeds")
+    table = getattr(backbone, "class_embedding", None)
+    if (
+        not num_labels
+        or cfg.get("class_embed_type") is not None
+        or not isinstance(table, nn.Embedding)
+    ):
+        raise StageError(
+            "guidance",
+            f"{type(backbone).__name__} has no class-label embedding table (num_class_embeds); "
+            "guidance distillation needs a class-conditional teacher trained with a null label",
+        )
+    student = type(backbone).from_config({**cfg, "num_class_embeds": num_labels * grid_size})
+    state = copy.deepcopy(backbone.state_dict())
+    state["class_embedding.weight"] = state["class_embedding.weight"].repeat(grid_size, 1)
+    student.load_state_dict(state)
+    return student
+
+
+def guided_x0(
+    teacher: Denoiser, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """The teacher's classifier-free-guided x0 with a per-sample w, in one doubled batch."""
+    null = torch.full_like(labels, teacher.null_label)
+    out = teacher.backbone(
+        torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])
+    ).sample
+    cond, uncond = out.chunk(2)
+    guided = uncond + _bcast(w, x) * (cond - uncond)
+    alpha, sigma = (_bcast(v, x) for v in teacher.schedule.alpha_sigma(t))
+    return to_x0_eps(guided, x, alpha, sigma, teacher.prediction_type)[0]
+
+
+def distill(
+    teacher: Denoiser,
+    student_backbone: nn.Module,
+    num_labels: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    config: GuidanceConfig,
+    work: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = say,
+) -> tuple[Denoiser, list[dict[str, float]]]:
+    """Train the w-conditioned ``student_backbone`` on the guided teacher; returns the student (at
+    the config's default w) and the loss log."""
+    if teacher.null_label is None:
+        raise StageError("guidance", "the teacher has no null label (no unconditional branch)")
+    trainer = Trainer("guidance", config, config.iterations, work, resume, progress=progress)
+    sched, ptype = teacher.schedule, teacher.prediction_type
+    scales = config.scales()
+    backbone = copy.deepcopy(student_backbone).requires_grad_(True).train()
+    opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
+    backbone, opt = trainer.prepare(backbone, opt)
+    teacher.to(trainer.device)
+    student = Denoiser(backbone, sched, ptype, scales[0], None, scales, num_labels)
+    student.labels_carry_guidance = True
+    grid = torch.tensor(scales, device=trainer.device)
+    x_data, y_data = (d.to(trainer.device) for d in data)
+    T = sched.num_train_timesteps
+
+    def step() -> dict[str, torch.Tensor]:
+        idx = trainer.randint(len(x_data), config.batch_size)
+        x0, y = x_data[idx], y_data[idx]
+        j = trainer.randint(len(scales), len(idx))
+        t = trainer.randint(T, len(idx))
+        z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
+        with torch.no_grad():
+            target = guided_x0(teacher, z_t, t, y, grid[j].to(x0.dtype))
+        x_hat = student.predict(z_t, t, y + num_labels * j)[0]
+        weight = _bcast(sched.snr(t).clamp(min=1.0), x0)
+        loss = (weight * (target - x_hat) ** 2).mean()
+        trainer.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    log = trainer.run(step)
+    backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
+    w = config.guidance_scale
+    return Denoiser(backbone, sched, ptype, w, None, scales, num_labels), log
+
+
+def run(ctx: StageContext) -> None:
+    config: GuidanceConfig = ctx.config  # type: ignore[assignment]
+    from accel.quality import digits_dataset
+
+    teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
+    if info.get("guidance_embedding") is not None:
+        raise StageError("guidance", "the input is already guidance-distilled")
+    if teacher.null_label is None:
+        raise StageError(
+            "guidance",
+            f"{ctx.input.path} has no null_class_label in accel.json: guidance distillation "
+            "needs a teacher trained for classifier-free guidance",
+        )
+    scales = config.scales()
+    num_labels = int(teacher.backbone.config.num_class_embeds)
+    student_backbone = w_conditioned_backbone(teacher.backbone, len(scales))
+    student, log = distill(
+        teacher,
+        student_backbone,
+        num_labels,
+        digits_dataset(),
+        config,
+        ctx.work,
+        ctx.resume,
+        ctx.progress,
+    )
+    save_pipeline(
+        ctx.out,
+        student.backbone,
+        ddim_scheduler_config(info["scheduler"]),
+        {
+            "method": "guidance",
+            "guidance_scale": config.guidance_scale,
+            "num_classes": info.get("num_classes"),
+            "guidance_embedding": {"scales": scales, "num_labels": num_labels},
+        },
+    )
+    ctx.metrics["final_loss"] = mean_tail(log)
+    write_loss_log(ctx.out, log)
+
+
+STAGE = Stage(
+    name="guidance",
+    version=1,
+    config=GuidanceConfig,
+    consumes="checkpoint",
+    produces="checkpoint",
+    run=run,
+    description="guidance distillation (Meng et al. 2023): a w-conditioned one-pass student",
+)
