@@ -103,17 +103,19 @@ def distill_round(
     work: Path | None = None,
     resume: bool = False,
     progress: Callable[[str], None] = say,
+    generator: torch.Generator | None = None,
 ) -> tuple[Denoiser, list[dict[str, float]]]:
     """One halving: returns a student for ``student_steps`` steps (guidance baked in) and its
-    loss log. Each round draws from its own seed (config.seed + student_steps)."""
+    loss log. ``generator`` (default: seeded with config.seed) carries on across rounds."""
     trainer = Trainer(
         "progressive",
-        config.model_copy(update={"seed": config.seed + student_steps}),
+        config,
         config.iterations_per_round,
         work,
         resume,
         desc=f"progressive {2 * student_steps}->{student_steps}",
         progress=progress,
+        generator=generator,
     )
     sched = teacher.schedule
     teacher.labels_carry_guidance = teacher.guidance_scales is not None
@@ -186,6 +188,7 @@ def run(ctx: StageContext) -> None:
     data = digits_dataset()
     steps = config.teacher_steps // 2
     rounds = []
+    gen = torch.Generator().manual_seed(config.seed)  # one stream through all rounds
     while steps >= config.student_steps:
         # each finished round is kept in the work dir, so --resume skips it
         work = ctx.work / f"round-{steps}" if ctx.work is not None else None
@@ -194,15 +197,17 @@ def run(ctx: StageContext) -> None:
         if ctx.resume and done is not None and done.is_file():
             teacher = teacher.student_of(copy.deepcopy(teacher.backbone))
             teacher.backbone.load_state_dict(load_file(str(done)))
+            gen.set_state(load_file(str(work / "generator.safetensors"))["state"])
             log = json.loads((work / "loss_log.json").read_text())
         else:
             teacher, log = distill_round(
-                teacher, data, steps, config, work, ctx.resume, ctx.progress
+                teacher, data, steps, config, work, ctx.resume, ctx.progress, gen
             )
             if done is not None:
                 work.mkdir(parents=True, exist_ok=True)
-                save_file(teacher.backbone.state_dict(), str(done))
+                save_file({"state": gen.get_state()}, str(work / "generator.safetensors"))
                 write_loss_log(work, log)
+                save_file(teacher.backbone.state_dict(), str(done))  # last: marks the round done
         rounds.append(
             {
                 "student_steps": steps,

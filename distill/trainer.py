@@ -67,7 +67,8 @@ class Trainer:
     """One training run of ``iterations`` optimizer steps, checkpointed into ``work``.
 
     ``stage`` names the stage in errors; ``resume`` continues from the newest checkpoint in ``work``
-    (without it, old checkpoints there are discarded and the run starts from step 0)."""
+    (without it, old checkpoints there are discarded and the run starts from step 0). Every random
+    draw comes from ``generator`` (default: a new one seeded with ``config.seed``)."""
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class Trainer:
         resume: bool = False,
         desc: str | None = None,
         progress: Callable[[str], None] = say,
+        generator: torch.Generator | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -92,7 +94,8 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
         set_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # a caller's generator continues its stream (the rounds of one progressive stage)
+        self.generator = generator or torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.log: list[dict[str, float]] = []
         self._models: list[nn.Module] = []

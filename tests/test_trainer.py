@@ -121,3 +121,40 @@ def test_killed_distillation_resumes_to_the_same_student(tmp_path):
     b = load_file(os.path.join(out2.decode().strip(), weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "s" / "work").exists() or not any((tmp_path / "s" / "work").iterdir())
+
+
+def test_progressive_resumes_inside_its_second_round(tmp_path, monkeypatch):
+    """A crash in round 2 of 4 -> 2 -> 1 keeps round 1's student and round 2's checkpoint; the
+    resumed stage ends with the uninterrupted run's student."""
+    import distill.progressive as progressive
+    from accel.core.recipe import load_recipe
+    from accel.pipeline import default_store, run_recipe
+
+    write_tiny_pipeline(tmp_path / "teacher")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "p"\nsource = "teacher"\ntarget = "cpu"\n[[stages]]\nstage = "progressive"\n'
+        "teacher_steps = 4\nstudent_steps = 1\niterations_per_round = 6\nbatch_size = 2\n"
+        "checkpoint_every = 2\n"
+    )
+    quiet = lambda m: None  # noqa: E731
+    (clean,) = run_recipe(load_recipe(recipe), default_store(tmp_path / "clean"), quiet)
+
+    real, calls = progressive.progressive_target, []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == 6 + 3:  # round 2, step 3: after its checkpoint at step 2
+            raise Crash
+        return real(*args)
+
+    monkeypatch.setattr(progressive, "progressive_target", crashing)
+    with pytest.raises(Crash):
+        run_recipe(load_recipe(recipe), default_store(tmp_path / "s"), quiet)
+    monkeypatch.setattr(progressive, "progressive_target", real)
+    said = []
+    (resumed,) = run_recipe(load_recipe(recipe), default_store(tmp_path / "s"), said.append, True)
+    assert any("resuming from checkpoint-2" in m for m in said)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(clean.path / weights), load_file(resumed.path / weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
