@@ -31,9 +31,10 @@ images (the train/inference mismatch the paper removes). The student is written 
 LCMScheduler checkpoint, whose loop is exactly this sampler (its boundary scalings are 1 and 0 to
 within 1e-7 at these timesteps).
 
-Deviations: one backward-simulation depth k is drawn per batch rather than per sample, and the
-critic's denoising loss is the teacher's own training loss (its prediction type) on G's samples.
-ADD (Sauer et al. 2023) is not implemented.
+Both players use AdamW with PyTorch's default betas and weight decay, as DMD2's official code
+does. Deviations: one backward-simulation depth k is drawn per batch rather than per sample; the
+critic's denoising loss is the teacher's own training loss (its prediction type) on G's samples;
+no gradient-norm clipping and no learning-rate warm-up. ADD (Sauer et al. 2023) is not implemented.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class AdversarialConfig(TrainingConfig):
     """DMD's timestep range for the distribution-matching gradient, as fractions of T."""
     feature_module: str = "mid_block"
     """Submodule of the fake score whose output feeds the discriminator head."""
-    adam_betas: tuple[float, float] = (0.0, 0.99)
-    """DMD2's Adam betas for both players (beta1 = 0, as usual for GANs)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW settings of both players; DMD2's official code keeps PyTorch's defaults."""
     dataset: Literal["digits"] = "digits"
     """Real images for the GAN term; the digits demo's set is the only one wired so far."""
 
@@ -168,11 +170,15 @@ def distill(
     assert tap.value is not None
     disc = Discriminator(tap.value.shape).to(x_data.dtype)
     betas = config.adam_betas
-    opt_g = torch.optim.Adam(g_net.parameters(), lr=config.learning_rate, betas=betas)
-    opt_c = torch.optim.Adam(
+    decay = config.weight_decay
+    opt_g = torch.optim.AdamW(
+        g_net.parameters(), lr=config.learning_rate, betas=betas, weight_decay=decay
+    )
+    opt_c = torch.optim.AdamW(
         [*f_net.parameters(), *disc.parameters()],
         lr=config.critic_learning_rate or config.learning_rate,
         betas=betas,
+        weight_decay=decay,
     )
     g_net, f_net, disc, opt_g, opt_c = trainer.prepare(g_net, f_net, disc, opt_g, opt_c)
     generator = ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N)
