@@ -44,6 +44,17 @@ def _progressive(teacher_steps: int) -> str:
     )
 
 
+def _dmd(student_steps: int, **extra) -> str:
+    return _stage(
+        "adversarial",
+        student_steps=student_steps,
+        guidance_scale=GUIDANCE,
+        iterations=1000,
+        learning_rate=5e-5,
+        **extra,
+    )
+
+
 GUIDED = "guidance student, DDIM (one pass; not step-distilled)"
 # method: (stages, {stage index: [(row label, step counts its student is sampled with)]})
 METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
@@ -55,44 +66,12 @@ METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
         [_stage("consistency", guidance_scale=GUIDANCE, iterations=1500, num_inference_steps=4)],
         {0: [("consistency", STEPS)]},
     ),
-    "dmd2": (
-        [
-            _stage(
-                "adversarial",
-                student_steps=1,
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-                learning_rate=5e-5,
-            )
-        ],
-        {0: [("dmd2 (1-step)", [1])]},
-    ),  # fmt: skip
+    "dmd2": ([_dmd(1)], {0: [("dmd2 (1-step)", [1])]}),
     "dmd2-no-gan": (
-        [
-            _stage(
-                "adversarial",
-                student_steps=1,
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-                learning_rate=5e-5,
-                gan_weight_generator=0.0,
-                gan_weight_critic=0.0,
-            )
-        ],
+        [_dmd(1, gan_weight_generator=0.0, gan_weight_critic=0.0)],
         {0: [("dmd2 without GAN (1-step)", [1])]},
-    ),  # fmt: skip
-    "dmd2-multistep": (
-        [
-            _stage(
-                "adversarial",
-                student_steps=8,
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-                learning_rate=5e-5,
-            )
-        ],
-        {0: [("dmd2 (8-step grid, backward simulation)", STEPS)]},
-    ),  # fmt: skip
+    ),
+    "dmd2-multistep": ([_dmd(8)], {0: [("dmd2 (8-step grid, backward simulation)", STEPS)]}),
     "guidance-consistency": (
         [
             _stage(

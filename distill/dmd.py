@@ -267,14 +267,18 @@ def distill(
 def find_teacher(ctx: StageContext, guidance_scale: float) -> tuple[Denoiser, nn.Module, dict]:
     """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
     student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
-    _, info = load_denoiser(ctx.input.path)
-    if info.get("num_inference_steps") is None:
+    from accel.checkpoint import read_json
+
+    def is_student(path: Path) -> bool:
+        info = read_json(path / "accel.json") if (path / "accel.json").is_file() else {}
+        return info.get("num_inference_steps") is not None
+
+    if not is_student(ctx.input.path):
         teacher, info = load_teacher(ctx.input.path, "adversarial", guidance_scale)
         return teacher, teacher.backbone, info
-    student, _ = load_denoiser(ctx.input.path, guidance_scale=1.0)
     for artifact in ctx.store.lineage(ctx.input)[1:]:
-        _, ancestor = load_denoiser(artifact.path)
-        if artifact.kind == "checkpoint" and ancestor.get("num_inference_steps") is None:
+        if artifact.kind == "checkpoint" and not is_student(artifact.path):
+            student, _ = load_denoiser(ctx.input.path, guidance_scale=1.0)
             teacher, info = load_teacher(artifact.path, "adversarial", guidance_scale)
             return teacher, student.backbone, info
     raise StageError(
