@@ -147,32 +147,43 @@ def _parse_value(raw: str):
 
 
 class StageCommand(click.Command):
-    """A command for one stage with one option per field of its config (the recipe's key names,
-    dashes for underscores). The config class is imported on first use, not at `accel --help`."""
+    """A command for a stage with one option per field of its config (the recipe's key names,
+    dashes for underscores; booleans as --x/--no-x flags). ``stages`` is one stage name, or a
+    choice of stages: by ``--backend`` when ``backends`` is set, else by the kind of artifact
+    INPUT is. Config classes are imported on first use, not at `accel --help`."""
 
-    def __init__(self, name: str, stage_name: str, help: str) -> None:
-        super().__init__(
-            name,
-            callback=self.invoke_stage,
-            help=help,
-            params=[
-                click.Argument(["input_dir"], metavar="INPUT", type=click.Path(path_type=Path)),
+    def __init__(
+        self, name: str, stages: str | dict[str, str], help: str, backends: bool = False
+    ) -> None:
+        params: list[click.Parameter] = [
+            click.Argument(["input_dir"], metavar="INPUT", type=click.Path(path_type=Path)),
+            click.Option(
+                ["--out"],
+                type=click.Path(file_okay=False, path_type=Path),
+                help="Copy the resulting artifact directory here.",
+            ),
+            click.Option(
+                ["--target", "target_name"],
+                default="cpu",
+                show_default=True,
+                help="Hardware target (profiles/ name or a .toml path).",
+            ),
+            *store_option(lambda: None).__click_params__,
+            *resume_option(lambda: None).__click_params__,
+        ]
+        self.stages = {"": stages} if isinstance(stages, str) else dict(stages)
+        self.backends = backends
+        if backends:
+            params.append(
                 click.Option(
-                    ["--out"],
-                    type=click.Path(file_okay=False, path_type=Path),
-                    help="Copy the resulting artifact directory here.",
-                ),
-                click.Option(
-                    ["--target", "target_name"],
-                    default="cpu",
+                    ["--backend"],
+                    type=click.Choice(list(self.stages)),
+                    default=next(iter(self.stages)),
                     show_default=True,
-                    help="Hardware target (profiles/ name or a .toml path).",
-                ),
-                *store_option(lambda: None).__click_params__,
-                *resume_option(lambda: None).__click_params__,
-            ],
-        )
-        self.stage_name = stage_name
+                    help="Which compiler builds the engine.",
+                )
+            )
+        super().__init__(name, callback=self.invoke_stage, help=help, params=params)
         self._config_options = False
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
@@ -180,12 +191,22 @@ class StageCommand(click.Command):
             from accel.core.stage import get_stage
 
             self._config_options = True
-            for field, info in get_stage(self.stage_name).config.model_fields.items():
-                self.params.append(
-                    click.Option(
-                        [f"--{field.replace('_', '-')}", field], help=f"(default: {info.default!r})"
-                    )
-                )
+            seen: set[str] = set()
+            for stage_name in self.stages.values():
+                for field, info in get_stage(stage_name).config.model_fields.items():
+                    if field in seen:
+                        continue
+                    seen.add(field)
+                    flag = field.replace("_", "-")
+                    if info.annotation is bool:
+                        decls = [f"--{flag}/--no-{flag}", field]
+                        self.params.append(
+                            click.Option(decls, default=None, help=f"(default: {info.default!r})")
+                        )
+                    else:
+                        self.params.append(
+                            click.Option([f"--{flag}", field], help=f"(default: {info.default!r})")
+                        )
         return super().get_params(ctx)
 
     def invoke_stage(
@@ -195,6 +216,7 @@ class StageCommand(click.Command):
         target_name: str,
         store: Path | None,
         resume: bool,
+        backend: str | None = None,
         **options,
     ) -> None:
         from pydantic import ValidationError
@@ -205,25 +227,40 @@ class StageCommand(click.Command):
         from accel.core.target import load_target
         from accel.pipeline import PlannedStage, default_store, run_stage
 
-        stage = get_stage(self.stage_name)
-        try:
-            config = stage.config(
-                **{k: _parse_value(v) for k, v in options.items() if v is not None}
-            )
-        except ValidationError as e:
-            lines = validation_lines(e, stage.config)
-            for field in stage.config.model_fields:  # recipe key names -> option names
-                lines = [ln.replace(f"'{field}'", f"'--{field.replace('_', '-')}'") for ln in lines]
-            raise RecipeError(f"{self.name}: " + "; ".join(lines)) from None
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():
             parent = Artifact.load(input_dir)
             parent.verify()
         else:
             parent = s.source(input_dir)
+        if self.backends:
+            stage = get_stage(self.stages[backend or next(iter(self.stages))])
+        elif len(self.stages) == 1:
+            stage = get_stage(next(iter(self.stages.values())))
+        elif parent.kind in self.stages:
+            stage = get_stage(self.stages[parent.kind])
+        else:
+            raise RecipeError(
+                f"{self.name} takes a {' or '.join(self.stages)}, but {input_dir} is a {parent.kind}"
+            )
+        given = {k: v for k, v in options.items() if v is not None}
+        foreign = sorted(set(given) - set(stage.config.model_fields))
+        if foreign:
+            flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+            raise RecipeError(f"{self.name}: {flags} do not apply to stage {stage.name!r}")
+        try:
+            config = stage.config(
+                **{k: v if isinstance(v, bool) else _parse_value(v) for k, v in given.items()}
+            )
+        except ValidationError as e:
+            lines = validation_lines(e, stage.config)
+            for field in stage.config.model_fields:  # recipe key names -> option names
+                lines = [ln.replace(f"'{field}'", f"'--{field.replace('_', '-')}'") for ln in lines]
+            raise RecipeError(f"{self.name}: " + "; ".join(lines)) from None
         if parent.kind != stage.consumes:
             raise RecipeError(
-                f"{self.name} takes a {stage.consumes}, but {input_dir} is a {parent.kind}"
+                f"{self.name} ({stage.name}) takes a {stage.consumes}, but {input_dir} is a "
+                f"{parent.kind}"
             )
         target = load_target(target_name)
         key = stage_key(stage, config, parent.key, target)
@@ -290,9 +327,20 @@ export.add_command(
 )
 cli.add_command(
     StageCommand(
+        "quantize",
+        {"onnx": "quantize", "checkpoint": "quantize_torch"},
+        "Quantize INPUT to INT8/FP8, calibrated on its own sampling trajectory: an ONNX artifact "
+        "with onnxruntime or Model Optimizer's ONNX PTQ, a student checkpoint with Model "
+        "Optimizer's mtq.quantize.",
+    )
+)
+cli.add_command(
+    StageCommand(
         "compile",
-        "ort",
-        "Compile the ONNX artifact at INPUT into an onnxruntime engine for --target.",
+        {"ort": "ort", "aoti": "aoti"},
+        "Compile INPUT into an engine for --target: an ONNX artifact with onnxruntime (ort), "
+        "a student checkpoint with AOTInductor (aoti).",
+        backends=True,
     )
 )
 cli.add_command(

@@ -115,9 +115,12 @@ def fd_floor(seed: int = 0) -> float:
     return frechet_distance(feats[perm[:half]], feats[perm[half:]])
 
 
-def generate(runtime, plan, n: int, seed: int, num_classes: int | None, chunk: int = 500):
+def generate(
+    runtime, plan, n: int, seed: int, num_classes: int | None, chunk: int = 500, on_step=None
+):
     """n samples from a runtime and sampler plan, on the noise and labels ``accel sample`` uses:
-    noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled. Images in [-1, 1]."""
+    noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled. Images in [-1, 1].
+    ``on_step`` sees the graph's feeds of every step (``accel.runtime.sample``)."""
     from accel.runtime import sample
 
     noise = np.random.default_rng(seed).standard_normal((n, *plan.sample_shape)).astype(np.float32)
@@ -130,6 +133,7 @@ def generate(runtime, plan, n: int, seed: int, num_classes: int | None, chunk: i
             noise[i : i + chunk],
             None if labels is None else labels[i : i + chunk],
             step_noise,
+            on_step,
         )
         for i in range(0, n, chunk)
     ]

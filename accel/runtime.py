@@ -9,6 +9,7 @@ time, so that ``sample`` needs nothing but numpy and a runtime. torch is importe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,14 +56,21 @@ def sample(
     noise: np.ndarray,
     labels: np.ndarray | None,
     rng: np.random.Generator | None = None,
+    on_step: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> np.ndarray:
     """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat + c z, where
     x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)
-    and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps."""
+    and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps. ``on_step`` sees
+    the graph's feeds of every step (quantizers calibrate on them)."""
+    if plan.notes.get("fused"):  # the whole loop is one graph (export.fused_sampler)
+        return runtime.infer(fused_feeds(plan, noise, labels, rng))["images"]
     x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
     n = len(x)
     for step in plan.steps:
-        x0 = runtime.infer(step_feeds(plan, x, step["timestep"], labels))["x0"]
+        feeds = step_feeds(plan, x, step["timestep"], labels)
+        if on_step is not None:
+            on_step(feeds)
+        x0 = runtime.infer(feeds)["x0"]
         if len(x0) == 2 * n:  # guided: conditional half, then unconditional
             x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
         x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
@@ -71,6 +79,26 @@ def sample(
                 raise ValueError("this sampler plan draws fresh noise: pass rng")
             x += np.float32(step["c"]) * rng.standard_normal(x.shape, dtype=np.float32)
     return x
+
+
+def fused_feeds(
+    plan: SamplerPlan,
+    noise: np.ndarray,
+    labels: np.ndarray | None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Feeds of a fused-sampler graph: noise, labels and, for stochastic steps, the fresh noise the
+    per-step loop would draw from ``rng``, in its order (batch x K x C x H x W)."""
+    feeds = {"noise": noise.astype(np.float32)}
+    if labels is not None:
+        feeds["class_labels"] = labels.astype(np.int64)
+    k = sum(1 for s in plan.steps if s.get("c", 0.0))
+    if k:
+        if rng is None:
+            raise ValueError("this sampler plan draws fresh noise: pass rng")
+        draws = [rng.standard_normal(noise.shape, dtype=np.float32) for _ in range(k)]
+        feeds["step_noise"] = np.stack(draws, axis=1)
+    return feeds
 
 
 class OrtRuntime:
@@ -83,9 +111,11 @@ class OrtRuntime:
         threads: int | None = None,
         optimize: bool = True,
         spin: bool = True,
+        options: dict[str, str] | None = None,
     ) -> None:
         """``spin=False`` stops idle worker threads from busy-waiting after a call, so that they do
-        not take the cores of whatever runs next (another runtime measured in the same run)."""
+        not take the cores of whatever runs next (another runtime measured in the same run).
+        ``options`` are the provider's; cache paths in them are relative to the graph's folder."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -104,7 +134,11 @@ class OrtRuntime:
         opts.log_severity_level = 3
         try:
             # from a path, not bytes: a session made from bytes cannot find external data
-            self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+            options = {
+                k: str(path.parent / v) if k.endswith("cache_path") else v
+                for k, v in (options or {}).items()
+            }
+            self.session = ort.InferenceSession(str(path), opts, providers=[(provider, options)])
         except Exception as e:
             raise CheckpointError(
                 f"onnxruntime cannot load {path}: {str(e).strip()[:300]}"
@@ -116,18 +150,18 @@ class OrtRuntime:
             )
         self.name = f"onnxruntime:{provider}"
         self._inputs = {i.name: (i.shape, i.type) for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
 
     def inputs(self) -> dict[str, tuple[list, str]]:
         return self._inputs
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self._inputs}
-        (x0,) = self.session.run(["x0"], feeds)
-        return {"x0": x0}
+        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
 
 
 class TorchRuntime:
-    """torch eager on a DenoiserGraph (the module the ONNX graph is exported from)."""
+    """torch eager on a DenoiserGraph or a FusedSampler (the modules ONNX graphs come from)."""
 
     def __init__(self, graph: Any, threads: int | None = None) -> None:
         import torch
@@ -141,6 +175,11 @@ class TorchRuntime:
     def inputs(self) -> dict[str, tuple[list, str]]:
         from distill.denoiser import sample_shape
 
+        if hasattr(self.graph, "input_names"):  # a fused sampler
+            return {
+                n: (["batch"], "float32" if "noise" in n else "int64")
+                for n in self.graph.input_names()
+            }
         spec = {
             "sample": (["batch", *sample_shape(self.graph.backbone)], "float32"),
             "timestep": (["batch"], "int64"),
@@ -153,6 +192,10 @@ class TorchRuntime:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
+        if hasattr(self.graph, "input_names"):  # a fused sampler: noise in, images out
+            with torch.inference_mode():
+                args = {k: torch.from_numpy(feeds[k]) for k in self.graph.input_names()}
+                return {"images": self.graph(**args).numpy()}
         with torch.inference_mode():
             labels = feeds.get("class_labels") if self.graph.conditional else None
             w = feeds.get("guidance_scale") if self.graph.guidance_input else None
@@ -165,9 +208,55 @@ class TorchRuntime:
         return {"x0": x0.numpy()}
 
 
+class AotiRuntime:
+    """An AOTInductor package (``.pt2``) on the device it was compiled for. ``info`` is its engine
+    manifest's info: device, input names and the batch range torch.export's guards allow."""
+
+    def __init__(self, path: str | Path, info: dict) -> None:
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"AOTInductor package not found: {path}")
+        self.device = info.get("device", "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"{path} was compiled for CUDA, and torch sees no GPU here")
+        self.batch_range = info.get("batch_range", [1, 2**31])
+        self._names = info.get("inputs", ["sample", "timestep", "class_labels"])
+        try:
+            self.model = torch._inductor.aoti_load_package(str(path))
+        except Exception as e:
+            raise CheckpointError(
+                f"torch cannot load the AOTInductor package {path} (built with torch "
+                f"{info.get('torch_version', '?')}, this is {torch.__version__}): "
+                f"{str(e).strip()[:300]}"
+            ) from None
+        self.name = f"aotinductor:{self.device}"
+        self._torch = torch
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        types = {"sample": "float32", "guidance_scale": "float32"}
+        return {n: (["batch"], types.get(n, "int64")) for n in self._names}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batches above the engine's range run in chunks: its guards fixed the range at build."""
+        hi = self.batch_range[1]
+        n = len(feeds["sample"])
+        torch = self._torch
+        parts = []
+        with torch.inference_mode():
+            for i in range(0, n, hi):
+                args = {
+                    k: torch.from_numpy(feeds[k][i : i + hi]).to(self.device) for k in self._names
+                }
+                parts.append(self.model(**args).cpu().numpy())
+        x0 = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return {"x0": x0}
+
+
 def open_engine(
     path: str | Path, target: Any = None, spin: bool = True
-) -> tuple[OrtRuntime, SamplerPlan]:
+) -> tuple[Runtime, SamplerPlan]:
     """An engine artifact's runtime and sampler plan, after checking its file hashes and, when a
     target is given, that the engine was built for it."""
     from accel.core.artifact import Artifact
@@ -184,11 +273,17 @@ def open_engine(
             f"not {target.name!r} ({target.fingerprint}); rebuild it with "
             f"`accel compile ONNX_ARTIFACT --target {target.name}`"
         )
-    runtime = OrtRuntime(
-        Path(path) / engine.info.get("engine_file", "model.onnx"),
-        provider=engine.info.get("provider", "CPUExecutionProvider"),
-        spin=spin,
-    )
+    file = Path(path) / engine.info.get("engine_file", "model.onnx")
+    runtime: Runtime
+    if engine.info.get("backend") == "aotinductor":
+        runtime = AotiRuntime(file, engine.info)
+    else:
+        runtime = OrtRuntime(
+            file,
+            provider=engine.info.get("provider", "CPUExecutionProvider"),
+            spin=spin,
+            options=engine.info.get("provider_options"),
+        )
     return runtime, SamplerPlan.load(Path(path) / PLAN_FILE)
 
 

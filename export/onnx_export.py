@@ -32,6 +32,9 @@ class OnnxConfig(StageConfig):
     guidance_scale: float | None = None
     """Guidance of the sampler plan; default: the checkpoint's (1 for students with it baked in)."""
     parity_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 3], min_length=1)
+    fused_sampler: bool = False
+    """Export the whole sampler (every step, guidance, coefficients) as one graph:
+    noise [, class_labels, step_noise] -> images (``export.fused_sampler``)."""
 
 
 def example_inputs(graph, batch: int, timesteps: list[int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -53,30 +56,52 @@ def example_inputs(graph, batch: int, timesteps: list[int], seed: int = 0) -> di
     return feeds
 
 
-def onnx_from_torch(graph, path: Path, opset: int = 18) -> None:
-    """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input."""
+def onnx_from_torch(
+    graph,
+    path: Path,
+    opset: int = 18,
+    dynamo: bool = True,
+    inputs: dict[str, np.ndarray] | None = None,
+    output: str = "x0",
+) -> None:
+    """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input.
+    ``inputs`` are example feeds (default: a DenoiserGraph's). ``dynamo=False`` takes the
+    TorchScript exporter, the one that exports Model Optimizer's quantized modules (the dynamo
+    exporter trips on their data-dependent guards)."""
     import onnx
     import torch
 
-    feeds = {k: torch.from_numpy(v) for k, v in example_inputs(graph, 2, [500]).items()}
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {name: {0: batch} for name in feeds}
+    inputs = example_inputs(graph, 2, [500]) if inputs is None else inputs
+    feeds = {k: torch.from_numpy(v) for k, v in inputs.items()}
     graph.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about pytree internals and axis names
-        program = torch.onnx.export(
-            graph,
-            args=(),
-            kwargs=feeds,
-            dynamo=True,
-            opset_version=opset,
-            verbose=False,
-            input_names=list(feeds),
-            output_names=["x0"],
-            dynamic_shapes=dynamic,
-        )
-    program.save(str(path))
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            program = torch.onnx.export(
+                graph,
+                args=(),
+                kwargs=feeds,
+                dynamo=True,
+                opset_version=opset,
+                verbose=False,
+                input_names=list(feeds),
+                output_names=[output],
+                dynamic_shapes={name: {0: batch} for name in feeds},
+            )
+            program.save(str(path))
+        else:
+            torch.onnx.export(
+                graph,
+                args=tuple(feeds.values()),
+                f=str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(feeds),
+                output_names=[output],
+                dynamic_axes={name: {0: "batch"} for name in [*feeds, output]},
+            )
     model = onnx.load(str(path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
         dim0 = value.type.tensor_type.shape.dim[0]
@@ -89,27 +114,114 @@ def onnx_from_torch(graph, path: Path, opset: int = 18) -> None:
     onnx.checker.check_model(str(path))
 
 
-def run(ctx: StageContext) -> None:
-    config: OnnxConfig = ctx.config  # type: ignore[assignment]
-    from accel.runtime import OrtRuntime, TorchRuntime
+def graph_and_plan(stage: str, path: Path, steps: int | None, guidance: float | None):
+    """The checkpoint's DenoiserGraph and its sampler plan for ``steps`` (default: a student's own
+    step count) and ``guidance`` (default: the checkpoint's)."""
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
-    from export.parity import compare, describe_failure
 
-    denoiser, info = load_denoiser(ctx.input.path, guidance_scale=config.guidance_scale)
-    steps = config.num_inference_steps or info.get("num_inference_steps")
+    denoiser, info = load_denoiser(path, guidance_scale=guidance)
+    steps = steps or info.get("num_inference_steps")
     if steps is None:
         raise StageError(
-            "onnx",
-            f"{ctx.input.path} names no num_inference_steps (not a distilled "
-            "student): set num_inference_steps in the onnx stage config",
+            stage,
+            f"{path} names no num_inference_steps (not a distilled student): "
+            f"set num_inference_steps in the {stage} stage config",
         )
-    graph = DenoiserGraph.of(denoiser)
-    plan = sampler_plan(denoiser, steps, info.get("num_classes"))
+    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info.get("num_classes"))
+
+
+class _Replay:
+    """An rng stand-in that hands ``accel.runtime.sample`` the fused graph's step noise in order."""
+
+    def __init__(self, step_noise: np.ndarray | None) -> None:
+        self.draws = iter([] if step_noise is None else np.moveaxis(step_noise, 1, 0))
+
+    def standard_normal(self, shape, dtype=np.float32) -> np.ndarray:
+        return next(self.draws)
+
+
+class PerStepLoop:
+    """The per-step loop (``accel.runtime.sample`` over the step graph) as a runtime that takes a
+    fused graph's feeds: the reference a fused sampler must reproduce."""
+
+    def __init__(self, runtime, plan) -> None:
+        self.runtime, self.plan, self.name = runtime, plan, f"per-step loop ({runtime.name})"
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from accel.runtime import sample
+
+        images = sample(
+            self.runtime,
+            self.plan,
+            feeds["noise"],
+            feeds.get("class_labels"),
+            _Replay(feeds.get("step_noise")),  # type: ignore[arg-type]
+        )
+        return {"images": images}
+
+
+def onnx_parity(path: Path, reference, feeds: list[dict], extra: list | None = None) -> dict:
+    """torch against onnxruntime with its graph optimisations off and on (and ``extra``
+    runtimes), fp32 tolerances; StageError on any disagreement."""
+    from accel.runtime import OrtRuntime
+    from export.parity import compare, describe_failure
+
+    try:
+        others = [OrtRuntime(path, optimize=False), OrtRuntime(path)]
+    except CheckpointError as e:
+        raise StageError("onnx", f"the exported graph does not load: {e}") from None
+    others[0].name += ":no-opt"
+    report = compare(reference, others + (extra or []), feeds, "fp32")
+    if not report["passed"]:
+        raise StageError("onnx", "the runtimes disagree: " + describe_failure(report))
+    return report
+
+
+def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan) -> None:
+    from dataclasses import replace
+
+    from accel.runtime import TorchRuntime
+    from export.fused_sampler import FusedSampler, example_feeds
+
+    fused_plan = replace(plan, notes={**plan.notes, "fused": True, "graph_output": "images"})
+    sampler = FusedSampler(graph, fused_plan).eval()
     t0 = time.perf_counter()
     ctx.progress(
-        f"onnx: exporting {type(denoiser.backbone).__name__} (dynamo, opset {config.opset})"
+        f"onnx: exporting the fused {len(plan.steps)}-step sampler (dynamo, opset {config.opset})"
     )
+    onnx_from_torch(
+        sampler,
+        ctx.out / MODEL_FILE,
+        config.opset,
+        inputs=example_feeds(sampler, 2),
+        output="images",
+    )
+    export_s = time.perf_counter() - t0
+    fused_plan.save(ctx.out / PLAN_FILE)
+    feeds = [example_feeds(sampler, b, seed=i) for i, b in enumerate(config.parity_batch_sizes)]
+    loop = PerStepLoop(TorchRuntime(graph), plan)
+    report = onnx_parity(ctx.out / MODEL_FILE, TorchRuntime(sampler), feeds, [loop])
+    ctx.metrics.update(
+        export_seconds=export_s,
+        parity=report,
+        onnx_bytes=sum(p.stat().st_size for p in ctx.out.iterdir()),
+    )
+    ctx.info.update(fused_sampler=True, steps=len(plan.steps))
+
+
+def run(ctx: StageContext) -> None:
+    config: OnnxConfig = ctx.config  # type: ignore[assignment]
+    from accel.runtime import TorchRuntime
+
+    graph, plan = graph_and_plan(
+        "onnx", ctx.input.path, config.num_inference_steps, config.guidance_scale
+    )
+    if config.fused_sampler:
+        export_fused(ctx, config, graph, plan)
+        return
+    t0 = time.perf_counter()
+    ctx.progress(f"onnx: exporting {type(graph.backbone).__name__} (dynamo, opset {config.opset})")
     onnx_from_torch(graph, ctx.out / MODEL_FILE, config.opset)
     export_s = time.perf_counter() - t0
     plan.save(ctx.out / PLAN_FILE)
@@ -118,17 +230,7 @@ def run(ctx: StageContext) -> None:
     feeds = [
         example_inputs(graph, b, timesteps, seed=i) for i, b in enumerate(config.parity_batch_sizes)
     ]
-    try:
-        others = [
-            OrtRuntime(ctx.out / MODEL_FILE, optimize=False),
-            OrtRuntime(ctx.out / MODEL_FILE),
-        ]
-    except CheckpointError as e:
-        raise StageError("onnx", f"the exported graph does not load: {e}") from None
-    others[0].name += ":no-opt"
-    report = compare(TorchRuntime(graph), others, feeds, "fp32")
-    if not report["passed"]:
-        raise StageError("onnx", "onnxruntime disagrees with torch: " + describe_failure(report))
+    report = onnx_parity(ctx.out / MODEL_FILE, TorchRuntime(graph), feeds)
     ctx.metrics.update(
         export_seconds=export_s,
         parity=report,

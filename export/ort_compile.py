@@ -1,10 +1,18 @@
 """Compile an ONNX graph into an onnxruntime engine for one target.
 
-onnxruntime's offline mode (``SessionOptions.optimized_model_filepath``) saves the graph after its
-optimisers ran: constant folding, fusions and, at level "all", layout transforms chosen for the
-machine's execution provider, which is why the engine is target-specific and keyed on the target's
-fingerprint. The stage refuses a provider that onnxruntime does not actually enable (it would fall
-back to CPU silently) and proves parity of the engine against the unoptimised graph.
+CPU: onnxruntime's offline mode (``SessionOptions.optimized_model_filepath``) saves the graph after
+its optimisers ran: constant folding, fusions (Q/DQ pairs into QLinearConv for INT8 graphs) and, at
+level "all", layout transforms chosen for this machine, which is why the engine is target-specific
+and keyed on the target's fingerprint.
+
+GPU: the CUDA and TensorRT execution providers build their kernels when a session opens, so the
+engine is the graph plus the provider options taken from the target (fp16, the TensorRT EP's
+optimisation profile from the target's min/opt/max shapes, its engine and timing caches inside the
+artifact, in a folder named after the target fingerprint and library versions).
+
+The stage refuses a provider that onnxruntime does not actually enable (it falls back to CPU
+silently), proves parity of the engine against the unoptimised graph, and passes the quality gate
+(``export.quality_gate``) against it.
 """
 
 from __future__ import annotations
@@ -16,30 +24,77 @@ from typing import Literal
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
+from export.quality_gate import GateConfig, quality_gate
 
 ENGINE_FILE = "model.onnx"
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
+PROVIDERS = {
+    "onnxruntime": "CPUExecutionProvider",
+    "onnxruntime-cuda": "CUDAExecutionProvider",
+    "onnxruntime-tensorrt": "TensorrtExecutionProvider",
+}
+
+
 class OrtConfig(StageConfig):
-    provider: Literal[
-        "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-    ] = "CPUExecutionProvider"
+    provider: (
+        Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"] | None
+    ) = None
+    """Default: the first onnxruntime backend in the target's preference order."""
     optimization_level: Literal["basic", "extended", "all"] = "all"
     intra_op_threads: int | None = None
+    gate: GateConfig = GateConfig()
+
+
+def target_provider(target) -> str:
+    """The execution provider of the first onnxruntime backend the target prefers."""
+    for backend in target.backends:
+        if backend in PROVIDERS:
+            if target.device == "cuda" and backend == "onnxruntime":
+                return PROVIDERS["onnxruntime-cuda"]
+            return PROVIDERS[backend]
+    raise StageError(
+        "ort",
+        f"target {target.name!r} lists no onnxruntime backend ({target.backends}); "
+        f"add one of {sorted(PROVIDERS)} to its backends, or set provider in the stage config",
+    )
+
+
+def provider_options(target, provider: str, cache_dir: str, inputs: dict) -> dict[str, str]:
+    """Execution-provider options from the target: fp16 and, for the TensorRT EP, an optimisation
+    profile over the target's batch range (trtexec's --minShapes/--optShapes/--maxShapes) and
+    engine/timing caches in ``cache_dir``."""
+    if provider == "CPUExecutionProvider":
+        return {}
+    if provider == "CUDAExecutionProvider":
+        return {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+    batch = target.shapes.batch
+
+    def shapes(b: int) -> str:
+        return ",".join(
+            f"{name}:"
+            + "x".join(str(b) if isinstance(d, str) or d is None else str(d) for d in shape)
+            for name, (shape, _) in inputs.items()
+        )
+
+    return {
+        "trt_fp16_enable": str(target.precision == "fp16").lower(),
+        "trt_int8_enable": "false",  # Q/DQ graphs carry their own scales: explicit quantization
+        "trt_engine_cache_enable": "true",
+        "trt_engine_cache_path": cache_dir,
+        "trt_timing_cache_enable": "true",
+        "trt_timing_cache_path": cache_dir,
+        "trt_profile_min_shapes": shapes(batch.min),
+        "trt_profile_opt_shapes": shapes(batch.opt),
+        "trt_profile_max_shapes": shapes(batch.max),
+    }
 
 
 def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -> None:
     """Run onnxruntime's optimisers for ``provider`` on ``src`` and save the result at ``dst``."""
     import onnxruntime as ort
 
-    if provider not in ort.get_available_providers():
-        raise StageError(
-            "ort",
-            f"{provider} is not available in this onnxruntime build "
-            f"(available: {ort.get_available_providers()}); for GPU targets install "
-            "accel[gpu] in place of onnxruntime",
-        )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     opts.optimized_model_filepath = str(dst)
@@ -62,31 +117,50 @@ def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -
 
 def run(ctx: StageContext) -> None:
     config: OrtConfig = ctx.config  # type: ignore[assignment]
-    from accel.runtime import OrtRuntime, step_feeds
+    import numpy as np
+    import onnxruntime as ort
+
+    from accel.runtime import OrtRuntime, fused_feeds, step_feeds
     from export.onnx_export import MODEL_FILE
     from export.parity import compare, describe_failure
 
     src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    provider = config.provider or target_provider(ctx.target)
+    if provider not in ort.get_available_providers():
+        raise StageError(
+            "ort",
+            f"{provider} is not available in this onnxruntime build "
+            f"(available: {ort.get_available_providers()}); for GPU targets install "
+            "accel[gpu] in place of onnxruntime",
+        )
     t0 = time.perf_counter()
     ctx.progress(
-        f"ort: optimising for {ctx.target.name} ({config.provider}, level {config.optimization_level})"
+        f"ort: optimising for {ctx.target.name} ({provider}, level {config.optimization_level})"
     )
-    engine_from_onnx(
-        src,
-        ctx.out / ENGINE_FILE,
-        config.provider,
-        config.optimization_level,
-        config.intra_op_threads,
-    )
+    try:
+        reference = OrtRuntime(src, optimize=False)
+    except CheckpointError as e:
+        hint = ""
+        if "trt" in str(e).lower():
+            hint = " (FP8 graphs with TensorRT's custom ops run only in TensorRT)"
+        raise StageError("ort", f"{e}{hint}") from None
+    options: dict[str, str] = {}
+    if provider == "CPUExecutionProvider":
+        engine_from_onnx(
+            src, ctx.out / ENGINE_FILE, provider, config.optimization_level, config.intra_op_threads
+        )
+    else:  # GPU providers compile when a session opens: ship the graph and the options
+        for f in ctx.input.path.glob(MODEL_FILE + "*"):
+            shutil.copy(f, ctx.out / f.name)
+        cache = f"trt-cache-{ctx.target.fingerprint}-ort{ort.__version__}"
+        options = provider_options(ctx.target, provider, cache, reference.inputs())
     compile_s = time.perf_counter() - t0
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
     try:
-        reference = OrtRuntime(src, optimize=False)
-        engine = OrtRuntime(ctx.out / ENGINE_FILE, provider=config.provider)
+        engine = OrtRuntime(ctx.out / ENGINE_FILE, provider=provider, options=options)
     except CheckpointError as e:
         raise StageError("ort", str(e)) from None
-    import numpy as np
 
     rng = np.random.default_rng(0)
     c, h, w = plan.sample_shape
@@ -96,26 +170,33 @@ def run(ctx: StageContext) -> None:
         x = rng.standard_normal((b, c, h, w)).astype(np.float32)
         timesteps = np.array([s["timestep"] for s in plan.steps], np.int64)
         conditional = "class_labels" in engine.inputs()
-        feeds.append(step_feeds(plan, x, timesteps, labels if conditional else None))
-    report = compare(reference, [engine], feeds, "fp32")
-    if not report["passed"]:
+        if plan.notes.get("fused"):
+            feeds.append(fused_feeds(plan, x, labels if conditional else None, rng))
+        else:
+            feeds.append(step_feeds(plan, x, timesteps, labels if conditional else None))
+    precision = "fp16" if options.get("trt_fp16_enable") == "true" else "fp32"
+    quantized = ctx.input.info.get("precision") in ("int8", "fp8")
+    report = compare(reference, [engine], feeds, precision)
+    if not report["passed"] and not quantized:
         raise StageError(
             "ort", "the engine disagrees with its ONNX graph: " + describe_failure(report)
         )
-    import onnxruntime as ort
-
-    ctx.metrics.update(compile_seconds=compile_s, parity=report)
+    # integer kernels round differently from the Q/DQ reference: the gate judges them on images
+    gate = quality_gate("ort", config.gate, (reference, plan), (engine, plan), ctx.progress)
+    ctx.metrics.update(compile_seconds=compile_s, parity=report, quality_gate=gate)
     ctx.info.update(
         backend="onnxruntime",
-        provider=config.provider,
+        provider=provider,
+        provider_options=options,
         onnxruntime_version=ort.__version__,
         engine_file=ENGINE_FILE,
+        precision=ctx.input.info.get("precision", precision),
     )
 
 
 STAGE = Stage(
     name="ort",
-    version=1,
+    version=2,
     config=OrtConfig,
     consumes="onnx",
     produces="engine",

@@ -1,0 +1,81 @@
+"""The whole few-step sampler as one graph: noise (and labels) in, images out.
+
+A deployment of an N-step student otherwise makes N engine calls per image, each with host-side
+arithmetic between them (``accel.runtime.sample``). ``FusedSampler`` unrolls the sampler plan
+instead: every step's timestep, DDIM / consistency coefficients (x_prev = a x + b x0_hat + c z) and
+classifier-free guidance (x0_hat = x0_u + w (x0_c - x0_u) over a doubled batch, Ho & Salimans
+2022) become constants of one graph. Stochastic (consistency) steps take their fresh noise z from
+an input, ``step_noise`` (batch x K x C x H x W for K stochastic steps), so the graph stays
+deterministic and reproduces the per-step loop fed the same draws (``accel.runtime.fused_feeds``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from accel.core.plan import SamplerPlan
+
+
+class FusedSampler(nn.Module):
+    def __init__(self, graph: nn.Module, plan: SamplerPlan) -> None:
+        super().__init__()
+        self.denoiser = graph  # not `graph`: torch.fx reserves that attribute name
+        self.plan = plan
+        self.conditional = bool(graph.conditional)
+        self.w_input = bool(graph.guidance_input)
+        self.guided = self.conditional and plan.guidance_scale != 1.0 and not self.w_input
+        self.stochastic = [i for i, s in enumerate(plan.steps) if s.get("c", 0.0)]
+
+    def input_names(self) -> list[str]:
+        names = ["noise"]
+        if self.conditional:
+            names.append("class_labels")
+        if self.stochastic:
+            names.append("step_noise")
+        return names
+
+    def forward(
+        self,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        step_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        plan = self.plan
+        x = noise * plan.init_noise_sigma
+        labels = class_labels if self.conditional else None
+        if self.guided:
+            assert labels is not None
+            labels = torch.cat([labels, torch.full_like(labels, int(plan.null_label))])
+        w = None
+        if self.w_input:
+            w = torch.full_like(noise[:, 0, 0, 0], plan.guidance_scale)
+        k = 0
+        for step in plan.steps:
+            xin = torch.cat([x, x]) if self.guided else x
+            t = torch.full_like(xin[:, 0, 0, 0], step["timestep"]).long()
+            x0 = self.denoiser(xin, t, labels, w)
+            if self.guided:  # slices, not chunk(2): chunk's size guard pins the batch
+                n = x.shape[0]
+                x0 = x0[n:] + plan.guidance_scale * (x0[:n] - x0[n:])
+            x = step["a"] * x + step["b"] * x0
+            if step.get("c", 0.0):
+                assert step_noise is not None
+                x = x + step["c"] * step_noise[:, k]
+                k += 1
+        return x
+
+
+def example_feeds(sampler: FusedSampler, batch: int, seed: int = 0) -> dict:
+    """numpy feeds for the fused graph: noise, labels 0..K-1 cycled, step noise."""
+    import numpy as np
+
+    from accel.runtime import fused_feeds
+
+    rng = np.random.default_rng(seed)
+    plan = sampler.plan
+    noise = rng.standard_normal((batch, *plan.sample_shape)).astype(np.float32)
+    labels = None
+    if sampler.conditional:
+        labels = (np.arange(batch) % int(plan.num_classes or 1)).astype(np.int64)
+    return fused_feeds(plan, noise, labels, rng)

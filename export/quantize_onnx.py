@@ -1,0 +1,223 @@
+"""Post-training quantization of an exported ONNX graph: INT8 with onnxruntime, INT8 or FP8 with
+NVIDIA Model Optimizer's ONNX PTQ (``modelopt.onnx.quantization.quantize``).
+
+Both insert QuantizeLinear/DequantizeLinear (Q/DQ) pairs (Jacob et al. 2018, "Quantization and
+Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"): a tensor x becomes
+s * (clip(round(x / s) + z) - z), with scales s from calibration. Runtimes fuse Q/DQ around Conv
+and MatMul into integer kernels (onnxruntime's QLinearConv, TensorRT's INT8/FP8 tactics).
+
+Calibration runs on the student's own sampling trajectory: the graph's exact feeds at every step of
+its sampler plan (timesteps, guidance's doubled batch or w input, resolution), recorded while the
+fp32 graph samples ``calibration_samples`` images. Activation ranges at t = 999 and at the last step
+differ by an order of magnitude, which random inputs or a generic calibration set would miss.
+
+Routes:
+- ``ort_int8``: ``onnxruntime.quantization.quantize_static`` in QDQ format, static per-tensor INT8
+  on Conv/MatMul/Gemm (measured 1.6-1.8x onnxruntime fp32 on AVX-512 VNNI; other op types fail on
+  dynamo graphs' shared initialisers, see ../shared/FACTS.md).
+- ``modelopt_int8`` / ``modelopt_fp8``: Model Optimizer's ONNX PTQ (entropy/max calibration, Q/DQ
+  placement for TensorRT fusions). FP8 Q/DQ (E4M3) run fast only in TensorRT on Hopper/Ada GPUs;
+  onnxruntime runs them on CPU for the quality gate, with its graph optimisations off.
+
+The quality gate (``export.quality_gate``) then samples with the quantized and the fp32 graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from accel.core.errors import CheckpointError, StageError
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.stage import Stage, StageConfig, StageContext
+from export.quality_gate import GateConfig, quality_gate
+
+MODEL_FILE = "model.onnx"
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+class QuantizeConfig(StageConfig):
+    method: Literal["ort_int8", "modelopt_int8", "modelopt_fp8"] = "ort_int8"
+    calibration_samples: int = Field(64, ge=1)
+    """Images whose sampling trajectories calibrate the activation ranges."""
+    calibration_seed: int = 1000
+    """Noise of the calibration trajectories (kept apart from the gate's seeds)."""
+    op_types: list[str] | None = None
+    """Op types to quantize; default: Conv, MatMul, Gemm for ort_int8, modelopt's own choice."""
+    high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
+    """modelopt only: the dtype of what stays unquantized (fp16 suits GPU targets)."""
+    gate: GateConfig = GateConfig()
+
+    @model_validator(mode="after")
+    def _fp16_is_modelopt_only(self) -> QuantizeConfig:
+        if self.method == "ort_int8" and self.high_precision_dtype != "fp32":
+            raise ValueError("high_precision_dtype applies to the modelopt methods only")
+        return self
+
+
+def calibration_feeds(runtime, plan: SamplerPlan, n: int, seed: int) -> list[dict]:
+    """The graph's feeds at every step of ``plan`` while ``runtime`` samples n images."""
+    from accel.quality import generate
+
+    feeds: list[dict] = []
+    generate(runtime, plan, n, seed, plan.num_classes, chunk=64, on_step=feeds.append)
+    return feeds
+
+
+def count_ops(path: Path) -> Counter:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def quantize_ort_int8(src: Path, dst: Path, feeds: list[dict], op_types: list[str]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=op_types,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
+def quantize_modelopt(
+    src: Path, dst: Path, feeds: list[dict], mode: str, op_types: list[str] | None, dtype: str
+) -> None:
+    """Model Optimizer's ONNX PTQ, in a child process: it patches onnxruntime's calibrators and
+    quantizer in place, which would break ``ort_int8`` (and any calibration) later in this one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # modelopt's calibration takes one array per input: the trajectory's steps, stacked
+    data = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        child.submit(_modelopt_onnx_ptq, src, dst, data, mode, op_types, dtype).result()
+
+
+def _modelopt_onnx_ptq(
+    src: Path, dst: Path, data: dict, mode: str, op_types: list[str] | None, dtype: str
+) -> None:
+    import logging
+
+    import modelopt.onnx.quantization as moq
+
+    logging.getLogger("modelopt").setLevel(logging.ERROR)
+    moq.quantize(
+        str(src),
+        quantize_mode=mode,
+        calibration_data=data,
+        calibration_eps=["cpu"],
+        op_types_to_quantize=op_types,
+        high_precision_dtype=dtype,
+        output_path=str(dst),
+        log_level="ERROR",
+    )
+
+
+def run(ctx: StageContext) -> None:
+    config: QuantizeConfig = ctx.config  # type: ignore[assignment]
+    import onnx
+
+    from accel.runtime import OrtRuntime
+
+    src = ctx.input.path / MODEL_FILE
+    plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    try:
+        parent = OrtRuntime(src)
+    except CheckpointError as e:
+        raise StageError("quantize", str(e)) from None
+    ctx.progress(
+        f"quantize: calibrating {config.method} on the sampling trajectories of "
+        f"{config.calibration_samples} images ({len(plan.steps)} steps each)"
+    )
+    feeds = calibration_feeds(parent, plan, config.calibration_samples, config.calibration_seed)
+    feeds = [{k: v for k, v in f.items() if k in parent.inputs()} for f in feeds]
+    t0 = time.perf_counter()
+    # quantizers write scratch files beside their inputs and into the working directory
+    with tempfile.TemporaryDirectory(prefix="accel-quantize-") as tmp, contextlib.chdir(tmp):
+        scratch = Path(tmp) / MODEL_FILE
+        for f in ctx.input.path.glob(MODEL_FILE + "*"):  # the graph and its external data
+            shutil.copy(f, Path(tmp) / f.name)
+        out = Path(tmp) / "quantized" / MODEL_FILE
+        out.parent.mkdir()
+        try:
+            if config.method == "ort_int8":
+                quantize_ort_int8(
+                    scratch, out, feeds, config.op_types or ["Conv", "MatMul", "Gemm"]
+                )
+            else:
+                quantize_modelopt(
+                    scratch,
+                    out,
+                    feeds,
+                    config.method.removeprefix("modelopt_"),
+                    config.op_types,
+                    config.high_precision_dtype,
+                )
+        except ImportError as e:
+            raise StageError(
+                "quantize", f"{config.method} needs a package that is not installed: {e}"
+            ) from None
+        for f in out.parent.iterdir():
+            shutil.move(f, ctx.out / f.name)
+    quantize_s = time.perf_counter() - t0
+    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
+    onnx.checker.check_model(str(ctx.out / MODEL_FILE))
+    ops = count_ops(ctx.out / MODEL_FILE)
+    if not all(ops[op] for op in QDQ_OPS):
+        raise StageError(
+            "quantize",
+            f"{config.method} inserted no Q/DQ nodes (op types asked: {config.op_types}); "
+            "check op_types against the graph's op types",
+        )
+    fp8 = config.method == "modelopt_fp8"
+    try:  # FP8 Q/DQ: onnxruntime's CPU optimisers cannot fold them
+        quantized = OrtRuntime(ctx.out / MODEL_FILE, optimize=not fp8)
+    except CheckpointError as e:
+        raise StageError("quantize", f"the quantized graph does not load: {e}") from None
+    gate = quality_gate("quantize", config.gate, (parent, plan), (quantized, plan), ctx.progress)
+    ctx.metrics.update(quantize_seconds=quantize_s, quality_gate=gate, qdq_nodes=ops[QDQ_OPS[0]])
+    ctx.info.update(
+        precision="fp8" if fp8 else "int8",
+        quantizer=config.method,
+        calibration_feeds=len(feeds),
+    )
+
+
+STAGE = Stage(
+    name="quantize",
+    version=1,
+    config=QuantizeConfig,
+    consumes="onnx",
+    produces="onnx",
+    run=run,
+    description="INT8/FP8 post-training quantization of the ONNX graph, calibrated on its own "
+    "sampling trajectory, behind a quality gate",
+)

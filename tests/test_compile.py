@@ -1,0 +1,138 @@
+"""Compilers on a tiny model: AOTInductor on CPU (dynamic batch, gate, engine runtime), the
+onnxruntime execution-provider options a target implies, and the GPU paths under `gpu`."""
+
+import numpy as np
+import pytest
+
+from accel.core.errors import StageError
+from accel.core.target import Target
+from accel.pipeline import default_store
+from accel.runtime import AotiRuntime, TorchRuntime, open_engine, open_runtime
+from export.onnx_export import example_inputs
+from export.ort_compile import provider_options, target_provider
+from export.parity import compare, describe_failure
+
+from tiny import build, write_tiny_pipeline
+
+
+def gpu_target(**fields):
+    return Target.model_validate(
+        {
+            "name": "gpu",
+            "description": "test",
+            "device": "cuda",
+            "gpu": "H100",
+            "compute_capability": "9.0",
+            "backends": ["onnxruntime-tensorrt", "onnxruntime-cuda"],
+            "precision": "fp16",
+            "shapes": {
+                "batch": {"min": 1, "opt": 8, "max": 32},
+                "resolution": {"min": 16, "opt": 16, "max": 16},
+            },
+            **fields,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    store = default_store(root / "store")
+    return store, store.source(write_tiny_pipeline(root / "teacher"))
+
+
+def test_aotinductor_engine_matches_eager_across_its_batch_range(tiny):
+    store, source = tiny
+    engine = build(
+        store,
+        source,
+        "aoti",
+        num_inference_steps=3,
+        gate={"metric": "image_rmse", "threshold": 1e-4, "samples": 70},
+    )
+    assert engine.info["backend"] == "aotinductor" and engine.target["name"] == "cpu"
+    assert engine.info["batch_range"][0] == 1 and engine.info["batch_range"][1] in (63, 64)
+    assert engine.metrics["quality_gate"]["value"] < 1e-4  # 70 samples: two calls of <= 64
+    runtime, plan = open_engine(engine.path)
+    assert isinstance(runtime, AotiRuntime) and len(plan.steps) == 3
+    eager, _ = open_runtime(source.path, steps=3)
+    feeds = [example_inputs(eager.graph, b, [999, 500, 1], seed=b) for b in (1, 5, 100)]
+    report = compare(eager, [runtime], feeds, "fp32")
+    assert report["passed"], describe_failure(report)
+
+
+def test_ort_provider_follows_the_target():
+    from accel.core.target import load_target
+
+    assert target_provider(load_target("cpu")) == "CPUExecutionProvider"
+    assert target_provider(gpu_target()) == "TensorrtExecutionProvider"
+    assert target_provider(gpu_target(backends=["onnxruntime"])) == "CUDAExecutionProvider"
+    with pytest.raises(StageError, match="lists no onnxruntime backend"):
+        target_provider(gpu_target(backends=["tensorrt"]))
+
+
+def test_tensorrt_ep_options_carry_the_targets_profile_precision_and_cache():
+    inputs = {
+        "sample": (["batch", 1, 16, 16], "tensor(float)"),
+        "timestep": (["batch"], "tensor(int64)"),
+        "class_labels": (["batch"], "tensor(int64)"),
+    }
+    opts = provider_options(gpu_target(), "TensorrtExecutionProvider", "cache-x", inputs)
+    assert opts["trt_profile_min_shapes"] == "sample:1x1x16x16,timestep:1,class_labels:1"
+    assert opts["trt_profile_opt_shapes"] == "sample:8x1x16x16,timestep:8,class_labels:8"
+    assert opts["trt_profile_max_shapes"] == "sample:32x1x16x16,timestep:32,class_labels:32"
+    assert opts["trt_fp16_enable"] == "true" and opts["trt_engine_cache_path"] == "cache-x"
+    fp32 = provider_options(gpu_target(precision="fp32"), "TensorrtExecutionProvider", "c", inputs)
+    assert fp32["trt_fp16_enable"] == "false"
+    assert provider_options(gpu_target(), "CPUExecutionProvider", "c", inputs) == {}
+
+
+def test_compile_refuses_a_provider_this_onnxruntime_lacks(tiny):
+    store, source = tiny
+    graph = build(store, source, "onnx", num_inference_steps=2)
+    with pytest.raises(StageError, match="not available in this onnxruntime build"):
+        build(store, graph, "ort", provider="TensorrtExecutionProvider")
+
+
+@pytest.mark.gpu
+def test_aotinductor_on_cuda_matches_eager(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    store = default_store(tmp_path / "store")
+    source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
+    target = tmp_path / "gpu.toml"
+    target.write_text(
+        'name = "gpu"\ndescription = "t"\ndevice = "cuda"\nbackends = ["aotinductor"]\n'
+        "[shapes]\nbatch = { min = 1, opt = 4, max = 32 }\n"
+        "resolution = { min = 16, opt = 16, max = 16 }\n"
+    )
+    engine = build(
+        store,
+        source,
+        "aoti",
+        target=str(target),
+        num_inference_steps=2,
+        gate={"metric": "image_rmse", "threshold": 1e-3, "samples": 16},
+    )
+    runtime, _ = open_engine(engine.path)
+    eager, _ = open_runtime(source.path, steps=2)
+    feeds = [example_inputs(eager.graph, 4, [999, 1])]
+    report = compare(eager, [runtime], feeds, "fp32")
+    assert report["passed"], describe_failure(report)
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_engine_runs_on_the_gpu(tiny):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with CUDA is not installed")
+    store, source = tiny
+    graph = build(store, source, "onnx", num_inference_steps=2)
+    engine = build(store, graph, "ort", provider="CUDAExecutionProvider")
+    runtime, plan = open_engine(engine.path)
+    assert runtime.session.get_providers()[0] == "CUDAExecutionProvider"
+    eager = TorchRuntime(open_runtime(source.path, steps=2)[0].graph)
+    feeds = [example_inputs(eager.graph, 4, [999, 1])]
+    assert compare(eager, [runtime], feeds, "fp32")["passed"]
+    assert np.isfinite(runtime.infer(feeds[0])["x0"]).all()
