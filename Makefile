@@ -11,6 +11,11 @@ $(BIN)/accel: pyproject.toml
 	# The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# TensorRT's type stubs, to type-check export/tensorrt_compile.py (tests/test_tensorrt.py).
+	# Kept out of site-packages: there they would make `import tensorrt` an empty namespace
+	# package that Model Optimizer mistakes for TensorRT. --no-deps: they require the real
+	# tensorrt wheels, which only NVIDIA's package index serves.
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/tensorrt-stubs tensorrt-stubs==10.13.0.35.1
 	touch $(BIN)/accel
 
 venv: $(BIN)/accel

@@ -103,7 +103,8 @@ def plan(recipe: Path, store: Path | None) -> None:
         f"recipe {r.name}, target {r.target.name} ({r.target.fingerprint}), source {source.key}"
     )
     for i, s in enumerate(stages, 1):
-        click.echo(f"  [{i}] {s.plan.stage.name:<12} {'HIT ' if s.hit else 'MISS'}  {s.key}")
+        branch = f"  (from [{s.plan.parent + 1}])" if s.plan.parent is not None else ""
+        click.echo(f"  [{i}] {s.plan.stage.name:<12} {'HIT ' if s.hit else 'MISS'}  {s.key}{branch}")
 
 
 @cli.command()
@@ -122,17 +123,26 @@ def demo(out: Path, store: Path | None) -> None:
 
     artifacts = run_recipe(load_recipe(DEMO_RECIPE), default_store(store))
     by_stage = {a.stage: a for a in artifacts}
+    fp32, int8 = (a for a in artifacts if a.stage == "ort")
 
     def fill(tmp: Path) -> None:
         shutil.copytree(by_stage["progressive"].path, tmp / "student")
-        shutil.copytree(by_stage["ort"].path, tmp / "engine")
+        shutil.copytree(fp32.path, tmp / "engine")
+        shutil.copytree(int8.path, tmp / "engine-int8")
         for f in by_stage["profile"].path.iterdir():
             if f.suffix in (".json", ".md", ".png") and f.name != "manifest.json":
                 shutil.copy(f, tmp / f.name)
 
     _publish(out, fill)
     click.echo((out / "report.md").read_text())
-    click.echo(f"wrote {out}/: student/, engine/, report.json, report.md, grid_*.png")
+    gate = by_stage["quantize"].metrics["quality_gate"]
+    before, after = gate["parent"]["fd_digits"], gate["candidate"]["fd_digits"]
+    click.echo(
+        f"INT8 engine (onnxruntime static INT8, in engine-int8/): FD-digits {after:.3f} against "
+        f"{before:.3f} for the fp32 graph ({gate['value']:+.1%}; gate: at most "
+        f"+{gate['threshold']:.0%}), {gate['samples']} samples, seed {gate['seeds'][0]}"
+    )
+    click.echo(f"wrote {out}/: student/, engine/, engine-int8/, report.json, report.md, grid_*.png")
 
 
 # ---------------------------------------------------------------- single stages
@@ -325,6 +335,13 @@ export.add_command(
         "onnx", "onnx", "Export the student at INPUT to ONNX (dynamo), with a parity check."
     )
 )
+export.add_command(
+    StageCommand(
+        "optimize",
+        "optimize",
+        "Clean up the ONNX graph at INPUT with onnxslim, with a parity check against it.",
+    )
+)
 cli.add_command(
     StageCommand(
         "quantize",
@@ -337,9 +354,9 @@ cli.add_command(
 cli.add_command(
     StageCommand(
         "compile",
-        {"ort": "ort", "aoti": "aoti"},
-        "Compile INPUT into an engine for --target: an ONNX artifact with onnxruntime (ort), "
-        "a student checkpoint with AOTInductor (aoti).",
+        {"ort": "ort", "tensorrt": "tensorrt", "aoti": "aoti"},
+        "Compile INPUT into an engine for --target: an ONNX artifact with onnxruntime (ort) or "
+        "TensorRT (tensorrt, GPU targets), a student checkpoint with AOTInductor (aoti).",
         backends=True,
     )
 )

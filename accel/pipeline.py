@@ -11,7 +11,7 @@ from pathlib import Path
 
 from accel.core.artifact import Artifact, Store
 from accel.core.errors import AccelError, StageError
-from accel.core.recipe import Recipe, StagePlan, plan_keys
+from accel.core.recipe import Recipe, StagePlan, parent_position, plan_keys
 from accel.core.stage import StageContext, say
 from accel.core.target import Target
 
@@ -93,8 +93,11 @@ def run_recipe(
     ``resume`` lets training stages continue from the checkpoints of an interrupted run."""
     store.clean_tmp()
     source, stages = plan(recipe, store)
-    artifacts, parent, completed = [], source, []
+    artifacts: list[Artifact] = []
+    completed: list[str] = []
     for i, planned in enumerate(stages, 1):
+        at = parent_position(recipe, i - 1)
+        parent = source if at is None else artifacts[at]
         name = planned.plan.stage.name
         head = f"[{i}/{len(stages)}] {name}"
         if planned.hit:
@@ -108,7 +111,6 @@ def run_recipe(
             progress(f"{head}: done in {time.perf_counter() - t0:.1f}s ({planned.key})")
         completed.append(name)
         artifacts.append(artifact)
-        parent = artifact
     return artifacts
 
 

@@ -277,6 +277,10 @@ def open_engine(
     runtime: Runtime
     if engine.info.get("backend") == "aotinductor":
         runtime = AotiRuntime(file, engine.info)
+    elif engine.info.get("backend") == "tensorrt":
+        from export.tensorrt_compile import TensorRTRuntime
+
+        runtime = TensorRTRuntime(file, engine.info)
     else:
         runtime = OrtRuntime(
             file,

@@ -117,12 +117,11 @@ def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -
 
 def run(ctx: StageContext) -> None:
     config: OrtConfig = ctx.config  # type: ignore[assignment]
-    import numpy as np
     import onnxruntime as ort
 
-    from accel.runtime import OrtRuntime, fused_feeds, step_feeds
+    from accel.runtime import OrtRuntime
     from export.onnx_export import MODEL_FILE
-    from export.parity import compare, describe_failure
+    from export.parity import compare, describe_failure, plan_feeds
 
     src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
@@ -162,18 +161,7 @@ def run(ctx: StageContext) -> None:
     except CheckpointError as e:
         raise StageError("ort", str(e)) from None
 
-    rng = np.random.default_rng(0)
-    c, h, w = plan.sample_shape
-    feeds = []
-    for b in sorted({1, ctx.target.shapes.batch.opt}):
-        labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
-        x = rng.standard_normal((b, c, h, w)).astype(np.float32)
-        timesteps = np.array([s["timestep"] for s in plan.steps], np.int64)
-        conditional = "class_labels" in engine.inputs()
-        if plan.notes.get("fused"):
-            feeds.append(fused_feeds(plan, x, labels if conditional else None, rng))
-        else:
-            feeds.append(step_feeds(plan, x, timesteps, labels if conditional else None))
+    feeds = plan_feeds(plan, engine.inputs(), sorted({1, ctx.target.shapes.batch.opt}))
     precision = "fp16" if options.get("trt_fp16_enable") == "true" else "fp32"
     quantized = ctx.input.info.get("precision") in ("int8", "fp8")
     report = compare(reference, [engine], feeds, precision)

@@ -84,3 +84,25 @@ def describe_failure(report: dict) -> str:
         "; ".join(parts)
         + f" (tolerance {report['precision']}: atol {tol['atol']}, rtol {tol['rtol']})"
     )
+
+
+def plan_feeds(
+    plan, inputs: dict, batches: list[int], seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """Parity feeds for a graph with ``inputs`` that runs ``plan``: per batch size, Gaussian
+    samples at the plan's timesteps (cycled) and labels 0..K-1 cycled, or the fused sampler's
+    noise inputs."""
+    from accel.runtime import fused_feeds, step_feeds
+
+    rng = np.random.default_rng(seed)
+    timesteps = np.array([s["timestep"] for s in plan.steps], np.int64)
+    feeds = []
+    for b in batches:
+        labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
+        labels = labels if "class_labels" in inputs else None
+        x = rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)
+        if plan.notes.get("fused"):
+            feeds.append(fused_feeds(plan, x, labels, rng))
+        else:
+            feeds.append(step_feeds(plan, x, timesteps, labels))
+    return feeds

@@ -5,33 +5,13 @@ import numpy as np
 import pytest
 
 from accel.core.errors import StageError
-from accel.core.target import Target
 from accel.pipeline import default_store
 from accel.runtime import AotiRuntime, TorchRuntime, open_engine, open_runtime
 from export.onnx_export import example_inputs
 from export.ort_compile import provider_options, target_provider
 from export.parity import compare, describe_failure
 
-from tiny import build, write_tiny_pipeline
-
-
-def gpu_target(**fields):
-    return Target.model_validate(
-        {
-            "name": "gpu",
-            "description": "test",
-            "device": "cuda",
-            "gpu": "H100",
-            "compute_capability": "9.0",
-            "backends": ["onnxruntime-tensorrt", "onnxruntime-cuda"],
-            "precision": "fp16",
-            "shapes": {
-                "batch": {"min": 1, "opt": 8, "max": 32},
-                "resolution": {"min": 16, "opt": 16, "max": 16},
-            },
-            **fields,
-        }
-    )
+from tiny import build, gpu_target, write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

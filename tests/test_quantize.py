@@ -168,3 +168,27 @@ def test_calibration_follows_a_w_input_graph(tiny):
     plan = replace(open_engine_plan(graph), guidance_scale=1.0)
     feeds = calibration_feeds(OrtRuntime(graph.path / "model.onnx"), plan, 3, seed=0)
     assert all(len(f["sample"]) == 3 for f in feeds)  # no guidance: no doubled batch
+
+
+def test_recipe_branches_an_int8_engine_beside_the_fp32_one(tmp_path):
+    from accel.core.recipe import load_recipe
+    from accel.pipeline import run_recipe
+
+    write_tiny_pipeline(tmp_path / "teacher")
+    gate = '{ metric = "image_rmse", threshold = 0.5, samples = 8 }'
+    (tmp_path / "r.toml").write_text(
+        'name = "branch"\nsource = "teacher"\ntarget = "cpu"\n'
+        f'[[stages]]\nstage = "onnx"\nid = "graph"\nnum_inference_steps = 2\n'
+        f'[[stages]]\nstage = "ort"\ngate = {gate}\n'
+        f'[[stages]]\nstage = "quantize"\nafter = "graph"\ncalibration_samples = 4\ngate = {gate}\n'
+        f'[[stages]]\nstage = "ort"\ngate = {gate}\n'
+    )
+    store = default_store(tmp_path / "store")
+    graph, fp32, int8_graph, int8 = run_recipe(
+        load_recipe(tmp_path / "r.toml"), store, progress=lambda m: None
+    )
+    assert fp32.parent == graph.key and int8_graph.parent == graph.key
+    assert int8.parent == int8_graph.key and int8.info["precision"] == "int8"
+    assert fp32.info["precision"] == "fp32"
+    again = run_recipe(load_recipe(tmp_path / "r.toml"), store, progress=lambda m: None)
+    assert [a.key for a in again] == [a.key for a in (graph, fp32, int8_graph, int8)]

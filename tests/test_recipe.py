@@ -154,3 +154,36 @@ def test_wrong_types_and_empty_stages(recipe_dir):
     msg = problems(recipe_dir, 'name = 3\nsource = "teacher"\ntarget = "cpu"\nstages = []\n')
     assert "'name' must be a string, got 3" in msg
     assert "'stages' is empty" in msg
+
+
+BRANCH = (
+    GOOD.replace('stage = "export"', 'stage = "export"\nid = "graph"')
+    + """
+[[stages]]
+stage = "compile"
+after = "graph"
+optimization_level = 1
+"""
+)
+
+
+def test_a_stage_can_branch_from_an_earlier_one_by_id(recipe_dir):
+    recipe = load(recipe_dir, BRANCH)
+    assert [p.parent for p in recipe.stages] == [None, None, None, 1]
+    keys = plan_keys(recipe, "src")
+    assert keys[3] == artifact_key(
+        "compile", 2, {"optimization_level": 1}, keys[1], recipe.target.fingerprint
+    )
+    assert keys[:3] == plan_keys(load(recipe_dir, GOOD), "src")
+
+
+def test_branch_errors_name_the_missing_id_and_the_kind_mismatch(recipe_dir):
+    text = problems(recipe_dir, BRANCH.replace('after = "graph"', 'after = "grpah"'))
+    assert "after = 'grpah' names no earlier stage" in text and "'graph'" in text
+    shrunk = BRANCH.replace('stage = "shrink"', 'stage = "shrink"\nid = "small"')
+    text = problems(recipe_dir, shrunk.replace('after = "graph"', 'after = "small"'))
+    assert "consumes 'onnx' but stage 'small' (shrink) produces 'checkpoint'" in text
+    text = problems(
+        recipe_dir, BRANCH.replace('stage = "compile"\n', 'stage = "compile"\nid = "graph"\n', 1)
+    )
+    assert "id 'graph' must be a string no other stage uses" in text

@@ -54,3 +54,25 @@ def build(store, parent, stage_name, target="cpu", **config):
         return store.get(key)
     planned = PlannedStage(StagePlan(0, stage, cfg), key, False)
     return run_stage(planned, parent, target, store, [], progress=lambda m: None)
+
+
+def gpu_target(**fields):
+    """A GPU target built in memory (H100, fp16, TensorRT EP first)."""
+    from accel.core.target import Target
+
+    return Target.model_validate(
+        {
+            "name": "gpu",
+            "description": "test",
+            "device": "cuda",
+            "gpu": "H100",
+            "compute_capability": "9.0",
+            "backends": ["onnxruntime-tensorrt", "onnxruntime-cuda"],
+            "precision": "fp16",
+            "shapes": {
+                "batch": {"min": 1, "opt": 8, "max": 32},
+                "resolution": {"min": 16, "opt": 16, "max": 16},
+            },
+            **fields,
+        }
+    )

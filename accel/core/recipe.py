@@ -1,7 +1,10 @@
 """Recipes: a source checkpoint, a target and an ordered list of stages, in one TOML file.
 
-A recipe is validated whole before the first stage runs, and every problem is reported at once,
-so a typo in the last stage is found in a second rather than after an hour of training."""
+Each stage consumes the artifact of the stage before it, or, to branch, the artifact of an earlier
+stage named by ``after = "<id>"`` (that stage carries ``id = "<id>"``): an INT8 engine beside the
+fp32 one, both built from one exported graph. A recipe is validated whole before the first stage
+runs, and every problem is reported at once, so a typo in the last stage is found in a second
+rather than after an hour of training."""
 
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ class StagePlan:
     index: int
     stage: Stage
     config: StageConfig
+    parent: int | None = None
+    """Position of the stage whose artifact this one consumes; None: the one before (or the
+    source, for the first)."""
+    id: str | None = None
 
 
 @dataclass
@@ -59,6 +66,7 @@ def _check_source(raw: str, recipe_dir: Path, problems: list[str]) -> Path:
 def _check_stages(entries: list[Any], problems: list[str]) -> list[StagePlan]:
     plans: list[StagePlan] = []
     previous: tuple[str, str] | None = ("the source checkpoint", SOURCE_KIND)
+    ids: dict[str, tuple[int, str, str]] = {}  # id -> (position, stage name, kind produced)
     for i, entry in enumerate(entries):
         where = f"stages[{i}]"
         if not isinstance(entry, dict):
@@ -67,6 +75,7 @@ def _check_stages(entries: list[Any], problems: list[str]) -> list[StagePlan]:
             continue
         values = dict(entry)
         name = values.pop("stage", None)
+        own_id, after = values.pop("id", None), values.pop("after", None)
         if not isinstance(name, str):
             what = (
                 "missing key 'stage'" if name is None else f"'stage' must be a string, got {name!r}"
@@ -81,17 +90,34 @@ def _check_stages(entries: list[Any], problems: list[str]) -> list[StagePlan]:
             previous = None
             continue
         where = f"stages[{i}] ({name})"
+        parent = None
+        if after is not None:
+            if after not in ids:
+                known = ", ".join(repr(k) for k in ids) or "none so far"
+                problems.append(
+                    f"{where}: after = {after!r} names no earlier stage; give that stage "
+                    f"id = {after!r} (ids of earlier stages: {known})"
+                )
+                previous = None
+            else:
+                parent, parent_name, kind = ids[after]
+                previous = (f"stage {after!r} ({parent_name})", kind)
         try:
             config = stage.config.model_validate(values)
         except ValidationError as e:
             problems.extend(f"{where}: {line}" for line in validation_lines(e, stage.config))
         else:
-            plans.append(StagePlan(i, stage, config))
+            plans.append(StagePlan(i, stage, config, parent, own_id))
         if previous is not None and stage.consumes != previous[1]:
             problems.append(
                 f"{where} consumes {stage.consumes!r} but {previous[0]} produces "
                 f"{previous[1]!r}; reorder the stages or add one that produces {stage.consumes!r}"
             )
+        if own_id is not None:
+            if not isinstance(own_id, str) or own_id in ids:
+                problems.append(f"{where}: id {own_id!r} must be a string no other stage uses")
+            else:
+                ids[own_id] = (i, name, stage.produces)
         previous = (f"the previous stage ({name})", stage.produces)
     return plans
 
@@ -153,10 +179,19 @@ def stage_key(stage: Stage, config: StageConfig, parent_key: str, target: Target
     )
 
 
+def parent_position(recipe: Recipe, position: int) -> int | None:
+    """Position of the stage whose artifact stage ``position`` consumes (None: the source)."""
+    plan = recipe.stages[position]
+    if plan.parent is not None:
+        return plan.parent
+    return position - 1 if position else None
+
+
 def plan_keys(recipe: Recipe, source_key: str) -> list[str]:
     """The artifact key of every stage in order; a stage whose key is in the store is skipped."""
-    keys, parent = [], source_key
-    for plan in recipe.stages:
-        parent = stage_key(plan.stage, plan.config, parent, recipe.target)
-        keys.append(parent)
+    keys: list[str] = []
+    for i, plan in enumerate(recipe.stages):
+        parent = parent_position(recipe, i)
+        parent_key = source_key if parent is None else keys[parent]
+        keys.append(stage_key(plan.stage, plan.config, parent_key, recipe.target))
     return keys

@@ -80,10 +80,12 @@ STAGES: dict[str, str] = {
     "adversarial": "distill.dmd:STAGE",
     "guidance": "distill.guidance:STAGE",
     "onnx": "export.onnx_export:STAGE",
+    "optimize": "export.optimize_onnx:STAGE",
     "quantize": "export.quantize_onnx:STAGE",
     "quantize_torch": "export.quantize_torch:STAGE",
     "ort": "export.ort_compile:STAGE",
     "aoti": "export.aoti_compile:STAGE",
+    "tensorrt": "export.tensorrt_compile:STAGE",
     "profile": "accel.profile_stage:STAGE",
 }
 

@@ -45,6 +45,16 @@ class Shapes(_Strict):
     resolution: MinOptMax
 
 
+class BuilderOptions(_Strict):
+    """Engine-builder settings (TensorRT's IBuilderConfig; trtexec's flags in brackets)."""
+
+    optimization_level: int = Field(default=3, ge=0, le=5)  # [--builderOptimizationLevel]
+    workspace_mib: int | None = Field(default=None, ge=1)  # [--memPoolSize=workspace:N]
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    """[--hardwareCompatibilityLevel]: run the engine on other GPUs of that range."""
+    version_compatible: bool = False  # [--versionCompatible]: later TensorRT runtimes load it
+
+
 class ProfileDefaults(_Strict):
     warmup: int = Field(default=10, ge=0)
     iterations: int = Field(default=50, ge=1)
@@ -60,6 +70,7 @@ class Target(_Strict):
     backends: list[str] = Field(min_length=1)  # preference order
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
     shapes: Shapes
+    builder: BuilderOptions = BuilderOptions()
     profile: ProfileDefaults = ProfileDefaults()
 
     @property

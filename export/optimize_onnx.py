@@ -1,0 +1,88 @@
+"""Graph clean-up of an exported ONNX graph with onnxslim: constant folding, dead-node and
+identity elimination, shape-computation folding and common-subexpression elimination, done once
+offline and in a runtime-neutral way (onnxruntime, TensorRT and OpenVINO all load the result).
+
+Like onnx-ir's passes, the pass proves it changed nothing: the original and the rewritten graph
+both run in onnxruntime with its own optimisers off (so onnxruntime cannot hide a bug in the
+rewrite), on the student's sampler-plan feeds, within the fp32 parity tolerance; the batch axis
+must stay dynamic.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+
+from accel.core.errors import CheckpointError, StageError
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.stage import Stage, StageConfig, StageContext
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_ABOVE = 1 << 30  # bytes of initialisers above which weights go to model.onnx.data
+
+
+class OptimizeConfig(StageConfig):
+    pass
+
+
+def run(ctx: StageContext) -> None:
+    import onnx
+    import onnxslim
+
+    from accel.runtime import OrtRuntime
+    from export.parity import compare, describe_failure, plan_feeds
+
+    src = ctx.input.path / MODEL_FILE
+    plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    model = onnx.load(str(src))
+    before = Counter(n.op_type for n in model.graph.node)
+    t0 = time.perf_counter()
+    ctx.progress(f"optimize: onnxslim on {sum(before.values())} nodes")
+    slim = onnxslim.slim(model)
+    if slim is None:
+        raise StageError("optimize", "onnxslim returned no graph (see its log above)")
+    large = sum(t.ByteSize() for t in slim.graph.initializer) > EXTERNAL_ABOVE
+    onnx.save_model(
+        slim,
+        str(ctx.out / MODEL_FILE),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=MODEL_FILE + ".data",
+    )
+    seconds = time.perf_counter() - t0
+    onnx.checker.check_model(str(ctx.out / MODEL_FILE))
+    for value in list(slim.graph.input) + list(slim.graph.output):
+        if not value.type.tensor_type.shape.dim[0].dim_param:
+            raise StageError("optimize", f"onnxslim made the batch axis of {value.name!r} static")
+    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
+    try:
+        original = OrtRuntime(src, optimize=False)
+        rewritten = OrtRuntime(ctx.out / MODEL_FILE, optimize=False)
+    except CheckpointError as e:
+        raise StageError("optimize", str(e)) from None
+    original.name += ":original"
+    feeds = plan_feeds(plan, original.inputs(), [1, 3])
+    report = compare(original, [rewritten], feeds, "fp32")
+    if not report["passed"]:
+        raise StageError("optimize", "the rewritten graph disagrees: " + describe_failure(report))
+    after = Counter(n.op_type for n in slim.graph.node)
+    ctx.metrics.update(
+        optimize_seconds=seconds,
+        parity=report,
+        nodes_before=sum(before.values()),
+        nodes_after=sum(after.values()),
+        removed={op: before[op] - after[op] for op in before if before[op] > after[op]},
+    )
+    ctx.info.update({k: v for k, v in ctx.input.info.items() if k in ("precision", "quantizer")})
+
+
+STAGE = Stage(
+    name="optimize",
+    version=1,
+    config=OptimizeConfig,
+    consumes="onnx",
+    produces="onnx",
+    run=run,
+    description="clean up the ONNX graph with onnxslim, with parity against the original",
+)

@@ -1,0 +1,319 @@
+"""Compile an ONNX graph into a native TensorRT engine for one GPU target, through TensorRT's
+Python API (``tensorrt``, imported only when this stage runs).
+
+The builder follows TensorRT's developer guide: the ONNX parser fills a network definition;
+Q/DQ graphs (INT8 / FP8 from the quantize stages) build as *strongly typed* networks, so the
+precision of every tensor comes from the graph and TensorRT does not pick its own; otherwise the
+target's precision sets the FP16/BF16 builder flags. One optimisation profile spans the target's
+batch range (min/opt/max); the builder optimisation level, workspace, hardware-compatibility level
+and version compatibility come from the target's ``[builder]`` table. A timing cache is kept beside
+the engine, and the equivalent ``trtexec`` command line is written as ``trtexec.sh``, so the build
+can be reproduced or tuned by hand.
+
+TensorRT cannot be installed on machines without NVIDIA's package index and a GPU: there the stage
+stops with an error that says so. The code is type-checked with mypy against ``tensorrt-stubs``
+(tests/test_tensorrt.py) and exercised on a GPU under the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import Field
+
+from accel.core.errors import CheckpointError, StageError
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.stage import Stage, StageConfig, StageContext
+from export.quality_gate import GateConfig, quality_gate
+
+if TYPE_CHECKING:
+    from accel.core.target import Target
+
+ENGINE_FILE = "model.plan"
+TIMING_CACHE = "timing.cache"
+TRTEXEC_FILE = "trtexec.sh"
+HARDWARE_LEVELS = {
+    "none": "NONE",
+    "ampere_plus": "AMPERE_PLUS",
+    "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
+}
+TRTEXEC_LEVELS = {
+    "none": "none",
+    "ampere_plus": "ampere+",
+    "same_compute_capability": "sameComputeCapability",
+}
+
+
+class TensorRTConfig(StageConfig):
+    strongly_typed: bool | None = None
+    """Default: on for quantized (Q/DQ) graphs, off otherwise."""
+    gate: GateConfig = GateConfig()
+    max_parse_errors: int = Field(5, ge=1)
+
+
+def import_tensorrt() -> None:
+    """StageError unless ``tensorrt`` (not just its stubs) is importable. Callers then
+    ``import tensorrt as trt`` themselves, so mypy checks their calls against the stubs."""
+    try:
+        import tensorrt
+    except ImportError:
+        found = False
+    else:  # tensorrt-stubs alone make ``tensorrt`` an empty namespace package
+        found = hasattr(tensorrt, "Builder")
+    if not found:
+        raise StageError(
+            "tensorrt",
+            "TensorRT is not installed here: its wheels come from NVIDIA's package index "
+            "(pip install tensorrt --extra-index-url https://pypi.nvidia.com) and it needs a CUDA "
+            "GPU. Build TensorRT engines on a machine of the target's GPU model, or compile with "
+            "--backend ort",
+        )
+
+
+def profile_shapes(target: Target, inputs: dict[str, list]) -> dict[str, dict[str, list[int]]]:
+    """Per input, its min/opt/max shape: the target's batch range on the dynamic (first) axis."""
+    batch = target.shapes.batch
+    return {
+        name: {
+            which: [getattr(batch, which) if not isinstance(d, int) or d < 0 else d for d in dims]
+            for which in ("min", "opt", "max")
+        }
+        for name, dims in inputs.items()
+    }
+
+
+def trtexec_command(
+    target: Target, onnx_file: str, shapes: dict[str, dict[str, list[int]]], strongly_typed: bool
+) -> str:
+    """The trtexec command line that builds the same engine."""
+
+    def spec(which: str) -> str:
+        return ",".join(f"{n}:{'x'.join(map(str, s[which]))}" for n, s in shapes.items())
+
+    b = target.builder
+    args = [
+        "trtexec",
+        f"--onnx={onnx_file}",
+        f"--saveEngine={ENGINE_FILE}",
+        f"--minShapes={spec('min')}",
+        f"--optShapes={spec('opt')}",
+        f"--maxShapes={spec('max')}",
+        f"--builderOptimizationLevel={b.optimization_level}",
+        f"--timingCacheFile={TIMING_CACHE}",
+    ]
+    if b.workspace_mib:
+        args.append(f"--memPoolSize=workspace:{b.workspace_mib}M")
+    if strongly_typed:
+        args.append("--stronglyTyped")
+    elif target.precision in ("fp16", "bf16"):
+        args.append(f"--{target.precision}")
+    if b.hardware_compatibility != "none":
+        args.append(f"--hardwareCompatibilityLevel={TRTEXEC_LEVELS[b.hardware_compatibility]}")
+    if b.version_compatible:
+        args.append("--versionCompatible")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def onnx_input_dims(path: Path) -> dict[str, list]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        i.name: [
+            d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim
+        ]
+        for i in model.graph.input
+    }
+
+
+def build_engine(
+    onnx_path: Path,
+    target: Target,
+    shapes: dict[str, dict[str, list[int]]],
+    strongly_typed: bool,
+    timing_cache: bytes,
+    max_errors: int = 5,
+) -> tuple[bytes, bytes]:
+    """(serialized engine, serialized timing cache) for ``onnx_path`` on this machine's GPU."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(min(parser.num_errors, max_errors))]
+        raise StageError(
+            "tensorrt", f"TensorRT's ONNX parser rejected {onnx_path.name}: {'; '.join(errors)}"
+        )
+    config = builder.create_builder_config()
+    opts = target.builder
+    config.builder_optimization_level = opts.optimization_level
+    if opts.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
+    if not strongly_typed and target.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    if not strongly_typed and target.precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    config.hardware_compatibility_level = getattr(
+        trt.HardwareCompatibilityLevel, HARDWARE_LEVELS[opts.hardware_compatibility]
+    )
+    if opts.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        s = shapes[name]
+        profile.set_shape(name, trt.Dims(s["min"]), trt.Dims(s["opt"]), trt.Dims(s["max"]))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise StageError(
+            "tensorrt",
+            "TensorRT could not build an engine (see its log above); try a lower "
+            "builder.optimization_level or a larger builder.workspace_mib in the target",
+        )
+    return bytes(memoryview(serialized)), bytes(memoryview(cache.serialize()))
+
+
+class TensorRTRuntime:
+    """A TensorRT engine (``model.plan``) on the current GPU: numpy feeds are copied into device
+    buffers allocated with torch, run with ``execute_async_v3`` on torch's current stream. One
+    execution context, so calls are serialised by a lock."""
+
+    def __init__(self, path: str | Path, info: dict) -> None:
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"TensorRT engine not found: {path}")
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"{path} is a TensorRT engine, and torch sees no GPU here")
+        try:
+            import_tensorrt()
+        except StageError as e:
+            raise CheckpointError(e.message) from None
+        import tensorrt as trt
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        runtime.engine_host_code_allowed = bool(info.get("version_compatible"))
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise CheckpointError(
+                f"TensorRT {trt.__version__} cannot load {path} (built with TensorRT "
+                f"{info.get('tensorrt_version', '?')} for compute capability "
+                f"{info.get('compute_capability', '?')}); rebuild it on this machine"
+            )
+        self._engine, self._context = engine, engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self._in = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._out = [n for n in names if n not in self._in]
+        self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self._torch, self._lock = torch, threading.Lock()
+        self.name = "tensorrt"
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        return {n: (["batch"], str(self._dtype[n])) for n in self._in}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with self._lock:
+            buffers = {}
+            for n in self._in:
+                host = np.ascontiguousarray(feeds[n], dtype=self._dtype[n])
+                buffers[n] = torch.from_numpy(host).cuda()
+                self._context.set_input_shape(n, tuple(host.shape))
+                self._context.set_tensor_address(n, buffers[n].data_ptr())
+            for n in self._out:
+                dims = self._context.get_tensor_shape(n)
+                shape = tuple(dims[i] for i in range(len(dims)))
+                like = torch.from_numpy(np.empty(0, self._dtype[n]))
+                buffers[n] = torch.empty(shape, dtype=like.dtype, device="cuda")
+                self._context.set_tensor_address(n, buffers[n].data_ptr())
+            stream = torch.cuda.current_stream()
+            if not self._context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
+            stream.synchronize()
+            return {n: buffers[n].cpu().numpy().astype(np.float32) for n in self._out}
+
+
+def run(ctx: StageContext) -> None:
+    config: TensorRTConfig = ctx.config  # type: ignore[assignment]
+    from accel.runtime import OrtRuntime
+    from export.onnx_export import MODEL_FILE
+
+    target = ctx.target
+    if target.device != "cuda":
+        raise StageError(
+            "tensorrt",
+            f"target {target.name!r} is a {target.device} target; TensorRT engines run on NVIDIA "
+            "GPUs only: pick a GPU target, or compile with --backend ort for this one",
+        )
+    src = ctx.input.path / MODEL_FILE
+    quantized = ctx.input.info.get("precision") in ("int8", "fp8")
+    strongly_typed = quantized if config.strongly_typed is None else config.strongly_typed
+    shapes = profile_shapes(target, onnx_input_dims(src))
+    command = trtexec_command(target, MODEL_FILE, shapes, strongly_typed)
+    (ctx.out / TRTEXEC_FILE).write_text(
+        f"#!/bin/sh\n# builds the same engine as accel's tensorrt stage\n{command}\n"
+    )
+    try:
+        import_tensorrt()
+    except StageError as e:
+        raise StageError(
+            "tensorrt", f"{e.message}. The same build with trtexec: {command}"
+        ) from None
+    import tensorrt as trt
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StageError("tensorrt", "TensorRT is installed but torch sees no CUDA GPU here")
+    ctx.progress(
+        f"tensorrt: building for {target.name} ({'strongly typed' if strongly_typed else target.precision}, "
+        f"level {target.builder.optimization_level})"
+    )
+    t0 = time.perf_counter()
+    engine, cache = build_engine(src, target, shapes, strongly_typed, b"", config.max_parse_errors)
+    (ctx.out / ENGINE_FILE).write_bytes(engine)
+    (ctx.out / TIMING_CACHE).write_bytes(cache)
+    build_s = time.perf_counter() - t0
+    plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    plan.save(ctx.out / PLAN_FILE)
+    major, minor = torch.cuda.get_device_capability()
+    ctx.info.update(
+        backend="tensorrt",
+        engine_file=ENGINE_FILE,
+        tensorrt_version=trt.__version__,
+        gpu=torch.cuda.get_device_name(),
+        compute_capability=f"{major}.{minor}",
+        hardware_compatibility=target.builder.hardware_compatibility,
+        version_compatible=target.builder.version_compatible,
+        strongly_typed=strongly_typed,
+        precision=ctx.input.info.get("precision", target.precision),
+    )
+    engine_rt = TensorRTRuntime(ctx.out / ENGINE_FILE, ctx.info)
+    reference = OrtRuntime(src, optimize=False)
+    gate = quality_gate("tensorrt", config.gate, (reference, plan), (engine_rt, plan), ctx.progress)
+    ctx.metrics.update(build_seconds=build_s, quality_gate=gate, engine_bytes=len(engine))
+
+
+STAGE = Stage(
+    name="tensorrt",
+    version=1,
+    config=TensorRTConfig,
+    consumes="onnx",
+    produces="engine",
+    run=run,
+    target_specific=True,
+    description="build a native TensorRT engine (strongly typed for Q/DQ graphs) for a GPU target",
+)
