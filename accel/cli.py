@@ -156,6 +156,21 @@ def _parse_value(raw: str):
         return raw
 
 
+def _toml_literal(value) -> str:
+    """A default as the TOML a recipe (or this option) would take: '{ metric = "fd_digits" }'."""
+    import json
+
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + " }"
+    if value is None:
+        return "none"
+    return json.dumps(value)
+
+
 class StageCommand(click.Command):
     """A command for a stage with one option per field of its config (the recipe's key names,
     dashes for underscores; booleans as --x/--no-x flags). ``stages`` is one stage name, or a
@@ -208,15 +223,12 @@ class StageCommand(click.Command):
                         continue
                     seen.add(field)
                     flag = field.replace("_", "-")
+                    shown = f"(default: {_toml_literal(info.default)})"
                     if info.annotation is bool:
                         decls = [f"--{flag}/--no-{flag}", field]
-                        self.params.append(
-                            click.Option(decls, default=None, help=f"(default: {info.default!r})")
-                        )
+                        self.params.append(click.Option(decls, default=None, help=shown))
                     else:
-                        self.params.append(
-                            click.Option([f"--{flag}", field], help=f"(default: {info.default!r})")
-                        )
+                        self.params.append(click.Option([f"--{flag}", field], help=shown))
         return super().get_params(ctx)
 
     def invoke_stage(

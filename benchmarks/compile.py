@@ -66,6 +66,82 @@ def flops_per_call(graph, feeds: dict) -> int:
     return int(counter.get_total_flops())
 
 
+def medium_unet_check(store: Store, target, iterations: int) -> dict:
+    """The same passes on a medium UNet2DModel (64/128/256 channels, 32x32x4 latents, 4.4 GFLOP
+    per sample, random weights): per-call latency of eager, onnxruntime fp32 and onnxruntime
+    INT8 at the target's optimal batch. Latency only: with random weights FD means nothing, so
+    its quality gates compare images (RMS) against a loose bound."""
+    import tempfile
+
+    import torch
+    from diffusers import UNet2DModel
+
+    from accel.profile import measure_interleaved
+    from accel.runtime import open_engine, step_feeds
+    from distill.denoiser import save_pipeline
+    from export.onnx_export import graph_and_plan
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=11,
+    ).eval()
+    scheduler = {
+        "_class_name": "DDIMScheduler",
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "clip_sample": False,
+        "timestep_spacing": "trailing",
+    }
+    gate = {"metric": "image_rmse", "threshold": 1.0, "samples": 8}
+    with tempfile.TemporaryDirectory() as tmp:  # the store copies it in with the first build
+        save_pipeline(tmp, unet, scheduler, {"null_class_label": 10, "num_classes": 10})
+        source = store.source(tmp)
+        graph, plan = graph_and_plan("bench", Path(tmp), 4, None)
+        fp32_graph = build(store, source, target, "onnx", num_inference_steps=4)
+    fp32 = build(store, fp32_graph, target, "ort", gate=gate)
+    int8_graph = build(store, fp32_graph, target, "quantize", calibration_samples=16, gate=gate)
+    int8 = build(store, int8_graph, target, "ort", gate=gate)
+    from accel.runtime import TorchRuntime
+
+    runtimes = {
+        "torch eager fp32": TorchRuntime(graph),
+        "onnxruntime fp32": open_engine(fp32.path, target, spin=False)[0],
+        "onnxruntime INT8 (onnxruntime quantizer)": open_engine(int8.path, target, spin=False)[0],
+    }
+    batch = target.shapes.batch.opt
+    x = np.random.default_rng(0).standard_normal((batch, *plan.sample_shape)).astype(np.float32)
+    feeds = step_feeds(plan, x, plan.steps[0]["timestep"], np.arange(batch, dtype=np.int64))
+    ms = measure_interleaved(
+        {name: (lambda rt=rt: rt.infer(feeds)) for name, rt in runtimes.items()},
+        5,
+        max(10, iterations // 4),
+    )
+    flops = flops_per_call(graph, feeds)
+    eager = ms["torch eager fp32"]["p50"]
+    return {
+        "model": "UNet2DModel (64, 128, 256), 32x32x4, random weights",
+        "batch": batch,
+        "flops_per_call": flops,
+        "rows": {
+            name: {
+                "per_call_ms": m,
+                "speedup_vs_eager": eager / m["p50"],
+                "gflops_per_s": flops / (m["p50"] / 1e3) / 1e9,
+            }
+            for name, m in ms.items()
+        },
+        "int8_over_fp32_engine": ms["onnxruntime fp32"]["p50"]
+        / ms["onnxruntime INT8 (onnxruntime quantizer)"]["p50"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", type=Path, default=Path(".accel-store"))
@@ -113,8 +189,17 @@ def main() -> None:
         "onnxruntime INT8 (onnxruntime quantizer)": lambda: build(
             store, fp32, target, "quantize", method="ort_int8", gate=GATE
         ),
-        "onnxruntime INT8 (modelopt ONNX PTQ)": lambda: build(
+        "onnxruntime INT8 (modelopt ONNX PTQ, entropy)": lambda: build(
             store, fp32, target, "quantize", method="modelopt_int8", gate=GATE
+        ),
+        "onnxruntime INT8 (modelopt ONNX PTQ, minmax)": lambda: build(
+            store,
+            fp32,
+            target,
+            "quantize",
+            method="modelopt_int8",
+            calibration_method="minmax",
+            gate=GATE,
         ),
         "onnxruntime INT8 (modelopt torch SmoothQuant)": lambda: build(
             store, student, target, "quantize_torch", method="int8_smoothquant", gate=GATE
@@ -152,6 +237,25 @@ def main() -> None:
     call_ms = measure_interleaved(per_call, 10, args.iterations)
     print("end-to-end latency (4 steps, noise -> image)", flush=True)
     e2e_ms = measure_interleaved(end_to_end, 3, max(20, args.iterations // 4))
+    print("throughput against batch size", flush=True)
+    per_call_runtimes = {n: rt for n, (rt, p_) in runtimes.items() if not p_.notes.get("fused")}
+    by_batch = {}
+    for b in sorted({1, batch, 16, 48}):  # 48: inside every engine's range (AOTI's ends at 63)
+        x = np.random.default_rng(b).standard_normal((b, *plan.sample_shape)).astype(np.float32)
+        f = step_feeds(plan, x, plan.steps[0]["timestep"], np.arange(b, dtype=np.int64) % 10)
+        ms = measure_interleaved(
+            {name: (lambda rt=rt, f=f: rt.infer(f)) for name, rt in per_call_runtimes.items()},
+            3,
+            max(10, args.iterations // 5),
+        )
+        fl = flops_per_call(graph, f)
+        by_batch[b] = {
+            name: {"p50_ms": m["p50"], "gflops_per_s": fl / (m["p50"] / 1e3) / 1e9}
+            for name, m in ms.items()
+        }
+        by_batch[b]["flops"] = fl
+    print("the same passes on a medium UNet (latency only)", flush=True)
+    medium = medium_unet_check(store, target, args.iterations)
     peak_after = matmul_gflops()
     peak = max(peak_before, peak_after)
     flops = flops_per_call(graph, feeds)
@@ -207,6 +311,8 @@ def main() -> None:
         "samples": args.samples,
         "seeds": args.seeds,
         "build_seconds": build_s,
+        "throughput_by_batch": by_batch,
+        "medium_unet": medium,
         "builds": builds,
         "rows": rows,
         "targets": targets,

@@ -46,6 +46,8 @@ def test_help_does_not_import_torch():
     [
         ["distill", "progressive"],
         ["export", "onnx"],
+        ["export", "optimize"],
+        ["quantize"],
         ["compile"],
         ["profile"],
         ["run"],
@@ -201,3 +203,31 @@ def test_epsilon_teacher_is_refused_by_progressive(monkeypatch, capsys, tmp_path
         "1",
         match="the teacher predicts epsilon",
     )
+
+
+def test_quantize_and_compile_refuse_bad_input_with_one_line(monkeypatch, capsys, tmp_path):
+    model = write_tiny_pipeline(tmp_path / "model")
+    store, graph = tmp_path / "store", tmp_path / "graph"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", "onnx", model, "--num-inference-steps", 2,
+        "--out", graph, "--store", store,
+    )  # fmt: skip
+    assert code == 0, err
+    expect_user_error(
+        monkeypatch, capsys, store, "quantize", graph, "--opset", 19,
+        match="--opset do not apply to stage 'quantize'",
+    )  # fmt: skip
+    expect_user_error(
+        monkeypatch, capsys, store, "quantize", graph, "--method", "int4",
+        match="'--method'",
+    )  # fmt: skip
+    expect_user_error(
+        monkeypatch, capsys, store, "compile", model, "--backend", "ort",
+        match="compile (ort) takes a onnx, but",
+    )  # fmt: skip
+    err = expect_user_error(
+        monkeypatch, capsys, store, "quantize", graph, "--calibration-samples", 2,
+        "--gate", '{ metric = "image_rmse", threshold = 0.0, samples = 4 }',
+        match="quality gate failed: image RMS difference",
+    )  # fmt: skip
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [err.splitlines()[-1]]

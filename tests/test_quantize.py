@@ -56,10 +56,26 @@ def open_engine_plan(artifact):
     return SamplerPlan.load(artifact.path / "sampler_plan.json")
 
 
-@pytest.mark.parametrize("method", ["ort_int8", "modelopt_int8", "modelopt_fp8"])
-def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(tiny, method):
+@pytest.mark.parametrize(
+    "method, calibration",
+    [
+        ("ort_int8", None),
+        ("ort_int8", "entropy"),
+        ("modelopt_int8", "minmax"),
+        ("modelopt_fp8", None),
+    ],
+)
+def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(tiny, method, calibration):
     store, _, graph = tiny
-    q = build(store, graph, "quantize", method=method, calibration_samples=8, gate=RMSE)
+    q = build(
+        store,
+        graph,
+        "quantize",
+        method=method,
+        calibration_method=calibration,
+        calibration_samples=8,
+        gate=RMSE,
+    )
     fp8 = method.endswith("fp8")
     ops = count_ops(q.path / "model.onnx")
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
