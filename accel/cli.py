@@ -104,7 +104,9 @@ def plan(recipe: Path, store: Path | None) -> None:
     )
     for i, s in enumerate(stages, 1):
         branch = f"  (from [{s.plan.parent + 1}])" if s.plan.parent is not None else ""
-        click.echo(f"  [{i}] {s.plan.stage.name:<12} {'HIT ' if s.hit else 'MISS'}  {s.key}{branch}")
+        click.echo(
+            f"  [{i}] {s.plan.stage.name:<12} {'HIT ' if s.hit else 'MISS'}  {s.key}{branch}"
+        )
 
 
 @cli.command()
@@ -345,6 +347,13 @@ distill.add_command(
 export.add_command(
     StageCommand(
         "onnx", "onnx", "Export the student at INPUT to ONNX (dynamo), with a parity check."
+    )
+)
+export.add_command(
+    StageCommand(
+        "fp16",
+        "fp16",
+        "Convert the ONNX graph at INPUT to fp16 for GPU targets (IO, norms, sampler math fp32).",
     )
 )
 export.add_command(

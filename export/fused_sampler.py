@@ -66,15 +66,20 @@ class FusedSampler(nn.Module):
         return x
 
 
-def example_feeds(sampler: FusedSampler, batch: int, seed: int = 0) -> dict:
-    """numpy feeds for the fused graph: noise, labels 0..K-1 cycled, step noise."""
+def example_feeds(
+    sampler: FusedSampler, batch: int, seed: int = 0, resolution: int | None = None
+) -> dict:
+    """numpy feeds for the fused graph: noise (at ``resolution``, default the plan's), labels
+    0..K-1 cycled, step noise."""
     import numpy as np
 
     from accel.runtime import fused_feeds
 
     rng = np.random.default_rng(seed)
     plan = sampler.plan
-    noise = rng.standard_normal((batch, *plan.sample_shape)).astype(np.float32)
+    c, h, w = plan.sample_shape
+    h, w = (resolution, resolution) if resolution else (h, w)
+    noise = rng.standard_normal((batch, c, h, w)).astype(np.float32)
     labels = None
     if sampler.conditional:
         labels = (np.arange(batch) % int(plan.num_classes or 1)).astype(np.int64)

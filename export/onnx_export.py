@@ -37,13 +37,18 @@ class OnnxConfig(StageConfig):
     noise [, class_labels, step_noise] -> images (``export.fused_sampler``)."""
 
 
-def example_inputs(graph, batch: int, timesteps: list[int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for parity checks: Gaussian samples, the given timesteps cycled, labels 0..K-1 cycled."""
+def example_inputs(
+    graph, batch: int, timesteps: list[int], seed: int = 0, resolution: int | None = None
+) -> dict[str, np.ndarray]:
+    """Feeds for parity checks: Gaussian samples (at ``resolution``, default the model's own),
+    the given timesteps cycled, labels 0..K-1 cycled."""
     from distill.denoiser import sample_shape
 
     rng = np.random.default_rng(seed)
+    c, h, w = sample_shape(graph.backbone)
+    h, w = (resolution, resolution) if resolution else (h, w)
     feeds = {
-        "sample": rng.standard_normal((batch, *sample_shape(graph.backbone))).astype(np.float32),
+        "sample": rng.standard_normal((batch, c, h, w)).astype(np.float32),
         "timestep": np.resize(np.asarray(timesteps, dtype=np.int64), batch),
     }
     if graph.conditional:
@@ -63,22 +68,34 @@ def onnx_from_torch(
     dynamo: bool = True,
     inputs: dict[str, np.ndarray] | None = None,
     output: str = "x0",
+    spatial: tuple[int, int, int] | None = None,
 ) -> None:
-    """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input.
-    ``inputs`` are example feeds (default: a DenoiserGraph's). ``dynamo=False`` takes the
-    TorchScript exporter, the one that exports Model Optimizer's quantized modules (the dynamo
-    exporter trips on their data-dependent guards)."""
+    """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input
+    and, with ``spatial`` = (min, max, multiple), dynamic height and width (the last two axes of
+    every image input) in [min, max], multiples of ``multiple``. ``inputs`` are example feeds
+    (default: a DenoiserGraph's). ``dynamo=False`` takes the TorchScript exporter, the one that
+    exports Model Optimizer's quantized modules (the dynamo exporter trips on their
+    data-dependent guards); it supports the dynamic batch only."""
     import onnx
     import torch
 
     inputs = example_inputs(graph, 2, [500]) if inputs is None else inputs
     feeds = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    images = [k for k, v in feeds.items() if v.dim() >= 4]
     graph.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about pytree internals and axis names
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=1024)
+            dims: dict[str, dict] = {name: {0: batch} for name in feeds}
+            if spatial:
+                lo, hi, k = spatial
+                h = torch.export.Dim(f"h{k}", min=lo // k, max=hi // k)
+                w = torch.export.Dim(f"w{k}", min=lo // k, max=hi // k)
+                for name in images:
+                    n = feeds[name].dim()
+                    dims[name].update({n - 2: k * h, n - 1: k * w})
             program = torch.onnx.export(
                 graph,
                 args=(),
@@ -88,7 +105,7 @@ def onnx_from_torch(
                 verbose=False,
                 input_names=list(feeds),
                 output_names=[output],
-                dynamic_shapes={name: {0: batch} for name in feeds},
+                dynamic_shapes=dims,
             )
             program.save(str(path))
         else:
@@ -104,13 +121,17 @@ def onnx_from_torch(
             )
     model = onnx.load(str(path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
-        dim0 = value.type.tensor_type.shape.dim[0]
-        if not dim0.dim_param:
-            raise StageError(
-                "onnx",
-                f"the exporter made the batch axis of {value.name!r} static "
-                f"({dim0.dim_value}); the graph would accept one batch size only",
-            )
+        dims = value.type.tensor_type.shape.dim
+        wanted = {0: "batch"}
+        if spatial and len(dims) >= 4:
+            wanted.update({len(dims) - 2: "height", len(dims) - 1: "width"})
+        for axis, what in wanted.items():
+            if not dims[axis].dim_param:
+                raise StageError(
+                    "onnx",
+                    f"the exporter made the {what} axis of {value.name!r} static "
+                    f"({dims[axis].dim_value}); the graph would accept one {what} only",
+                )
     onnx.checker.check_model(str(path))
 
 
@@ -178,7 +199,7 @@ def onnx_parity(path: Path, reference, feeds: list[dict], extra: list | None = N
     return report
 
 
-def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan) -> None:
+def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan, spatial, resolutions) -> None:
     from dataclasses import replace
 
     from accel.runtime import TorchRuntime
@@ -196,10 +217,15 @@ def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan) -> None:
         config.opset,
         inputs=example_feeds(sampler, 2),
         output="images",
+        spatial=spatial,
     )
     export_s = time.perf_counter() - t0
     fused_plan.save(ctx.out / PLAN_FILE)
-    feeds = [example_feeds(sampler, b, seed=i) for i, b in enumerate(config.parity_batch_sizes)]
+    feeds = [
+        example_feeds(sampler, b, seed=i, resolution=r)
+        for i, b in enumerate(config.parity_batch_sizes)
+        for r in resolutions
+    ]
     loop = PerStepLoop(TorchRuntime(graph), plan)
     report = onnx_parity(ctx.out / MODEL_FILE, TorchRuntime(sampler), feeds, [loop])
     ctx.metrics.update(
@@ -210,6 +236,31 @@ def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan) -> None:
     ctx.info.update(fused_sampler=True, steps=len(plan.steps))
 
 
+def spatial_range(target, graph) -> tuple[int, int, int] | None:
+    """(min, max, multiple) of the target's resolution profile when it spans a range, None for a
+    single resolution. A UNet halves the resolution once per down block but the last, so height
+    and width must be multiples of 2^(blocks - 1)."""
+    r = target.shapes.resolution
+    if r.min == r.max:
+        return None
+    blocks = getattr(getattr(graph.backbone, "config", None), "down_block_types", None)
+    if not blocks:
+        raise StageError(
+            "onnx",
+            f"target {target.name!r} asks for resolutions {r.min}..{r.max}, and dynamic resolution "
+            f"is supported for UNets only, not {type(graph.backbone).__name__}; use a target with "
+            "one resolution",
+        )
+    k = 2 ** (len(blocks) - 1)
+    if r.min % k or r.max % k:
+        raise StageError(
+            "onnx",
+            f"target {target.name!r} asks for resolutions {r.min}..{r.max}, but this UNet needs "
+            f"multiples of {k}; set the target's resolution min and max to multiples of {k}",
+        )
+    return r.min, r.max, k
+
+
 def run(ctx: StageContext) -> None:
     config: OnnxConfig = ctx.config  # type: ignore[assignment]
     from accel.runtime import TorchRuntime
@@ -217,18 +268,24 @@ def run(ctx: StageContext) -> None:
     graph, plan = graph_and_plan(
         "onnx", ctx.input.path, config.num_inference_steps, config.guidance_scale
     )
+    spatial = spatial_range(ctx.target, graph)
+    resolutions = [None] if spatial is None else [spatial[0], spatial[1]]
+    if spatial:
+        ctx.info["resolution_range"] = list(spatial[:2])
     if config.fused_sampler:
-        export_fused(ctx, config, graph, plan)
+        export_fused(ctx, config, graph, plan, spatial, resolutions)
         return
     t0 = time.perf_counter()
     ctx.progress(f"onnx: exporting {type(graph.backbone).__name__} (dynamo, opset {config.opset})")
-    onnx_from_torch(graph, ctx.out / MODEL_FILE, config.opset)
+    onnx_from_torch(graph, ctx.out / MODEL_FILE, config.opset, spatial=spatial)
     export_s = time.perf_counter() - t0
     plan.save(ctx.out / PLAN_FILE)
 
     timesteps = [s["timestep"] for s in plan.steps]
     feeds = [
-        example_inputs(graph, b, timesteps, seed=i) for i, b in enumerate(config.parity_batch_sizes)
+        example_inputs(graph, b, timesteps, seed=i, resolution=r)
+        for i, b in enumerate(config.parity_batch_sizes)
+        for r in resolutions
     ]
     report = onnx_parity(ctx.out / MODEL_FILE, TorchRuntime(graph), feeds)
     ctx.metrics.update(
@@ -240,10 +297,11 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="onnx",
-    version=1,
+    version=2,
     config=OnnxConfig,
     consumes="checkpoint",
     produces="onnx",
     run=run,
+    target_specific=True,  # its dynamic axes come from the target's shape profile
     description="export the denoiser graph to ONNX (dynamo), check it, and prove parity with torch",
 )

@@ -69,14 +69,12 @@ def provider_options(target, provider: str, cache_dir: str, inputs: dict) -> dic
         return {}
     if provider == "CUDAExecutionProvider":
         return {"cudnn_conv_algo_search": "EXHAUSTIVE"}
-    batch = target.shapes.batch
+    from export.tensorrt_compile import profile_shapes
 
-    def shapes(b: int) -> str:
-        return ",".join(
-            f"{name}:"
-            + "x".join(str(b) if isinstance(d, str) or d is None else str(d) for d in shape)
-            for name, (shape, _) in inputs.items()
-        )
+    profile = profile_shapes(target, {name: shape for name, (shape, _) in inputs.items()})
+
+    def shapes(which: str) -> str:
+        return ",".join(f"{n}:{'x'.join(map(str, s[which]))}" for n, s in profile.items())
 
     return {
         "trt_fp16_enable": str(target.precision == "fp16").lower(),
@@ -85,9 +83,9 @@ def provider_options(target, provider: str, cache_dir: str, inputs: dict) -> dic
         "trt_engine_cache_path": cache_dir,
         "trt_timing_cache_enable": "true",
         "trt_timing_cache_path": cache_dir,
-        "trt_profile_min_shapes": shapes(batch.min),
-        "trt_profile_opt_shapes": shapes(batch.opt),
-        "trt_profile_max_shapes": shapes(batch.max),
+        "trt_profile_min_shapes": shapes("min"),
+        "trt_profile_opt_shapes": shapes("opt"),
+        "trt_profile_max_shapes": shapes("max"),
     }
 
 
@@ -162,7 +160,8 @@ def run(ctx: StageContext) -> None:
         raise StageError("ort", str(e)) from None
 
     feeds = plan_feeds(plan, engine.inputs(), sorted({1, ctx.target.shapes.batch.opt}))
-    precision = "fp16" if options.get("trt_fp16_enable") == "true" else "fp32"
+    fp16 = options.get("trt_fp16_enable") == "true" or ctx.input.info.get("precision") == "fp16"
+    precision = "fp16" if fp16 else "fp32"
     quantized = ctx.input.info.get("precision") in ("int8", "fp8")
     report = compare(reference, [engine], feeds, precision)
     if not report["passed"] and not quantized:

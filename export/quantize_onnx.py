@@ -54,6 +54,9 @@ class QuantizeConfig(StageConfig):
     """How activation ranges come from the calibration data: min/max, or the range minimising
     the KL divergence of the quantized histogram; default: minmax for ort_int8, modelopt's own
     (entropy for INT8, max for FP8)."""
+    activations: Literal["int8", "uint8"] = "int8"
+    """ort_int8 only: signed or unsigned activations (onnxruntime's x86 kernels are written for
+    u8 activations x s8 weights; s8 x s8 takes another path)."""
     op_types: list[str] | None = None
     """Op types to quantize; default: Conv, MatMul, Gemm for ort_int8, modelopt's own choice."""
     high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -61,9 +64,11 @@ class QuantizeConfig(StageConfig):
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")
-    def _fp16_is_modelopt_only(self) -> QuantizeConfig:
+    def _options_of_their_method(self) -> QuantizeConfig:
         if self.method == "ort_int8" and self.high_precision_dtype != "fp32":
             raise ValueError("high_precision_dtype applies to the modelopt methods only")
+        if self.method != "ort_int8" and self.activations != "int8":
+            raise ValueError("activations applies to ort_int8 only")
         return self
 
 
@@ -84,7 +89,12 @@ def count_ops(path: Path) -> Counter:
 
 
 def quantize_ort_int8(
-    src: Path, dst: Path, feeds: list[dict], op_types: list[str], method: str | None
+    src: Path,
+    dst: Path,
+    feeds: list[dict],
+    op_types: list[str],
+    method: str | None,
+    activations: str = "int8",
 ) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -107,7 +117,7 @@ def quantize_ort_int8(
         Reader(),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=op_types,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=(
             CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax
@@ -199,6 +209,7 @@ def run(ctx: StageContext) -> None:
                     feeds,
                     config.op_types or ["Conv", "MatMul", "Gemm"],
                     config.calibration_method,
+                    config.activations,
                 )
             else:
                 quantize_modelopt(

@@ -76,11 +76,22 @@ def import_tensorrt() -> None:
 
 
 def profile_shapes(target: Target, inputs: dict[str, list]) -> dict[str, dict[str, list[int]]]:
-    """Per input, its min/opt/max shape: the target's batch range on the dynamic (first) axis."""
-    batch = target.shapes.batch
+    """Per input, its min/opt/max shape from the target's profile: the dynamic (negative or
+    named) first axis takes the batch range, the dynamic last two axes of an image input
+    (4-D and up) take the resolution range."""
+    ranges = {"batch": target.shapes.batch, "resolution": target.shapes.resolution}
+
+    def axis_range(axis: int, rank: int) -> str:
+        return "resolution" if rank >= 4 and axis >= rank - 2 else "batch"
+
     return {
         name: {
-            which: [getattr(batch, which) if not isinstance(d, int) or d < 0 else d for d in dims]
+            which: [
+                getattr(ranges[axis_range(i, len(dims))], which)
+                if not isinstance(d, int) or d < 0
+                else d
+                for i, d in enumerate(dims)
+            ]
             for which in ("min", "opt", "max")
         }
         for name, dims in inputs.items()

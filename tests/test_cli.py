@@ -47,6 +47,7 @@ def test_help_does_not_import_torch():
         ["distill", "progressive"],
         ["export", "onnx"],
         ["export", "optimize"],
+        ["export", "fp16"],
         ["quantize"],
         ["compile"],
         ["profile"],

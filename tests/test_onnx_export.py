@@ -62,3 +62,61 @@ def test_parity_fails_above_tolerance_and_on_nan(exported):
     nan = compare(ref, [Perturbed(ref, np.float32("nan"))], feeds)
     assert not nan["passed"] and "NaN/Inf" in describe_failure(nan)
     assert compare(ref, [Perturbed(ref, 1e-6)], feeds)["passed"]
+
+
+def resolution_target(tmp_path, lo, hi, opt=16):
+    path = tmp_path / f"res{lo}-{hi}.toml"
+    path.write_text(
+        f'name = "res"\ndescription = "t"\ndevice = "cpu"\nbackends = ["onnxruntime"]\n'
+        f"[shapes]\nbatch = {{ min = 1, opt = 2, max = 8 }}\n"
+        f"resolution = {{ min = {lo}, opt = {opt}, max = {hi} }}\n"
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_target_resolution_range_becomes_dynamic_height_and_width(tmp_path, fused):
+    from accel.core.plan import SamplerPlan
+    from accel.core.target import load_target
+    from accel.pipeline import default_store
+    from accel.runtime import sample
+    from export.tensorrt_compile import onnx_input_dims, profile_shapes
+
+    from tiny import build, write_tiny_pipeline
+
+    store = default_store(tmp_path / "store")
+    source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
+    target = resolution_target(tmp_path, 8, 32)
+    graph = build(store, source, "onnx", target=target, num_inference_steps=2, fused_sampler=fused)
+    assert graph.info["resolution_range"] == [8, 32]
+    model = onnx.load(str(graph.path / "model.onnx"))
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in (first[0], first[2], first[3]))
+    runtime = OrtRuntime(graph.path / "model.onnx")
+    plan = SamplerPlan.load(graph.path / "sampler_plan.json")
+    for r in (8, 24, 32):  # parity at min and max ran in the stage; 24 is in between
+        noise = np.random.default_rng(r).standard_normal((2, 1, r, r)).astype(np.float32)
+        images = sample(runtime, plan, noise, np.array([1, 2]), np.random.default_rng(0))
+        assert images.shape == (2, 1, r, r) and np.isfinite(images).all()
+    shapes = profile_shapes(load_target(target), onnx_input_dims(graph.path / "model.onnx"))
+    first_input = model.graph.input[0].name
+    assert shapes[first_input]["min"] == [1, 1, 8, 8]
+    assert shapes[first_input]["max"] == [8, 1, 32, 32]
+
+
+def test_a_resolution_range_the_unet_cannot_take_is_refused(tmp_path):
+    from accel.core.errors import StageError
+    from accel.pipeline import default_store
+
+    from tiny import build, write_tiny_pipeline
+
+    store = default_store(tmp_path / "store")
+    source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
+    with pytest.raises(StageError, match="needs multiples of 2"):
+        build(
+            store,
+            source,
+            "onnx",
+            target=resolution_target(tmp_path, 9, 33, 17),
+            num_inference_steps=2,
+        )

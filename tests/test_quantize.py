@@ -57,15 +57,17 @@ def open_engine_plan(artifact):
 
 
 @pytest.mark.parametrize(
-    "method, calibration",
+    "method, calibration, activations",
     [
-        ("ort_int8", None),
-        ("ort_int8", "entropy"),
-        ("modelopt_int8", "minmax"),
-        ("modelopt_fp8", None),
+        ("ort_int8", None, "int8"),
+        ("ort_int8", "entropy", "uint8"),
+        ("modelopt_int8", "minmax", "int8"),
+        ("modelopt_fp8", None, "int8"),
     ],
 )
-def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(tiny, method, calibration):
+def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(
+    tiny, method, calibration, activations
+):
     store, _, graph = tiny
     q = build(
         store,
@@ -73,9 +75,12 @@ def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(tiny, method
         "quantize",
         method=method,
         calibration_method=calibration,
+        activations=activations,
         calibration_samples=8,
         gate=RMSE,
     )
+    if activations == "uint8":
+        assert TensorProto.UINT8 in initializer_types(q.path / "model.onnx")
     fp8 = method.endswith("fp8")
     ops = count_ops(q.path / "model.onnx")
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0

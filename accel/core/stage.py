@@ -81,6 +81,7 @@ STAGES: dict[str, str] = {
     "guidance": "distill.guidance:STAGE",
     "onnx": "export.onnx_export:STAGE",
     "optimize": "export.optimize_onnx:STAGE",
+    "fp16": "export.fp16:STAGE",
     "quantize": "export.quantize_onnx:STAGE",
     "quantize_torch": "export.quantize_torch:STAGE",
     "ort": "export.ort_compile:STAGE",
