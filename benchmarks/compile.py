@@ -108,24 +108,18 @@ def medium_unet_check(store: Store, target, iterations: int) -> dict:
     fp32 = build(store, fp32_graph, target, "ort", gate=gate)
     int8_graph = build(store, fp32_graph, target, "quantize", calibration_samples=16, gate=gate)
     int8 = build(store, int8_graph, target, "ort", gate=gate)
-    u8_graph = build(
-        store,
-        fp32_graph,
-        target,
-        "quantize",
-        calibration_samples=16,
-        activations="uint8",
-        gate=gate,
+    s8_graph = build(
+        store, fp32_graph, target, "quantize", calibration_samples=16, activations="int8", gate=gate
     )
-    u8 = build(store, u8_graph, target, "ort", gate=gate)
+    s8 = build(store, s8_graph, target, "ort", gate=gate)
     from accel.runtime import TorchRuntime
 
     runtimes = {
         "torch eager fp32": TorchRuntime(graph),
         "onnxruntime fp32": open_engine(fp32.path, target, spin=False)[0],
         "onnxruntime INT8 (onnxruntime quantizer)": open_engine(int8.path, target, spin=False)[0],
-        "onnxruntime INT8 (onnxruntime quantizer, u8 activations)": open_engine(
-            u8.path, target, spin=False
+        "onnxruntime INT8 (onnxruntime quantizer, s8 activations)": open_engine(
+            s8.path, target, spin=False
         )[0],
     }
     batch = target.shapes.batch.opt
@@ -202,8 +196,8 @@ def main() -> None:
         "onnxruntime INT8 (onnxruntime quantizer)": lambda: build(
             store, fp32, target, "quantize", method="ort_int8", gate=GATE
         ),
-        "onnxruntime INT8 (onnxruntime quantizer, u8 activations)": lambda: build(
-            store, fp32, target, "quantize", method="ort_int8", activations="uint8", gate=GATE
+        "onnxruntime INT8 (onnxruntime quantizer, s8 activations)": lambda: build(
+            store, fp32, target, "quantize", method="ort_int8", activations="int8", gate=GATE
         ),
         "onnxruntime INT8 (modelopt ONNX PTQ, entropy)": lambda: build(
             store, fp32, target, "quantize", method="modelopt_int8", gate=GATE

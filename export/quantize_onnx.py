@@ -54,9 +54,9 @@ class QuantizeConfig(StageConfig):
     """How activation ranges come from the calibration data: min/max, or the range minimising
     the KL divergence of the quantized histogram; default: minmax for ort_int8, modelopt's own
     (entropy for INT8, max for FP8)."""
-    activations: Literal["int8", "uint8"] = "int8"
-    """ort_int8 only: signed or unsigned activations (onnxruntime's x86 kernels are written for
-    u8 activations x s8 weights; s8 x s8 takes another path)."""
+    activations: Literal["int8", "uint8"] = "uint8"
+    """ort_int8 only: unsigned or signed activations. onnxruntime's x86 kernels are written for
+    u8 activations x s8 weights (VNNI); s8 x s8 ran 1.3x slower on the demo student."""
     op_types: list[str] | None = None
     """Op types to quantize; default: Conv, MatMul, Gemm for ort_int8, modelopt's own choice."""
     high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -67,7 +67,7 @@ class QuantizeConfig(StageConfig):
     def _options_of_their_method(self) -> QuantizeConfig:
         if self.method == "ort_int8" and self.high_precision_dtype != "fp32":
             raise ValueError("high_precision_dtype applies to the modelopt methods only")
-        if self.method != "ort_int8" and self.activations != "int8":
+        if self.method != "ort_int8" and "activations" in self.model_fields_set:
             raise ValueError("activations applies to ort_int8 only")
         return self
 
@@ -94,7 +94,7 @@ def quantize_ort_int8(
     feeds: list[dict],
     op_types: list[str],
     method: str | None,
-    activations: str = "int8",
+    activations: str = "uint8",
 ) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,

@@ -61,8 +61,8 @@ def open_engine_plan(artifact):
     [
         ("ort_int8", None, "int8"),
         ("ort_int8", "entropy", "uint8"),
-        ("modelopt_int8", "minmax", "int8"),
-        ("modelopt_fp8", None, "int8"),
+        ("modelopt_int8", "minmax", None),
+        ("modelopt_fp8", None, None),
     ],
 )
 def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(
@@ -75,7 +75,7 @@ def test_onnx_ptq_inserts_qdq_that_onnxruntime_runs_behind_the_gate(
         "quantize",
         method=method,
         calibration_method=calibration,
-        activations=activations,
+        **({"activations": activations} if activations else {}),
         calibration_samples=8,
         gate=RMSE,
     )
