@@ -43,7 +43,8 @@ def export_program(graph, batch_min: int, batch_max: int):
 
     from export.onnx_export import example_inputs
 
-    feeds = {k: torch.from_numpy(v) for k, v in example_inputs(graph, 2, [500]).items()}
+    device = next(graph.parameters()).device
+    feeds = {k: torch.from_numpy(v).to(device) for k, v in example_inputs(graph, 2, [500]).items()}
     for attempt in range(2):
         batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
         try:

@@ -61,7 +61,9 @@ def target_provider(target) -> str:
     )
 
 
-def provider_options(target, provider: str, cache_dir: str, inputs: dict) -> dict[str, str]:
+def provider_options(
+    target, provider: str, cache_dir: str, inputs: dict, factor: int = 1
+) -> dict[str, str]:
     """Execution-provider options from the target: fp16 and, for the TensorRT EP, an optimisation
     profile over the target's batch range (trtexec's --minShapes/--optShapes/--maxShapes) and
     engine/timing caches in ``cache_dir``."""
@@ -71,7 +73,7 @@ def provider_options(target, provider: str, cache_dir: str, inputs: dict) -> dic
         return {"cudnn_conv_algo_search": "EXHAUSTIVE"}
     from export.tensorrt_compile import profile_shapes
 
-    profile = profile_shapes(target, {name: shape for name, (shape, _) in inputs.items()})
+    profile = profile_shapes(target, {name: shape for name, (shape, _) in inputs.items()}, factor)
 
     def shapes(which: str) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, s[which]))}" for n, s in profile.items())
@@ -151,7 +153,10 @@ def run(ctx: StageContext) -> None:
         for f in ctx.input.path.glob(MODEL_FILE + "*"):
             shutil.copy(f, ctx.out / f.name)
         cache = f"trt-cache-{ctx.target.fingerprint}-ort{ort.__version__}"
-        options = provider_options(ctx.target, provider, cache, reference.inputs())
+        from export.tensorrt_compile import batch_factor
+
+        factor = batch_factor(plan, reference.inputs())
+        options = provider_options(ctx.target, provider, cache, reference.inputs(), factor)
     compile_s = time.perf_counter() - t0
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
     try:

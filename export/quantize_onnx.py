@@ -53,7 +53,7 @@ class QuantizeConfig(StageConfig):
     calibration_method: Literal["minmax", "entropy"] | None = None
     """How activation ranges come from the calibration data: min/max, or the range minimising
     the KL divergence of the quantized histogram; default: minmax for ort_int8, modelopt's own
-    (entropy for INT8, max for FP8)."""
+    (entropy) for the modelopt methods."""
     activations: Literal["int8", "uint8"] = "uint8"
     """ort_int8 only: unsigned or signed activations. onnxruntime's x86 kernels are written for
     u8 activations x s8 weights (VNNI); s8 x s8 ran 1.3x slower on the demo student."""
@@ -183,6 +183,12 @@ def run(ctx: StageContext) -> None:
 
     src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    if plan.notes.get("fused"):
+        raise StageError(
+            "quantize",
+            "this is a fused-sampler graph; quantize the per-step graph (calibration replays its "
+            "steps), or export the fused sampler from a quantize_torch student",
+        )
     try:
         parent = OrtRuntime(src)
     except CheckpointError as e:

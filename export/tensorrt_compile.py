@@ -75,11 +75,23 @@ def import_tensorrt() -> None:
         )
 
 
-def profile_shapes(target: Target, inputs: dict[str, list]) -> dict[str, dict[str, list[int]]]:
+def batch_factor(plan: SamplerPlan, inputs) -> int:
+    """2 when the per-step graph runs classifier-free guidance's doubled batch, else 1."""
+    doubled = plan.guidance_scale != 1.0 and "class_labels" in inputs
+    return (
+        2 if doubled and not plan.notes.get("guidance_input") and not plan.notes.get("fused") else 1
+    )
+
+
+def profile_shapes(
+    target: Target, inputs: dict[str, list], factor: int = 1
+) -> dict[str, dict[str, list[int]]]:
     """Per input, its min/opt/max shape from the target's profile: the dynamic (negative or
-    named) first axis takes the batch range, the dynamic last two axes of an image input
-    (4-D and up) take the resolution range."""
-    ranges = {"batch": target.shapes.batch, "resolution": target.shapes.resolution}
+    named) first axis takes the batch range (times ``factor``: guidance doubles the batch each
+    call sees), the dynamic last two axes of an image input (4-D and up) take the resolution."""
+    b = target.shapes.batch
+    batch = type(b)(min=b.min * factor, opt=b.opt * factor, max=b.max * factor)
+    ranges = {"batch": batch, "resolution": target.shapes.resolution}
 
     def axis_range(axis: int, rank: int) -> str:
         return "resolution" if rank >= 4 and axis >= rank - 2 else "batch"
@@ -231,19 +243,32 @@ class TensorRTRuntime:
         self._out = [n for n in names if n not in self._in]
         self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._torch, self._lock = torch, threading.Lock()
+        self._max_batch = int(info.get("batch_range", [1, 2**31])[1])
         self.name = "tensorrt"
 
     def inputs(self) -> dict[str, tuple[list, str]]:
         return {n: (["batch"], str(self._dtype[n])) for n in self._in}
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batches above the engine's profile run in chunks of its maximum."""
+        rows = len(next(iter(feeds.values())))
+        if rows > self._max_batch:
+            parts = [
+                self.infer({k: v[i : i + self._max_batch] for k, v in feeds.items()})
+                for i in range(0, rows, self._max_batch)
+            ]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         torch = self._torch
         with self._lock:
             buffers = {}
             for n in self._in:
                 host = np.ascontiguousarray(feeds[n], dtype=self._dtype[n])
                 buffers[n] = torch.from_numpy(host).cuda()
-                self._context.set_input_shape(n, tuple(host.shape))
+                if not self._context.set_input_shape(n, tuple(host.shape)):
+                    raise CheckpointError(
+                        f"input {n!r} of shape {host.shape} is outside this TensorRT engine's "
+                        "optimisation profile; rebuild it for a target whose shapes cover it"
+                    )
                 self._context.set_tensor_address(n, buffers[n].data_ptr())
             for n in self._out:
                 dims = self._context.get_tensor_shape(n)
@@ -256,6 +281,23 @@ class TensorRTRuntime:
                 raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
             stream.synchronize()
             return {n: buffers[n].cpu().numpy().astype(np.float32) for n in self._out}
+
+
+def fp32_student(ctx: StageContext, plan: SamplerPlan):
+    """The torch student this graph was quantized from (the nearest checkpoint in its lineage),
+    as the gate's reference when onnxruntime cannot run the graph itself."""
+    from accel.runtime import TorchRuntime
+    from distill.denoiser import DenoiserGraph, load_denoiser
+
+    student = next((a for a in ctx.store.lineage(ctx.input) if a.kind == "checkpoint"), None)
+    if student is None:
+        raise StageError(
+            "tensorrt",
+            "onnxruntime cannot run this graph (TensorRT-only ops) and the store holds no student "
+            'it came from, so the quality gate has no reference; set gate.metric = "off"',
+        )
+    denoiser, _ = load_denoiser(student.path, guidance_scale=plan.guidance_scale)
+    return TorchRuntime(DenoiserGraph.of(denoiser))
 
 
 def run(ctx: StageContext) -> None:
@@ -273,7 +315,10 @@ def run(ctx: StageContext) -> None:
     src = ctx.input.path / MODEL_FILE
     quantized = ctx.input.info.get("precision") in ("int8", "fp8")
     strongly_typed = quantized if config.strongly_typed is None else config.strongly_typed
-    shapes = profile_shapes(target, onnx_input_dims(src))
+    plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    dims = onnx_input_dims(src)
+    factor = batch_factor(plan, dims)
+    shapes = profile_shapes(target, dims, factor)
     command = trtexec_command(target, MODEL_FILE, shapes, strongly_typed)
     (ctx.out / TRTEXEC_FILE).write_text(
         f"#!/bin/sh\n# builds the same engine as accel's tensorrt stage\n{command}\n"
@@ -298,7 +343,6 @@ def run(ctx: StageContext) -> None:
     (ctx.out / ENGINE_FILE).write_bytes(engine)
     (ctx.out / TIMING_CACHE).write_bytes(cache)
     build_s = time.perf_counter() - t0
-    plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
     plan.save(ctx.out / PLAN_FILE)
     major, minor = torch.cuda.get_device_capability()
     ctx.info.update(
@@ -311,9 +355,13 @@ def run(ctx: StageContext) -> None:
         version_compatible=target.builder.version_compatible,
         strongly_typed=strongly_typed,
         precision=ctx.input.info.get("precision", target.precision),
+        batch_range=[target.shapes.batch.min * factor, target.shapes.batch.max * factor],
     )
     engine_rt = TensorRTRuntime(ctx.out / ENGINE_FILE, ctx.info)
-    reference = OrtRuntime(src, optimize=False)
+    try:
+        reference = OrtRuntime(src, optimize=False)
+    except CheckpointError:  # FP8 Q/DQ in TensorRT's own ops: gate against the fp32 student
+        reference = fp32_student(ctx, plan)
     gate = quality_gate("tensorrt", config.gate, (reference, plan), (engine_rt, plan), ctx.progress)
     ctx.metrics.update(build_seconds=build_s, quality_gate=gate, engine_bytes=len(engine))
 

@@ -213,3 +213,23 @@ def test_recipe_branches_an_int8_engine_beside_the_fp32_one(tmp_path):
     assert fp32.info["precision"] == "fp32"
     again = run_recipe(load_recipe(tmp_path / "r.toml"), store, progress=lambda m: None)
     assert [a.key for a in again] == [a.key for a in (graph, fp32, int8_graph, int8)]
+
+
+def test_a_fused_sampler_graph_is_refused_with_the_way_out(tiny):
+    store, source, _ = tiny
+    fused = build(store, source, "onnx", num_inference_steps=2, fused_sampler=True)
+    with pytest.raises(StageError, match="fused-sampler graph; quantize the per-step graph"):
+        build(store, fused, "quantize", calibration_samples=2, gate=RMSE)
+
+
+def test_quantize_works_in_a_store_given_by_a_relative_path(tmp_path, monkeypatch):
+    """The quantizers run in a scratch working directory: the store's paths must not depend on
+    the working directory (`accel demo` uses ./.accel-store)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    store = default_store(".accel-store")
+    source = store.source(write_tiny_pipeline(Path("teacher")))
+    graph = build(store, source, "onnx", num_inference_steps=2)
+    q = build(store, graph, "quantize", calibration_samples=2, gate=RMSE)
+    assert q.path.is_absolute() and q.info["precision"] == "int8"

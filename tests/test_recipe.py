@@ -187,3 +187,8 @@ def test_branch_errors_name_the_missing_id_and_the_kind_mismatch(recipe_dir):
         recipe_dir, BRANCH.replace('stage = "compile"\n', 'stage = "compile"\nid = "graph"\n', 1)
     )
     assert "id 'graph' must be a string no other stage uses" in text
+
+
+def test_after_must_name_an_id(recipe_dir):
+    text = problems(recipe_dir, BRANCH.replace('after = "graph"', 'after = ["graph"]'))
+    assert "after must be the id string of an earlier stage" in text

@@ -157,3 +157,17 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tmp_path):
     # TensorRT may run fp32 convolutions in TF32: the fp16 row of the tolerance table
     report = compare(reference, [runtime], feeds, "fp16")
     assert report["passed"], describe_failure(report)
+
+
+def test_guided_graphs_get_a_doubled_batch_profile():
+    from accel.core.plan import SamplerPlan
+    from export.tensorrt_compile import batch_factor
+
+    dims = {"sample": [-1, 1, 16, 16], "timestep": [-1], "class_labels": [-1]}
+    guided = SamplerPlan(steps=[], sample_shape=[1, 16, 16], guidance_scale=1.5, null_label=10)
+    assert batch_factor(guided, dims) == 2
+    assert batch_factor(SamplerPlan(steps=[], sample_shape=[1, 16, 16]), dims) == 1
+    w_input = SamplerPlan(**{**guided.__dict__, "notes": {"guidance_input": True}})
+    assert batch_factor(w_input, dims) == 1
+    shapes = profile_shapes(gpu_target(), dims, batch_factor(guided, dims))
+    assert shapes["sample"]["max"] == [64, 1, 16, 16] and shapes["timestep"]["opt"] == [16]

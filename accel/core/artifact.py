@@ -186,7 +186,7 @@ class Store:
     root/work/<key>, kept after a failure so the stage can resume."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # stages may change the working directory
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
 

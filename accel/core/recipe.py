@@ -92,7 +92,10 @@ def _check_stages(entries: list[Any], problems: list[str]) -> list[StagePlan]:
         where = f"stages[{i}] ({name})"
         parent = None
         if after is not None:
-            if after not in ids:
+            if not isinstance(after, str):
+                problems.append(f"{where}: after must be the id string of an earlier stage")
+                previous = None
+            elif after not in ids:
                 known = ", ".join(repr(k) for k in ids) or "none so far"
                 problems.append(
                     f"{where}: after = {after!r} names no earlier stage; give that stage "
