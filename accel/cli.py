@@ -246,10 +246,9 @@ class StageCommand(click.Command):
         from pydantic import ValidationError
 
         from accel.core.artifact import MANIFEST, Artifact
-        from accel.core.recipe import StagePlan, stage_key
-        from accel.core.stage import get_stage, say, validation_lines
+        from accel.core.stage import get_stage, validation_lines
         from accel.core.target import load_target
-        from accel.pipeline import PlannedStage, default_store, run_stage
+        from accel.pipeline import default_store, run_or_reuse
 
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():
@@ -286,21 +285,7 @@ class StageCommand(click.Command):
                 f"{self.name} ({stage.name}) takes a {stage.consumes}, but {input_dir} is a "
                 f"{parent.kind}"
             )
-        target = load_target(target_name)
-        key = stage_key(stage, config, parent.key, target)
-        if s.has(key):
-            say(f"{stage.name}: cache hit ({key})")
-            artifact = s.get(key)
-            artifact.verify()
-        else:
-            artifact = run_stage(
-                PlannedStage(StagePlan(0, stage, config), key, False),
-                parent,
-                target,
-                s,
-                [],
-                resume=resume,
-            )
+        artifact = run_or_reuse(stage, config, parent, load_target(target_name), s, resume=resume)
         if out is not None:
             _copy_out(artifact.path, out)
         click.echo(out or artifact.path)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from accel.core.artifact import Artifact, Store
 from accel.core.errors import AccelError, StageError
-from accel.core.recipe import Recipe, StagePlan, parent_position, plan_keys
-from accel.core.stage import StageContext, say
+from accel.core.recipe import Recipe, StagePlan, parent_position, plan_keys, stage_key
+from accel.core.stage import Stage, StageConfig, StageContext, say
 from accel.core.target import Target
 
 
@@ -84,6 +84,27 @@ def run_stage(
     assert pending.artifact is not None
     shutil.rmtree(work, ignore_errors=True)
     return pending.artifact
+
+
+def run_or_reuse(
+    stage: Stage,
+    config: StageConfig,
+    parent: Artifact,
+    target: Target,
+    store: Store,
+    progress: Callable[[str], None] = say,
+    resume: bool = False,
+) -> Artifact:
+    """One stage on ``parent`` outside a recipe: its stored artifact (hashes verified) when the
+    key is in the store, else a run."""
+    key = stage_key(stage, config, parent.key, target)
+    if store.has(key):
+        progress(f"{stage.name}: cache hit ({key})")
+        artifact = store.get(key)
+        artifact.verify()
+        return artifact
+    planned = PlannedStage(StagePlan(0, stage, config), key, False)
+    return run_stage(planned, parent, target, store, [], progress, resume)
 
 
 def run_recipe(

@@ -25,20 +25,16 @@ import numpy as np
 from accel.cli import DEMO_RECIPE
 from accel.core.artifact import Store
 from accel.core.errors import StageError
-from accel.core.recipe import StagePlan, load_recipe, stage_key
+from accel.core.recipe import load_recipe
 from accel.core.stage import get_stage
-from accel.pipeline import PlannedStage, run_recipe, run_stage
+from accel.pipeline import run_or_reuse, run_recipe
 
 GATE = {"metric": "fd_digits", "threshold": 0.05, "samples": 1000, "seeds": [0]}
 
 
 def build(store: Store, parent, target, name: str, **config):
     stage = get_stage(name)
-    cfg = stage.config(**config)
-    key = stage_key(stage, cfg, parent.key, target)
-    if store.has(key):
-        return store.get(key)
-    return run_stage(PlannedStage(StagePlan(0, stage, cfg), key, False), parent, target, store, [])
+    return run_or_reuse(stage, stage.config(**config), parent, target, store)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -29,9 +29,9 @@ from pydantic import Field
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
+from export.onnx_export import MODEL_FILE, save_graph
 from export.quality_gate import GateConfig, quality_gate
 
-MODEL_FILE = "model.onnx"
 SCOPES = "pkg.torch.onnx.name_scopes"
 
 
@@ -92,16 +92,8 @@ def run(ctx: StageContext) -> None:
     # AutoCast's value_info carries the example batch's shapes, which onnxruntime's fusions then
     # trust over the dynamic batch: let the runtime infer shapes itself
     del converted.graph.value_info[:]
-    large = sum(t.ByteSize() for t in converted.graph.initializer) > (1 << 30)
-    onnx.save_model(
-        converted,
-        str(ctx.out / MODEL_FILE),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=MODEL_FILE + ".data",
-    )
+    save_graph(converted, ctx.out / MODEL_FILE)
     seconds = time.perf_counter() - t0
-    onnx.checker.check_model(str(ctx.out / MODEL_FILE))
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
     plan = SamplerPlan.load(ctx.out / PLAN_FILE)
     try:

@@ -135,6 +135,22 @@ def onnx_from_torch(
     onnx.checker.check_model(str(path))
 
 
+def save_graph(model, path: Path) -> None:
+    """Save a rewritten ModelProto (weights in ``<name>.data`` above 1 GiB, protobuf's limit being
+    2 GiB) and run the checker on the file."""
+    import onnx
+
+    large = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+    )
+    onnx.checker.check_model(str(path))
+
+
 def graph_and_plan(stage: str, path: Path, steps: int | None, guidance: float | None):
     """The checkpoint's DenoiserGraph and its sampler plan for ``steps`` (default: a student's own
     step count) and ``guidance`` (default: the checkpoint's)."""

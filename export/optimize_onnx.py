@@ -17,9 +17,7 @@ from collections import Counter
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-
-MODEL_FILE = "model.onnx"
-EXTERNAL_ABOVE = 1 << 30  # bytes of initialisers above which weights go to model.onnx.data
+from export.onnx_export import MODEL_FILE, save_graph
 
 
 class OptimizeConfig(StageConfig):
@@ -42,16 +40,8 @@ def run(ctx: StageContext) -> None:
     slim = onnxslim.slim(model)
     if slim is None:
         raise StageError("optimize", "onnxslim returned no graph (see its log above)")
-    large = sum(t.ByteSize() for t in slim.graph.initializer) > EXTERNAL_ABOVE
-    onnx.save_model(
-        slim,
-        str(ctx.out / MODEL_FILE),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=MODEL_FILE + ".data",
-    )
+    save_graph(slim, ctx.out / MODEL_FILE)
     seconds = time.perf_counter() - t0
-    onnx.checker.check_model(str(ctx.out / MODEL_FILE))
     for value in list(slim.graph.input) + list(slim.graph.output):
         if not value.type.tensor_type.shape.dim[0].dim_param:
             raise StageError("optimize", f"onnxslim made the batch axis of {value.name!r} static")

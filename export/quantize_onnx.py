@@ -38,9 +38,9 @@ from pydantic import Field, model_validator
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
+from export.onnx_export import MODEL_FILE
 from export.quality_gate import GateConfig, quality_gate
 
-MODEL_FILE = "model.onnx"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 

@@ -23,6 +23,7 @@ gate therefore samples with the fake-quantized torch model, which computes the s
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from typing import Literal
@@ -32,9 +33,9 @@ from pydantic import Field
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE
 from accel.core.stage import Stage, StageConfig, StageContext
+from export.onnx_export import MODEL_FILE
 from export.quality_gate import GateConfig, quality_gate
 
-MODEL_FILE = "model.onnx"
 CONFIGS = {
     "int8_smoothquant": "INT8_SMOOTHQUANT_CFG",
     "int8": "INT8_DEFAULT_CFG",
@@ -95,10 +96,7 @@ def run(ctx: StageContext) -> None:
     )
     feeds = calibration_feeds(parent, plan, config.calibration_samples, config.calibration_seed)
 
-    # the reference keeps fp32 weights: quantize a second copy of the graph
-    quantized, _ = graph_and_plan(
-        "quantize_torch", ctx.input.path, config.num_inference_steps, config.guidance_scale
-    )
+    quantized = copy.deepcopy(graph)  # the reference keeps its fp32 weights
 
     def forward_loop(model) -> None:
         with torch.no_grad():

@@ -287,7 +287,7 @@ def fp32_student(ctx: StageContext, plan: SamplerPlan):
     """The torch student this graph was quantized from (the nearest checkpoint in its lineage),
     as the gate's reference when onnxruntime cannot run the graph itself."""
     from accel.runtime import TorchRuntime
-    from distill.denoiser import DenoiserGraph, load_denoiser
+    from export.onnx_export import graph_and_plan
 
     student = next((a for a in ctx.store.lineage(ctx.input) if a.kind == "checkpoint"), None)
     if student is None:
@@ -296,8 +296,8 @@ def fp32_student(ctx: StageContext, plan: SamplerPlan):
             "onnxruntime cannot run this graph (TensorRT-only ops) and the store holds no student "
             'it came from, so the quality gate has no reference; set gate.metric = "off"',
         )
-    denoiser, _ = load_denoiser(student.path, guidance_scale=plan.guidance_scale)
-    return TorchRuntime(DenoiserGraph.of(denoiser))
+    graph, _ = graph_and_plan("tensorrt", student.path, len(plan.steps), plan.guidance_scale)
+    return TorchRuntime(graph)
 
 
 def run(ctx: StageContext) -> None:

@@ -42,18 +42,14 @@ def write_tiny_pipeline(path, seed=0, **info):
 
 def build(store, parent, stage_name, target="cpu", **config):
     """Run one stage on ``parent`` into ``store`` (or take it from the cache); its artifact."""
-    from accel.core.recipe import StagePlan, stage_key
     from accel.core.stage import get_stage
     from accel.core.target import load_target
-    from accel.pipeline import PlannedStage, run_stage
+    from accel.pipeline import run_or_reuse
 
-    stage, target = get_stage(stage_name), load_target(target)
-    cfg = stage.config(**config)
-    key = stage_key(stage, cfg, parent.key, target)
-    if store.has(key):
-        return store.get(key)
-    planned = PlannedStage(StagePlan(0, stage, cfg), key, False)
-    return run_stage(planned, parent, target, store, [], progress=lambda m: None)
+    stage = get_stage(stage_name)
+    return run_or_reuse(
+        stage, stage.config(**config), parent, load_target(target), store, lambda m: None
+    )
 
 
 def gpu_target(**fields):
