@@ -1,39 +1,229 @@
-"""The profile stage: latency and image quality of an engine against its teacher, in one run.
-
-Latency (harness in ``accel.profile``): per denoising step and end to end (noise -> image), for the
-teacher in torch eager at its full step count with classifier-free guidance, the student in torch
-eager and the student's engine, interleaved after warm-up. Quality (``accel.quality``): FD-digits and
-class accuracy of the teacher at its full step count, the teacher's own DDIM at the student's step
-count, and the engine, each the mean over seeds of ``quality_samples`` samples.
+"""Profiling runs: `profile_runtimes` measures several runtimes in one run with the harness in
+``accel.profile`` (interleaved, per scenario, with a per-stage breakdown, peak memory, the
+environment and the target's latency budget), and optionally their image quality. `accel profile`
+calls it on any artifacts; the recipe stage ``profile`` calls it on an engine, its student in eager
+torch and its teacher at its full step count with classifier-free guidance, and adds the quality of
+the teacher's own DDIM at the student's step count.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from accel.core.errors import StageError, TargetError
-from accel.core.plan import SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
+
+Scenario = Literal["single_stream", "offline", "server"]
+SCHEMA = "accel.report/2"
 
 
 class ProfileConfig(StageConfig):
+    scenarios: list[Scenario] = Field(["single_stream"], min_length=1)
+    """MLPerf LoadGen scenarios to run; SingleStream's p90 is checked against the latency budget."""
     batch_size: int | None = Field(None, ge=1)
-    """Images per call; default: the target's optimal batch."""
-    warmup: int | None = Field(None, ge=0)
-    """Warm-up calls per workload; default: the target's."""
+    """Images per SingleStream query; default: the target's scenarios.single_stream_batch."""
+    warmup_iterations: int | None = Field(None, ge=0)
+    """Default for these four: the target's [harness] table."""
+    warmup_ms: float | None = Field(None, ge=0)
     iterations: int | None = Field(None, ge=1)
-    """Timed per-step calls per workload; default: the target's."""
-    e2e_iterations: int = Field(10, ge=1)
-    """Timed end-to-end runs (noise -> image) per workload."""
+    duration_ms: float | None = Field(None, ge=0)
+    breakdown_repeats: int = Field(5, ge=1)
+    """Calls run with the per-stage breakdown recorded (outside the timed rounds)."""
     teacher_steps: int = Field(50, ge=1)
     quality_samples: int = Field(1000, ge=10)
     quality_seeds: list[int] = Field([0, 1], min_length=1)
     engine_spinning: bool = False
     """Let onnxruntime's idle threads busy-wait between calls. Off by default: in an interleaved
     run the spinning threads would take the cores of the torch call that follows."""
+
+
+def _check_batch(target, batch: int, what: str) -> None:
+    b = target.shapes.batch
+    if not b.min <= batch <= b.max:
+        raise TargetError(
+            f"{what} batch {batch} is outside target {target.name!r}'s batch profile "
+            f"{b.min}..{b.max}; pick a batch inside it"
+        )
+
+
+def profile_runtimes(
+    subjects: dict,
+    target,
+    scenarios: list[str],
+    harness,
+    batch: int | None = None,
+    rate_qps: float | None = None,
+    server_duration_s: float | None = None,
+    breakdown_repeats: int = 5,
+    progress=print,
+) -> dict:
+    """Measure ``subjects`` ({name: (runtime, plan)}), one end-to-end sampling call (noise ->
+    image) per query, in each scenario; returns a report (schema ``accel.report/2``, documented
+    in docs/report-schema.md) without quality."""
+    from accel.hardware import environment, target_mismatch
+    from accel.profile import (
+        breakdown,
+        cv_warning,
+        measure,
+        paired_ratio,
+        run_server,
+    )
+    from accel.runtime import sample
+
+    plans = [plan for _, plan in subjects.values()]
+    sample_shape = plans[0].sample_shape
+    num_classes = plans[0].num_classes
+    single = batch or target.scenarios.single_stream_batch
+    batches = {"single_stream": single, "offline": target.shapes.batch.max, "server": single}
+    for scenario in scenarios:
+        _check_batch(target, batches[scenario], scenario.replace("_", " "))
+
+    def call(runtime, plan, n: int):
+        rng = np.random.default_rng(1234)
+        noise = rng.standard_normal((n, *sample_shape)).astype(np.float32)
+        labels = (np.arange(n) % num_classes).astype(np.int64) if num_classes else None
+        return lambda: sample(runtime, plan, noise, labels, np.random.default_rng(0))
+
+    report: dict = {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "target": {
+            "name": target.name,
+            "fingerprint": target.fingerprint,
+            "device": target.device,
+            "latency_budget_ms": target.latency_budget_ms,
+        },
+        "harness": {k: getattr(harness, k) for k in harness.__dataclass_fields__},
+        "workloads": {
+            name: {
+                "runtime": rt.name,
+                "steps": len(plan.steps),
+                "guidance_scale": plan.guidance_scale,
+                "sample_shape": list(plan.sample_shape),
+            }
+            for name, (rt, plan) in subjects.items()
+        },
+        "scenarios": {},
+        "warnings": [],
+    }
+    for scenario in scenarios:
+        n = batches[scenario]
+        if scenario == "server":
+            rate = rate_qps or target.scenarios.server_rate_qps
+            duration = server_duration_s or target.scenarios.server_duration_s
+            bound = target.server_latency_bound_ms
+            results = {}
+            for name, (rt, plan) in subjects.items():
+                progress(f"profile: server, {name}: Poisson {rate} q/s for {duration} s")
+                fn = call(rt, plan, n)
+                fn()  # warm
+                results[name] = run_server(fn, rate, duration, bound)
+                if results[name]["unserved"]:
+                    report["warnings"].append(
+                        f"server, {name}: {results[name]['unserved']} of "
+                        f"{results[name]['queries']} queries were not served within twice the "
+                        f"duration: {rate} q/s is above what it sustains"
+                    )
+            report["scenarios"]["server"] = {
+                "batch": n,
+                "rate_qps": rate,
+                "duration_s": duration,
+                "bound_ms": bound,
+                "metric": "p99",
+                "results": results,
+            }
+            continue
+        progress(f"profile: {scenario}, batch {n}, {len(subjects)} workloads interleaved")
+        measured = measure(
+            {name: call(rt, plan, n) for name, (rt, plan) in subjects.items()}, harness
+        )
+        results = {}
+        for name, m in measured.items():
+            stats = m.stats()
+            results[name] = {
+                "latency_ms": stats,
+                "times_ms": m.times_ms,
+                "warmup": {"iterations": m.warmup_iterations, "ms": m.warmup_ms},
+                "memory": m.memory,
+                "images_per_s": n * 1e3 / stats["p50"],
+            }
+            warning = cv_warning(f"{scenario}, {name}", stats)
+            if warning:
+                report["warnings"].append(warning)
+        names = list(measured)
+        report["scenarios"][scenario] = {
+            "batch": n,
+            "metric": "p90" if scenario == "single_stream" else "images_per_s",
+            "results": results,
+            "ratios": [
+                dict(
+                    paired_ratio(measured[a].times_ms, measured[b].times_ms),
+                    baseline=a,
+                    subject=b,
+                )
+                for i, a in enumerate(names)
+                for b in names[i + 1 :]
+            ],
+        }
+    progress(f"profile: per-stage breakdown, batch {single}, {breakdown_repeats} calls each")
+    report["breakdown"] = {
+        name: breakdown(call(rt, plan, single), breakdown_repeats)
+        for name, (rt, plan) in subjects.items()
+    }
+    budget = target.latency_budget_ms
+    if budget is not None and "single_stream" in report["scenarios"]:
+        ss = report["scenarios"]["single_stream"]["results"]
+        report["budget"] = {
+            "latency_budget_ms": budget,
+            "results": {
+                name: {"p90_ms": r["latency_ms"]["p90"], "met": r["latency_ms"]["p90"] <= budget}
+                for name, r in ss.items()
+            },
+        }
+    report["environment"] = environment(threads=_torch_threads())
+    mismatch = target_mismatch(target, report["environment"])
+    if mismatch:
+        report["warnings"].append(mismatch)
+    return report
+
+
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def measure_quality(subjects: dict, samples: int, seeds: list[int], progress=print):
+    """FD-digits and class accuracy per subject, means over seeds; and the first seed's images
+    (for sample grids)."""
+    from accel.quality import evaluate_images, generate
+
+    quality: dict[str, dict] = {}
+    grids: dict[str, np.ndarray] = {}
+    for name, (rt, plan) in subjects.items():
+        t0 = time.perf_counter()
+        per_seed = []
+        for seed in seeds:
+            images, lab = generate(rt, plan, samples, seed, plan.num_classes)
+            per_seed.append(dict(evaluate_images(images, lab), seed=seed))
+            if seed == seeds[0]:
+                grids[name] = images
+        quality[name] = {
+            "fd_digits": float(np.mean([r["fd_digits"] for r in per_seed])),
+            "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
+            "per_seed": per_seed,
+        }
+        progress(
+            f"profile: quality of {name}: FD-digits {quality[name]['fd_digits']:.3f}, "
+            f"accuracy {quality[name]['class_accuracy']:.3f} ({time.perf_counter() - t0:.0f}s)"
+        )
+    return quality, grids
 
 
 def _lineage(ctx: StageContext):
@@ -45,31 +235,29 @@ def _lineage(ctx: StageContext):
             "profile",
             f"the store at {ctx.store.root} does not hold the student and "
             f"teacher this engine was built from (found {[a.stage for a in chain]}); "
-            "profile engines produced by `accel run` on the same store",
+            "profile engines produced by `accel run` on the same store, or use "
+            "`accel profile ENGINE` for latency alone",
         )
     return checkpoints[0].path, checkpoints[-1].path
 
 
 def run(ctx: StageContext) -> None:
     config: ProfileConfig = ctx.config  # type: ignore[assignment]
-    import torch
-
-    from accel.profile import environment, measure_interleaved
-    from accel.quality import evaluate_images, fd_floor, generate
+    from accel.profile import Harness
+    from accel.quality import fd_floor
     from accel.report import write_report
-    from accel.runtime import TorchRuntime, open_engine, sample, step_feeds
+    from accel.runtime import TorchRuntime, open_engine
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
 
     target = ctx.target
-    batch = config.batch_size or target.shapes.batch.opt
-    if not target.shapes.batch.min <= batch <= target.shapes.batch.max:
-        raise TargetError(
-            f"batch {batch} is outside target {target.name!r}'s batch profile "
-            f"{target.shapes.batch.min}..{target.shapes.batch.max}; pick a batch_size inside it"
-        )
-    warmup = target.profile.warmup if config.warmup is None else config.warmup
-    iterations = config.iterations or target.profile.iterations
+    harness = Harness.of(
+        target,
+        warmup_iterations=config.warmup_iterations,
+        warmup_ms=config.warmup_ms,
+        iterations=config.iterations,
+        duration_ms=config.duration_ms,
+    )
     student_dir, teacher_dir = _lineage(ctx)
     student, s_info = load_denoiser(student_dir)
     w = float(s_info.get("distilled_guidance_scale", 1.0))
@@ -77,100 +265,55 @@ def run(ctx: StageContext) -> None:
     num_classes = t_info.get("num_classes")
     engine, engine_plan = open_engine(ctx.input.path, target, spin=config.engine_spinning)
     steps = len(engine_plan.steps)
-    plans = {
-        "teacher": sampler_plan(teacher, config.teacher_steps, num_classes),
-        "teacher_ddim": sampler_plan(teacher, steps, num_classes),
-        "student": sampler_plan(student, steps, num_classes),
+    device = "cuda" if target.device == "cuda" else "cpu"
+    teacher_rt = TorchRuntime(DenoiserGraph.of(teacher), device=device)
+    teacher_plan = sampler_plan(teacher, config.teacher_steps, num_classes)
+    cfg = ", cfg" if teacher_plan.guidance_scale != 1 else ""
+    names = {
+        "teacher": f"teacher eager, {config.teacher_steps} steps{cfg}",
+        "student": f"student eager, {steps} steps",
+        "engine": f"student engine ({engine.name}), {steps} steps",
     }
-    threads = torch.get_num_threads()
-    runtimes = {
-        "teacher": TorchRuntime(DenoiserGraph.of(teacher)),
-        "student": TorchRuntime(DenoiserGraph.of(student)),
-        "engine": engine,
-    }
-    rng = np.random.default_rng(1234)
-    noise = rng.standard_normal((batch, *engine_plan.sample_shape)).astype(np.float32)
-    labels = (np.arange(batch) % (num_classes or 1)).astype(np.int64) if num_classes else None
-
-    def first_step(plan: SamplerPlan) -> dict:
-        return step_feeds(plan, noise, plan.steps[0]["timestep"], labels)
-
-    def call(rt, feeds):
-        return lambda: rt.infer(feeds)
-
-    def e2e(rt, plan):
-        return lambda: sample(rt, plan, noise, labels, np.random.default_rng(0))
-
-    ctx.progress(
-        f"profile: per-step latency, batch {batch}, {warmup} warm-up + {iterations} calls each"
-    )
-    per_step = measure_interleaved(
-        {
-            f"teacher eager ({'cfg, ' if plans['teacher'].guidance_scale != 1 else ''}per step)": call(
-                runtimes["teacher"], first_step(plans["teacher"])
-            ),
-            "student eager (per step)": call(runtimes["student"], first_step(plans["student"])),
-            "student onnxruntime (per step)": call(runtimes["engine"], first_step(engine_plan)),
-        },
-        warmup,
-        iterations,
-    )
-    ctx.progress(f"profile: end-to-end latency, {config.e2e_iterations} runs each")
-    end_to_end = measure_interleaved(
-        {
-            f"teacher eager, {config.teacher_steps} steps": e2e(
-                runtimes["teacher"], plans["teacher"]
-            ),
-            f"student eager, {steps} steps": e2e(runtimes["student"], plans["student"]),
-            f"student onnxruntime, {steps} steps": e2e(runtimes["engine"], engine_plan),
-        },
-        min(warmup, 2),
-        config.e2e_iterations,
-    )
-
-    quality: dict[str, dict] = {}
-    grids: dict[str, np.ndarray] = {}
     subjects = {
-        f"teacher, {config.teacher_steps} steps": (runtimes["teacher"], plans["teacher"]),
-        f"teacher DDIM, {steps} steps": (runtimes["teacher"], plans["teacher_ddim"]),
-        f"student onnxruntime, {steps} steps": (runtimes["engine"], engine_plan),
+        names["teacher"]: (teacher_rt, teacher_plan),
+        names["student"]: (
+            TorchRuntime(DenoiserGraph.of(student), device=device),
+            sampler_plan(student, steps, num_classes),
+        ),
+        names["engine"]: (engine, engine_plan),
     }
-    for name, (rt, plan) in subjects.items():
-        t0 = time.perf_counter()
-        per_seed = []
-        for seed in config.quality_seeds:
-            images, lab = generate(rt, plan, config.quality_samples, seed, num_classes)
-            per_seed.append(dict(evaluate_images(images, lab), seed=seed))
-            if seed == config.quality_seeds[0]:
-                grids[name] = images
-        quality[name] = {
-            "fd_digits": float(np.mean([r["fd_digits"] for r in per_seed])),
-            "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
-            "per_seed": per_seed,
-        }
-        ctx.progress(
-            f"profile: quality of {name}: FD-digits {quality[name]['fd_digits']:.3f}, "
-            f"accuracy {quality[name]['class_accuracy']:.3f} ({time.perf_counter() - t0:.0f}s)"
-        )
-
-    teacher_e2e, _, engine_e2e = (v["p50"] for v in end_to_end.values())
-    report = {
-        "schema": "accel.report/1",
-        "target": {"name": target.name, "fingerprint": target.fingerprint},
-        "environment": environment(threads),
-        "batch_size": batch,
-        "guidance_scale": w,
-        "steps": {"teacher": config.teacher_steps, "student": steps},
-        "latency_ms": {"per_step": per_step, "end_to_end": end_to_end},
-        "speedup_end_to_end_p50": teacher_e2e / engine_e2e,
-        "quality": quality,
-        "fd_floor": fd_floor(),
-        "quality_samples": config.quality_samples,
-        "quality_seeds": list(config.quality_seeds),
+    report = profile_runtimes(
+        subjects,
+        target,
+        config.scenarios,
+        harness,
+        batch=config.batch_size,
+        breakdown_repeats=config.breakdown_repeats,
+        progress=ctx.progress,
+    )
+    quality_subjects = {
+        names["teacher"]: (teacher_rt, teacher_plan),
+        f"teacher DDIM, {steps} steps": (teacher_rt, sampler_plan(teacher, steps, num_classes)),
+        names["engine"]: (engine, engine_plan),
     }
+    quality, grids = measure_quality(
+        quality_subjects, config.quality_samples, config.quality_seeds, ctx.progress
+    )
+    ss = report["scenarios"].get("single_stream") or next(iter(report["scenarios"].values()))
+    p50 = {k: v["latency_ms"]["p50"] for k, v in ss.get("results", {}).items() if "latency_ms" in v}
+    speedup = p50[names["teacher"]] / p50[names["engine"]] if len(p50) == 3 else None
+    report.update(
+        guidance_scale=w,
+        steps={"teacher": config.teacher_steps, "student": steps},
+        speedup_end_to_end_p50=speedup,
+        quality=quality,
+        fd_floor=fd_floor(),
+        quality_samples=config.quality_samples,
+        quality_seeds=list(config.quality_seeds),
+    )
     write_report(ctx.out, report, grids, num_classes)
     ctx.metrics.update(
-        speedup_end_to_end_p50=report["speedup_end_to_end_p50"],
+        speedup_end_to_end_p50=speedup,
         fd_digits={k: v["fd_digits"] for k, v in quality.items()},
         class_accuracy={k: v["class_accuracy"] for k, v in quality.items()},
     )
@@ -178,11 +321,12 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="profile",
-    version=1,
+    version=2,
     config=ProfileConfig,
     consumes="engine",
     produces="report",
     run=run,
     target_specific=True,
-    description="latency (per step, end to end) and quality of the engine against its teacher",
+    description="latency (LoadGen scenarios, per-stage breakdown) and quality of the engine "
+    "against its teacher",
 )

@@ -1,12 +1,432 @@
-"""Reports for people: a Markdown table and sample grids beside the machine-readable report.json."""
+"""Profile reports: the machine-readable ``report.json`` (schema ``accel.report/2``, documented in
+docs/report-schema.md and checked by ``Report``), a Markdown summary, PNG plots and sample grids;
+and ``compare``, which flags a regression between two reports only where it exceeds the noise of
+both runs."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from accel.core.errors import ReportError
+
+TOP_LEVEL_EXCLUDED = ("h2d", "d2h", "compute")
+"""Breakdown sections nested inside a denoising step (a GPU runtime's copies and kernels)."""
+
+
+# ---------------------------------------------------------------- schema
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class LatencyStats(_Open):
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    min: float
+    max: float
+    mean: float
+    std: float = Field(ge=0)
+    cv: float = Field(ge=0)
+    n: int = Field(ge=1)
+    p50_ci: list[float] = Field(min_length=2, max_length=2)
+    p90_ci: list[float] = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LatencyStats:
+        eps = 1e-9 * max(1.0, abs(self.max))
+        chain = [self.min, self.p50, self.p90, self.p95, self.p99, self.max]
+        if any(a > b + eps for a, b in zip(chain, chain[1:], strict=False)):
+            raise ValueError(f"need min <= p50 <= p90 <= p95 <= p99 <= max, got {chain}")
+        for ci in (self.p50_ci, self.p90_ci):
+            if ci[0] > ci[1]:
+                raise ValueError(f"a confidence interval must be [low, high], got {ci}")
+        return self
+
+
+class TimedResult(_Open):
+    latency_ms: LatencyStats
+    times_ms: list[float]
+    warmup: dict
+    memory: dict
+    images_per_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _counted(self) -> TimedResult:
+        if len(self.times_ms) != self.latency_ms.n:
+            raise ValueError(
+                f"latency_ms.n is {self.latency_ms.n} but {len(self.times_ms)} timings are listed"
+            )
+        return self
+
+
+class TimedScenario(_Open):
+    batch: int = Field(ge=1)
+    metric: str
+    results: dict[str, TimedResult]
+    ratios: list[dict]
+
+
+class ServerResult(_Open):
+    rate_qps: float = Field(gt=0)
+    duration_s: float = Field(gt=0)
+    queries: int = Field(ge=0)
+    unserved: int = Field(ge=0)
+    latency_ms: LatencyStats | None
+    latencies_ms: list[float]
+    bound_ms: float | None
+    p99_within_bound: bool | None
+
+
+class ServerScenario(_Open):
+    batch: int = Field(ge=1)
+    rate_qps: float
+    duration_s: float
+    bound_ms: float | None
+    metric: Literal["p99"]
+    results: dict[str, ServerResult]
+
+
+class Scenarios(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    single_stream: TimedScenario | None = None
+    offline: TimedScenario | None = None
+    server: ServerScenario | None = None
+
+
+class Report(_Open):
+    schema_: Literal["accel.report/2"] = Field(alias="schema")
+    created: str
+    target: dict
+    harness: dict
+    environment: dict
+    workloads: dict[str, dict]
+    scenarios: Scenarios
+    breakdown: dict[str, dict[str, dict]]
+    warnings: list[str]
+    budget: dict | None = None
+    quality: dict[str, dict] | None = None
+
+
+def load_report(path: str | Path) -> dict:
+    """A report.json (or a report directory holding one), validated; ReportError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise ReportError(f"report not found: {path}; give a report.json written by accel profile")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(
+            f"{path} is not JSON ({e}); give a report.json written by accel profile"
+        ) from None
+    if not isinstance(data, dict) or data.get("schema") != "accel.report/2":
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise ReportError(
+            f"{path} is not an accel.report/2 report (schema: {found!r}); reprofile it with "
+            "this version of accel"
+        )
+    try:
+        Report.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ReportError(
+            f"{path} does not follow the accel.report/2 schema at {where}: {first['msg']} "
+            f"({e.error_count()} problem(s); see docs/report-schema.md)"
+        ) from None
+    return data
+
+
+# ---------------------------------------------------------------- compare
+
+
+def _headline(report: dict, scenario: str, name: str):
+    """The scenario's metric, its value, its 95% interval and the run's coefficient of variation
+    (lower is better): SingleStream p90, Offline p50 of a batch's latency (throughput is its
+    inverse), Server p99 of query latency."""
+    from accel.profile import quantile_ci
+
+    s = report["scenarios"].get(scenario)
+    if not s or name not in s["results"]:
+        return None
+    r = s["results"][name]
+    if scenario == "server":
+        if not r["latencies_ms"]:
+            return None
+        lat = r["latencies_ms"]
+        return (
+            "p99",
+            float(np.percentile(lat, 99)),
+            list(quantile_ci(lat, 0.99)),
+            r["latency_ms"]["cv"],
+        )
+    key = "p90" if scenario == "single_stream" else "p50"
+    st = r["latency_ms"]
+    return key, st[key], st[f"{key}_ci"], st["cv"]
+
+
+DEFAULT_THRESHOLD = 0.10
+"""Run-to-run drift that one run cannot see; 10% is asv's default factor (1.1). Consecutive
+identical profiles on the shared 2-core CI machine differed by 3% to 22% in medians whose
+intervals did not overlap (docs/BENCHMARKS.md): set it from your machine's own drift."""
+
+
+def compare(a: dict, b: dict, threshold: float = DEFAULT_THRESHOLD) -> tuple[list[dict], list[str]]:
+    """Per scenario and workload in both reports: B's headline latency against A's. A regression
+    is B worse than A beyond the noise of both runs: B's 95% interval lies wholly above A's (the
+    sampling noise of each run's statistic), and the relative change exceeds each run's
+    coefficient of variation (the spread of one call) and ``threshold`` (the drift between runs
+    that neither run can measure). An improvement is the mirror image. Also notes that make the
+    comparison suspect (another target or machine)."""
+    rows = []
+    for scenario in ("single_stream", "offline", "server"):
+        for name in (
+            a["scenarios"].get(scenario, {}).get("results", {})
+            if a["scenarios"].get(scenario)
+            else []
+        ):
+            ha, hb = _headline(a, scenario, name), _headline(b, scenario, name)
+            if ha is None or hb is None:
+                continue
+            metric, va, ca, cv_a = ha
+            _, vb, cb, cv_b = hb
+            change = vb / va - 1
+            floor = max(threshold, cv_a, cv_b)
+            if cb[0] > ca[1] and change > floor:
+                verdict = "regression"
+            elif cb[1] < ca[0] and -change > floor:
+                verdict = "improvement"
+            else:
+                verdict = "within noise"
+            rows.append(
+                dict(
+                    scenario=scenario,
+                    workload=name,
+                    metric=metric,
+                    a=va,
+                    a_ci=ca,
+                    b=vb,
+                    b_ci=cb,
+                    change=change,
+                    noise_floor=floor,
+                    verdict=verdict,
+                )
+            )
+    notes = []
+    if a["target"]["fingerprint"] != b["target"]["fingerprint"]:
+        notes.append(
+            f"the reports are for different targets ({a['target']['name']} "
+            f"{a['target']['fingerprint']}, {b['target']['name']} {b['target']['fingerprint']})"
+        )
+    ea, eb = a["environment"], b["environment"]
+    if (ea.get("cpu"), _gpu_names(ea)) != (eb.get("cpu"), _gpu_names(eb)):
+        notes.append(
+            f"measured on different machines ({ea.get('cpu')} {_gpu_names(ea)} vs "
+            f"{eb.get('cpu')} {_gpu_names(eb)})"
+        )
+    return rows, notes
+
+
+def _gpu_names(env: dict) -> list[str]:
+    return [g["name"] for g in env.get("gpus") or []]
+
+
+def compare_markdown(rows: list[dict], notes: list[str]) -> str:
+    lines = [
+        "| scenario | workload | metric | A (ms) [95% CI] | B (ms) [95% CI] | change | noise "
+        "floor | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['workload']} | {r['metric']} | {r['a']:.3f} "
+            f"[{r['a_ci'][0]:.3f}, {r['a_ci'][1]:.3f}] | {r['b']:.3f} "
+            f"[{r['b_ci'][0]:.3f}, {r['b_ci'][1]:.3f}] | {r['change']:+.1%} | "
+            f"{r['noise_floor']:.1%} | {r['verdict']} |"
+        )
+    lines += [f"\nnote: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def markdown(report: dict) -> str:
+    t, env = report["target"], report["environment"]
+    budget = t.get("latency_budget_ms")
+    lines = [
+        f"# accel report: target `{t['name']}`",
+        "",
+        f"Target fingerprint {t['fingerprint']}; latency budget "
+        f"{f'{budget:g} ms (SingleStream p90)' if budget else 'none'}. "
+        + _harness_line(report["harness"]),
+        "",
+    ]
+    if report.get("quality"):
+        lines += _quality_lines(report)
+    if report.get("speedup_end_to_end_p50"):
+        lines += [
+            f"End-to-end speedup of the student engine over the teacher in eager torch "
+            f"(SingleStream p50): **{report['speedup_end_to_end_p50']:.1f}x**.",
+            "",
+        ]
+    for scenario in ("single_stream", "offline"):
+        s = report["scenarios"].get(scenario)
+        if not s:
+            continue
+        title = "SingleStream (p90)" if scenario == "single_stream" else "Offline (throughput)"
+        lines += [
+            f"## {title}, batch {s['batch']}: latency per query (ms)",
+            "",
+            "| workload | p50 | p90 | p95 | p99 | min | max | mean | CV | n (warm-up) | "
+            "images/s | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in s["results"].items():
+            st, mem = r["latency_ms"], r["memory"]
+            lines.append(
+                f"| {name} | {_ms(st['p50'])} | {_ms(st['p90'])} | {_ms(st['p95'])} | "
+                f"{_ms(st['p99'])} | {_ms(st['min'])} | {_ms(st['max'])} | {_ms(st['mean'])} | "
+                f"{st['cv']:.1%} | {st['n']} ({r['warmup']['iterations']}) | "
+                f"{r['images_per_s']:.1f} | {mem.get('host_rss_peak_mib', float('nan')):.0f} |"
+            )
+        if s["ratios"]:
+            lines += [
+                "",
+                "Pairwise, from the interleaved rounds (baseline time / subject time):",
+                "",
+                "| baseline | subject | ratio of medians | paired median [95% CI] |",
+                "|---|---|---:|---:|",
+            ]
+            for r in s["ratios"]:
+                lines.append(
+                    f"| {r['baseline']} | {r['subject']} | {r['ratio_of_medians']:.2f}x | "
+                    f"{r['paired_median']:.2f}x [{r['paired_ci'][0]:.2f}, "
+                    f"{r['paired_ci'][1]:.2f}] |"
+                )
+        lines.append("")
+    s = report["scenarios"].get("server")
+    if s:
+        lines += [
+            f"## Server: Poisson arrivals, {s['rate_qps']:g} queries/s for {s['duration_s']:g} s, "
+            f"batch {s['batch']} (latency includes queueing)",
+            "",
+            "| workload | queries | unserved | achieved q/s | utilization | p50 | p99 | bound | "
+            "p99 within bound |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, r in s["results"].items():
+            st = r["latency_ms"] or {}
+            lines.append(
+                f"| {name} | {r['queries']} | {r['unserved']} | {r['achieved_qps']:.1f} | "
+                f"{r['utilization']:.0%} | {_ms(st.get('p50', float('nan')))} | "
+                f"{_ms(st.get('p99', float('nan')))} | {r['bound_ms'] or '-'} | "
+                f"{'-' if r['p99_within_bound'] is None else 'yes' if r['p99_within_bound'] else 'NO'} |"
+            )
+        lines.append("")
+    if report.get("budget"):
+        b = report["budget"]
+        lines += [f"## Latency budget: {b['latency_budget_ms']:g} ms at SingleStream p90", ""]
+        lines += [
+            f"- {name}: p90 {_ms(r['p90_ms'])} ms, {'within budget' if r['met'] else 'OVER budget'}"
+            for name, r in b["results"].items()
+        ]
+        lines.append("")
+    lines += _breakdown_lines(report["breakdown"])
+    if report["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    gpus = env.get("gpus") or []
+    lines += [
+        "## Environment",
+        "",
+        f"{env['cpu']}, {env['logical_cores']} logical cores ({env.get('affinity_cores')} usable), "
+        f"torch threads {env.get('threads')}; SIMD: {' '.join(env['cpu_flags']) or 'unknown'}; "
+        f"{env['platform']}, Python {env['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + ".",
+        "",
+    ]
+    for g in gpus:
+        clocks = g.get("clocks") or {}
+        sm = clocks.get("sm_mhz") or {}
+        lines.append(
+            f"GPU {g['index']}: {g['name']}, compute capability {g['compute_capability']}, "
+            f"driver {g['driver']}, SM clock {sm.get('current')}/{sm.get('max')} MHz, power "
+            f"{g.get('power_w')}/{g.get('power_limit_w')} W, throttle reasons "
+            f"{', '.join(g.get('throttle_reasons') or []) or 'none'}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _harness_line(h: dict) -> str:
+    count = (
+        f"{h['iterations']} iterations"
+        if h.get("iterations")
+        else (f"{h['duration_ms']:g} ms per workload and at least {h['min_iterations']} iterations")
+    )
+    return (
+        f"Harness: warm-up {h['warmup_iterations']} calls and {h['warmup_ms']:g} ms per workload, "
+        f"then {count}, workloads interleaved; timer: "
+        f"{'CUDA events' if h['timer'] == 'cuda' else 'perf_counter_ns'}."
+    )
+
+
+def _quality_lines(report: dict) -> list[str]:
+    lines = ["## Quality", ""]
+    if "quality_seeds" in report:
+        floor = report.get("fd_floor")
+        lines += [
+            f"Mean of seeds {report['quality_seeds']}, {report['quality_samples']} samples each."
+            + (f" FD-digits floor (two halves of the real digits): {floor:.3f}." if floor else ""),
+            "",
+        ]
+    lines += ["| sampler | FD-digits | class accuracy |", "|---|---:|---:|"]
+    for name, v in report["quality"].items():
+        lines.append(f"| {name} | {v['fd_digits']:.3f} | {100 * v['class_accuracy']:.1f}% |")
+    return lines + [""]
+
+
+def _breakdown_lines(breakdown: dict) -> list[str]:
+    if not breakdown:
+        return []
+    lines = [
+        "## Per-stage breakdown of one SingleStream query (ms, p50 over the recorded calls)",
+        "",
+        "Copies (h2d, d2h) and compute are parts of the denoising step they happen in. There is "
+        "no VAE decode: the shipped model samples pixels.",
+        "",
+    ]
+    for name, sections in breakdown.items():
+        steps = {k: v for k, v in sections.items() if k.startswith("step ")}
+        if len(steps) > 8:  # many steps: their total and spread instead of one entry each
+            p50s = [v["p50"] for v in steps.values()]
+            shown = {k: _ms(v["p50"]) for k, v in sections.items() if k not in steps}
+            shown = {
+                f"{len(steps)} denoising steps": f"{_ms(sum(p50s))} (per step {_ms(min(p50s))}"
+                f"-{_ms(max(p50s))}, median {_ms(float(np.median(p50s)))})",
+                **shown,
+            }
+        else:
+            shown = {k: _ms(v["p50"]) for k, v in sections.items()}
+        lines.append(f"- **{name}**: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    return lines + [""]
+
+
+# ---------------------------------------------------------------- PNGs
 
 
 def image_grid(images: np.ndarray, labels: np.ndarray | None, per_class: int = 10, scale: int = 4):
@@ -31,65 +451,104 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def markdown(report: dict) -> str:
-    lat, q = report["latency_ms"], report["quality"]
-    env = report["environment"]
-    lines = [
-        f"# accel report: target `{report['target']['name']}`",
-        "",
-        f"Batch {report['batch_size']}, guidance scale {report['guidance_scale']} "
-        f"(the teacher applies it with a doubled batch; the student has it distilled in).",
-        "",
-        "## Quality",
-        "",
-        f"Mean of seeds {report['quality_seeds']}, {report['quality_samples']} samples each. "
-        f"FD-digits floor (two halves of the real digits): {report['fd_floor']:.3f}.",
-        "",
-        "| sampler | FD-digits | class accuracy |",
-        "|---|---:|---:|",
+def plots(report: dict, out: Path) -> list[str]:
+    """latency.png (distribution per workload and scenario), breakdown.png (stacked stages of one
+    query) and, when the report has quality, quality_latency.png. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    timed = [(k, s) for k, s in report["scenarios"].items() if s and k != "server"]
+    server = report["scenarios"].get("server")
+    panels = timed + ([("server", server)] if server else [])
+    if panels:
+        fig, axes = plt.subplots(
+            len(panels),
+            1,
+            figsize=(8, 1.2 + 0.7 * len(report["workloads"]) * len(panels)),
+            squeeze=False,
+        )
+        for ax, (scenario, s) in zip(axes[:, 0], panels, strict=True):
+            names = list(s["results"])
+            data = [
+                s["results"][n]["latencies_ms" if scenario == "server" else "times_ms"] or [np.nan]
+                for n in names
+            ]
+            ax.boxplot(data, orientation="horizontal", whis=(1, 99), flierprops={"markersize": 2})
+            ax.set_yticks(range(1, len(names) + 1), names, fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlabel("latency per query (ms, log); whiskers p1-p99")
+            ax.set_title(f"{scenario}, batch {s['batch']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=110)
+        plt.close(fig)
+        written.append("latency.png")
+    if report["breakdown"]:
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(report["breakdown"])))
+        names = list(report["breakdown"])
+        colors: dict[str, tuple] = {}
+        cmap = plt.get_cmap("tab20")
+        for i, name in enumerate(names):
+            left = 0.0
+            for sec, v in report["breakdown"][name].items():
+                if sec in TOP_LEVEL_EXCLUDED:
+                    continue
+                key = "denoising step" if sec.startswith("step ") else sec
+                if key not in colors:
+                    colors[key] = cmap(len(colors))
+                ax.barh(
+                    i,
+                    v["p50"],
+                    left=left,
+                    color=colors[key],
+                    edgecolor="white",
+                    label=key if key not in ax.get_legend_handles_labels()[1] else None,
+                )
+                left += v["p50"]
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("ms per query (p50 of each stage)")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "breakdown.png", dpi=110)
+        plt.close(fig)
+        written.append("breakdown.png")
+    quality = report.get("quality") or {}
+    first = timed[0][1] if timed else None
+    points = [
+        (n, first["results"][n]["latency_ms"]["p50"], q["fd_digits"])
+        for n, q in quality.items()
+        if first and n in first["results"]
     ]
-    lines += [
-        f"| {name} | {v['fd_digits']:.3f} | {100 * v['class_accuracy']:.1f}% |"
-        for name, v in q.items()
-    ]
-    lines += [
-        "",
-        "## Latency (ms)",
-        "",
-        f"End-to-end speedup of the student engine over the teacher in eager torch (p50): "
-        f"**{report['speedup_end_to_end_p50']:.1f}x**.",
-        "",
-        "| workload | p50 | p90 | p99 | min | max | mean | n (warm-up) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for group in ("per_step", "end_to_end"):
-        for name, s in lat[group].items():
-            lines.append(
-                f"| {name} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "
-                f"{s['min']:.2f} | {s['max']:.2f} | {s['mean']:.2f} | {s['n']} ({s['warmup']}) |"
-            )
-    lines += [
-        "",
-        "## Environment",
-        "",
-        f"{env['cpu']}, {env['logical_cores']} logical cores, torch threads {env['threads']}; "
-        f"SIMD: {' '.join(env['cpu_flags']) or 'unknown'}; {env['platform']}, Python {env['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-        + ".",
-        "",
-    ]
-    return "\n".join(lines)
+    if points:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n, x, y in points:
+            ax.scatter(x, y, label=n)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"latency per query, {timed[0][0]} p50 (ms, log)")
+        ax.set_ylabel("FD-digits (lower is better)")
+        fig.tight_layout()
+        fig.savefig(out / "quality_latency.png", dpi=110)
+        plt.close(fig)
+        written.append("quality_latency.png")
+    return written
 
 
 def write_report(
-    out: Path, report: dict, grids: dict[str, np.ndarray], num_classes: int | None
-) -> None:
-    """report.json, report.md and one sample-grid PNG per sampler into ``out``."""
+    out: Path, report: dict, grids: dict[str, np.ndarray] | None = None, num_classes=None
+) -> dict:
+    """report.json, report.md, the plots and one sample-grid PNG per sampler into ``out``; the
+    report as written (with the files it names)."""
     report = dict(report, grids={})
-    for name, images in grids.items():
+    for name, images in (grids or {}).items():
         labels = (np.arange(len(images)) % num_classes) if num_classes else None
         file = f"grid_{slug(name)}.png"
         image_grid(images, labels).save(out / file)
         report["grids"][name] = file
+    report["plots"] = plots(report, out)
+    Report.model_validate(report)  # a report that breaks its own schema is a bug
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
+    return report

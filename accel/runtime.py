@@ -9,6 +9,7 @@ time, so that ``sample`` needs nothing but numpy and a runtime. torch is importe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ import numpy as np
 
 from accel.core.errors import CheckpointError
 from accel.core.plan import SamplerPlan
+from accel.profile import recording, section
 
 
 class Runtime(Protocol):
@@ -61,23 +63,31 @@ def sample(
     """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat + c z, where
     x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)
     and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps. ``on_step`` sees
-    the graph's feeds of every step (quantizers calibrate on them)."""
+    the graph's feeds of every step (quantizers calibrate on them). Its stages are marked for
+    the profiler's breakdown: conditioning (the feeds: labels, guidance's doubled batch, w), each
+    denoising step, and the sampler's update."""
     if plan.notes.get("fused"):  # the whole loop is one graph (export.fused_sampler)
-        return runtime.infer(fused_feeds(plan, noise, labels, rng))["images"]
+        with section("conditioning"):
+            feeds = fused_feeds(plan, noise, labels, rng)
+        with section("fused sampler (all steps)"):
+            return runtime.infer(feeds)["images"]
     x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
     n = len(x)
-    for step in plan.steps:
-        feeds = step_feeds(plan, x, step["timestep"], labels)
+    for i, step in enumerate(plan.steps):
+        with section("conditioning"):
+            feeds = step_feeds(plan, x, step["timestep"], labels)
         if on_step is not None:
             on_step(feeds)
-        x0 = runtime.infer(feeds)["x0"]
-        if len(x0) == 2 * n:  # guided: conditional half, then unconditional
-            x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
-        x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
-        if step.get("c", 0.0):
-            if rng is None:
-                raise ValueError("this sampler plan draws fresh noise: pass rng")
-            x += np.float32(step["c"]) * rng.standard_normal(x.shape, dtype=np.float32)
+        with section(f"step {i + 1} (t={step['timestep']})"):
+            x0 = runtime.infer(feeds)["x0"]
+        with section("sampler update"):
+            if len(x0) == 2 * n:  # guided: conditional half, then unconditional
+                x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
+            x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
+            if step.get("c", 0.0):
+                if rng is None:
+                    raise ValueError("this sampler plan draws fresh noise: pass rng")
+                x += np.float32(step["c"]) * rng.standard_normal(x.shape, dtype=np.float32)
     return x
 
 
@@ -161,16 +171,37 @@ class OrtRuntime:
 
 
 class TorchRuntime:
-    """torch eager on a DenoiserGraph or a FusedSampler (the modules ONNX graphs come from)."""
+    """torch eager on a DenoiserGraph or a FusedSampler (the modules ONNX graphs come from), on
+    the CPU or a CUDA device (feeds copied in, results copied back, each a profiler section)."""
 
-    def __init__(self, graph: Any, threads: int | None = None) -> None:
+    def __init__(self, graph: Any, threads: int | None = None, device: str = "cpu") -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.graph = graph.eval()
-        self.name = "torch-eager"
+        if device != "cpu" and not torch.cuda.is_available():
+            raise CheckpointError(f"torch sees no GPU here for device {device!r}")
+        self.device = torch.device(device)
+        self.graph = graph.eval().to(self.device)
+        self.name = "torch-eager" if device == "cpu" else f"torch-eager:{device}"
         self._torch = torch
+
+    def _to(self, array: np.ndarray | None):
+        if array is None:
+            return None
+        return self._torch.from_numpy(array).to(self.device, non_blocking=False)
+
+    def _section(self, name: str):
+        """Copies and compute are stages of their own on a GPU; on the CPU there is no copy."""
+        return section(name) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _compute(self, fn):
+        with self._section("compute"):
+            out = fn()
+            if recording() and self.device.type == "cuda":
+                self._torch.cuda.synchronize(self.device)
+        with self._section("d2h"):
+            return out.cpu().numpy()
 
     def inputs(self) -> dict[str, tuple[list, str]]:
         from distill.denoiser import sample_shape
@@ -192,20 +223,19 @@ class TorchRuntime:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        if hasattr(self.graph, "input_names"):  # a fused sampler: noise in, images out
-            with torch.inference_mode():
-                args = {k: torch.from_numpy(feeds[k]) for k in self.graph.input_names()}
-                return {"images": self.graph(**args).numpy()}
         with torch.inference_mode():
-            labels = feeds.get("class_labels") if self.graph.conditional else None
-            w = feeds.get("guidance_scale") if self.graph.guidance_input else None
-            x0 = self.graph(
-                torch.from_numpy(feeds["sample"]),
-                torch.from_numpy(feeds["timestep"]),
-                None if labels is None else torch.from_numpy(labels),
-                None if w is None else torch.from_numpy(w),
-            )
-        return {"x0": x0.numpy()}
+            if hasattr(self.graph, "input_names"):  # a fused sampler: noise in, images out
+                with self._section("h2d"):
+                    args = {k: self._to(feeds[k]) for k in self.graph.input_names()}
+                return {"images": self._compute(lambda: self.graph(**args))}
+            with self._section("h2d"):
+                args = [
+                    self._to(feeds["sample"]),
+                    self._to(feeds["timestep"]),
+                    self._to(feeds.get("class_labels") if self.graph.conditional else None),
+                    self._to(feeds.get("guidance_scale") if self.graph.guidance_input else None),
+                ]
+            return {"x0": self._compute(lambda: self.graph(*args))}
 
 
 class AotiRuntime:
@@ -244,12 +274,24 @@ class AotiRuntime:
         n = len(feeds["sample"])
         torch = self._torch
         parts = []
+        cuda = self.device == "cuda"
+
+        def mark(name: str):
+            return section(name) if cuda else contextlib.nullcontext()
+
         with torch.inference_mode():
             for i in range(0, n, hi):
-                args = {
-                    k: torch.from_numpy(feeds[k][i : i + hi]).to(self.device) for k in self._names
-                }
-                parts.append(self.model(**args).cpu().numpy())
+                with mark("h2d"):
+                    args = {
+                        k: torch.from_numpy(feeds[k][i : i + hi]).to(self.device)
+                        for k in self._names
+                    }
+                with mark("compute"):
+                    out = self.model(**args)
+                    if cuda and recording():
+                        torch.cuda.synchronize()
+                with mark("d2h"):
+                    parts.append(out.cpu().numpy())
         x0 = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return {"x0": x0}
 
@@ -292,10 +334,13 @@ def open_engine(
 
 
 def open_model(
-    path: str | Path, steps: int | None = None, guidance: float | None = None
+    path: str | Path,
+    steps: int | None = None,
+    guidance: float | None = None,
+    device: str = "cpu",
 ) -> tuple[TorchRuntime, SamplerPlan]:
-    """A diffusers directory in torch eager, with the DDIM plan for ``steps`` (default: a student's
-    own step count, else 50) and ``guidance`` (default: the model's)."""
+    """A diffusers directory in torch eager on ``device``, with the DDIM plan for ``steps``
+    (default: a student's own step count, else 50) and ``guidance`` (default: the model's)."""
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
 
@@ -303,11 +348,15 @@ def open_model(
     plan = sampler_plan(
         den, steps or info.get("num_inference_steps") or 50, info.get("num_classes")
     )
-    return TorchRuntime(DenoiserGraph.of(den)), plan
+    return TorchRuntime(DenoiserGraph.of(den), device=device), plan
 
 
 def open_runtime(
-    path: str | Path, target: Any = None, steps: int | None = None, guidance: float | None = None
+    path: str | Path,
+    target: Any = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    spin: bool = True,
 ) -> tuple[Runtime, SamplerPlan]:
     """An engine artifact (its own runtime) or a diffusers directory (torch eager), with its plan.
     An engine's step count and guidance are fixed at export time: asking for others is an error."""
@@ -317,8 +366,9 @@ def open_runtime(
     if not path.exists():
         raise CheckpointError(f"model or engine not found: {path}")
     if not ((path / MANIFEST).is_file() and Artifact.load(path).kind == "engine"):
-        return open_model(path, steps, guidance)
-    runtime, plan = open_engine(path, target)
+        device = "cuda" if target is not None and target.device == "cuda" else "cpu"
+        return open_model(path, steps, guidance, device)
+    runtime, plan = open_engine(path, target, spin=spin)
     if steps is not None and steps != len(plan.steps):
         raise CheckpointError(
             f"{path} is an engine for {len(plan.steps)} steps; its sampler plan "

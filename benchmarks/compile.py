@@ -156,7 +156,8 @@ def main() -> None:
 
     import torch
 
-    from accel.profile import environment, measure_interleaved
+    from accel.hardware import environment
+    from accel.profile import measure_interleaved
     from accel.quality import evaluate_images, generate
     from accel.runtime import TorchRuntime, open_engine, sample, step_feeds
     from export.onnx_export import graph_and_plan

@@ -10,22 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from accel.cli import main
-
-from tiny import write_tiny_pipeline
+from tiny import run_cli, write_tiny_pipeline
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["accel", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def snapshot(root: Path):
@@ -58,6 +45,8 @@ def test_help_does_not_import_torch():
         ["inspect"],
         ["targets"],
         ["targets", "show"],
+        ["targets", "detect"],
+        ["report", "compare"],
     ],
 )
 def test_every_command_has_help(monkeypatch, capsys, command):
@@ -232,3 +221,49 @@ def test_quantize_and_compile_refuse_bad_input_with_one_line(monkeypatch, capsys
         match="quality gate failed: image RMS difference",
     )  # fmt: skip
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [err.splitlines()[-1]]
+
+
+def test_targets_list_show_and_detect(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "targets", "list")
+    assert code == 0 and "h100-sxm" in out and "H100 80GB HBM3, sm_90" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "targets", "show", "l4")
+    assert code == 0 and '"compute_capability": "8.9"' in out
+    assert "--minShapes=sample:1x4x16x16 --optShapes=sample:8x4x16x16" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "targets", "detect")
+    assert code == 0 and out.split()[0] in out  # names a target and says why
+    from accel.hardware import cpu_info, gpu_info
+
+    flags = set(cpu_info()["flags"])
+    if not gpu_info() and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        assert out.startswith("cpu-avx512  (CPU ")
+
+
+def test_profile_command_writes_a_report_and_refuses_a_foreign_engine(
+    monkeypatch, capsys, tmp_path
+):
+    model = write_tiny_pipeline(tmp_path / "model")
+    store, graph, engine = tmp_path / "store", tmp_path / "graph", tmp_path / "engine"
+    for args in (
+        ("export", "onnx", model, "--num-inference-steps", 2, "--out", graph),
+        ("compile", graph, "--out", engine, "--gate", '{ metric = "off" }'),
+    ):
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--store", store)
+        assert code == 0, err
+    out = tmp_path / "report"
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "profile", model, engine, "--target", "cpu",
+        "--iterations", 3, "--warmup-ms", 0, "--scenario", "single_stream", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert {"report.json", "report.md", "latency.png", "breakdown.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "| model (torch-eager, 50 steps) |" in stdout
+    assert "| engine (onnxruntime:CPUExecutionProvider, 2 steps) |" in stdout
+    assert "Pairwise" in stdout
+    foreign = tmp_path / "foreign"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "profile", engine, "--target", "cpu-avx512", "--out", foreign
+    )
+    assert code != 0 and "was built for target 'cpu'" in err and "Traceback" not in err
+    assert not foreign.exists()

@@ -1,7 +1,6 @@
 """A recipe end to end on a tiny teacher: every stage runs once, a rerun is all cache hits, and a
 failing stage names itself and the stages that completed."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from accel.core.errors import StageError, TargetMismatch
 from accel.core.recipe import load_recipe
 from accel.core.target import load_target, profiles_dir
 from accel.pipeline import default_store, plan, run_recipe
+from accel.report import load_report
 from accel.runtime import open_engine
 
 from tiny import write_tiny_pipeline
@@ -35,9 +35,11 @@ stage = "profile"
 teacher_steps = 6
 quality_samples = 20
 quality_seeds = [0]
-warmup = 1
+scenarios = ["single_stream", "offline"]
+warmup_iterations = 1
+warmup_ms = 0
 iterations = 3
-e2e_iterations = 2
+breakdown_repeats = 2
 """
 
 
@@ -60,16 +62,21 @@ def test_recipe_runs_then_hits_the_cache_then_fails_cleanly(tmp_path):
     assert [a.kind for a in artifacts] == ["checkpoint", "onnx", "engine", "report"]
     engine, report_dir = artifacts[2], artifacts[3]
     assert engine.target["name"] == "cpu"
-    report = json.loads((report_dir.path / "report.json").read_text())
+    report = load_report(report_dir.path)  # validated against the schema
     assert report["speedup_end_to_end_p50"] > 0
-    for group in report["latency_ms"].values():
-        for s in group.values():
-            assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"] and s["n"] > 0
-    assert set(report["quality"]) == {
-        "teacher, 6 steps",
-        "teacher DDIM, 2 steps",
-        "student onnxruntime, 2 steps",
-    }
+    workloads = [
+        "teacher eager, 6 steps, cfg",
+        "student eager, 2 steps",
+        "student engine (onnxruntime:CPUExecutionProvider), 2 steps",
+    ]
+    for scenario in report["scenarios"].values():
+        assert list(scenario["results"]) == workloads
+        for r in scenario["results"].values():
+            s = r["latency_ms"]
+            assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"] and s["n"] == 3
+    assert report["scenarios"]["offline"]["batch"] == 64
+    assert set(report["quality"]) == {workloads[0], "teacher DDIM, 2 steps", workloads[2]}
+    assert "quality_latency.png" in report["plots"]
     assert (report_dir.path / "report.md").read_text().startswith("# accel report")
     assert any(p.suffix == ".png" for p in report_dir.path.iterdir())
     for a in artifacts:

@@ -64,7 +64,8 @@ def test_tensorrt_stage_says_where_it_can_run(tmp_path):
         pytest.skip("TensorRT is installed: the gpu tests build real engines")
     target = tmp_path / "h100.toml"
     target.write_text(
-        'name = "h100"\ndescription = "t"\ndevice = "cuda"\nbackends = ["tensorrt"]\n'
+        'name = "h100"\ndescription = "t"\ndevice = "cuda"\ngpu = "GPU"\ncompute_capability = "9.0"\n'
+        'backends = ["tensorrt"]\n'
         'precision = "fp16"\n[shapes]\nbatch = { min = 1, opt = 4, max = 16 }\n'
         "resolution = { min = 16, opt = 16, max = 16 }\n"
     )
@@ -143,7 +144,8 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tmp_path):
     graph = build(store, source, "onnx", num_inference_steps=2)
     target = tmp_path / "gpu.toml"
     target.write_text(
-        'name = "gpu"\ndescription = "t"\ndevice = "cuda"\nbackends = ["tensorrt"]\n'
+        'name = "gpu"\ndescription = "t"\ndevice = "cuda"\ngpu = "GPU"\ncompute_capability = "9.0"\n'
+        'backends = ["tensorrt"]\n'
         "[shapes]\nbatch = { min = 1, opt = 4, max = 16 }\n"
         "resolution = { min = 16, opt = 16, max = 16 }\n"
     )

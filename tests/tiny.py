@@ -72,3 +72,19 @@ def gpu_target(**fields):
             **fields,
         }
     )
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """`accel ARGS` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from accel.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["accel", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

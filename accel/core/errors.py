@@ -39,3 +39,7 @@ class StageError(AccelError):
     def __str__(self) -> str:
         done = ", ".join(self.completed) if self.completed else "none"
         return f"stage {self.stage!r} failed: {self.message} (completed stages: {done})"
+
+
+class ReportError(AccelError):
+    """A profile report that is missing, not JSON, or not of the accel.report/2 schema."""

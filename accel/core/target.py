@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -41,8 +42,54 @@ class MinOptMax(_Strict):
 
 
 class Shapes(_Strict):
+    """Batch and resolution ranges (the sample's H = W as the denoiser sees it: latents for latent
+    diffusion). Written as tables, or as trtexec's flags: ``trtexec = "--minShapes=sample:1x4x64x64
+    --optShapes=sample:4x4x64x64 --maxShapes=sample:8x4x64x64"``."""
+
     batch: MinOptMax
     resolution: MinOptMax
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_trtexec(cls, data):
+        if isinstance(data, dict) and "trtexec" in data:
+            rest = {k: v for k, v in data.items() if k != "trtexec"}
+            if rest:
+                raise ValueError(
+                    f"give shapes as trtexec flags or as tables, not both ({list(rest)})"
+                )
+            return parse_trtexec_shapes(data["trtexec"])
+        return data
+
+    def trtexec(self, input_name: str = "sample", channels: int = 4) -> str:
+        """The same ranges as trtexec's --minShapes/--optShapes/--maxShapes for an image input."""
+        flags = {"min": "--minShapes", "opt": "--optShapes", "max": "--maxShapes"}
+        return " ".join(
+            f"{flag}={input_name}:{getattr(self.batch, k)}x{channels}x"
+            f"{getattr(self.resolution, k)}x{getattr(self.resolution, k)}"
+            for k, flag in flags.items()
+        )
+
+
+def parse_trtexec_shapes(text: object) -> dict:
+    """``--minShapes=NAME:BxCxHxW --optShapes=... --maxShapes=...`` -> {batch, resolution} tables."""
+    if not isinstance(text, str):
+        raise ValueError("shapes.trtexec must be a string of trtexec's shape flags")
+    found = dict(re.findall(r"--(min|opt|max)Shapes=\S+?:(\d+(?:x\d+)*)", text))
+    if set(found) != {"min", "opt", "max"}:
+        raise ValueError(
+            "shapes.trtexec needs --minShapes, --optShapes and --maxShapes, each NAME:BxCxHxW, "
+            f"got {text!r}"
+        )
+    out: dict[str, dict[str, int]] = {"batch": {}, "resolution": {}}
+    for k, dims in found.items():
+        d = [int(x) for x in dims.split("x")]
+        if len(d) != 4 or d[2] != d[3]:
+            raise ValueError(
+                f"shapes.trtexec: --{k}Shapes must be an image input BxCxHxW with H = W, got {dims}"
+            )
+        out["batch"][k], out["resolution"][k] = d[0], d[2]
+    return out
 
 
 class BuilderOptions(_Strict):
@@ -55,23 +102,70 @@ class BuilderOptions(_Strict):
     version_compatible: bool = False  # [--versionCompatible]: later TensorRT runtimes load it
 
 
-class ProfileDefaults(_Strict):
-    warmup: int = Field(default=10, ge=0)
-    iterations: int = Field(default=50, ge=1)
-    latency_budget_ms: float | None = Field(default=None, gt=0)
+class HarnessDefaults(_Strict):
+    """How latency is measured (trtexec's defaults: --warmUp=200 --duration=3 --iterations=10).
+
+    Warm-up runs until both ``warmup_iterations`` calls and ``warmup_ms`` have passed; timing then
+    runs ``iterations`` calls when set, else until ``duration_ms`` has passed and at least
+    ``min_iterations`` calls were timed."""
+
+    warmup_iterations: int = Field(default=1, ge=0)
+    warmup_ms: float = Field(default=200.0, ge=0)
+    iterations: int | None = Field(default=None, ge=1)
+    duration_ms: float = Field(default=3000.0, ge=0)
+    min_iterations: int = Field(default=10, ge=1)
+
+
+class ScenarioDefaults(_Strict):
+    """MLPerf LoadGen's scenarios: SingleStream (one query of ``single_stream_batch`` images at a
+    time, p90), Offline (throughput at the profile's largest batch), Server (Poisson arrivals at
+    ``server_rate_qps`` for ``server_duration_s``, p99 against ``server_latency_bound_ms``)."""
+
+    default: Literal["single_stream", "offline", "server"] = "single_stream"
+    single_stream_batch: int = Field(default=1, ge=1)
+    server_rate_qps: float = Field(default=1.0, gt=0)
+    server_duration_s: float = Field(default=10.0, gt=0)
+    server_latency_bound_ms: float | None = Field(default=None, gt=0)
+    """Default: the target's latency budget."""
 
 
 class Target(_Strict):
     name: str
     description: str
     device: Literal["cpu", "cuda"]
+    cpu_flags: list[str] = []
+    """Instruction-set features the target needs (/proc/cpuinfo names); `accel targets detect`
+    matches them."""
     gpu: str | None = None
-    compute_capability: str | None = None
+    """The GPU's name as NVML reports it, or a part of it ("H100 80GB HBM3")."""
+    compute_capability: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    memory_gib: float | None = Field(default=None, gt=0)
+    """Device memory (GPU, or unified memory on Jetson); host memory for CPU targets."""
     backends: list[str] = Field(min_length=1)  # preference order
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
     shapes: Shapes
     builder: BuilderOptions = BuilderOptions()
-    profile: ProfileDefaults = ProfileDefaults()
+    harness: HarnessDefaults = HarnessDefaults()
+    scenarios: ScenarioDefaults = ScenarioDefaults()
+    latency_budget_ms: float | None = Field(default=None, gt=0)
+    """The end-to-end latency one query may take; checked against SingleStream's p90."""
+
+    @model_validator(mode="after")
+    def _gpu_fields(self) -> Target:
+        if self.device == "cuda" and not (self.gpu and self.compute_capability):
+            raise ValueError(
+                "a cuda target needs gpu (its NVML name) and compute_capability (e.g. '9.0')"
+            )
+        if self.scenarios.single_stream_batch > self.shapes.batch.max:
+            raise ValueError(
+                f"scenarios.single_stream_batch {self.scenarios.single_stream_batch} is above "
+                f"shapes.batch.max {self.shapes.batch.max}"
+            )
+        return self
+
+    @property
+    def server_latency_bound_ms(self) -> float | None:
+        return self.scenarios.server_latency_bound_ms or self.latency_budget_ms
 
     @property
     def fingerprint(self) -> str:

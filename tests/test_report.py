@@ -1,0 +1,189 @@
+"""Reports: the schema's invariants on a real (tiny) profile, the Markdown and plots, loading
+errors, and `accel report compare` on runs that differ by less and by more than their noise."""
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from accel.core.errors import ReportError
+from accel.core.target import load_target
+from accel.profile import Harness, summarize
+from accel.profile_stage import profile_runtimes
+from accel.report import Report, compare, load_report, write_report
+from accel.runtime import open_model
+
+from tiny import run_cli, write_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    path = write_tiny_pipeline(tmp / "teacher")
+    target = load_target("cpu").model_copy(
+        update={
+            "shapes": load_target("cpu").shapes.model_copy(
+                update={"batch": load_target("cpu").shapes.batch.model_copy(update={"max": 8})}
+            )
+        }
+    )
+    subjects = {"two steps": open_model(path, steps=2), "four steps": open_model(path, steps=4)}
+    harness = Harness(warmup_iterations=2, warmup_ms=0, iterations=6)
+    report = profile_runtimes(
+        subjects,
+        target,
+        ["single_stream", "offline", "server"],
+        harness,
+        rate_qps=20,
+        server_duration_s=0.5,
+        breakdown_repeats=3,
+        progress=lambda m: None,
+    )
+    out = tmp / "out"
+    out.mkdir()
+    return write_report(out, report), out
+
+
+def test_report_invariants(tiny_report):
+    report, out = tiny_report
+    Report.model_validate(report)
+    for scenario in ("single_stream", "offline"):
+        s = report["scenarios"][scenario]
+        for r in s["results"].values():
+            st = r["latency_ms"]
+            assert st["min"] <= st["p50"] <= st["p90"] <= st["p95"] <= st["p99"] <= st["max"]
+            assert st["n"] == 6 == len(r["times_ms"])  # n is the iterations run
+            assert r["warmup"]["iterations"] == 2
+            assert st["p50_ci"][0] <= st["p50"] <= st["p50_ci"][1]
+            assert r["images_per_s"] == pytest.approx(s["batch"] * 1e3 / st["p50"])
+        assert len(s["ratios"]) == 1 and s["ratios"][0]["rounds"] == 6
+    assert report["scenarios"]["offline"]["batch"] == 8  # the profile's largest batch
+    assert report["scenarios"]["single_stream"]["batch"] == 1
+    server = report["scenarios"]["server"]["results"]["two steps"]
+    assert server["queries"] == len(server["latencies_ms"]) + server["unserved"]
+    steps = [k for k in report["breakdown"]["four steps"] if k.startswith("step ")]
+    assert len(steps) == 4 and "conditioning" in report["breakdown"]["four steps"]
+    assert report["budget"]["results"]["two steps"]["met"] is True  # 250 ms budget
+    assert report["environment"]["cpu"] and report["environment"]["versions"]["numpy"]
+    written = json.loads((out / "report.json").read_text())
+    assert written["schema"] == "accel.report/2" and written == json.loads(json.dumps(report))
+    assert {"latency.png", "breakdown.png"} <= set(report["plots"])
+    md = (out / "report.md").read_text()
+    assert md.startswith("# accel report: target `cpu`")
+    assert "SingleStream (p90), batch 1" in md and "Server: Poisson arrivals" in md
+
+
+def test_schema_document_covers_the_report(tiny_report):
+    doc = (ROOT / "docs" / "report-schema.md").read_text()
+    report, _ = tiny_report
+    fields = set(report) | set(report["scenarios"]["single_stream"]["results"]["two steps"])
+    fields |= set(report["scenarios"]["server"]["results"]["two steps"])
+    fields |= set(report["scenarios"]["single_stream"]["results"]["two steps"]["latency_ms"])
+    missing = sorted(f for f in fields if f"`{f}`" not in doc)
+    assert not missing, f"docs/report-schema.md does not describe {missing}"
+
+
+def synthetic(times_ms, name="engine", fingerprint="f"):
+    """A minimal valid report around SingleStream timings."""
+    stats = summarize(times_ms)
+    return {
+        "schema": "accel.report/2",
+        "created": "2026-01-01T00:00:00+00:00",
+        "target": {"name": "cpu", "fingerprint": fingerprint},
+        "harness": {},
+        "environment": {"cpu": "test", "gpus": None},
+        "workloads": {name: {}},
+        "scenarios": {
+            "single_stream": {
+                "batch": 1,
+                "metric": "p90",
+                "results": {
+                    name: {
+                        "latency_ms": stats,
+                        "times_ms": list(map(float, times_ms)),
+                        "warmup": {"iterations": 1, "ms": 200},
+                        "memory": {},
+                        "images_per_s": 1e3 / stats["p50"],
+                    }
+                },
+                "ratios": [],
+            }
+        },
+        "breakdown": {},
+        "warnings": [],
+    }
+
+
+def runs(shift, seed=0, n=200):
+    rng = np.random.default_rng(seed)
+    base = 10 * rng.lognormal(0, 0.05, n)  # ~5% noise
+    other = 10 * (1 + shift) * np.random.default_rng(seed + 1).lognormal(0, 0.05, n)
+    return synthetic(base), synthetic(other)
+
+
+def test_compare_within_noise_and_beyond():
+    a, b = runs(0.005)
+    (row,), notes = compare(a, b)
+    assert row["verdict"] == "within noise" and row["metric"] == "p90" and not notes
+    a, b = runs(0.30)
+    (row,), _ = compare(a, b)
+    assert row["verdict"] == "regression" and row["change"] == pytest.approx(0.30, abs=0.05)
+    (row,), _ = compare(b, a)
+    assert row["verdict"] == "improvement"
+    (row,), _ = compare(a, b, threshold=0.5)  # a 30% change under a 50% threshold
+    assert row["verdict"] == "within noise"
+    _, notes = compare(
+        a,
+        synthetic(
+            b["scenarios"]["single_stream"]["results"]["engine"]["times_ms"], fingerprint="g"
+        ),
+    )
+    assert "different targets" in notes[0]
+
+
+def test_report_compare_cli_exit_codes(tmp_path, monkeypatch, capsys):
+    for shift, expected in ((0.005, 0), (0.30, 1)):
+        a, b = runs(shift)
+        (tmp_path / "a.json").write_text(json.dumps(a))
+        (tmp_path / "b.json").write_text(json.dumps(b))
+        code, out, err = run_cli(
+            monkeypatch, capsys, "report", "compare", tmp_path / "a.json", tmp_path / "b.json"
+        )
+        assert code == expected, out + err
+        assert "| single_stream | engine | p90 |" in out
+        if expected:
+            assert "regression" in err and "Traceback" not in err
+        else:
+            assert "no regression beyond the noise" in out
+
+
+def test_bad_reports_are_refused_with_the_reason(tmp_path, monkeypatch, capsys):
+    good = synthetic(np.linspace(1, 2, 20))
+    cases = {
+        "missing": (None, "report not found"),
+        "notjson": ("{oops", "is not JSON"),
+        "oldschema": (json.dumps({"schema": "accel.report/1"}), "not an accel.report/2 report"),
+    }
+    broken = copy.deepcopy(good)
+    broken["scenarios"]["single_stream"]["results"]["engine"]["times_ms"].pop()
+    cases["count"] = (json.dumps(broken), r"latency_ms.n is 20 but 19 timings")
+    unordered = copy.deepcopy(good)
+    unordered["scenarios"]["single_stream"]["results"]["engine"]["latency_ms"]["p99"] = 0.5
+    cases["order"] = (json.dumps(unordered), r"min <= p50 <= p90")
+    for name, (text, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(ReportError, match=message):
+            load_report(path)
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    code, _, err = run_cli(
+        monkeypatch, capsys, "report", "compare", tmp_path / "good.json", tmp_path / "notjson.json"
+    )
+    assert code != 0 and "is not JSON" in err and "Traceback" not in err
+    assert re.search(r"^error: ", err)
