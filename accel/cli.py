@@ -432,12 +432,27 @@ def profile(
     from accel.report import write_report
     from accel.runtime import open_runtime
 
+    if 0 < quality_samples < 10:
+        raise click.BadParameter(
+            "use 0 (no quality) or at least 10", param_hint="--quality-samples"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise click.BadParameter(
+            f"{out} holds files and no report.json; name a new or a report directory "
+            "(it is replaced)",
+            param_hint="--out",
+        )
     target = load_target(target_name) if target_name else _detected()[0]
     subjects = {}
-    for path in artifacts:
+    short = [p.resolve().name for p in artifacts]
+    for path, label in zip(artifacts, short, strict=True):
         # onnxruntime's idle threads must not spin: they would take the cores of the next call
         runtime, plan = open_runtime(path, target, spin=False)
-        name = f"{path.name or path} ({runtime.name}, {len(plan.steps)} steps)"
+        if short.count(label) > 1:  # two artifacts of one name: tell them apart by path
+            label = str(path)
+        name = f"{label} ({runtime.name}, {len(plan.steps)} steps)"
+        if name in subjects:
+            raise click.BadParameter(f"{path} is listed twice", param_hint="ARTIFACTS")
         subjects[name] = (runtime, plan)
     harness = Harness.of(
         target,
@@ -488,11 +503,11 @@ def report() -> None:
 def report_compare(ctx: click.Context, baseline: Path, candidate: Path, threshold: float) -> None:
     """Compare CANDIDATE's latency to BASELINE's (report.json files or report directories).
 
-    Each scenario's metric (SingleStream p90, Offline p50 per batch, Server p99) of each workload
-    in both. A regression is flagged only when the change exceeds the noise of both runs: the
-    candidate's 95% interval lies wholly above the baseline's, and the change is larger than
-    either run's coefficient of variation and --threshold. Exit code 1 on any regression, for
-    CI."""
+    The median latency per query of each workload and scenario in both (Server: p99 where both
+    runs have enough queries for its interval). A regression is flagged only when the change
+    exceeds the noise of both runs: the candidate's 95% interval lies wholly above the
+    baseline's, and the change is larger than either run's coefficient of variation and
+    --threshold. Exit code 1 on any regression, 2 on a bad report, for CI."""
     from accel.report import compare, compare_markdown, load_report
 
     rows, notes = compare(load_report(baseline), load_report(candidate), threshold)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,12 @@ def jetson_model() -> str | None:
     return text if "jetson" in text.lower() or "orin" in text.lower() else None
 
 
+def names_gpu(pattern: str, name: str) -> bool:
+    """Whether ``pattern`` (a target's ``gpu``) names the GPU called ``name``: a whole-word,
+    case-insensitive match, so "L4" is not an "L40S" and "H200" is not a "GH200"."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(pattern)}(?![a-z0-9])", name, re.I) is not None
+
+
 def _nvml_read(fn, *args):
     """One NVML reading, or None where the driver or device does not support it."""
     import pynvml
@@ -86,9 +93,11 @@ def gpu_info() -> list[dict[str, Any]] | None:
     try:
         gpus = []
         driver = _nvml_read(pynvml.nvmlSystemGetDriverVersion)
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
+        for i in range(_nvml_read(pynvml.nvmlDeviceGetCount) or 0):
+            h = _nvml_read(pynvml.nvmlDeviceGetHandleByIndex, i)
+            name = _nvml_read(pynvml.nvmlDeviceGetName, h) if h is not None else None
+            if name is None:
+                continue
             cc = _nvml_read(pynvml.nvmlDeviceGetCudaComputeCapability, h)
             mem = _nvml_read(pynvml.nvmlDeviceGetMemoryInfo, h)
             power = _nvml_read(pynvml.nvmlDeviceGetPowerUsage, h)
@@ -126,8 +135,10 @@ def gpu_info() -> list[dict[str, Any]] | None:
         pynvml.nvmlShutdown()
 
 
-def nvml_memory_used_mib(index: int = 0) -> float | None:
-    """Device memory in use on GPU ``index`` as NVML reports it (all processes), or None."""
+def nvml_memory_used_mib(uuid: str) -> float | None:
+    """Memory in use on the GPU with this UUID, device-wide (every process, CUDA contexts
+    included), as NVML reports it; None without NVML. By UUID because NVML numbers GPUs by PCI
+    bus and ignores CUDA_VISIBLE_DEVICES, which CUDA's numbering follows."""
     try:
         import pynvml
 
@@ -135,7 +146,8 @@ def nvml_memory_used_mib(index: int = 0) -> float | None:
     except Exception:  # ImportError, or NVMLError without a driver
         return None
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
     except pynvml.NVMLError:
         return None
@@ -174,6 +186,7 @@ def environment(threads: int | None = None, gpus: bool = True) -> dict[str, Any]
     return {
         "cpu": cpu["model"],
         "cpu_flags": sorted(f for f in cpu["flags"] if f.startswith(SIMD_PREFIXES)),
+        "cpu_flags_all": sorted(cpu["flags"]),
         "logical_cores": cpu["logical_cores"],
         "affinity_cores": cpu["affinity_cores"],
         "threads": threads,
@@ -199,7 +212,7 @@ def detect(targets: list, cpu: dict | None = None, gpus: list | None = None, jet
     jetson = jetson_model() if jetson is None else jetson
     cuda = [t for t in targets if t.device == "cuda"]
     if jetson:
-        fits = [t for t in cuda if t.gpu and t.gpu.lower() in jetson.lower()]
+        fits = [t for t in cuda if t.gpu and names_gpu(t.gpu, jetson)]
         if fits:
             return max(fits, key=lambda t: len(t.gpu)), f"device-tree model {jetson!r}"
     if gpus:
@@ -208,7 +221,7 @@ def detect(targets: list, cpu: dict | None = None, gpus: list | None = None, jet
             t
             for t in cuda
             if t.gpu
-            and t.gpu.lower() in gpu["name"].lower()
+            and names_gpu(t.gpu, gpu["name"])
             and gpu["compute_capability"] in (None, t.compute_capability)
         ]
         if fits:
@@ -241,17 +254,25 @@ def detect(targets: list, cpu: dict | None = None, gpus: list | None = None, jet
 
 
 def target_mismatch(target, env: dict) -> str | None:
-    """Why this machine is not the one ``target`` describes (a GPU target's GPU missing or of
-    another name or compute capability), or None. Figures measured so are not the target's."""
+    """Why this machine is not the one ``target`` describes (a CPU without the target's flags; a
+    GPU target's GPU missing or of another name or compute capability), or None. Figures
+    measured so are not the target's. GPU 0 as NVML numbers it: the one CUDA uses unless
+    CUDA_VISIBLE_DEVICES says otherwise."""
     if target.device != "cuda":
+        missing = sorted(set(target.cpu_flags) - set(env.get("cpu_flags_all") or []))
+        if missing:
+            return (
+                f"target {target.name} needs CPU flags {', '.join(missing)}, which this CPU "
+                f"({env.get('cpu')}) lacks: these figures are not the target's"
+            )
         return None
     gpus = env.get("gpus")
-    if gpus is None:
-        if env.get("jetson") and target.gpu.lower() in env["jetson"].lower():
+    if not gpus:
+        if env.get("jetson") and names_gpu(target.gpu, env["jetson"]):
             return None
         return f"target {target.name} is a {target.gpu} GPU, and NVML sees no GPU here"
     g = gpus[0]
-    if target.gpu.lower() not in g["name"].lower() or (
+    if not names_gpu(target.gpu, g["name"]) or (
         g["compute_capability"] not in (None, target.compute_capability)
     ):
         return (

@@ -40,21 +40,30 @@ Z95 = 1.959963984540054
 # ---------------------------------------------------------------- statistics
 
 
-def quantile_ci(samples, q: float, z: float = Z95) -> tuple[float, float]:
+def quantile_ci(samples, q: float, z: float = Z95) -> tuple[float, float] | None:
     """A distribution-free ~95% confidence interval for the q-quantile: the order statistics at
-    ranks n q -/+ z sqrt(n q (1 - q)) (the normal approximation of the binomial count of samples
-    below the quantile; Conover, Practical Nonparametric Statistics, 3.2)."""
+    1-based ranks floor(n q - h) and ceil(n q + h) + 1, h = z sqrt(n q (1 - q)) (the normal
+    approximation of the binomial count of samples below the quantile; Conover, Practical
+    Nonparametric Statistics, 3.2). None when a rank falls outside 1..n: there are too few
+    samples for a 95% interval of that quantile (53 calls for p90, about 560 for p99)."""
     t = np.sort(np.asarray(samples, dtype=np.float64))
     n = t.size
     half = z * math.sqrt(n * q * (1 - q))
-    lo = max(int(math.floor(n * q - half)), 1)
-    hi = min(int(math.ceil(n * q + half)) + 1, n)
+    lo, hi = int(math.floor(n * q - half)), int(math.ceil(n * q + half)) + 1
+    if lo < 1 or hi > n:
+        return None
     return float(t[lo - 1]), float(t[hi - 1])
+
+
+def _ci(samples, q: float) -> list[float] | None:
+    ci = quantile_ci(samples, q)
+    return None if ci is None else list(ci)
 
 
 def summarize(times_ms) -> dict:
     """p50/p90/p95/p99 (linear interpolation, numpy's default), min, max, mean, std (n - 1),
-    coefficient of variation, n, and 95% intervals for p50 and p90."""
+    coefficient of variation, n, and 95% intervals for p50, p90 and p99 (None where n is too
+    small for one)."""
     t = np.asarray(times_ms, dtype=np.float64)
     if t.size == 0:
         raise ValueError("no timings to summarize")
@@ -67,8 +76,9 @@ def summarize(times_ms) -> dict:
         std=std,
         cv=std / float(t.mean()) if t.mean() > 0 else 0.0,
         n=int(t.size),
-        p50_ci=list(quantile_ci(t, 0.5)),
-        p90_ci=list(quantile_ci(t, 0.9)),
+        p50_ci=_ci(t, 0.5),
+        p90_ci=_ci(t, 0.9),
+        p99_ci=_ci(t, 0.99),
     )
     return out
 
@@ -91,7 +101,7 @@ def paired_ratio(a_ms, b_ms) -> dict:
     return {
         "ratio_of_medians": float(np.median(a) / np.median(b)),
         "paired_median": float(np.median(r)),
-        "paired_ci": list(quantile_ci(r, 0.5)),
+        "paired_ci": _ci(r, 0.5),
         "rounds": int(n),
     }
 
@@ -108,10 +118,17 @@ def host_timer(fn: Callable[[], object]) -> float:
 def cuda_timer() -> Callable[[Callable[[], object]], float]:
     """Times a call with CUDA events on the current stream (what trtexec reports as GPU time,
     here around a call that also copies its result back, so it is the call's latency)."""
-    import torch
+    from accel.core.errors import TargetError
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("a CUDA timer needs a GPU that torch can see")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        raise TargetError(
+            "a cuda target times calls with CUDA events, which needs torch with a GPU it can "
+            "see; profile on the target's machine, or pick a CPU target"
+        )
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def timed(fn: Callable[[], object]) -> float:
@@ -129,40 +146,53 @@ def _cuda_in_use() -> bool:
     return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
-def reset_peak_memory() -> bool:
-    """Reset the process's peak RSS (Linux: /proc/self/clear_refs) and torch's CUDA peak. False
-    when the RSS peak cannot be reset (then it is the process's lifetime peak)."""
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> float | None:
+    """Reset the process's peak RSS (Linux: /proc/self/clear_refs) and torch's CUDA peak; the RSS
+    at the reset, or None when the peak cannot be reset (then it is the lifetime peak)."""
     if _cuda_in_use():
         sys.modules["torch"].cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        return None
+    return _status_mib("VmRSS")
 
 
-def peak_memory(since_reset: bool) -> dict:
-    """Peak host RSS (VmHWM), and on GPU torch's peak allocation and the device memory in use
-    as NVML reports it (every allocation of the process, the CUDA context included)."""
-    rss = None
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    rss = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+def peak_memory(baseline_mib: float | None) -> dict:
+    """Peak host RSS (VmHWM) and its growth over ``baseline_mib`` (what reset_peak_memory
+    returned: the RSS before the workload ran, every model loaded so far included); on GPU
+    torch's peak allocation and, through NVML, the memory in use on the device (device-wide:
+    every process and CUDA context)."""
+    rss = _status_mib("VmHWM")
     if rss is None:  # ru_maxrss: KiB on Linux, bytes on macOS
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss, since_reset = (kib / 2**20 if sys.platform == "darwin" else kib / 1024), False
-    out: dict = {"host_rss_peak_mib": rss, "host_peak_since": "warm-up" if since_reset else "start"}
+        rss, baseline_mib = (kib / 2**20 if sys.platform == "darwin" else kib / 1024), None
+    out: dict = {
+        "host_rss_peak_mib": rss,
+        "host_rss_growth_mib": None if baseline_mib is None else rss - baseline_mib,
+        "host_peak_since": "start" if baseline_mib is None else "warm-up",
+    }
     if _cuda_in_use():
         from accel.hardware import nvml_memory_used_mib
 
         torch = sys.modules["torch"]
         out["torch_cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["nvml_device_used_mib"] = nvml_memory_used_mib(torch.cuda.current_device())
+        uuid = str(
+            getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", "")
+        )
+        out["nvml_device_used_mib"] = nvml_memory_used_mib(uuid) if uuid else None
     return out
 
 
@@ -172,8 +202,9 @@ def peak_memory(since_reset: bool) -> dict:
 @dataclass(frozen=True)
 class Harness:
     """Warm-up until ``warmup_iterations`` calls and ``warmup_ms`` have both passed; then
-    ``iterations`` rounds, or rounds until ``duration_ms`` per workload has passed and at least
-    ``min_iterations`` were timed (trtexec: --warmUp=200 --duration=3 --iterations=10)."""
+    ``iterations`` rounds, or rounds until ``duration_ms`` times the number of workloads has
+    passed (one budget for the interleaved run, as long as separate runs of each would take) and
+    at least ``min_iterations`` were timed (trtexec: --warmUp=200 --duration=3 --iterations=10)."""
 
     warmup_iterations: int = 1
     warmup_ms: float = 200.0
@@ -207,14 +238,14 @@ def measure(workloads: dict[str, Callable[[], object]], harness: Harness) -> dic
     timed = cuda_timer() if harness.timer == "cuda" else host_timer
     warm: dict[str, tuple[int, float, dict]] = {}
     for name, fn in workloads.items():
-        fresh = reset_peak_memory()
+        baseline = reset_peak_memory()
         start, count = time.perf_counter(), 0
         while count < harness.warmup_iterations or (
             (time.perf_counter() - start) * 1e3 < harness.warmup_ms
         ):
             fn()
             count += 1
-        warm[name] = (count, (time.perf_counter() - start) * 1e3, peak_memory(fresh))
+        warm[name] = (count, (time.perf_counter() - start) * 1e3, peak_memory(baseline))
     times: dict[str, list[float]] = {name: [] for name in workloads}
     start, rounds = time.perf_counter(), 0
     budget_ms = harness.duration_ms * len(workloads)

@@ -26,19 +26,23 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+Interval = list[float] | None  # [low, high], None where there are too few samples for one
+
+
 class LatencyStats(_Open):
-    p50: float
-    p90: float
-    p95: float
-    p99: float
-    min: float
-    max: float
-    mean: float
+    p50: float = Field(gt=0)
+    p90: float = Field(gt=0)
+    p95: float = Field(gt=0)
+    p99: float = Field(gt=0)
+    min: float = Field(gt=0)
+    max: float = Field(gt=0)
+    mean: float = Field(gt=0)
     std: float = Field(ge=0)
     cv: float = Field(ge=0)
     n: int = Field(ge=1)
-    p50_ci: list[float] = Field(min_length=2, max_length=2)
-    p90_ci: list[float] = Field(min_length=2, max_length=2)
+    p50_ci: Interval
+    p90_ci: Interval
+    p99_ci: Interval = None
 
     @model_validator(mode="after")
     def _ordered(self) -> LatencyStats:
@@ -46,10 +50,17 @@ class LatencyStats(_Open):
         chain = [self.min, self.p50, self.p90, self.p95, self.p99, self.max]
         if any(a > b + eps for a, b in zip(chain, chain[1:], strict=False)):
             raise ValueError(f"need min <= p50 <= p90 <= p95 <= p99 <= max, got {chain}")
-        for ci in (self.p50_ci, self.p90_ci):
-            if ci[0] > ci[1]:
+        for ci in (self.p50_ci, self.p90_ci, self.p99_ci):
+            if ci is not None and (len(ci) != 2 or ci[0] > ci[1]):
                 raise ValueError(f"a confidence interval must be [low, high], got {ci}")
         return self
+
+
+def _counted(stats: LatencyStats | None, samples: list[float], what: str) -> None:
+    if (stats.n if stats else 0) != len(samples):
+        raise ValueError(
+            f"latency_ms.n is {stats.n if stats else 'null'} but {len(samples)} {what} are listed"
+        )
 
 
 class TimedResult(_Open):
@@ -61,18 +72,24 @@ class TimedResult(_Open):
 
     @model_validator(mode="after")
     def _counted(self) -> TimedResult:
-        if len(self.times_ms) != self.latency_ms.n:
-            raise ValueError(
-                f"latency_ms.n is {self.latency_ms.n} but {len(self.times_ms)} timings are listed"
-            )
+        _counted(self.latency_ms, self.times_ms, "timings")
         return self
+
+
+class Ratio(_Open):
+    baseline: str
+    subject: str
+    ratio_of_medians: float
+    paired_median: float
+    paired_ci: Interval
+    rounds: int
 
 
 class TimedScenario(_Open):
     batch: int = Field(ge=1)
     metric: str
     results: dict[str, TimedResult]
-    ratios: list[dict]
+    ratios: list[Ratio]
 
 
 class ServerResult(_Open):
@@ -80,10 +97,19 @@ class ServerResult(_Open):
     duration_s: float = Field(gt=0)
     queries: int = Field(ge=0)
     unserved: int = Field(ge=0)
+    achieved_qps: float = Field(ge=0)
+    utilization: float = Field(ge=0)
     latency_ms: LatencyStats | None
     latencies_ms: list[float]
     bound_ms: float | None
     p99_within_bound: bool | None
+
+    @model_validator(mode="after")
+    def _counted(self) -> ServerResult:
+        _counted(self.latency_ms, self.latencies_ms, "query latencies")
+        if self.queries != len(self.latencies_ms) + self.unserved:
+            raise ValueError("queries must equal the latencies listed plus the unserved")
+        return self
 
 
 class ServerScenario(_Open):
@@ -102,18 +128,53 @@ class Scenarios(BaseModel):
     server: ServerScenario | None = None
 
 
+class TargetRef(_Open):
+    name: str
+    fingerprint: str
+    latency_budget_ms: float | None = None
+
+
+class HarnessRef(_Open):
+    warmup_iterations: int
+    warmup_ms: float
+    iterations: int | None
+    duration_ms: float
+    min_iterations: int
+    timer: Literal["host", "cuda"]
+
+
+class Environment(_Open):
+    cpu: str
+    cpu_flags: list[str]
+    logical_cores: int | None
+    platform: str
+    python: str
+    versions: dict[str, str]
+    gpus: list[dict] | None = None
+
+
+class Budget(_Open):
+    latency_budget_ms: float
+    results: dict[str, dict]
+
+
+class Quality(_Open):
+    fd_digits: float
+    class_accuracy: float
+
+
 class Report(_Open):
     schema_: Literal["accel.report/2"] = Field(alias="schema")
     created: str
-    target: dict
-    harness: dict
-    environment: dict
+    target: TargetRef
+    harness: HarnessRef
+    environment: Environment
     workloads: dict[str, dict]
     scenarios: Scenarios
     breakdown: dict[str, dict[str, dict]]
     warnings: list[str]
-    budget: dict | None = None
-    quality: dict[str, dict] | None = None
+    budget: Budget | None = None
+    quality: dict[str, Quality] | None = None
 
 
 def load_report(path: str | Path) -> dict:
@@ -150,29 +211,14 @@ def load_report(path: str | Path) -> dict:
 # ---------------------------------------------------------------- compare
 
 
-def _headline(report: dict, scenario: str, name: str):
-    """The scenario's metric, its value, its 95% interval and the run's coefficient of variation
-    (lower is better): SingleStream p90, Offline p50 of a batch's latency (throughput is its
-    inverse), Server p99 of query latency."""
-    from accel.profile import quantile_ci
-
-    s = report["scenarios"].get(scenario)
-    if not s or name not in s["results"]:
-        return None
-    r = s["results"][name]
-    if scenario == "server":
-        if not r["latencies_ms"]:
-            return None
-        lat = r["latencies_ms"]
-        return (
-            "p99",
-            float(np.percentile(lat, 99)),
-            list(quantile_ci(lat, 0.99)),
-            r["latency_ms"]["cv"],
-        )
-    key = "p90" if scenario == "single_stream" else "p50"
-    st = r["latency_ms"]
-    return key, st[key], st[f"{key}_ci"], st["cv"]
+def _metric(scenario: str, sa: dict, sb: dict) -> str:
+    """What `compare` judges (lower is better). SingleStream and Offline: the median latency per
+    query (MLPerf's SingleStream p90 needs 53 calls for a 95% interval; the median 8).
+    Server: p99 of query latency where both runs have enough queries for its interval, else
+    the median."""
+    if scenario == "server" and sa.get("p99_ci") and sb.get("p99_ci"):
+        return "p99"
+    return "p50"
 
 
 DEFAULT_THRESHOLD = 0.10
@@ -186,23 +232,36 @@ def compare(a: dict, b: dict, threshold: float = DEFAULT_THRESHOLD) -> tuple[lis
     is B worse than A beyond the noise of both runs: B's 95% interval lies wholly above A's (the
     sampling noise of each run's statistic), and the relative change exceeds each run's
     coefficient of variation (the spread of one call) and ``threshold`` (the drift between runs
-    that neither run can measure). An improvement is the mirror image. Also notes that make the
-    comparison suspect (another target or machine)."""
-    rows = []
+    that neither run can measure). An improvement is the mirror image. A Server run that leaves
+    queries unserved where the baseline served them all is a regression whatever its latency.
+    Also notes that make the comparison suspect: other targets, machines, batches or rates."""
+    rows, notes = [], []
     for scenario in ("single_stream", "offline", "server"):
-        for name in (
-            a["scenarios"].get(scenario, {}).get("results", {})
-            if a["scenarios"].get(scenario)
-            else []
-        ):
-            ha, hb = _headline(a, scenario, name), _headline(b, scenario, name)
-            if ha is None or hb is None:
+        sa, sb = a["scenarios"].get(scenario), b["scenarios"].get(scenario)
+        if not sa or not sb:
+            continue
+        for key in ("batch", "rate_qps"):
+            if sa.get(key) != sb.get(key):
+                notes.append(f"{scenario}: {key} {sa.get(key)} in A, {sb.get(key)} in B")
+        for name in sa["results"]:
+            if name not in sb["results"]:
                 continue
-            metric, va, ca, cv_a = ha
-            _, vb, cb, cv_b = hb
+            ra, rb = sa["results"][name], sb["results"][name]
+            newly_unserved = scenario == "server" and rb["unserved"] > 0 and ra["unserved"] == 0
+            if ra["latency_ms"] is None or rb["latency_ms"] is None:
+                notes.append(f"{scenario}, {name}: a run served no query, no latency to compare")
+                continue
+            sta, stb = ra["latency_ms"], rb["latency_ms"]
+            metric = _metric(scenario, sta, stb)
+            va, vb, ca, cb = sta[metric], stb[metric], sta[f"{metric}_ci"], stb[f"{metric}_ci"]
             change = vb / va - 1
-            floor = max(threshold, cv_a, cv_b)
-            if cb[0] > ca[1] and change > floor:
+            floor = max(threshold, sta["cv"], stb["cv"])
+            if newly_unserved:
+                verdict = "regression"
+                notes.append(f"{scenario}, {name}: {rb['unserved']} queries left unserved")
+            elif ca is None or cb is None:
+                verdict = "too few samples"
+            elif cb[0] > ca[1] and change > floor:
                 verdict = "regression"
             elif cb[1] < ca[0] and -change > floor:
                 verdict = "improvement"
@@ -222,7 +281,6 @@ def compare(a: dict, b: dict, threshold: float = DEFAULT_THRESHOLD) -> tuple[lis
                     verdict=verdict,
                 )
             )
-    notes = []
     if a["target"]["fingerprint"] != b["target"]["fingerprint"]:
         notes.append(
             f"the reports are for different targets ({a['target']['name']} "
@@ -247,12 +305,15 @@ def compare_markdown(rows: list[dict], notes: list[str]) -> str:
         "floor | verdict |",
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
+
+    def ci(c) -> str:
+        return "[too few samples]" if c is None else f"[{c[0]:.3f}, {c[1]:.3f}]"
+
     for r in rows:
         lines.append(
-            f"| {r['scenario']} | {r['workload']} | {r['metric']} | {r['a']:.3f} "
-            f"[{r['a_ci'][0]:.3f}, {r['a_ci'][1]:.3f}] | {r['b']:.3f} "
-            f"[{r['b_ci'][0]:.3f}, {r['b_ci'][1]:.3f}] | {r['change']:+.1%} | "
-            f"{r['noise_floor']:.1%} | {r['verdict']} |"
+            f"| {r['scenario']} | {r['workload']} | {r['metric']} | {r['a']:.3f} {ci(r['a_ci'])} "
+            f"| {r['b']:.3f} {ci(r['b_ci'])} | {r['change']:+.1%} | {r['noise_floor']:.1%} | "
+            f"{r['verdict']} |"
         )
     lines += [f"\nnote: {n}" for n in notes]
     return "\n".join(lines)
@@ -315,8 +376,12 @@ def markdown(report: dict) -> str:
             for r in s["ratios"]:
                 lines.append(
                     f"| {r['baseline']} | {r['subject']} | {r['ratio_of_medians']:.2f}x | "
-                    f"{r['paired_median']:.2f}x [{r['paired_ci'][0]:.2f}, "
-                    f"{r['paired_ci'][1]:.2f}] |"
+                    f"{r['paired_median']:.2f}x "
+                    + (
+                        f"[{r['paired_ci'][0]:.2f}, {r['paired_ci'][1]:.2f}] |"
+                        if r["paired_ci"]
+                        else "[too few rounds] |"
+                    )
                 )
         lines.append("")
     s = report["scenarios"].get("server")

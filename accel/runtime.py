@@ -10,6 +10,7 @@ time, so that ``sample`` needs nothing but numpy and a runtime. torch is importe
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,6 +112,12 @@ def fused_feeds(
     return feeds
 
 
+def _device_section(name: str, cuda: bool):
+    """Copies and compute are profiler sections of their own on a GPU; on the CPU there is no
+    copy and the step is the compute."""
+    return section(name) if cuda else contextlib.nullcontext()
+
+
 class OrtRuntime:
     """An onnxruntime session on an ONNX file, refusing a silent fallback to another provider."""
 
@@ -192,8 +199,7 @@ class TorchRuntime:
         return self._torch.from_numpy(array).to(self.device, non_blocking=False)
 
     def _section(self, name: str):
-        """Copies and compute are stages of their own on a GPU; on the CPU there is no copy."""
-        return section(name) if self.device.type == "cuda" else contextlib.nullcontext()
+        return _device_section(name, self.device.type == "cuda")
 
     def _compute(self, fn):
         with self._section("compute"):
@@ -275,10 +281,7 @@ class AotiRuntime:
         torch = self._torch
         parts = []
         cuda = self.device == "cuda"
-
-        def mark(name: str):
-            return section(name) if cuda else contextlib.nullcontext()
-
+        mark = functools.partial(_device_section, cuda=cuda)
         with torch.inference_mode():
             for i in range(0, n, hi):
                 with mark("h2d"):

@@ -230,7 +230,9 @@ def test_targets_list_show_and_detect(monkeypatch, capsys):
     assert code == 0 and '"compute_capability": "8.9"' in out
     assert "--minShapes=sample:1x4x16x16 --optShapes=sample:8x4x16x16" in out
     code, out, _ = run_cli(monkeypatch, capsys, "targets", "detect")
-    assert code == 0 and out.split()[0] in out  # names a target and says why
+    from accel.core.target import list_targets
+
+    assert code == 0 and out.split()[0] in list_targets() and "(" in out  # a target, and why
     from accel.hardware import cpu_info, gpu_info
 
     flags = set(cpu_info()["flags"])
@@ -261,6 +263,16 @@ def test_profile_command_writes_a_report_and_refuses_a_foreign_engine(
     assert "| model (torch-eager, 50 steps) |" in stdout
     assert "| engine (onnxruntime:CPUExecutionProvider, 2 steps) |" in stdout
     assert "Pairwise" in stdout
+    code, _, err = run_cli(
+        monkeypatch, capsys, "profile", engine, "--quality-samples", 5, "--out", out
+    )
+    assert code != 0 and "at least 10" in err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = run_cli(monkeypatch, capsys, "profile", engine, "--out", busy)
+    assert code != 0 and "holds files and no report.json" in err
+    assert (busy / "keep.txt").read_text() == "mine"
     foreign = tmp_path / "foreign"
     code, _, err = run_cli(
         monkeypatch, capsys, "profile", engine, "--target", "cpu-avx512", "--out", foreign

@@ -4,7 +4,7 @@ memory, and a profile of a tiny model on the GPU with its host<->device copies b
 import numpy as np
 import pytest
 
-from tiny import write_tiny_pipeline
+from tiny import gpu_target, write_tiny_pipeline
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -23,13 +23,13 @@ def test_cuda_events_time_gpu_work():
         return None
 
     work()
-    timed = cuda_timer()
-    gpu_ms = [timed(work) for _ in range(5)]
-    # the host returns at once (kernels are queued); the events see the GPU's time
-    host_ms = [host_timer(work) for _ in range(5)]
     torch.cuda.synchronize()
-    assert min(gpu_ms) > 0
-    assert np.median(gpu_ms) > 3 * np.median(host_ms)
+    host_timer(work)  # returns once the kernels are queued: the GPU is still busy
+    assert not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    timed = cuda_timer()
+    assert timed(work) > 0
+    assert torch.cuda.current_stream().query()  # the event timer waited for the GPU's work
 
 
 def test_nvml_reads_the_gpu_and_detect_names_its_target():
@@ -51,14 +51,15 @@ def test_nvml_reads_the_gpu_and_detect_names_its_target():
 
 
 def test_gpu_profile_of_a_tiny_model(tmp_path):
-    from accel.core.target import list_targets, load_target
-    from accel.hardware import detect
     from accel.profile import Harness
     from accel.profile_stage import profile_runtimes
     from accel.report import Report, write_report
     from accel.runtime import open_model, sample
 
-    target = detect([load_target(n) for n in list_targets()])[0]
+    # a target for the GPU at hand, known to the catalogue or not
+    name = torch.cuda.get_device_name(0)
+    major, minor = torch.cuda.get_device_capability(0)
+    target = gpu_target(gpu=name.removeprefix("NVIDIA "), compute_capability=f"{major}.{minor}")
     path = write_tiny_pipeline(tmp_path / "teacher")
     gpu_rt, plan = open_model(path, steps=4, device="cuda")
     cpu_rt, _ = open_model(path, steps=4)

@@ -33,7 +33,7 @@ def tiny_report(tmp_path_factory):
         }
     )
     subjects = {"two steps": open_model(path, steps=2), "four steps": open_model(path, steps=4)}
-    harness = Harness(warmup_iterations=2, warmup_ms=0, iterations=6)
+    harness = Harness(warmup_iterations=2, warmup_ms=0, iterations=8)
     report = profile_runtimes(
         subjects,
         target,
@@ -57,11 +57,12 @@ def test_report_invariants(tiny_report):
         for r in s["results"].values():
             st = r["latency_ms"]
             assert st["min"] <= st["p50"] <= st["p90"] <= st["p95"] <= st["p99"] <= st["max"]
-            assert st["n"] == 6 == len(r["times_ms"])  # n is the iterations run
+            assert st["n"] == 8 == len(r["times_ms"])  # n is the iterations run
             assert r["warmup"]["iterations"] == 2
             assert st["p50_ci"][0] <= st["p50"] <= st["p50_ci"][1]
-            assert r["images_per_s"] == pytest.approx(s["batch"] * 1e3 / st["p50"])
-        assert len(s["ratios"]) == 1 and s["ratios"][0]["rounds"] == 6
+            total_s = sum(r["times_ms"]) / 1e3
+            assert r["images_per_s"] == pytest.approx(s["batch"] * st["n"] / total_s)
+        assert len(s["ratios"]) == 1 and s["ratios"][0]["rounds"] == 8
     assert report["scenarios"]["offline"]["batch"] == 8  # the profile's largest batch
     assert report["scenarios"]["single_stream"]["batch"] == 1
     server = report["scenarios"]["server"]["results"]["two steps"]
@@ -95,8 +96,23 @@ def synthetic(times_ms, name="engine", fingerprint="f"):
         "schema": "accel.report/2",
         "created": "2026-01-01T00:00:00+00:00",
         "target": {"name": "cpu", "fingerprint": fingerprint},
-        "harness": {},
-        "environment": {"cpu": "test", "gpus": None},
+        "harness": {
+            "warmup_iterations": 1,
+            "warmup_ms": 200.0,
+            "iterations": None,
+            "duration_ms": 3000.0,
+            "min_iterations": 10,
+            "timer": "host",
+        },
+        "environment": {
+            "cpu": "test",
+            "cpu_flags": [],
+            "logical_cores": 2,
+            "platform": "test",
+            "python": "3",
+            "versions": {},
+            "gpus": None,
+        },
         "workloads": {name: {}},
         "scenarios": {
             "single_stream": {
@@ -129,7 +145,7 @@ def runs(shift, seed=0, n=200):
 def test_compare_within_noise_and_beyond():
     a, b = runs(0.005)
     (row,), notes = compare(a, b)
-    assert row["verdict"] == "within noise" and row["metric"] == "p90" and not notes
+    assert row["verdict"] == "within noise" and row["metric"] == "p50" and not notes
     a, b = runs(0.30)
     (row,), _ = compare(a, b)
     assert row["verdict"] == "regression" and row["change"] == pytest.approx(0.30, abs=0.05)
@@ -144,6 +160,47 @@ def test_compare_within_noise_and_beyond():
         ),
     )
     assert "different targets" in notes[0]
+    few_a, few_b = synthetic(np.linspace(1, 2, 4)), synthetic(np.linspace(3, 4, 4))
+    (row,), _ = compare(few_a, few_b)  # 4 calls cannot bound a median at 95%
+    assert row["verdict"] == "too few samples"
+
+
+def test_compare_notes_other_batches_and_flags_newly_unserved_queries():
+    a, b = runs(0.0)
+    b["scenarios"]["single_stream"]["batch"] = 4
+    _, notes = compare(a, b)
+    assert notes == ["single_stream: batch 1 in A, 4 in B"]
+
+    def server(latencies, unserved):
+        return {
+            "batch": 1,
+            "rate_qps": 10.0,
+            "duration_s": 10.0,
+            "bound_ms": None,
+            "metric": "p99",
+            "results": {
+                "engine": {
+                    "rate_qps": 10.0,
+                    "duration_s": 10.0,
+                    "queries": len(latencies) + unserved,
+                    "unserved": unserved,
+                    "achieved_qps": 9.0,
+                    "utilization": 0.5,
+                    "latency_ms": summarize(latencies),
+                    "latencies_ms": list(latencies),
+                    "bound_ms": None,
+                    "p99_within_bound": None,
+                }
+            },
+        }
+
+    lat = list(10 * np.random.default_rng(0).lognormal(0, 0.05, 100))
+    a["scenarios"]["server"], b["scenarios"]["server"] = server(lat, 0), server(lat, 7)
+    Report.model_validate(a), Report.model_validate(b)
+    rows, notes = compare(a, b)
+    (row,) = [r for r in rows if r["scenario"] == "server"]
+    assert row["verdict"] == "regression" and row["change"] == 0.0
+    assert "7 queries left unserved" in notes[-1]
 
 
 def test_report_compare_cli_exit_codes(tmp_path, monkeypatch, capsys):
@@ -155,7 +212,7 @@ def test_report_compare_cli_exit_codes(tmp_path, monkeypatch, capsys):
             monkeypatch, capsys, "report", "compare", tmp_path / "a.json", tmp_path / "b.json"
         )
         assert code == expected, out + err
-        assert "| single_stream | engine | p90 |" in out
+        assert "| single_stream | engine | p50 |" in out
         if expected:
             assert "regression" in err and "Traceback" not in err
         else:
@@ -175,6 +232,13 @@ def test_bad_reports_are_refused_with_the_reason(tmp_path, monkeypatch, capsys):
     unordered = copy.deepcopy(good)
     unordered["scenarios"]["single_stream"]["results"]["engine"]["latency_ms"]["p99"] = 0.5
     cases["order"] = (json.dumps(unordered), r"min <= p50 <= p90")
+    # what compare and the Markdown read must be there: no KeyError later
+    no_fingerprint = copy.deepcopy(good)
+    del no_fingerprint["target"]["fingerprint"]
+    cases["target"] = (json.dumps(no_fingerprint), r"at target.fingerprint: Field required")
+    zero = copy.deepcopy(good)
+    zero["scenarios"]["single_stream"]["results"]["engine"]["latency_ms"]["min"] = 0.0
+    cases["zero"] = (json.dumps(zero), r"latency_ms.min: Input should be greater than 0")
     for name, (text, message) in cases.items():
         path = tmp_path / f"{name}.json"
         if text is not None:
@@ -185,5 +249,5 @@ def test_bad_reports_are_refused_with_the_reason(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(
         monkeypatch, capsys, "report", "compare", tmp_path / "good.json", tmp_path / "notjson.json"
     )
-    assert code != 0 and "is not JSON" in err and "Traceback" not in err
+    assert code == 2 and "is not JSON" in err and "Traceback" not in err  # 1 means regression
     assert re.search(r"^error: ", err)

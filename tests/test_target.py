@@ -193,6 +193,9 @@ def gpu(name, cc, mib=81559):
         ((cpu(), gpu("NVIDIA GeForce RTX 4090", "8.9", 24564)), "rtx-4090"),
         # no target names an H100 PCIe: the same compute capability and the closest memory
         ((cpu(), gpu("NVIDIA H100 PCIe", "9.0", 81559)), "h100-sxm"),
+        # whole-word names: an L40 is not an L4, a GH200 (96 GB) is not an H200
+        ((cpu(), gpu("NVIDIA L40", "8.9", 46068)), "l40s"),
+        ((cpu(), gpu("NVIDIA GH200 480GB", "9.0", 97871)), "h100-sxm"),
     ],
 )
 def test_detect_names_the_closest_target(machine, expected):
@@ -224,3 +227,20 @@ def test_detect_on_this_machine_names_the_avx512_target():
     if gpu_info() or not needed <= set(cpu_info()["flags"]):
         pytest.skip("this machine is not an AVX-512 VNNI CPU without a GPU")
     assert detect(catalogue())[0].name == "cpu-avx512"
+
+
+def test_target_mismatch_names_what_differs():
+    from accel.hardware import target_mismatch
+
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert target_mismatch(load_target("h100-sxm"), {"gpus": [h100]}) is None
+    l40s = {"name": "NVIDIA L40S", "compute_capability": "8.9"}
+    assert "not the target's" in target_mismatch(load_target("l4"), {"gpus": [l40s]})
+    assert "NVML sees no GPU" in target_mismatch(load_target("l4"), {"gpus": None})
+    avx2 = {"cpu": "old", "cpu_flags_all": ["avx2", "fma"]}
+    assert target_mismatch(load_target("cpu"), avx2) is None
+    assert "avx512_vnni" in target_mismatch(load_target("cpu-avx512"), avx2)
+    orin = {"gpus": None, "jetson": "NVIDIA Jetson AGX Orin Developer Kit"}
+    assert target_mismatch(load_target("jetson-agx-orin"), orin) is None
+    nano = {"gpus": None, "jetson": "NVIDIA Jetson Orin Nano Developer Kit"}
+    assert target_mismatch(load_target("jetson-agx-orin"), nano) is not None

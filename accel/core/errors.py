@@ -42,4 +42,7 @@ class StageError(AccelError):
 
 
 class ReportError(AccelError):
-    """A profile report that is missing, not JSON, or not of the accel.report/2 schema."""
+    """A profile report that is missing, not JSON, or not of the accel.report/2 schema. Exit
+    code 2, so that CI tells a bad input from `accel report compare`'s regression (1)."""
+
+    exit_code = 2

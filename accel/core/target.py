@@ -156,10 +156,11 @@ class Target(_Strict):
             raise ValueError(
                 "a cuda target needs gpu (its NVML name) and compute_capability (e.g. '9.0')"
             )
-        if self.scenarios.single_stream_batch > self.shapes.batch.max:
+        b = self.shapes.batch
+        if not b.min <= self.scenarios.single_stream_batch <= b.max:
             raise ValueError(
-                f"scenarios.single_stream_batch {self.scenarios.single_stream_batch} is above "
-                f"shapes.batch.max {self.shapes.batch.max}"
+                f"scenarios.single_stream_batch {self.scenarios.single_stream_batch} is outside "
+                f"shapes.batch {b.min}..{b.max}"
             )
         return self
 
