@@ -16,6 +16,10 @@ $(BIN)/accel: pyproject.toml
 	# package that Model Optimizer mistakes for TensorRT. --no-deps: they require the real
 	# tensorrt wheels, which only NVIDIA's package index serves.
 	$(BIN)/pip install --quiet --no-deps --target $(VENV)/tensorrt-stubs tensorrt-stubs==10.13.0.35.1
+	# Triton's model-config schema (tritonclient's model_config_pb2), to validate the
+	# config.pbtxt files `accel deploy triton` writes (tests/test_bundle.py). Apart too: its grpc
+	# extra pins protobuf<7 and ml-dtypes<=0.5.4 against onnx's.
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/tritonclient tritonclient==2.73.0
 	touch $(BIN)/accel
 
 venv: $(BIN)/accel

@@ -131,6 +131,7 @@ def demo(out: Path, store: Path | None) -> None:
         shutil.copytree(by_stage["progressive"].path, tmp / "student")
         shutil.copytree(fp32.path, tmp / "engine")
         shutil.copytree(int8.path, tmp / "engine-int8")
+        shutil.copytree(by_stage["bundle"].path, tmp / "bundle")
         for f in by_stage["profile"].path.iterdir():
             if f.suffix in (".json", ".md", ".png") and f.name != "manifest.json":
                 shutil.copy(f, tmp / f.name)
@@ -144,7 +145,10 @@ def demo(out: Path, store: Path | None) -> None:
         f"{before:.3f} for the fp32 graph ({gate['value']:+.1%}; gate: at most "
         f"+{gate['threshold']:.0%}), {gate['samples']} samples, seed {gate['seeds'][0]}"
     )
-    click.echo(f"wrote {out}/: student/, engine/, engine-int8/, report.json, report.md, grid_*.png")
+    click.echo(
+        f"wrote {out}/: student/, engine/, engine-int8/, bundle/ (deployable: "
+        "examples/serve_bundle.py), report.json, report.md, plots"
+    )
 
 
 # ---------------------------------------------------------------- single stages
@@ -366,6 +370,45 @@ cli.add_command(
         backends=True,
     )
 )
+cli.add_command(
+    StageCommand(
+        "bundle",
+        "bundle",
+        "Bundle the engine at INPUT for deployment: engine, sampler plan, manifest (target, "
+        "library versions, interface, sha256 of every file, provenance, quality, latency) and a "
+        "model card. accel.runtime.Bundle runs it without torch.",
+    )
+)
+
+
+@cli.group()
+def deploy() -> None:
+    """Deploy a bundle into a serving system."""
+
+
+@deploy.command("triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The model repository to write (replaced if it exists).",
+)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances per device (instance_group count).")  # fmt: skip
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Dynamic batching: how long a request may wait for others.")  # fmt: skip
+def deploy_triton(bundle: Path, out: Path, instances: int, max_queue_delay_us: int) -> None:
+    """Write a Triton Inference Server model repository for BUNDLE: the fused-sampler engine as
+    one model, or the denoiser engine with dynamic batching plus a Python-backend model that
+    runs the sampler loop over it."""
+    from accel.deploy import triton_repository
+
+    names: list[str] = []
+    _publish(
+        out, lambda tmp: names.extend(triton_repository(bundle, tmp, instances, max_queue_delay_us))
+    )
+    click.echo(f"wrote {out}/: models {', '.join(names)} (clients call {names[0]!r})")
 
 
 @cli.command()

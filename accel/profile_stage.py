@@ -322,7 +322,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="profile",
-    version=2,
+    version=3,
     config=ProfileConfig,
     consumes="engine",
     produces="report",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -336,6 +337,108 @@ def open_engine(
     return runtime, SamplerPlan.load(Path(path) / PLAN_FILE)
 
 
+def _installed_versions() -> dict[str, str | None]:
+    """Versions of the engine libraries installed here, read without importing them."""
+    from importlib import metadata
+
+    def version(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "onnxruntime": version("onnxruntime", "onnxruntime-gpu"),
+        "tensorrt": version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+        "torch": version("torch"),
+    }
+
+
+class Bundle:
+    """A deployable bundle (``accel bundle``), run with numpy and the engine's own runtime.
+
+    Opening one checks, before the engine is touched, every file's sha256 against the manifest
+    and the machine against the bundle's target (CPU flags, GPU compute capability, library
+    versions: ``accel.hardware.bundle_mismatch``); either failure raises a clear error and
+    leaves nothing open. ``sample`` runs the few-step loop of the sampler plan (or the fused
+    graph in one call). One bundle serves concurrent callers: onnxruntime sessions run
+    concurrent calls; the other engines' calls are serialised by a lock (a TensorRT execution
+    context is not reentrant)."""
+
+    def __init__(self, path: str | Path, target: Any = None) -> None:
+        from accel.core.artifact import Artifact
+        from accel.core.errors import TargetMismatch
+        from accel.core.plan import PLAN_FILE
+        from accel.hardware import bundle_mismatch
+
+        bundle = Artifact.load(path)
+        if bundle.kind != "bundle":
+            raise CheckpointError(
+                f"{path} is a {bundle.kind} artifact, not a bundle; make one with `accel bundle`"
+            )
+        try:
+            bundle.verify()
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"bundle {path} failed its integrity check: {e}. Rebuild it with `accel bundle`, "
+                "or copy it again"
+            ) from None
+        info = bundle.info
+        if target is not None and info["target"]["fingerprint"] != target.fingerprint:
+            raise TargetMismatch(
+                f"bundle {path} was built for target {info['target']['name']!r} "
+                f"({info['target']['fingerprint']}), not {target.name!r} ({target.fingerprint})"
+            )
+        why = bundle_mismatch(info, _installed_versions())
+        if why:
+            raise TargetMismatch(f"bundle {path} cannot run here: {why}")
+        self.path, self.info = Path(path), info
+        self.plan = SamplerPlan.load(self.path / PLAN_FILE)
+        file = self.path / info["engine_file"]
+        self.runtime: Runtime
+        self._lock: Any
+        if info["backend"] == "onnxruntime":
+            self.runtime = OrtRuntime(
+                file,
+                provider=info.get("provider") or "CPUExecutionProvider",
+                options=info.get("provider_options"),
+            )
+            self._lock = contextlib.nullcontext()
+        else:
+            if info["backend"] == "tensorrt":
+                from export.tensorrt_compile import TensorRTRuntime
+
+                self.runtime = TensorRTRuntime(file, info)
+            else:
+                self.runtime = AotiRuntime(file, info)
+            self._lock = threading.Lock()
+        self.name = f"bundle:{self.runtime.name}"
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        return self.runtime.inputs()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self.runtime.infer(feeds)
+
+    def sample(
+        self, noise: np.ndarray, labels: np.ndarray | None = None, seed: int | None = 0
+    ) -> np.ndarray:
+        """Images (N x C x H x W, about [-1, 1]) from ``noise`` (N x C x H x W standard normal)
+        and class ``labels`` (int64, for class-conditional models); ``seed`` draws the fresh
+        noise of stochastic (consistency) steps."""
+        shape = tuple(self.plan.sample_shape)
+        if noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+            raise ValueError(f"noise must be N x {' x '.join(map(str, shape))}, got {noise.shape}")
+        if self.plan.num_classes and labels is None:
+            raise ValueError(f"this model is class-conditional: pass {len(noise)} labels")
+        labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        return sample(self, self.plan, noise.astype(np.float32), labels, rng)
+
+
 def open_model(
     path: str | Path,
     steps: int | None = None,
@@ -361,17 +464,24 @@ def open_runtime(
     guidance: float | None = None,
     spin: bool = True,
 ) -> tuple[Runtime, SamplerPlan]:
-    """An engine artifact (its own runtime) or a diffusers directory (torch eager), with its plan.
-    An engine's step count and guidance are fixed at export time: asking for others is an error."""
+    """A bundle or an engine artifact (its own runtime), or a diffusers directory (torch eager),
+    with its plan. An engine's step count and guidance are fixed at export time: asking for
+    others is an error."""
     from accel.core.artifact import MANIFEST, Artifact
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model or engine not found: {path}")
-    if not ((path / MANIFEST).is_file() and Artifact.load(path).kind == "engine"):
+    kind = Artifact.load(path).kind if (path / MANIFEST).is_file() else None
+    runtime: Runtime
+    if kind == "bundle":
+        bundle = Bundle(path, target)
+        runtime, plan = bundle, bundle.plan
+    elif kind == "engine":
+        runtime, plan = open_engine(path, target, spin=spin)
+    else:
         device = "cuda" if target is not None and target.device == "cuda" else "cpu"
         return open_model(path, steps, guidance, device)
-    runtime, plan = open_engine(path, target, spin=spin)
     if steps is not None and steps != len(plan.steps):
         raise CheckpointError(
             f"{path} is an engine for {len(plan.steps)} steps; its sampler plan "

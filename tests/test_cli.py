@@ -47,6 +47,8 @@ def test_help_does_not_import_torch():
         ["targets", "show"],
         ["targets", "detect"],
         ["report", "compare"],
+        ["bundle"],
+        ["deploy", "triton"],
     ],
 )
 def test_every_command_has_help(monkeypatch, capsys, command):

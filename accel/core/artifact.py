@@ -24,7 +24,7 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 MANIFEST = "manifest.json"
-KINDS = ("checkpoint", "onnx", "engine", "report")
+KINDS = ("checkpoint", "onnx", "engine", "report", "bundle")
 
 
 def canonical_json(obj: Any) -> str:

@@ -88,6 +88,7 @@ STAGES: dict[str, str] = {
     "aoti": "export.aoti_compile:STAGE",
     "tensorrt": "export.tensorrt_compile:STAGE",
     "profile": "accel.profile_stage:STAGE",
+    "bundle": "accel.bundle:STAGE",
 }
 
 

@@ -1,0 +1,262 @@
+"""The bundle stage: an engine made deployable. A bundle directory holds the engine file(s), the
+sampler plan (``sampler_plan.json``), a Hugging Face-style model card (``README.md``) and
+``manifest.json``, whose ``info`` says everything a production runtime checks before it opens the
+engine: the target (fingerprint, GPU, compute capability, CPU flags, batch range), the library
+versions the engine was built with, the graph's inputs and outputs (names, shapes, dtypes), the
+precision, the student's provenance and its quality and latency figures; ``files`` holds the
+sha256 of every file. ``accel.runtime.Bundle`` loads it with numpy and the engine's runtime alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import Field
+
+from accel.core.artifact import MANIFEST, Artifact, Store
+from accel.core.errors import StageError
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.stage import Stage, StageConfig, StageContext
+
+BUNDLE_FORMAT = "accel.bundle/1"
+CARD_FILE = "README.md"
+ENGINE_LIBRARIES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "aotinductor": "torch"}
+ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32"}
+
+
+class BundleConfig(StageConfig):
+    name: str = Field("accel-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The model's name in the card and in a Triton repository."""
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _onnx_io(path: Path) -> dict[str, list[dict]]:
+    """Inputs and outputs of an ONNX graph: name, dtype, shape (a str for a named axis)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(v) -> dict:
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {
+            "name": v.name,
+            "dtype": ONNX_TYPES.get(t.elem_type, str(t.elem_type)),
+            "shape": dims,
+        }
+
+    return {"inputs": [spec(v) for v in graph.input], "outputs": [spec(v) for v in graph.output]}
+
+
+def _plan_io(plan: SamplerPlan, names: list[str]) -> dict[str, list[dict]]:
+    """Inputs and outputs of a per-step denoiser graph that has no ONNX file (AOTInductor)."""
+    dtypes = {"sample": "float32", "guidance_scale": "float32"}
+    shapes = {"sample": ["batch", *plan.sample_shape]}
+    return {
+        "inputs": [
+            {"name": n, "dtype": dtypes.get(n, "int64"), "shape": shapes.get(n, ["batch"])}
+            for n in names
+        ],
+        "outputs": [{"name": "x0", "dtype": "float32", "shape": ["batch", *plan.sample_shape]}],
+    }
+
+
+def io_spec(engine: Artifact, store: Store, plan: SamplerPlan) -> dict[str, list[dict]]:
+    """The engine's graph interface: from its ONNX file, or its parent's (TensorRT plans), or the
+    sampler plan (AOTInductor packages)."""
+    for a in store.lineage(engine):
+        if (a.path / "model.onnx").is_file():
+            return _onnx_io(a.path / "model.onnx")
+        if a.kind == "checkpoint":
+            break
+    return _plan_io(plan, engine.info.get("inputs", ["sample", "timestep", "class_labels"]))
+
+
+def _profile_figures(store: Store, engine: Artifact) -> dict | None:
+    """SingleStream/Offline figures of this engine from a profile report in the store, if any."""
+    for manifest in sorted(store.artifacts.glob(f"*/{MANIFEST}")):
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("kind") != "report" or m.get("parent") != engine.key:
+            continue
+        report = json.loads((manifest.parent / "report.json").read_text())
+        out = {"target": report["target"]["name"], "report": m["key"]}
+        for scenario, s in report["scenarios"].items():
+            for name, r in s["results"].items():
+                if name.startswith("student engine") and r.get("latency_ms"):
+                    st = r["latency_ms"]
+                    out[scenario] = {
+                        "batch": s["batch"],
+                        "p50_ms": st["p50"],
+                        "p90_ms": st["p90"],
+                        "images_per_s": r.get("images_per_s"),
+                    }
+        return out
+    return None
+
+
+def _card(name: str, info: dict, plan: SamplerPlan, files: list[str]) -> str:
+    """A Hugging Face-style model card: YAML front matter, then what the bundle is and how to
+    run it."""
+    t = info["target"]
+    q = info.get("quality") or {}
+    lat = info.get("latency") or {}
+    io = "\n".join(
+        f"| {kind} | `{s['name']}` | {s['dtype']} | {s['shape']} |"
+        for kind in ("inputs", "outputs")
+        for s in info[kind]
+    )
+    lineage = " → ".join(f"{p['stage']} (`{p['key']}`)" for p in reversed(info["provenance"]))
+    if q.get("candidate") and "fd_digits" in q["candidate"]:
+        quality = (
+            f"FD-digits {q['candidate']['fd_digits']:.3f} against {q['parent']['fd_digits']:.3f} "
+            f"for its parent ({q['samples']} samples, seed {q['seeds'][0]}; gate: at most "
+            f"+{q['threshold']:.0%})"
+        )
+    elif q.get("metric") and q.get("value") is not None:
+        quality = (
+            f"quality gate {q['metric']} {q['value']:.3g} against its parent (at most "
+            f"{q['threshold']:g}, {q['samples']} samples)"
+        )
+    else:
+        quality = "no quality gate figures recorded"
+    where = f", {t['gpu']}, compute capability {t['compute_capability']}" if t.get("gpu") else ""
+    if plan.guidance_scale == 1:
+        guidance = "no classifier-free guidance"
+    elif info["fused"]:
+        guidance = f"guidance scale {plan.guidance_scale}, applied inside the graph"
+    elif plan.notes.get("guidance_input"):
+        guidance = f"guidance scale {plan.guidance_scale}, an input of the graph"
+    else:
+        guidance = (
+            f"guidance scale {plan.guidance_scale}, applied by the sampler loop on a doubled batch"
+        )
+    latency = (
+        "; ".join(
+            f"{k}: batch {v['batch']}, p50 {v['p50_ms']:.2f} ms, p90 {v['p90_ms']:.2f} ms"
+            for k, v in lat.items()
+            if isinstance(v, dict)
+        )
+        or "not profiled; `accel profile BUNDLE` measures it"
+    )
+    return f"""---
+library_name: accel
+tags:
+- diffusion
+- distillation
+- {info["backend"]}
+- {info["precision"]}
+pipeline_tag: unconditional-image-generation
+---
+
+# {name}
+
+A {len(plan.steps)}-step {"fused-sampler " if info["fused"] else ""}diffusion engine built by
+accel for the target `{t["name"]}` ({t["device"]}{where}), backend {info["backend"]},
+precision {info["precision"]}. It samples {"x".join(map(str, plan.sample_shape))} images;
+{guidance}.
+
+## Use
+
+```python
+import numpy as np
+from accel.runtime import Bundle
+
+bundle = Bundle("path/to/{name}")  # checks hashes and the machine before opening the engine
+images = bundle.sample(np.random.default_rng(0).standard_normal((4, *bundle.plan.sample_shape)),
+                       labels=np.arange(4), seed=0)
+```
+
+The runtime needs numpy and {ENGINE_LIBRARIES[info["backend"]]} only. Built with
+{", ".join(f"{k} {v}" for k, v in info["libraries"].items())}.
+
+## Interface
+
+| | name | dtype | shape |
+|---|---|---|---|
+{io}
+
+## Quality and latency
+
+Quality: {quality}.
+
+Latency: {latency}.
+
+## Provenance
+
+{lineage}
+
+## Files
+
+{chr(10).join(f"- `{f}`" for f in files)} (sha256 of each in `manifest.json`)
+"""
+
+
+def run(ctx: StageContext) -> None:
+    config: BundleConfig = ctx.config  # type: ignore[assignment]
+    engine = ctx.input
+    backend = engine.info.get("backend")
+    if backend not in ENGINE_LIBRARIES:
+        raise StageError("bundle", f"{engine.path} has no known engine backend ({backend!r})")
+    for f in engine.path.iterdir():
+        if f.name != MANIFEST and f.is_file():
+            shutil.copy(f, ctx.out / f.name)
+    plan = SamplerPlan.load(ctx.out / PLAN_FILE)
+    library = ENGINE_LIBRARIES[backend]
+    built_with = engine.info.get(f"{library}_version") or _installed(library)
+    t = ctx.target
+    ctx.info.update(
+        format=BUNDLE_FORMAT,
+        name=config.name,
+        backend=backend,
+        provider=engine.info.get("provider"),
+        provider_options=engine.info.get("provider_options"),
+        engine_file=engine.info.get("engine_file", "model.onnx"),
+        device=engine.info.get("device", t.device),
+        batch_range=engine.info.get("batch_range"),
+        precision=engine.info.get("precision", t.precision),
+        fused=bool(plan.notes.get("fused")),
+        steps=len(plan.steps),
+        target={
+            "name": t.name,
+            "fingerprint": t.fingerprint,
+            "device": t.device,
+            "gpu": t.gpu,
+            "compute_capability": engine.info.get("compute_capability", t.compute_capability),
+            "cpu_flags": list(t.cpu_flags),
+            "batch": t.shapes.batch.model_dump(),
+            "version_compatible": t.builder.version_compatible,
+        },
+        libraries={library: built_with, "numpy": _installed("numpy"), "accel": _installed("accel")},
+        provenance=[
+            {"stage": a.stage, "key": a.key, "config": a.config} for a in ctx.store.lineage(engine)
+        ],
+        quality=engine.metrics.get("quality_gate"),
+        latency=_profile_figures(ctx.store, engine),
+        **io_spec(engine, ctx.store, plan),
+    )
+    files = sorted(p.name for p in ctx.out.iterdir()) + [CARD_FILE]
+    (ctx.out / CARD_FILE).write_text(_card(config.name, ctx.info, plan, sorted(set(files))))
+
+
+STAGE = Stage(
+    name="bundle",
+    version=1,
+    config=BundleConfig,
+    consumes="engine",
+    produces="bundle",
+    run=run,
+    target_specific=True,
+    description="an engine, its sampler plan, interface, provenance and model card, for deployment",
+)

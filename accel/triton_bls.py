@@ -1,0 +1,77 @@
+"""Triton Inference Server Python-backend model: the few-step sampler loop over the denoiser
+model, called through Triton's business-logic scripting (BLS). `accel deploy triton` copies this
+file into the repository as ``<name>/1/model.py`` beside the bundle's ``sampler_plan.json``.
+
+The loop is accel's own (``accel.runtime.sample``), so the Triton model samples exactly what
+``accel.runtime.Bundle`` samples. Triton's Python environment needs numpy and accel
+(``pip install --no-deps accel``: the runtime imports neither torch nor diffusers).
+
+Inputs: ``noise`` (N x C x H x W float32), ``class_labels`` (N int64; class-conditional models)
+and ``seed`` (1 int64; the fresh noise of stochastic steps). Output: ``images``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.runtime import sample
+
+
+class TritonDenoiser:
+    """accel's Runtime interface over a BLS call to the denoiser model."""
+
+    def __init__(self, model_name: str, inputs: list[str]) -> None:
+        self.model_name, self._inputs, self.name = model_name, inputs, f"triton:{model_name}"
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        return {n: (["batch"], "") for n in self._inputs}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = pb_utils.InferenceRequest(
+            model_name=self.model_name,
+            requested_output_names=["x0"],
+            inputs=[pb_utils.Tensor(k, v) for k, v in feeds.items() if k in self._inputs],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise pb_utils.TritonModelException(response.error().message())
+        return {"x0": pb_utils.get_output_tensor_by_name(response, "x0").as_numpy()}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.plan = SamplerPlan.load(here / PLAN_FILE)
+        params = json.loads(args["model_config"]).get("parameters", {})
+        denoiser = params["denoiser_model"]["string_value"]
+        inputs = params["denoiser_inputs"]["string_value"].split(",")
+        self.denoiser = TritonDenoiser(denoiser, inputs)
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                noise = pb_utils.get_input_tensor_by_name(request, "noise").as_numpy()
+                labels_t = pb_utils.get_input_tensor_by_name(request, "class_labels")
+                seed_t = pb_utils.get_input_tensor_by_name(request, "seed")
+                labels = None if labels_t is None else labels_t.as_numpy().astype(np.int64)
+                seed = 0 if seed_t is None else int(seed_t.as_numpy().reshape(-1)[0])
+                images = sample(
+                    self.denoiser, self.plan, noise.astype(np.float32), labels,
+                    np.random.default_rng(seed),
+                )  # fmt: skip
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)])
+                )
+            except Exception as e:  # one bad request must not fail the others in the batch
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(str(e))
+                    )
+                )
+        return responses
