@@ -32,10 +32,16 @@ class TritonDenoiser:
         return {n: (["batch"], "") for n in self._inputs}
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # per-example scalars (timestep, label, w) are dims [1] reshaped to [] in the denoiser's
+        # config: a request sends them as N x 1
         request = pb_utils.InferenceRequest(
             model_name=self.model_name,
             requested_output_names=["x0"],
-            inputs=[pb_utils.Tensor(k, v) for k, v in feeds.items() if k in self._inputs],
+            inputs=[
+                pb_utils.Tensor(k, v.reshape(-1, 1) if v.ndim == 1 else v)
+                for k, v in feeds.items()
+                if k in self._inputs
+            ],
         )
         response = request.exec()
         if response.has_error():

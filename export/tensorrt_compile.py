@@ -29,6 +29,7 @@ from pydantic import Field
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
+from accel.profile import section
 from export.quality_gate import GateConfig, quality_gate
 
 if TYPE_CHECKING:
@@ -210,23 +211,23 @@ def build_engine(
 
 class TensorRTRuntime:
     """A TensorRT engine (``model.plan``) on the current GPU: numpy feeds are copied into device
-    buffers allocated with torch, run with ``execute_async_v3`` on torch's current stream. One
-    execution context, so calls are serialised by a lock."""
+    buffers (cuda-python's CUDA runtime, ``accel.cudart``: no torch, so that TensorRT bundles run
+    with numpy, TensorRT and cuda-python alone) and run with ``execute_async_v3`` on its own
+    stream. One execution context, so calls are serialised by a lock."""
 
     def __init__(self, path: str | Path, info: dict) -> None:
-        import torch
+        from accel.cudart import Stream
 
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"TensorRT engine not found: {path}")
-        if not torch.cuda.is_available():
-            raise CheckpointError(f"{path} is a TensorRT engine, and torch sees no GPU here")
         try:
             import_tensorrt()
         except StageError as e:
             raise CheckpointError(e.message) from None
         import tensorrt as trt
 
+        self._stream = Stream()  # fails with CUDA's reason where there is no usable GPU
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         runtime.engine_host_code_allowed = bool(info.get("version_compatible"))
@@ -242,7 +243,7 @@ class TensorRTRuntime:
         self._in = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._out = [n for n in names if n not in self._in]
         self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        self._torch, self._lock = torch, threading.Lock()
+        self._lock = threading.Lock()
         self._max_batch = int(info.get("batch_range", [1, 2**31])[1])
         self.name = "tensorrt"
 
@@ -258,29 +259,34 @@ class TensorRTRuntime:
                 for i in range(0, rows, self._max_batch)
             ]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        torch = self._torch
+        stream = self._stream
         with self._lock:
-            buffers = {}
             for n in self._in:
                 host = np.ascontiguousarray(feeds[n], dtype=self._dtype[n])
-                buffers[n] = torch.from_numpy(host).cuda()
                 if not self._context.set_input_shape(n, tuple(host.shape)):
                     raise CheckpointError(
                         f"input {n!r} of shape {host.shape} is outside this TensorRT engine's "
                         "optimisation profile; rebuild it for a target whose shapes cover it"
                     )
-                self._context.set_tensor_address(n, buffers[n].data_ptr())
+                with section("h2d"):
+                    self._context.set_tensor_address(n, stream.upload(n, host))
+            shapes = {}
             for n in self._out:
                 dims = self._context.get_tensor_shape(n)
-                shape = tuple(dims[i] for i in range(len(dims)))
-                like = torch.from_numpy(np.empty(0, self._dtype[n]))
-                buffers[n] = torch.empty(shape, dtype=like.dtype, device="cuda")
-                self._context.set_tensor_address(n, buffers[n].data_ptr())
-            stream = torch.cuda.current_stream()
-            if not self._context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
-            stream.synchronize()
-            return {n: buffers[n].cpu().numpy().astype(np.float32) for n in self._out}
+                shapes[n] = tuple(dims[i] for i in range(len(dims)))
+                nbytes = int(np.prod(shapes[n])) * self._dtype[n].itemsize
+                self._context.set_tensor_address(n, stream.buffer(n, nbytes))
+            with section("compute"):
+                if not self._context.execute_async_v3(int(stream.handle)):
+                    raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
+                stream.synchronize()
+            with section("d2h"):
+                return {
+                    n: stream.download(stream.buffer(n, 0), shapes[n], self._dtype[n]).astype(
+                        np.float32
+                    )
+                    for n in self._out
+                }
 
 
 def fp32_student(ctx: StageContext, plan: SamplerPlan):

@@ -245,7 +245,8 @@ class FakeTensor:
 
 def fake_pb_utils(repo: Path):
     """A stand-in for Triton's triton_python_backend_utils: BLS calls run the repository's own
-    denoiser graph in onnxruntime."""
+    denoiser graph in onnxruntime, after checking each input against the model's config.pbtxt
+    the way Triton does (batch axis, then dims; then the config's reshape)."""
     session = {}
 
     class InferenceRequest:
@@ -254,8 +255,20 @@ def fake_pb_utils(repo: Path):
 
         def exec(self):
             if self.model_name not in session:
-                session[self.model_name] = OrtRuntime(repo / self.model_name / "1" / "model.onnx")
-            out = session[self.model_name].infer({t.name(): t.as_numpy() for t in self.inputs})
+                config = parse(repo / self.model_name / "config.pbtxt")
+                ort = OrtRuntime(repo / self.model_name / "1" / "model.onnx")
+                session[self.model_name] = (config, ort)
+            config, ort = session[self.model_name]
+            feeds = {}
+            for t in self.inputs:
+                spec = next(i for i in config.input if i.name == t.name())
+                array = t.as_numpy()
+                assert list(array.shape[1:]) == list(spec.dims), (t.name(), array.shape)
+                assert len(array) <= config.max_batch_size
+                if spec.HasField("reshape"):
+                    array = array.reshape(len(array), *spec.reshape.shape)
+                feeds[t.name()] = array
+            out = ort.infer(feeds)
             return types.SimpleNamespace(
                 has_error=lambda: False, tensors=[FakeTensor(k, out[k]) for k in self.outputs]
             )
@@ -327,3 +340,18 @@ def test_the_embedding_example_writes_images(bundles, tmp_path):
         check=True, capture_output=True,
     )  # fmt: skip
     assert np.load(out)["images"].shape == (4, 1, 16, 16)
+
+
+def test_tensorrt_bundles_need_cuda_python_not_torch():
+    import importlib.util
+
+    from accel import cudart
+
+    if importlib.util.find_spec("cuda") is None:
+        with pytest.raises(CheckpointError, match="pip install cuda-python"):
+            cudart.cudart()
+    code = (
+        "import sys, export.tensorrt_compile, accel.cudart; "
+        "assert 'torch' not in sys.modules, 'the TensorRT runtime path imports torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -89,3 +89,18 @@ def test_gpu_profile_of_a_tiny_model(tmp_path):
     assert report["environment"]["gpus"]
     assert not any("not the target's" in w for w in report["warnings"])
     print((tmp_path / "report.md").read_text())
+
+
+def test_cuda_python_buffers_round_trip_without_torch():
+    """The device memory layer of TensorRT bundles (accel.cudart) on a real GPU."""
+    from accel.cudart import Stream
+
+    stream = Stream()
+    for shape, dtype in (((4, 1, 16, 16), np.float32), ((7,), np.int64), ((3, 5), np.float16)):
+        host = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        ptr = stream.upload("x", host)
+        assert ptr and stream.buffer("x", host.nbytes) == ptr  # reused while big enough
+        np.testing.assert_array_equal(stream.download(ptr, shape, np.dtype(dtype)), host)
+    big = stream.upload("x", np.ones((1024, 1024), np.float32))  # grows the buffer
+    assert stream.download(big, (1024, 1024), np.dtype(np.float32)).sum() == 1024 * 1024
+    stream.close()
