@@ -83,14 +83,16 @@ def io_spec(engine: Artifact, store: Store, plan: SamplerPlan) -> dict[str, list
 
 def _profile_figures(store: Store, engine: Artifact) -> dict | None:
     """SingleStream/Offline figures of this engine from a profile report in the store, if any."""
-    for manifest in sorted(store.artifacts.glob(f"*/{MANIFEST}")):
+    reports = []
+    for manifest in store.artifacts.glob(f"*/{MANIFEST}"):
         try:
             m = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if m.get("kind") != "report" or m.get("parent") != engine.key:
-            continue
-        report = json.loads((manifest.parent / "report.json").read_text())
+        if m.get("kind") == "report" and m.get("parent") == engine.key:
+            reports.append((manifest.stat().st_mtime, manifest.parent, m))
+    for _, folder, m in sorted(reports, key=lambda r: r[0], reverse=True)[:1]:  # the newest
+        report = json.loads((folder / "report.json").read_text())
         out = {"target": report["target"]["name"], "report": m["key"]}
         for scenario, s in report["scenarios"].items():
             for name, r in s["results"].items():
@@ -206,6 +208,13 @@ Latency: {latency}.
 def run(ctx: StageContext) -> None:
     config: BundleConfig = ctx.config  # type: ignore[assignment]
     engine = ctx.input
+    built_for = engine.target or {}
+    if built_for.get("fingerprint") not in (None, ctx.target.fingerprint):
+        raise StageError(
+            "bundle",
+            f"{engine.path} was built for target {built_for.get('name')!r}, not "
+            f"{ctx.target.name!r}: pass --target {built_for.get('name')}",
+        )
     backend = engine.info.get("backend")
     if backend not in ENGINE_LIBRARIES:
         raise StageError("bundle", f"{engine.path} has no known engine backend ({backend!r})")
@@ -228,6 +237,7 @@ def run(ctx: StageContext) -> None:
         precision=engine.info.get("precision", t.precision),
         fused=bool(plan.notes.get("fused")),
         steps=len(plan.steps),
+        engine=engine.info,  # verbatim: what the engine's runtime class reads
         target={
             "name": t.name,
             "fingerprint": t.fingerprint,
@@ -237,6 +247,7 @@ def run(ctx: StageContext) -> None:
             "cpu_flags": list(t.cpu_flags),
             "batch": t.shapes.batch.model_dump(),
             "version_compatible": t.builder.version_compatible,
+            "hardware_compatibility": t.builder.hardware_compatibility,
         },
         libraries={library: built_with, "numpy": _installed("numpy"), "accel": _installed("accel")},
         provenance=[
@@ -252,7 +263,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="bundle",
-    version=1,
+    version=2,
     config=BundleConfig,
     consumes="engine",
     produces="bundle",

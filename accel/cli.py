@@ -402,8 +402,17 @@ def deploy_triton(bundle: Path, out: Path, instances: int, max_queue_delay_us: i
     """Write a Triton Inference Server model repository for BUNDLE: the fused-sampler engine as
     one model, or the denoiser engine with dynamic batching plus a Python-backend model that
     runs the sampler loop over it."""
-    from accel.deploy import triton_repository
+    from accel.deploy import MARKER, triton_repository
 
+    dst, src = out.resolve(), bundle.resolve()
+    if dst == src or dst in src.parents:
+        raise click.BadParameter("the repository cannot hold the bundle itself", param_hint="--out")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / MARKER).is_file():
+        raise click.BadParameter(
+            f"{out} holds files that `accel deploy triton` did not write; name a new directory "
+            "(a repository it wrote is replaced)",
+            param_hint="--out",
+        )
     names: list[str] = []
     _publish(
         out, lambda tmp: names.extend(triton_repository(bundle, tmp, instances, max_queue_delay_us))

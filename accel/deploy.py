@@ -25,6 +25,8 @@ from accel.core.plan import PLAN_FILE, SamplerPlan
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
                 "int32": "TYPE_INT32", "bfloat16": "TYPE_BF16"}  # fmt: skip
 BLS_FILE = Path(__file__).with_name("triton_bls.py")
+MARKER = ".accel-triton-repository"
+"""Written into every repository this module fills: `accel deploy triton` replaces only those."""
 
 
 def _tensor(spec: dict, batched: bool, optional: bool = False) -> str:
@@ -87,7 +89,9 @@ def _engine_config(name: str, info: dict, batch_factor: int, count: int, delay_u
     return "\n".join(lines) + "\n"
 
 
-def _bls_config(name: str, denoiser: str, info: dict, plan: SamplerPlan, count: int) -> str:
+def _bls_config(
+    name: str, denoiser: str, info: dict, plan: SamplerPlan, count: int, max_batch: int
+) -> str:
     image = ["batch", *plan.sample_shape]
     inputs = [_tensor({"name": "noise", "dtype": "float32", "shape": image}, batched=False)]
     if plan.num_classes:
@@ -110,6 +114,7 @@ def _bls_config(name: str, denoiser: str, info: dict, plan: SamplerPlan, count: 
                 _instances(dict(info, target=dict(info["target"], device="cpu")), count),
                 f'parameters {{ key: "denoiser_model" value: {{ string_value: "{denoiser}" }} }}',
                 f'parameters {{ key: "denoiser_inputs" value: {{ string_value: "{graph_inputs}" }} }}',
+                f'parameters {{ key: "denoiser_max_batch" value: {{ string_value: "{max_batch}" }} }}',
             ]
         )
         + "\n"
@@ -128,6 +133,7 @@ def triton_repository(
     if bundle.kind != "bundle":
         raise CheckpointError(f"{bundle_dir} is a {bundle.kind}, not a bundle: run `accel bundle`")
     bundle.verify()
+    (out / MARKER).write_text(f"written by accel deploy triton from bundle {bundle.key}\n")
     info = bundle.info
     plan = SamplerPlan.load(bundle.path / PLAN_FILE)
     name = info["name"]
@@ -149,5 +155,8 @@ def triton_repository(
     bls.mkdir(parents=True)
     shutil.copy(BLS_FILE, bls / "model.py")
     shutil.copy(bundle.path / PLAN_FILE, bls / PLAN_FILE)
-    (out / name / "config.pbtxt").write_text(_bls_config(name, engine_name, info, plan, instances))
+    max_batch = info["target"]["batch"]["max"] * factor
+    (out / name / "config.pbtxt").write_text(
+        _bls_config(name, engine_name, info, plan, instances, max_batch)
+    )
     return [name, engine_name]

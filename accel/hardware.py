@@ -8,6 +8,7 @@ guessed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
@@ -303,7 +304,7 @@ def bundle_mismatch(info: dict, installed: dict[str, str | None]) -> str | None:
                 f"the bundle was built for target {t['name']}, whose CPU has {', '.join(missing)}; "
                 f"this CPU does not; {fix}"
             )
-    else:
+    elif importlib.util.find_spec("pynvml") is not None:  # without NVML the engine's runtime tells
         gpus = gpu_info() or []
         jetson = jetson_model()
         if not gpus and not (jetson and names_gpu(t["gpu"], jetson)):
@@ -311,8 +312,11 @@ def bundle_mismatch(info: dict, installed: dict[str, str | None]) -> str | None:
                 f"the bundle was built for a {t['gpu']} GPU (target {t['name']}) and NVML sees "
                 f"no GPU here; {fix}"
             )
-        cc = gpus[0]["compute_capability"] if gpus else t["compute_capability"]
-        if cc != t["compute_capability"]:
+        cc = (gpus[0]["compute_capability"] if gpus else None) or t["compute_capability"]
+        ampere_plus = t.get("hardware_compatibility") == "ampere_plus"
+        if (ampere_plus and _version(cc) < (8, 0)) or (
+            not ampere_plus and cc != t["compute_capability"]
+        ):
             return (
                 f"the bundle's engine was built for compute capability {t['compute_capability']} "
                 f"({t['gpu']}, target {t['name']}); this GPU ({gpus[0]['name']}) is {cc}; {fix}"
@@ -327,7 +331,11 @@ def bundle_mismatch(info: dict, installed: dict[str, str | None]) -> str | None:
             f"the bundle's {info['backend']} engine needs {library} ({built} built it); install it"
         )
     exact = info["backend"] != "onnxruntime" and not t.get("version_compatible")
-    if (exact and _version(have) != _version(built)) or _version(have)[:2] < _version(built)[:2]:
+    if (
+        (exact and _version(have) != _version(built))
+        or _version(have)[:1] != _version(built)[:1]  # another major version
+        or _version(have)[:2] < _version(built)[:2]
+    ):
         need = f"=={built}" if exact else f">={'.'.join(map(str, _version(built)[:2]))}"
         return (
             f"the bundle's engine was built with {library} {built}, this machine has {have}; "

@@ -378,14 +378,25 @@ class Bundle:
             raise CheckpointError(
                 f"{path} is a {bundle.kind} artifact, not a bundle; make one with `accel bundle`"
             )
+        info = bundle.info
+        on_disk = {
+            p.relative_to(bundle.path).as_posix()
+            for p in bundle.path.rglob("*")
+            if p.is_file() and p.name != "manifest.json"
+        }
+        needed = {info.get("engine_file", ""), PLAN_FILE}
         try:
+            if info.get("format") != "accel.bundle/1":
+                raise CheckpointError(f"its format is {info.get('format')!r}, not accel.bundle/1")
+            unlisted = sorted((on_disk | needed) - set(bundle.files))
+            if unlisted:
+                raise CheckpointError(f"files without a sha256 in manifest.json: {unlisted}")
             bundle.verify()
         except CheckpointError as e:
             raise CheckpointError(
                 f"bundle {path} failed its integrity check: {e}. Rebuild it with `accel bundle`, "
                 "or copy it again"
             ) from None
-        info = bundle.info
         if target is not None and info["target"]["fingerprint"] != target.fingerprint:
             raise TargetMismatch(
                 f"bundle {path} was built for target {info['target']['name']!r} "
@@ -399,20 +410,26 @@ class Bundle:
         file = self.path / info["engine_file"]
         self.runtime: Runtime
         self._lock: Any
+        engine_info = info.get("engine", {})
         if info["backend"] == "onnxruntime":
-            self.runtime = OrtRuntime(
-                file,
-                provider=info.get("provider") or "CPUExecutionProvider",
-                options=info.get("provider_options"),
-            )
+            import onnxruntime as ort
+
+            provider = info.get("provider") or "CPUExecutionProvider"
+            if provider not in ort.get_available_providers():
+                raise TargetMismatch(
+                    f"bundle {path} cannot run here: its engine runs on {provider}, which this "
+                    f"onnxruntime build lacks (it has {ort.get_available_providers()}); install "
+                    "the matching onnxruntime build"
+                )
+            self.runtime = OrtRuntime(file, provider=provider, options=info.get("provider_options"))
             self._lock = contextlib.nullcontext()
         else:
             if info["backend"] == "tensorrt":
                 from export.tensorrt_compile import TensorRTRuntime
 
-                self.runtime = TensorRTRuntime(file, info)
+                self.runtime = TensorRTRuntime(file, engine_info)
             else:
-                self.runtime = AotiRuntime(file, info)
+                self.runtime = AotiRuntime(file, engine_info)
             self._lock = threading.Lock()
         self.name = f"bundle:{self.runtime.name}"
 

@@ -25,18 +25,29 @@ from accel.runtime import sample
 class TritonDenoiser:
     """accel's Runtime interface over a BLS call to the denoiser model."""
 
-    def __init__(self, model_name: str, inputs: list[str]) -> None:
+    def __init__(self, model_name: str, inputs: list[str], max_batch: int) -> None:
         self.model_name, self._inputs, self.name = model_name, inputs, f"triton:{model_name}"
+        self.max_batch = max_batch
 
     def inputs(self) -> dict[str, tuple[list, str]]:
         return {n: (["batch"], "") for n in self._inputs}
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Calls of more rows than the denoiser's max_batch_size go in chunks."""
+        rows = len(next(iter(feeds.values())))
+        if rows > self.max_batch:
+            parts = [
+                self.infer({k: v[i : i + self.max_batch] for k, v in feeds.items()})
+                for i in range(0, rows, self.max_batch)
+            ]
+            return {"x0": np.concatenate([p["x0"] for p in parts])}
         # per-example scalars (timestep, label, w) are dims [1] reshaped to [] in the denoiser's
         # config: a request sends them as N x 1
         request = pb_utils.InferenceRequest(
             model_name=self.model_name,
             requested_output_names=["x0"],
+            # a GPU denoiser's output comes back in host memory, where as_numpy() can read it
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
             inputs=[
                 pb_utils.Tensor(k, v.reshape(-1, 1) if v.ndim == 1 else v)
                 for k, v in feeds.items()
@@ -56,7 +67,8 @@ class TritonPythonModel:
         params = json.loads(args["model_config"]).get("parameters", {})
         denoiser = params["denoiser_model"]["string_value"]
         inputs = params["denoiser_inputs"]["string_value"].split(",")
-        self.denoiser = TritonDenoiser(denoiser, inputs)
+        max_batch = int(params["denoiser_max_batch"]["string_value"])
+        self.denoiser = TritonDenoiser(denoiser, inputs, max_batch)
 
     def execute(self, requests: list) -> list:
         responses = []

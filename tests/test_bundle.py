@@ -250,8 +250,9 @@ def fake_pb_utils(repo: Path):
     session = {}
 
     class InferenceRequest:
-        def __init__(self, model_name, requested_output_names, inputs):
+        def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None):
             self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
+            assert preferred_memory == ("cpu", 0)  # as_numpy() needs the output in host memory
 
         def exec(self):
             if self.model_name not in session:
@@ -282,6 +283,8 @@ def fake_pb_utils(repo: Path):
         return next((t for t in tensors if t.name() == name), None)
 
     return types.SimpleNamespace(
+        PreferredMemory=lambda kind, device: (kind, device),
+        TRITONSERVER_MEMORY_CPU="cpu",
         Tensor=FakeTensor,
         InferenceRequest=InferenceRequest,
         InferenceResponse=InferenceResponse,
@@ -304,12 +307,15 @@ def test_python_backend_loop_matches_the_runtime_loop(bundles, tmp_path, monkeyp
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    config = json.dumps({"parameters": {
-        "denoiser_model": {"string_value": "digits_denoiser"},
-        "denoiser_inputs": {"string_value": "sample,timestep,class_labels"},
-    }})  # fmt: skip
+    from google.protobuf import json_format
+
+    # what Triton passes: the generated config as JSON, the model's folder and version
+    config = json_format.MessageToJson(
+        parse(repo / "digits" / "config.pbtxt"), preserving_proto_field_name=True
+    )
     model.initialize({"model_repository": str(repo / "digits"), "model_version": "1",
                       "model_config": config})  # fmt: skip
+    model.denoiser.max_batch = 4  # so that the 4-image request below also runs in chunks
     rng = np.random.default_rng(3)
     requests = [
         types.SimpleNamespace(
@@ -318,7 +324,7 @@ def test_python_backend_loop_matches_the_runtime_loop(bundles, tmp_path, monkeyp
                 FakeTensor("class_labels", np.arange(n, dtype=np.int64)),
             ]
         )  # fmt: skip
-        for n in (1, 4)
+        for n in (1, 6)
     ]
     responses = model.execute(requests)
     bundle = Bundle(b[False].path)
@@ -355,3 +361,92 @@ def test_tensorrt_bundles_need_cuda_python_not_torch():
         "assert 'torch' not in sys.modules, 'the TensorRT runtime path imports torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_deploy_never_replaces_a_foreign_directory(bundles, tmp_path, monkeypatch, capsys):
+    _, _, b = bundles
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "other_model").mkdir()
+    code, _, err = run_cli(monkeypatch, capsys, "deploy", "triton", b[True].path, "--out", mine)
+    assert code != 0 and "did not write" in err and (mine / "other_model").is_dir()
+    code, _, err = run_cli(monkeypatch, capsys, "deploy", "triton", b[True].path, "--out",
+                           b[True].path.parent)  # fmt: skip
+    assert code != 0 and "cannot hold the bundle" in err
+    repo = tmp_path / "repo"
+    for _ in range(2):  # a repository it wrote is replaced
+        code, _, err = run_cli(monkeypatch, capsys, "deploy", "triton", b[True].path, "--out", repo)
+        assert code == 0, err
+
+
+def test_bundle_refuses_an_engine_of_another_target(bundles):
+    from accel.core.errors import StageError
+
+    store, _, b = bundles
+    engine = store.get(b[False].parent)
+    with pytest.raises(StageError, match="was built for target 'cpu'.*pass --target cpu"):
+        build(store, engine, "bundle", target="cpu-avx512")
+
+
+def test_unlisted_or_unhashed_files_fail_the_integrity_check(bundles, tmp_path):
+    import shutil
+
+    _, _, b = bundles
+    copy = tmp_path / "bundle"
+    shutil.copytree(b[False].path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]  # an engine whose hash was dropped is not trusted
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"files without a sha256 .*model.onnx"):
+        Bundle(copy)
+
+
+def test_gpu_checks_with_a_stand_in_nvml(monkeypatch):
+    import accel.hardware as hw
+
+    info = {
+        "backend": "tensorrt",
+        "target": {"name": "a100-80gb", "device": "cuda", "gpu": "A100-SXM4-80GB",
+                   "compute_capability": "8.0", "hardware_compatibility": "none"},
+        "libraries": {"tensorrt": "10.13.0"},
+    }  # fmt: skip
+    have = {"tensorrt": "10.13.0"}
+    monkeypatch.setattr(hw.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(hw, "jetson_model", lambda: None)
+
+    def machine(cc):
+        monkeypatch.setattr(
+            hw, "gpu_info", lambda: [{"name": "NVIDIA X", "compute_capability": cc}]
+        )
+
+    machine("8.0")
+    assert bundle_mismatch(info, have) is None
+    machine("8.9")
+    assert "built for compute capability 8.0" in bundle_mismatch(info, have)
+    machine(None)  # NVML could not read it: the engine's runtime will tell
+    assert bundle_mismatch(info, have) is None
+    machine("8.9")
+    ampere_plus = dict(info, target=dict(info["target"], hardware_compatibility="ampere_plus"))
+    assert bundle_mismatch(ampere_plus, have) is None
+    machine("7.5")
+    assert bundle_mismatch(ampere_plus, have) is not None
+    machine("8.0")
+    assert "tensorrt==10.13.0" in bundle_mismatch(info, {"tensorrt": "10.14.0"})
+    versioned = dict(info, target=dict(info["target"], version_compatible=True))
+    assert bundle_mismatch(versioned, {"tensorrt": "10.14.0"}) is None
+    assert bundle_mismatch(versioned, {"tensorrt": "11.0.0"}) is not None  # another major
+    monkeypatch.setattr(hw, "gpu_info", lambda: None)
+    assert "NVML sees no GPU" in bundle_mismatch(info, have)
+
+
+def test_aotinductor_bundle_runs(bundles):
+    store, source, _ = bundles
+    engine = build(store, source, "aoti", num_inference_steps=2, guidance_scale=1.5,
+                   gate={"metric": "off"})  # fmt: skip
+    bundle = Bundle(build(store, engine, "bundle").path)
+    assert [s["name"] for s in bundle.info["inputs"]] == ["sample", "timestep", "class_labels"]
+    noise = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    eager, plan = open_model(source.path, steps=2, guidance=1.5)
+    ref = sample(eager, plan, noise, np.arange(3), np.random.default_rng(0))
+    got = bundle.sample(noise, np.arange(3))
+    assert np.allclose(got, ref, atol=1e-4, rtol=1e-4), np.abs(got - ref).max()
