@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from importlib import metadata
 from pathlib import Path
 
 from pydantic import Field
@@ -20,6 +19,7 @@ from accel.core.artifact import MANIFEST, Artifact, Store
 from accel.core.errors import StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
+from accel.hardware import installed_version
 
 BUNDLE_FORMAT = "accel.bundle/1"
 CARD_FILE = "README.md"
@@ -30,13 +30,6 @@ ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32
 class BundleConfig(StageConfig):
     name: str = Field("accel-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """The model's name in the card and in a Triton repository."""
-
-
-def _installed(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _onnx_io(path: Path) -> dict[str, list[dict]]:
@@ -223,7 +216,7 @@ def run(ctx: StageContext) -> None:
             shutil.copy(f, ctx.out / f.name)
     plan = SamplerPlan.load(ctx.out / PLAN_FILE)
     library = ENGINE_LIBRARIES[backend]
-    built_with = engine.info.get(f"{library}_version") or _installed(library)
+    built_with = engine.info.get(f"{library}_version") or installed_version(library)
     t = ctx.target
     ctx.info.update(
         format=BUNDLE_FORMAT,
@@ -249,7 +242,11 @@ def run(ctx: StageContext) -> None:
             "version_compatible": t.builder.version_compatible,
             "hardware_compatibility": t.builder.hardware_compatibility,
         },
-        libraries={library: built_with, "numpy": _installed("numpy"), "accel": _installed("accel")},
+        libraries={
+            library: built_with,
+            "numpy": installed_version("numpy"),
+            "accel": installed_version("accel"),
+        },
         provenance=[
             {"stage": a.stage, "key": a.key, "config": a.config} for a in ctx.store.lineage(engine)
         ],

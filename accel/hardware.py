@@ -30,6 +30,17 @@ LIBRARIES = (
 )
 
 
+def installed_version(*dists: str) -> str | None:
+    """The installed version of the first of ``dists`` that is installed, read from package
+    metadata without importing it; None if none is."""
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def cpu_info() -> dict[str, Any]:
     """Model name, all /proc/cpuinfo flags, logical cores and the cores this process may use."""
     model, flags = platform.processor() or platform.machine(), []
@@ -178,12 +189,7 @@ def environment(threads: int | None = None, gpus: bool = True) -> dict[str, Any]
     """Where a figure was measured: CPU (model, SIMD flags, cores, threads), GPUs through NVML,
     platform and library versions."""
     cpu = cpu_info()
-    versions = {}
-    for pkg in LIBRARIES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = {pkg: v for pkg in LIBRARIES if (v := installed_version(pkg))}
     return {
         "cpu": cpu["model"],
         "cpu_flags": sorted(f for f in cpu["flags"] if f.startswith(SIMD_PREFIXES)),

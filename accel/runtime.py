@@ -10,7 +10,6 @@ time, so that ``sample`` needs nothing but numpy and a runtime. torch is importe
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +110,22 @@ def fused_feeds(
         draws = [rng.standard_normal(noise.shape, dtype=np.float32) for _ in range(k)]
         feeds["step_noise"] = np.stack(draws, axis=1)
     return feeds
+
+
+def infer_in_chunks(
+    infer: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    feeds: dict[str, np.ndarray],
+    max_rows: int,
+) -> dict[str, np.ndarray]:
+    """``infer`` on ``feeds`` in chunks of at most ``max_rows`` rows (an engine's largest batch),
+    outputs concatenated back."""
+    rows = len(next(iter(feeds.values())))
+    if rows <= max_rows:
+        return infer(feeds)
+    parts = [
+        infer({k: v[i : i + max_rows] for k, v in feeds.items()}) for i in range(0, rows, max_rows)
+    ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _device_section(name: str, cuda: bool):
@@ -277,27 +292,20 @@ class AotiRuntime:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Batches above the engine's range run in chunks: its guards fixed the range at build."""
-        hi = self.batch_range[1]
-        n = len(feeds["sample"])
+        return infer_in_chunks(self._infer, feeds, self.batch_range[1])
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        parts = []
         cuda = self.device == "cuda"
-        mark = functools.partial(_device_section, cuda=cuda)
         with torch.inference_mode():
-            for i in range(0, n, hi):
-                with mark("h2d"):
-                    args = {
-                        k: torch.from_numpy(feeds[k][i : i + hi]).to(self.device)
-                        for k in self._names
-                    }
-                with mark("compute"):
-                    out = self.model(**args)
-                    if cuda and recording():
-                        torch.cuda.synchronize()
-                with mark("d2h"):
-                    parts.append(out.cpu().numpy())
-        x0 = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return {"x0": x0}
+            with _device_section("h2d", cuda):
+                args = {k: torch.from_numpy(feeds[k]).to(self.device) for k in self._names}
+            with _device_section("compute", cuda):
+                out = self.model(**args)
+                if cuda and recording():
+                    torch.cuda.synchronize()
+            with _device_section("d2h", cuda):
+                return {"x0": out.cpu().numpy()}
 
 
 def open_engine(
@@ -339,20 +347,12 @@ def open_engine(
 
 def _installed_versions() -> dict[str, str | None]:
     """Versions of the engine libraries installed here, read without importing them."""
-    from importlib import metadata
-
-    def version(*dists: str) -> str | None:
-        for dist in dists:
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
+    from accel.hardware import installed_version
 
     return {
-        "onnxruntime": version("onnxruntime", "onnxruntime-gpu"),
-        "tensorrt": version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-        "torch": version("torch"),
+        "onnxruntime": installed_version("onnxruntime", "onnxruntime-gpu"),
+        "tensorrt": installed_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+        "torch": installed_version("torch"),
     }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from accel.core.plan import PLAN_FILE, SamplerPlan
-from accel.runtime import sample
+from accel.runtime import infer_in_chunks, sample
 
 
 class TritonDenoiser:
@@ -34,13 +34,9 @@ class TritonDenoiser:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Calls of more rows than the denoiser's max_batch_size go in chunks."""
-        rows = len(next(iter(feeds.values())))
-        if rows > self.max_batch:
-            parts = [
-                self.infer({k: v[i : i + self.max_batch] for k, v in feeds.items()})
-                for i in range(0, rows, self.max_batch)
-            ]
-            return {"x0": np.concatenate([p["x0"] for p in parts])}
+        return infer_in_chunks(self._infer, feeds, self.max_batch)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # per-example scalars (timestep, label, w) are dims [1] reshaped to [] in the denoiser's
         # config: a request sends them as N x 1
         request = pb_utils.InferenceRequest(

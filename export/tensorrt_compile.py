@@ -252,13 +252,11 @@ class TensorRTRuntime:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Batches above the engine's profile run in chunks of its maximum."""
-        rows = len(next(iter(feeds.values())))
-        if rows > self._max_batch:
-            parts = [
-                self.infer({k: v[i : i + self._max_batch] for k, v in feeds.items()})
-                for i in range(0, rows, self._max_batch)
-            ]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        from accel.runtime import infer_in_chunks
+
+        return infer_in_chunks(self._infer, feeds, self._max_batch)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stream = self._stream
         with self._lock:
             for n in self._in:
