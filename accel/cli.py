@@ -180,11 +180,15 @@ def _toml_literal(value) -> str:
 class StageCommand(click.Command):
     """A command for a stage with one option per field of its config (the recipe's key names,
     dashes for underscores; booleans as --x/--no-x flags). ``stages`` is one stage name, or a
-    choice of stages: by ``--backend`` when ``backends`` is set, else by the kind of artifact
-    INPUT is. Config classes are imported on first use, not at `accel --help`."""
+    choice of stages: by the option ``choice`` names (``--backend``, ``--method``), else by the
+    kind of artifact INPUT is. Config classes are imported on first use, not at `accel --help`."""
 
     def __init__(
-        self, name: str, stages: str | dict[str, str], help: str, backends: bool = False
+        self,
+        name: str,
+        stages: str | dict[str, str],
+        help: str,
+        choice: tuple[str, str] | None = None,
     ) -> None:
         params: list[click.Parameter] = [
             click.Argument(["input_dir"], metavar="INPUT", type=click.Path(path_type=Path)),
@@ -203,15 +207,15 @@ class StageCommand(click.Command):
             *resume_option(lambda: None).__click_params__,
         ]
         self.stages = {"": stages} if isinstance(stages, str) else dict(stages)
-        self.backends = backends
-        if backends:
+        self.choice = choice  # (option name, help): the option picks the stage
+        if choice:
             params.append(
                 click.Option(
-                    ["--backend"],
+                    [f"--{choice[0]}", "choice"],
                     type=click.Choice(list(self.stages)),
                     default=next(iter(self.stages)),
                     show_default=True,
-                    help="Which compiler builds the engine.",
+                    help=choice[1],
                 )
             )
         super().__init__(name, callback=self.invoke_stage, help=help, params=params)
@@ -244,7 +248,7 @@ class StageCommand(click.Command):
         target_name: str,
         store: Path | None,
         resume: bool,
-        backend: str | None = None,
+        choice: str | None = None,
         **options,
     ) -> None:
         from pydantic import ValidationError
@@ -252,7 +256,7 @@ class StageCommand(click.Command):
         from accel.core.artifact import MANIFEST, Artifact
         from accel.core.stage import get_stage, validation_lines
         from accel.core.target import load_target
-        from accel.pipeline import default_store, run_or_reuse
+        from accel.pipeline import Processes, default_store, run_or_reuse
 
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():
@@ -260,8 +264,8 @@ class StageCommand(click.Command):
             parent.verify()
         else:
             parent = s.source(input_dir)
-        if self.backends:
-            stage = get_stage(self.stages[backend or next(iter(self.stages))])
+        if self.choice:
+            stage = get_stage(self.stages[choice or next(iter(self.stages))])
         elif len(self.stages) == 1:
             stage = get_stage(next(iter(self.stages.values())))
         elif parent.kind in self.stages:
@@ -290,7 +294,7 @@ class StageCommand(click.Command):
                 f"{parent.kind}"
             )
         artifact = run_or_reuse(stage, config, parent, load_target(target_name), s, resume=resume)
-        if out is not None:
+        if out is not None and Processes().is_main:
             _copy_out(artifact.path, out)
         click.echo(out or artifact.path)
 
@@ -322,8 +326,10 @@ distill.add_command(
 distill.add_command(
     StageCommand(
         "adversarial",
-        "adversarial",
-        "DMD2 (Yin et al. 2024) of the teacher at INPUT, or a fine-tune of a student it distilled.",
+        {"dmd2": "adversarial", "add": "add"},
+        "Adversarial distillation of the teacher at INPUT, or a fine-tune of a student it "
+        "distilled: DMD2 (Yin et al. 2024) or ADD (Sauer et al. 2023).",
+        choice=("method", "dmd2: distribution matching + GAN; add: adversarial + distillation."),
     )
 )
 distill.add_command(
@@ -367,7 +373,7 @@ cli.add_command(
         {"ort": "ort", "tensorrt": "tensorrt", "aoti": "aoti"},
         "Compile INPUT into an engine for --target: an ONNX artifact with onnxruntime (ort) or "
         "TensorRT (tensorrt, GPU targets), a student checkpoint with AOTInductor (aoti).",
-        backends=True,
+        choice=("backend", "Which compiler builds the engine."),
     )
 )
 cli.add_command(

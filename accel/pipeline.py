@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,48 @@ from accel.core.errors import AccelError, StageError
 from accel.core.recipe import Recipe, StagePlan, parent_position, plan_keys, stage_key
 from accel.core.stage import Stage, StageConfig, StageContext, say
 from accel.core.target import Target
+
+
+class Processes:
+    """The processes of one ``accelerate launch`` (or ``torchrun``) run; a plain run is one.
+
+    Every process runs the recipe. Training stages (``Stage.data_parallel``) run on all of them;
+    other stages run on process 0 while the rest wait; only process 0 writes to the store, and it
+    tells the others whether the stage succeeded, so every process stops with the same error."""
+
+    def __init__(self) -> None:
+        self.count, self.rank = 1, 0
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            # the flag `accelerate launch --cpu` sets, read as Accelerator() reads it
+            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+            if state.num_processes == 1:
+                raise AccelError(
+                    f"launched as {os.environ['WORLD_SIZE']} processes, but Accelerate found no "
+                    "distributed backend; on a machine without GPUs set ACCELERATE_USE_CPU=true "
+                    "(gloo), or run one process"
+                )
+            self.count, self.rank = state.num_processes, state.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+    def agree(self, error: str | None) -> str | None:
+        """Process 0's error message (None: success), on every process."""
+        if self.count == 1:
+            return error
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([error], from_process=0)[0]
 
 
 @dataclass
@@ -42,7 +85,68 @@ def run_stage(
     resume: bool = False,
 ) -> Artifact:
     """Run one stage into a pending artifact; any failure leaves the store as it was, apart from
-    the stage's work dir (training checkpoints), which ``resume`` continues from."""
+    the stage's work dir (training checkpoints), which ``resume`` continues from. Under
+    ``accelerate launch`` process 0 writes the artifact and the others get it from the store."""
+    procs = Processes()
+    if procs.is_main:
+        try:
+            artifact = _run_and_commit(planned, parent, target, store, completed, progress, resume)
+        except StageError as e:
+            procs.agree(e.message)
+            raise
+        procs.agree(None)
+        return artifact
+    local: str | None = None  # this process's own failure, if process 0 reports none
+    if planned.plan.stage.data_parallel:
+        store.tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=store.tmp) as scratch:  # its output is process 0's
+            ctx = _context(planned, parent, target, store, Path(scratch), {}, {}, progress, resume)
+            try:
+                planned.plan.stage.run(ctx)
+            except StageError as e:
+                local = e.message
+            except AccelError as e:
+                local = str(e)
+    message = procs.agree(None) or local
+    if message is not None:
+        raise StageError(planned.plan.stage.name, message, completed)
+    return store.get(planned.key)
+
+
+def _context(
+    planned: PlannedStage,
+    parent: Artifact,
+    target: Target,
+    store: Store,
+    out: Path,
+    metrics: dict,
+    info: dict,
+    progress: Callable[[str], None],
+    resume: bool,
+) -> StageContext:
+    return StageContext(
+        input=parent,
+        config=planned.plan.config,
+        target=target,
+        out=out,
+        metrics=metrics,
+        info=info,
+        store=store,
+        progress=progress,
+        work=store.work_dir(planned.key),
+        resume=resume,
+    )
+
+
+def _run_and_commit(
+    planned: PlannedStage,
+    parent: Artifact,
+    target: Target,
+    store: Store,
+    completed: list[str],
+    progress: Callable[[str], None],
+    resume: bool,
+) -> Artifact:
     stage, config = planned.plan.stage, planned.plan.config
     work = store.work_dir(planned.key)
     with store.write(
@@ -58,17 +162,16 @@ def run_stage(
             else None
         ),
     ) as pending:
-        ctx = StageContext(
-            input=parent,
-            config=config,
-            target=target,
-            out=pending.dir,
-            metrics=pending.metrics,
-            info=pending.info,
-            store=store,
-            progress=progress,
-            work=work,
-            resume=resume,
+        ctx = _context(
+            planned,
+            parent,
+            target,
+            store,
+            pending.dir,
+            pending.metrics,
+            pending.info,
+            progress,
+            resume,
         )
         t0 = time.perf_counter()
         try:
@@ -98,7 +201,12 @@ def run_or_reuse(
     """One stage on ``parent`` outside a recipe: its stored artifact (hashes verified) when the
     key is in the store, else a run."""
     key = stage_key(stage, config, parent.key, target)
-    if store.has(key):
+    hit = store.has(key)
+    procs = Processes()
+    procs.barrier()  # every process decides before process 0 writes
+    if not procs.is_main:
+        progress = _quiet
+    if hit:
         progress(f"{stage.name}: cache hit ({key})")
         artifact = store.get(key)
         artifact.verify()
@@ -112,8 +220,13 @@ def run_recipe(
 ) -> list[Artifact]:
     """Run every stage not in the store; returns the artifacts of all stages, in order.
     ``resume`` lets training stages continue from the checkpoints of an interrupted run."""
-    store.clean_tmp()
+    procs = Processes()
+    if procs.is_main:
+        store.clean_tmp()
+    else:
+        progress = _quiet
     source, stages = plan(recipe, store)
+    procs.barrier()  # every process plans before process 0 writes
     artifacts: list[Artifact] = []
     completed: list[str] = []
     for i, planned in enumerate(stages, 1):
@@ -133,6 +246,10 @@ def run_recipe(
         completed.append(name)
         artifacts.append(artifact)
     return artifacts
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def default_store(path: str | Path | None = None) -> Store:

@@ -2,7 +2,7 @@
 distillation method on the shipped teacher, against the teacher's own DDIM at the same step counts
 and the teacher at 50 steps (all at guidance 1.5).
 
-    python benchmarks/frontier.py [--methods ...] [--seeds 0 1] [--n 1000] [--store DIR]
+    python benchmarks/frontier.py [--methods ...] [--seeds 0 1] [--n 1000] [--store DIR] [--merge]
 
 Each method is a recipe run through the store (a rerun reuses every trained student), timed per
 stage; students are sampled in eager torch on the noise `accel sample` uses. Writes
@@ -40,7 +40,7 @@ def _progressive(teacher_steps: int) -> str:
         teacher_steps=teacher_steps,
         student_steps=teacher_steps // 2,
         guidance_scale=GUIDANCE if teacher_steps == 16 else 1.0,
-        iterations_per_round=800,
+        iterations_per_round=600,
     )
 
 
@@ -66,12 +66,27 @@ METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
         [_stage("consistency", guidance_scale=GUIDANCE, iterations=1500, num_inference_steps=4)],
         {0: [("consistency", STEPS)]},
     ),
-    "dmd2": ([_dmd(1)], {0: [("dmd2 (1-step)", [1])]}),
+    # DMD2 trains one student per step count (its multi-step students on their own grid, with
+    # backward simulation), as the paper's 1- and 4-step models are trained
+    **{f"dmd2-{k}step": ([_dmd(k)], {0: [("dmd2", [k])]}) for k in STEPS},
+    # ADD: one student on ADD's 4-step T_student, sampled on its 1-, 2- and 4-step sub-grids
+    "add": (
+        [
+            _stage(
+                "add",
+                student_steps=4,
+                guidance_scale=GUIDANCE,
+                iterations=600,
+                learning_rate=5e-5,
+                discriminator_learning_rate=2e-4,
+            )
+        ],
+        {0: [("add", [1, 2, 4])]},
+    ),
     "dmd2-no-gan": (
         [_dmd(1, gan_weight_generator=0.0, gan_weight_critic=0.0)],
-        {0: [("dmd2 without GAN (1-step)", [1])]},
+        {0: [("dmd2 without GAN", [1])]},
     ),
-    "dmd2-multistep": ([_dmd(8)], {0: [("dmd2 (8-step grid, backward simulation)", STEPS)]}),
     "guidance-consistency": (
         [
             _stage(
@@ -160,17 +175,38 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--store", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier.json"))
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="Keep --out's rows of the methods not run now, and its teacher rows (same seeds, n).",
+    )
     args = p.parse_args()
     store = default_store(args.store)
     rows: list[dict] = []
-    for steps in STEPS:
-        rows.append(
-            {"method": "teacher DDIM", **evaluate(TEACHER_DIR, steps, args.seeds, args.n, GUIDANCE)}
-        )
-        print(f"teacher DDIM @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
-    teacher50 = evaluate(TEACHER_DIR, 50, args.seeds, args.n, GUIDANCE)
-    print(f"teacher @ 50: {teacher50['fd_digits']:.2f}", flush=True)
     training = {}
+    old = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else None
+    if old is not None and (old["seeds"], old["n"]) == (args.seeds, args.n):
+        rerun = {
+            (label, k)
+            for m in args.methods
+            for ls in METHODS[m][1].values()
+            for label, ks in ls
+            for k in ks
+        }
+        rows = [r for r in old["rows"] if (r["method"], r["steps"]) not in rerun]
+        teacher50 = old["teacher_50"]
+        training = {k: v for k, v in old["training"].items() if k not in args.methods}
+    else:
+        for steps in STEPS:
+            rows.append(
+                {
+                    "method": "teacher DDIM",
+                    **evaluate(TEACHER_DIR, steps, args.seeds, args.n, GUIDANCE),
+                }
+            )
+            print(f"teacher DDIM @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
+        teacher50 = evaluate(TEACHER_DIR, 50, args.seeds, args.n, GUIDANCE)
+        print(f"teacher @ 50: {teacher50['fd_digits']:.2f}", flush=True)
     for method in args.methods:
         stages, evals = METHODS[method]
         with tempfile.TemporaryDirectory() as tmp:

@@ -229,4 +229,5 @@ STAGE = Stage(
     produces="checkpoint",
     run=run,
     description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
+    data_parallel=True,
 )

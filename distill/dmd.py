@@ -34,7 +34,10 @@ within 1e-7 at these timesteps).
 Both players use AdamW with PyTorch's default betas and weight decay, as DMD2's official code
 does. Deviations: one backward-simulation depth k is drawn per batch rather than per sample; the
 critic's denoising loss is the teacher's own training loss (its prediction type) on G's samples;
-no gradient-norm clipping and no learning-rate warm-up. ADD (Sauer et al. 2023) is not implemented.
+no gradient-norm clipping and no learning-rate warm-up. The critic's denoising loss and its GAN
+logits on real images come from one forward pass (one pass per backward, as DDP needs); the
+generator's GAN term goes through the unwrapped critic. ADD (Sauer et al. 2023) is the other
+adversarial method, in ``distill/add.py`` (``accel distill adversarial --method add``).
 """
 
 from __future__ import annotations
@@ -210,9 +213,14 @@ def distill(
                 x = sched.add_noise(x0, trainer.randn(shape, x_data.dtype), t_next)
         return x, torch.full((len(idx),), timesteps[k], device=trainer.device)
 
+    # The generator's GAN term goes through the critic unwrapped (no DDP): it reads only the
+    # bottleneck, and the critic's gradients from it are dropped, not averaged over processes.
+    fake_local = Denoiser(trainer.accelerator.unwrap_model(f_net), sched, ptype)
+    disc_local = trainer.accelerator.unwrap_model(disc)
+
     def logits(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        fake.raw(sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t), t, y)
-        return disc(tap.value)
+        fake_local.raw(sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t), t, y)
+        return disc_local(tap.value)
 
     def step() -> dict[str, torch.Tensor | float]:
         idx = trainer.randint(len(x_data), config.batch_size)
@@ -239,19 +247,31 @@ def distill(
         else:
             with torch.no_grad():
                 x = generator.predict(x_in, t_in, y)[0]
-        # the critic: denoise the generator's samples (+ tell noisy real from noisy generated)
-        t = draw_t(len(x))
+        # the critic: denoise the generator's samples (+ tell noisy real from noisy generated).
+        # Noisy real images join the same forward pass: one pass per backward, as DDP needs.
+        n = len(x)
+        t = draw_t(n)
         eps = trainer.randn(x.shape, x.dtype)
         x_t = sched.add_noise(x, eps, t)
         alpha, sigma = (_bcast(v, x) for v in sched.alpha_sigma(t))
-        out = fake.raw(x_t, t, y)
+        critic_gan = use_gan and config.gan_weight_critic > 0
+        if critic_gan:
+            real = trainer.randint(len(x_data), config.batch_size)
+            t_real = draw_t(len(real))
+            real_t = sched.add_noise(
+                x_data[real], trainer.randn(x_data[real].shape, x.dtype), t_real
+            )
+            x_t, t, y = (
+                torch.cat([x_t, real_t]),
+                torch.cat([t, t_real]),
+                torch.cat([y, y_data[real]]),
+            )
+        out = fake.raw(x_t, t, y)[:n]
         loss_fake = F.mse_loss(out, from_x0_eps(x, eps, alpha, sigma, ptype))
         loss_c = loss_fake
-        if use_gan and config.gan_weight_critic > 0:
-            d_fake = disc(tap.value)
-            real = trainer.randint(len(x_data), config.batch_size)
-            d_real = logits(x_data[real], y_data[real], draw_t(len(real)))
-            gan_c = (F.softplus(-d_real) + F.softplus(d_fake)).mean()
+        if critic_gan:
+            d = disc(tap.value)
+            gan_c = (F.softplus(-d[n:]) + F.softplus(d[:n])).mean()
             loss_c = loss_c + config.gan_weight_critic * gan_c
             state["gan_critic"] = float(gan_c.detach())
         trainer.backward(loss_c)
@@ -264,7 +284,9 @@ def distill(
     return ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N), log
 
 
-def find_teacher(ctx: StageContext, guidance_scale: float) -> tuple[Denoiser, nn.Module, dict]:
+def find_teacher(
+    ctx: StageContext, guidance_scale: float, stage: str = "adversarial"
+) -> tuple[Denoiser, nn.Module, dict]:
     """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
     student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
     from accel.checkpoint import read_json
@@ -274,15 +296,15 @@ def find_teacher(ctx: StageContext, guidance_scale: float) -> tuple[Denoiser, nn
         return info.get("num_inference_steps") is not None
 
     if not is_student(ctx.input.path):
-        teacher, info = load_teacher(ctx.input.path, "adversarial", guidance_scale)
+        teacher, info = load_teacher(ctx.input.path, stage, guidance_scale)
         return teacher, teacher.backbone, info
     for artifact in ctx.store.lineage(ctx.input)[1:]:
         if artifact.kind == "checkpoint" and not is_student(artifact.path):
             student, _ = load_denoiser(ctx.input.path, guidance_scale=1.0)
-            teacher, info = load_teacher(artifact.path, "adversarial", guidance_scale)
+            teacher, info = load_teacher(artifact.path, stage, guidance_scale)
             return teacher, student.backbone, info
     raise StageError(
-        "adversarial",
+        stage,
         f"{ctx.input.path} is a distilled student and its teacher is not in the store; fine-tune "
         "it in the recipe that distilled it (the teacher is the recipe's source), or distil from "
         "the teacher",
@@ -321,10 +343,11 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="adversarial",
-    version=1,
+    version=2,
     config=AdversarialConfig,
     consumes="checkpoint",
     produces="checkpoint",
     run=run,
     description="DMD2 (Yin et al. 2024): distribution matching + GAN, 1-step or multi-step",
+    data_parallel=True,
 )

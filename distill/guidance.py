@@ -204,4 +204,5 @@ STAGE = Stage(
     produces="checkpoint",
     run=run,
     description="guidance distillation (Meng et al. 2023): a w-conditioned one-pass student",
+    data_parallel=True,
 )

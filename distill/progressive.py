@@ -34,7 +34,7 @@ from accel.core.errors import StageError
 from accel.core.stage import Stage, StageContext, say
 from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline
 from distill.schedule import _bcast, process_config
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
 
 
 class ProgressiveConfig(TrainingConfig):
@@ -188,7 +188,7 @@ def run(ctx: StageContext) -> None:
     data = digits_dataset()
     steps = config.teacher_steps // 2
     rounds = []
-    gen = torch.Generator().manual_seed(config.seed)  # one stream through all rounds
+    gen = seeded_generator(config.seed)  # one stream through all rounds
     while steps >= config.student_steps:
         # each finished round is kept in the work dir, so --resume skips it
         work = ctx.work / f"round-{steps}" if ctx.work is not None else None
@@ -243,4 +243,5 @@ STAGE = Stage(
     produces="checkpoint",
     run=run,
     description="progressive distillation (Salimans & Ho 2022): halve the DDIM step count per round",
+    data_parallel=True,
 )

@@ -13,6 +13,12 @@ runs under ``accelerate launch``; this module adds what a distillation stage nee
   run (every random draw after step N comes from the restored generator);
 - a tqdm bar with the running loss and rate, and a loss log (one dict per step) for the artifact.
 
+Under ``accelerate launch`` (or ``torchrun``) every process runs the same stage on its own batches:
+process r draws from a generator seeded with (seed, r) (process 0 with ``seed`` itself, so a
+one-process run is unchanged), models are wrapped in DDP so gradients are averaged, the effective
+batch is ``batch_size`` x processes, and the logged losses are means over processes. Checkpoints
+hold every process's generator state and resume only with the same number of processes.
+
 A method builds its modules and optimizers, calls ``prepare``, registers EMA pairs, then ``run``s a
 step function that computes its losses, calls ``backward`` and steps its (prepared) optimizers.
 """
@@ -47,6 +53,23 @@ class TrainingConfig(StageConfig):
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision (Accelerate); fp16 needs a GPU."""
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``: ``seed`` itself on process 0 (and in a one-process run), one
+    derived from (seed, rank) on the others, so data-parallel processes draw different batches."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A generator seeded for this process (``process_seed``)."""
+    from accel.pipeline import Processes
+
+    return torch.Generator().manual_seed(process_seed(seed, Processes().rank))
 
 
 def checkpoints(work: Path) -> list[Path]:
@@ -95,7 +118,7 @@ class Trainer:
         )
         set_seed(config.seed)
         # a caller's generator continues its stream (the rounds of one progressive stage)
-        self.generator = generator or torch.Generator().manual_seed(config.seed)
+        self.generator = generator or seeded_generator(config.seed)
         self.step = 0
         self.log: list[dict[str, float]] = []
         self._models: list[nn.Module] = []
@@ -135,7 +158,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, step_fn: Callable[[], dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    def run(self, step_fn: Callable[[], dict[str, torch.Tensor | float]]) -> list[dict[str, float]]:
         """Call ``step_fn`` (under gradient accumulation) until ``iterations`` optimizer steps are
         done; returns the loss log. ``step_fn`` returns its losses by name (detached or not)."""
         from tqdm import tqdm
@@ -152,7 +175,7 @@ class Trainer:
         ) as bar:
             while self.step < self.iterations:
                 with acc.accumulate(*self._models):
-                    losses = {k: float(torch.as_tensor(v).detach()) for k, v in step_fn().items()}
+                    losses = self._mean_over_processes(step_fn())
                 bad = [k for k, v in losses.items() if v != v or abs(v) == float("inf")]
                 if bad:
                     raise StageError(
@@ -175,6 +198,16 @@ class Trainer:
                     self.save()
         return self.log
 
+    def _mean_over_processes(self, losses: dict) -> dict[str, float]:
+        """Losses as floats, averaged over processes (every process then sees the same NaN)."""
+        acc = self.accelerator
+        values = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64).detach() for v in losses.values()]
+        )
+        if acc.num_processes > 1:
+            values = acc.reduce(values.to(acc.device), reduction="mean").cpu()
+        return dict(zip(losses, values.tolist(), strict=True))
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         for target, source, decay in self._ema:
@@ -186,17 +219,19 @@ class Trainer:
     def _start(self) -> None:
         if self.work is None:
             return
+        acc = self.accelerator
         found = checkpoints(self.work)
         if found and self.resume:
             self.load(found[-1])
             self.progress(f"{self.stage}: resuming from {found[-1].name}")
-        elif found:
+        elif found and acc.is_main_process:
             self.progress(
                 f"{self.stage}: discarding {found[-1].name} of an interrupted run "
                 "(pass --resume to continue from it)"
             )
             for p in found:
                 shutil.rmtree(p)
+        acc.wait_for_everyone()
 
     def save(self) -> Path:
         """Write checkpoint-<step> atomically; older checkpoints are removed once it exists."""
@@ -211,14 +246,19 @@ class Trainer:
             self.work.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        save_file(
+            {"state": self.generator.get_state()},
+            str(tmp / f"generator_{acc.process_index}.safetensors"),
+        )
+        acc.wait_for_everyone()
         if acc.is_main_process:
             for i, (target, _, _) in enumerate(self._ema):
                 save_file(
                     {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items()},
                     str(tmp / f"ema_{i}.safetensors"),
                 )
-            save_file({"state": self.generator.get_state()}, str(tmp / "generator.safetensors"))
-            (tmp / "loop.json").write_text(json.dumps({"step": self.step, "log": self.log}))
+            loop = {"step": self.step, "log": self.log, "num_processes": acc.num_processes}
+            (tmp / "loop.json").write_text(json.dumps(loop))
             os.replace(tmp, final)
             for old in checkpoints(self.work)[:-1]:
                 shutil.rmtree(old)
@@ -228,13 +268,22 @@ class Trainer:
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
+        acc = self.accelerator
+        loop = json.loads((path / "loop.json").read_text())
+        if loop.get("num_processes", 1) != acc.num_processes:
+            raise StageError(
+                self.stage,
+                f"{path.name} was written by {loop.get('num_processes', 1)} process(es) and this "
+                f"run has {acc.num_processes}; resume with the same number of processes, or drop "
+                "--resume to start over",
+            )
         # Accelerate's optimizer and RNG files are torch pickles; they are read only from this
         # stage's own work dir in the store, never from a user-supplied path.
-        self.accelerator.load_state(str(path))
+        acc.load_state(str(path))
         for i, (target, _, _) in enumerate(self._ema):
             target.load_state_dict(load_file(str(path / f"ema_{i}.safetensors")))
-        self.generator.set_state(load_file(str(path / "generator.safetensors"))["state"])
-        loop = json.loads((path / "loop.json").read_text())
+        state = load_file(str(path / f"generator_{acc.process_index}.safetensors"))["state"]
+        self.generator.set_state(state)
         self.step, self.log = int(loop["step"]), list(loop["log"])
 
 

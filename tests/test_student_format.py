@@ -35,6 +35,14 @@ STUDENTS = {
             "consistency": {"solver_steps": 4, "timestep_scaling": TIMESTEP_SCALING},
         },
     ),
+    "add": (  # written by the same code as DMD2's students
+        lcm_config(SCHEDULER, 4),
+        {
+            "num_inference_steps": 4,
+            "guidance_scale": 1.0,
+            "consistency": {"solver_steps": 4, "timestep_scaling": TIMESTEP_SCALING},
+        },
+    ),
     "guidance": (
         ddim_config(SCHEDULER),
         {

@@ -64,6 +64,9 @@ class Stage:
     run: Callable[..., None]
     target_specific: bool = False
     description: str = ""
+    data_parallel: bool = False
+    """Under ``accelerate launch`` every process runs it (a training stage, on its own batches) and
+    process 0 writes the artifact; other stages run on process 0 while the rest wait."""
 
     def __post_init__(self) -> None:
         for role in ("consumes", "produces"):
@@ -78,6 +81,7 @@ STAGES: dict[str, str] = {
     "progressive": "distill.progressive:STAGE",
     "consistency": "distill.consistency:STAGE",
     "adversarial": "distill.dmd:STAGE",
+    "add": "distill.add:STAGE",
     "guidance": "distill.guidance:STAGE",
     "onnx": "export.onnx_export:STAGE",
     "optimize": "export.optimize_onnx:STAGE",
