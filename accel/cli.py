@@ -254,9 +254,10 @@ class StageCommand(click.Command):
         from pydantic import ValidationError
 
         from accel.core.artifact import MANIFEST, Artifact
+        from accel.core.processes import Processes
         from accel.core.stage import get_stage, validation_lines
         from accel.core.target import load_target
-        from accel.pipeline import Processes, default_store, run_or_reuse
+        from accel.pipeline import default_store, run_or_reuse
 
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():

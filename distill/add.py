@@ -44,11 +44,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from accel.core.stage import Stage, StageContext, say
-from distill.consistency import student_scheduler_config
-from distill.denoiser import TIMESTEP_SCALING, ConsistencyDenoiser, Denoiser, save_pipeline
-from distill.dmd import Discriminator, FeatureTap, find_teacher
+from distill.denoiser import ConsistencyDenoiser, Denoiser
+from distill.dmd import Discriminator, FeatureTap, find_teacher, save_student
 from distill.samplers import consistency_timesteps
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+from distill.trainer import Trainer, TrainingConfig
 
 
 class AddConfig(TrainingConfig):
@@ -177,26 +176,7 @@ def run(ctx: StageContext) -> None:
     student, log = distill(
         teacher, init, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress
     )
-    N = config.student_steps
-    save_pipeline(
-        ctx.out,
-        student.backbone,
-        student_scheduler_config(info["scheduler"], N),
-        {
-            "method": "add",
-            "num_inference_steps": N,
-            "guidance_scale": 1.0,
-            "distilled_guidance_scale": config.guidance_scale,
-            "num_classes": info.get("num_classes"),
-            "consistency": {
-                "solver_steps": N,
-                "sigma_data": 0.5,
-                "timestep_scaling": TIMESTEP_SCALING,
-            },
-        },
-    )
-    ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
-    write_loss_log(ctx.out, log)
+    save_student(ctx, student, info, "add", config.guidance_scale, log)
 
 
 STAGE = Stage(

@@ -311,24 +311,26 @@ def find_teacher(
     )
 
 
-def run(ctx: StageContext) -> None:
-    config: AdversarialConfig = ctx.config  # type: ignore[assignment]
-    from accel.quality import digits_dataset
-
-    teacher, init, info = find_teacher(ctx, config.guidance_scale)
-    student, log = distill(
-        teacher, init, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress
-    )
-    N = config.student_steps
+def save_student(
+    ctx: StageContext,
+    student: ConsistencyDenoiser,
+    info: dict,
+    method: str,
+    guidance_scale: float,
+    log: list[dict[str, float]],
+) -> None:
+    """Write an adversarially distilled student (DMD2 or ADD) as an LCMScheduler checkpoint, with
+    its final losses and loss log."""
+    N = student.solver_steps
     save_pipeline(
         ctx.out,
         student.backbone,
         student_scheduler_config(info["scheduler"], N),
         {
-            "method": "dmd2",
+            "method": method,
             "num_inference_steps": N,
             "guidance_scale": 1.0,
-            "distilled_guidance_scale": config.guidance_scale,
+            "distilled_guidance_scale": guidance_scale,
             "num_classes": info.get("num_classes"),
             "consistency": {
                 "solver_steps": N,
@@ -339,6 +341,17 @@ def run(ctx: StageContext) -> None:
     )
     ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
     write_loss_log(ctx.out, log)
+
+
+def run(ctx: StageContext) -> None:
+    config: AdversarialConfig = ctx.config  # type: ignore[assignment]
+    from accel.quality import digits_dataset
+
+    teacher, init, info = find_teacher(ctx, config.guidance_scale)
+    student, log = distill(
+        teacher, init, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress
+    )
+    save_student(ctx, student, info, "dmd2", config.guidance_scale, log)
 
 
 STAGE = Stage(

@@ -67,7 +67,7 @@ def process_seed(seed: int, rank: int) -> int:
 
 def seeded_generator(seed: int) -> torch.Generator:
     """A generator seeded for this process (``process_seed``)."""
-    from accel.pipeline import Processes
+    from accel.core.processes import Processes
 
     return torch.Generator().manual_seed(process_seed(seed, Processes().rank))
 
