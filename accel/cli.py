@@ -659,7 +659,13 @@ def targets_detect() -> None:
 
 @cli.command()
 @click.argument("model", metavar="MODEL_OR_ENGINE", type=click.Path(path_type=Path))
-@click.option("-n", "num", type=click.IntRange(min=1), required=True, help="Number of images.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Text prompt (repeatable; cycled over the images) for text-to-image models.")  # fmt: skip
+@click.option("--label", "labels", multiple=True, type=click.IntRange(min=0),
+              help="Class label (repeatable; cycled) for class-conditional models; "
+              "default: the classes cycled.")  # fmt: skip
+@click.option("-n", "num", type=click.IntRange(min=1), default=None,
+              help="Number of images (default: one per prompt or label).")  # fmt: skip
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
@@ -670,8 +676,13 @@ def targets_detect() -> None:
     "--guidance",
     type=float,
     default=None,
-    help="Classifier-free guidance scale (default: the model's; students have it baked in).",
+    help="Classifier-free guidance scale (default: the model's; students have it baked in). "
+    "For models with a guidance embedding (Flux-dev), the embedded guidance.",
 )
+@click.option("--height", type=click.IntRange(min=1), default=None,
+              help="Image height for latent models (default: the model's own).")  # fmt: skip
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help="Image width for latent models (default: the model's own).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--target",
@@ -683,34 +694,95 @@ def targets_detect() -> None:
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="Output .npz with images (N x C x H x W float32 in [0, 1]) and labels (int64).",
+    help="Output .npz with images (N x C x H x W float32 in [0, 1]), the prompts or labels, and "
+    "the initial noise as latents; or a .png grid of the images.",
 )
 def sample(
     model: Path,
-    num: int,
+    prompts: tuple[str, ...],
+    labels: tuple[int, ...],
+    num: int | None,
     steps: int | None,
     guidance: float | None,
+    height: int | None,
+    width: int | None,
     seed: int,
     target_name: str | None,
     out: Path,
 ) -> None:
-    """Sample images from a diffusers directory (torch) or an engine artifact (its runtime).
+    """Sample images from a diffusers directory (torch eager) or an engine artifact (its runtime).
 
-    Noise is numpy's default_rng(SEED).standard_normal; labels cycle through the classes."""
+    The initial noise is numpy's default_rng(SEED).standard_normal in the layout the family's
+    stock diffusers pipeline takes as its latents= argument (saved as `latents`), so that the
+    stock pipeline given those latents draws the same images. Samplers: DDIM (trailing
+    timesteps) for DDPM-family models, Euler on the flow ODE over the stock scheduler's sigmas
+    for flow models, multistep consistency for consistency students."""
     import numpy as np
 
     from accel.core.target import load_target
     from accel.quality import generate
-    from accel.runtime import open_runtime
+    from accel.runtime import open_runtime, run_pipeline
 
+    if out.suffix not in (".npz", ".png"):
+        raise click.BadParameter("name a .npz or a .png file", param_hint="--out")
+    if (height is None) != (width is None):
+        raise click.BadParameter("give both --height and --width, or neither")
     target = load_target(target_name) if target_name else None
-    runtime, plan = open_runtime(model, target, steps, guidance)
-    images, labels = generate(runtime, plan, num, seed, plan.num_classes)
-    if labels is None:
-        labels = np.full(num, -1, dtype=np.int64)
+    resolution = (height, width) if height and width else None
+    runtime, plan = open_runtime(model, target, steps, guidance, resolution=resolution)
+    kind = plan.conditioning_kind or ("class" if plan.num_classes else None)
+    if prompts and kind != "text":
+        what = "class-conditional (use --label)" if kind == "class" else "not text-conditioned"
+        raise click.BadParameter(f"{model} is {what}; it takes no prompt", param_hint="--prompt")
+    if labels and kind != "class":
+        raise click.BadParameter(f"{model} is not class-conditional", param_hint="--label")
+    if kind == "text" and not prompts:
+        raise click.BadParameter(
+            f"{model} is a text-to-image model: give --prompt", param_hint="--prompt"
+        )
+    if labels and plan.num_classes and max(labels) >= plan.num_classes:
+        raise click.BadParameter(
+            f"{model} has classes 0..{plan.num_classes - 1}", param_hint="--label"
+        )
+    num = num or len(prompts) or len(labels) or None
+    if num is None:
+        raise click.BadParameter("how many images? give -n", param_hint="-n")
+    if plan.conditioning_kind is None and not plan.decode:  # the digits path, as before
+        if labels:
+            label_arr = np.resize(np.asarray(labels, dtype=np.int64), num)
+            noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
+            images = run_pipeline(runtime, plan, noise.astype(np.float32), labels=label_arr,
+                                  rng=np.random.default_rng([seed, 1]))  # fmt: skip
+            images, label_out = np.clip(images, -1, 1), label_arr
+        else:
+            images, label_out = generate(runtime, plan, num, seed, plan.num_classes)
+        noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
+    else:
+        noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
+        prompt_list = [prompts[i % len(prompts)] for i in range(num)] if prompts else None
+        label_out = None
+        if kind == "class":
+            label_out = np.resize(np.asarray(labels or range(plan.num_classes), np.int64), num)
+        images = run_pipeline(
+            runtime, plan, noise.astype(np.float32), prompt_list, label_out,
+            np.random.default_rng([seed, 1]),
+        )  # fmt: skip
+    images01 = np.clip((images + 1) / 2, 0, 1).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, images=((images + 1) / 2).astype(np.float32), labels=labels.astype(np.int64))
+    if out.suffix == ".png":
+        from accel.report import rgb_grid
+
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        rgb_grid(images01).save(tmp)
+    else:
+        fields = {"images": images01, "latents": noise.astype(np.float32)}
+        if prompts:
+            fields["prompts"] = np.asarray(prompt_list)
+        fields["labels"] = (
+            np.full(num, -1, np.int64) if label_out is None else label_out.astype(np.int64)
+        )
+        tmp = out.with_name(f".{out.name}.tmp.npz")
+        np.savez(tmp, **fields)
     os.replace(tmp, out)
     click.echo(f"wrote {num} images {list(images.shape[1:])} to {out}")
 

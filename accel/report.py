@@ -512,6 +512,23 @@ def image_grid(images: np.ndarray, labels: np.ndarray | None, per_class: int = 1
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
 
 
+def rgb_grid(images01: np.ndarray, columns: int = 8):
+    """A PIL image of images in [0, 1] (N x C x H x W, C = 1 or 3), ``columns`` per row."""
+    from PIL import Image
+
+    n, c, h, w = images01.shape
+    rows = -(-n // columns)
+    cols = min(n, columns)
+    canvas = np.ones((rows * (h + 1), cols * (w + 1), 3), np.float32)
+    for i, img in enumerate(images01):
+        r, k = divmod(i, columns)
+        rgb = np.repeat(img, 3, axis=0) if c == 1 else img[:3]
+        canvas[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = rgb.transpose(
+            1, 2, 0
+        )
+    return Image.fromarray((canvas * 255).round().astype(np.uint8), mode="RGB")
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 

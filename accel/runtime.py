@@ -30,20 +30,45 @@ class Runtime(Protocol):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+Conditioning = dict[str, np.ndarray]
+
+
+def as_conditioning(conditioning: Conditioning | np.ndarray | None) -> Conditioning:
+    """Conditioning feeds: a dict of named arrays, or class labels (int64) for label graphs."""
+    if conditioning is None:
+        return {}
+    if isinstance(conditioning, dict):
+        return conditioning
+    return {"class_labels": np.asarray(conditioning).astype(np.int64)}
+
+
 def step_feeds(
-    plan: SamplerPlan, x: np.ndarray, timestep: int | np.ndarray, labels: np.ndarray | None
+    plan: SamplerPlan,
+    x: np.ndarray,
+    timestep: float | np.ndarray,
+    conditioning: Conditioning | np.ndarray | None,
+    null: Conditioning | None = None,
 ) -> dict[str, np.ndarray]:
-    """The graph's feeds for one step of ``plan`` on x: the batch doubled (label, then null label)
-    when the plan applies classifier-free guidance; w as an input for guidance-distilled graphs."""
+    """The graph's feeds for one step of ``plan`` on x: when the plan applies classifier-free
+    guidance, the batch is doubled, each per-example conditioning input followed by the null
+    conditioning (``null``, batch 1; default: the plan's null class); w as an input for
+    guidance-distilled graphs."""
     n = len(x)
-    guided = plan.guidance_scale != 1.0 and labels is not None and not _w_input(plan)
-    t = np.resize(np.asarray(timestep, dtype=np.int64), n)
-    feeds = {"sample": x, "timestep": t}
-    if labels is not None:
-        feeds["class_labels"] = labels.astype(np.int64)
+    cond = as_conditioning(conditioning)
+    guided = plan.guidance_scale != 1.0 and bool(cond) and not _w_input(plan)
+    guided = guided and not plan.guidance_in_model
+    t = np.resize(np.asarray(timestep, dtype=plan.timestep_dtype), n)
+    feeds = {"sample": x, "timestep": t, **cond}
     if guided:
-        feeds = {k: np.concatenate([v, v]) for k, v in feeds.items()}
-        feeds["class_labels"][n:] = plan.null_label
+        if null is None:
+            null = {"class_labels": np.array([plan.null_label], dtype=np.int64)}
+        doubled = {"sample": x, "timestep": t}
+        feeds = {k: np.concatenate([v, v]) for k, v in doubled.items()}
+        for k, v in cond.items():
+            if plan.is_batched(k):
+                feeds[k] = np.concatenate([v, np.broadcast_to(null[k], (n, *null[k].shape[1:]))])
+            else:
+                feeds[k] = v
     if _w_input(plan):
         feeds["guidance_scale"] = np.full(len(feeds["sample"]), plan.guidance_scale, np.float32)
     return feeds
@@ -57,16 +82,18 @@ def sample(
     runtime: Runtime,
     plan: SamplerPlan,
     noise: np.ndarray,
-    labels: np.ndarray | None,
+    labels: Conditioning | np.ndarray | None,
     rng: np.random.Generator | None = None,
     on_step: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> np.ndarray:
     """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat + c z, where
     x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)
-    and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps. ``on_step`` sees
-    the graph's feeds of every step (quantizers calibrate on them). Its stages are marked for
-    the profiler's breakdown: conditioning (the feeds: labels, guidance's doubled batch, w), each
-    denoising step, and the sampler's update."""
+    and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps. ``labels`` is
+    the conditioning: class labels, or a dict of named arrays (``run_pipeline`` encodes prompts
+    into one). ``on_step`` sees the graph's feeds of every step (quantizers calibrate on them).
+    Its stages are marked for the profiler's breakdown: conditioning (the feeds: labels,
+    guidance's doubled batch, w), each denoising step, and the sampler's update. The result is
+    the plan's sample (latents where the plan decodes)."""
     if plan.notes.get("fused"):  # the whole loop is one graph (export.fused_sampler)
         with section("conditioning"):
             feeds = fused_feeds(plan, noise, labels, rng)
@@ -74,12 +101,22 @@ def sample(
             return runtime.infer(feeds)["images"]
     x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
     n = len(x)
+    null = None
+    if (
+        plan.null_label is None
+        and plan.guidance_scale != 1.0
+        and hasattr(runtime, "null_conditioning")
+    ):
+        null = runtime.null_conditioning()
     for i, step in enumerate(plan.steps):
         with section("conditioning"):
-            feeds = step_feeds(plan, x, step["timestep"], labels)
+            feeds = step_feeds(plan, x, step["timestep"], labels, null)
         if on_step is not None:
             on_step(feeds)
-        with section(f"step {i + 1} (t={step['timestep']})"):
+        t = step["timestep"]
+        with section(
+            f"step {i + 1} (t={t:g})" if isinstance(t, float) else f"step {i + 1} (t={t})"
+        ):
             x0 = runtime.infer(feeds)["x0"]
         with section("sampler update"):
             if len(x0) == 2 * n:  # guided: conditional half, then unconditional
@@ -92,17 +129,44 @@ def sample(
     return x
 
 
+def run_pipeline(
+    runtime: Runtime,
+    plan: SamplerPlan,
+    noise: np.ndarray,
+    prompts: list[str] | None = None,
+    labels: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+    on_step: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> np.ndarray:
+    """Prompt (or label) in, image out: the text encoders (profiler section "text encoding"),
+    the sampler loop (``sample``) and the VAE decode ("vae decode") where the plan has them.
+    Images in about [-1, 1], N x C x H x W."""
+    if plan.conditioning_kind == "text":
+        if prompts is None or len(prompts) != len(noise):
+            raise CheckpointError(f"this {plan.family} model needs one prompt per image")
+        with section("text encoding"):
+            cond: Conditioning | np.ndarray | None = runtime.encode(prompts)  # type: ignore[attr-defined]
+    elif plan.conditioning_kind == "class" and plan.conditioning:
+        with section("conditioning"):
+            cond = runtime.encode(labels=labels)  # type: ignore[attr-defined]
+    else:
+        cond = labels
+    x = sample(runtime, plan, noise, cond, rng, on_step)
+    if plan.decode:
+        with section("vae decode"):
+            x = runtime.decode(x)  # type: ignore[attr-defined]
+    return x
+
+
 def fused_feeds(
     plan: SamplerPlan,
     noise: np.ndarray,
-    labels: np.ndarray | None,
+    labels: Conditioning | np.ndarray | None,
     rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Feeds of a fused-sampler graph: noise, labels and, for stochastic steps, the fresh noise the
     per-step loop would draw from ``rng``, in its order (batch x K x C x H x W)."""
-    feeds = {"noise": noise.astype(np.float32)}
-    if labels is not None:
-        feeds["class_labels"] = labels.astype(np.int64)
+    feeds = {"noise": noise.astype(np.float32), **as_conditioning(labels)}
     k = sum(1 for s in plan.steps if s.get("c", 0.0))
     if k:
         if rng is None:
@@ -258,6 +322,61 @@ class TorchRuntime:
                     self._to(feeds.get("guidance_scale") if self.graph.guidance_input else None),
                 ]
             return {"x0": self._compute(lambda: self.graph(*args))}
+
+
+class PipelineRuntime(TorchRuntime):
+    """torch eager on a family adapter's pipeline (``distill.models``): the text encoders
+    (``encode``), the denoiser graph (sample, timestep, **conditioning) -> x0 (``infer``) and the
+    VAE decoder (``decode``), at one resolution, on numpy in and out."""
+
+    def __init__(self, graph: Any, resolution: tuple[int, int], device: str = "cpu") -> None:
+        super().__init__(graph, device=device)
+        self.adapter = graph.adapter
+        for module in self.adapter.modules.values():
+            if hasattr(module, "to"):
+                module.to(self.device)
+        self.resolution = resolution
+        self.adapter.resolution = resolution
+        self.spec = self.adapter.conditioning_spec()
+        self._null: dict[str, np.ndarray] | None = None
+        self.name = f"torch-eager:{self.adapter.family}" + ("" if device == "cpu" else f":{device}")
+
+    def _numpy(self, cond: dict) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in cond.items()}
+
+    def encode(self, prompts: list[str] | None = None, labels: np.ndarray | None = None):
+        h, w = self.resolution
+        with self._torch.inference_mode():
+            lab = None if labels is None else self._torch.from_numpy(np.asarray(labels))
+            return self._numpy(self.adapter.encode(prompts, lab, h, w))
+
+    def null_conditioning(self) -> dict[str, np.ndarray] | None:
+        if self._null is None:
+            with self._torch.inference_mode():
+                null = self.adapter.null_conditioning(*self.resolution)
+            self._null = None if null is None else self._numpy(null)
+        return self._null
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            images = self.adapter.decode(self._to(x.astype(np.float32)))
+            return images.float().cpu().numpy()
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        h, w = self.resolution
+        t_type = "float32" if self.graph.flow else "int64"
+        spec = {
+            "sample": (["batch", *self.adapter.latent_shape(h, w)], "float32"),
+            "timestep": (["batch"], t_type),
+        }
+        spec.update({k: (list(v.axes), v.dtype) for k, v in self.spec.items()})
+        return spec
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._torch.inference_mode():
+            with self._section("h2d"):
+                args = {k: self._to(feeds[k]) for k in ("sample", "timestep", *self.spec)}
+            return {"x0": self._compute(lambda: self.graph(**args))}
 
 
 class AotiRuntime:
@@ -461,17 +580,24 @@ def open_model(
     steps: int | None = None,
     guidance: float | None = None,
     device: str = "cpu",
+    resolution: tuple[int, int] | None = None,
 ) -> tuple[TorchRuntime, SamplerPlan]:
-    """A diffusers directory in torch eager on ``device``, with the DDIM plan for ``steps``
-    (default: a student's own step count, else 50) and ``guidance`` (default: the model's)."""
+    """A diffusers directory in torch eager on ``device``, with the DDIM plan (Euler steps for
+    flow models) for ``steps`` (default: a student's own step count, else 50), ``guidance``
+    (default: the model's) and, for latent families, ``resolution`` (H, W; default the model's)."""
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
 
     den, info = load_denoiser(path, guidance_scale=guidance)
-    plan = sampler_plan(
-        den, steps or info.get("num_inference_steps") or 50, info.get("num_classes")
-    )
-    return TorchRuntime(DenoiserGraph.of(den), device=device), plan
+    steps = steps or info.get("num_inference_steps") or 50
+    if den.adapter is None:
+        if resolution is not None:
+            raise CheckpointError(f"{path} draws one size only: drop --height/--width")
+        plan = sampler_plan(den, steps, info.get("num_classes"))
+        return TorchRuntime(DenoiserGraph.of(den), device=device), plan
+    plan = sampler_plan(den, steps, resolution=resolution)
+    h, w = plan.resolution or (0, 0)
+    return PipelineRuntime(DenoiserGraph.of(den), (h, w), device=device), plan
 
 
 def open_runtime(
@@ -480,6 +606,7 @@ def open_runtime(
     steps: int | None = None,
     guidance: float | None = None,
     spin: bool = True,
+    resolution: tuple[int, int] | None = None,
 ) -> tuple[Runtime, SamplerPlan]:
     """A bundle or an engine artifact (its own runtime), or a diffusers directory (torch eager),
     with its plan. An engine's step count and guidance are fixed at export time: asking for
@@ -498,7 +625,7 @@ def open_runtime(
         runtime, plan = open_engine(path, target, spin=spin)
     else:
         device = "cuda" if target is not None and target.device == "cuda" else "cpu"
-        return open_model(path, steps, guidance, device)
+        return open_model(path, steps, guidance, device, resolution)
     if steps is not None and steps != len(plan.steps):
         raise CheckpointError(
             f"{path} is an engine for {len(plan.steps)} steps; its sampler plan "

@@ -108,11 +108,29 @@ class Denoiser(nn.Module):
         null_label: int | None = None,
         guidance_scales: list[float] | None = None,
         num_labels: int | None = None,
+        adapter: Any = None,
+        null_conditioning: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        # A family adapter (distill.models) calls the backbone with a conditioning dict; without
+        # one, the backbone is a class-conditional UNet2DModel called with class labels.
+        self.adapter = adapter
+        self.null_conditioning = null_conditioning
+        if (
+            adapter is not None
+            and guidance_scale != 1.0
+            and null_conditioning is None
+            and not adapter.guidance_in_model
+        ):
+            raise ValueError("classifier-free guidance needs the null conditioning")
         if prediction_type not in PREDICTION_TYPES:
             raise _unknown_prediction_type(prediction_type)
-        if guidance_scale != 1.0 and null_label is None and guidance_scales is None:
+        if (
+            adapter is None
+            and guidance_scale != 1.0
+            and null_label is None
+            and guidance_scales is None
+        ):
             raise ValueError(
                 "classifier-free guidance needs the null label of the unconditional branch"
             )
@@ -159,9 +177,12 @@ class Denoiser(nn.Module):
             return labels
         return labels + self.num_labels * randint(len(self.guidance_scales), len(labels))
 
-    def raw(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The backbone's (guided) output, in its own prediction type."""
+    def raw(self, x: torch.Tensor, t: torch.Tensor, labels: Any) -> torch.Tensor:
+        """The backbone's (guided) output, in its own prediction type. ``labels`` is the
+        conditioning: a dict of named tensors for adapter models, class labels otherwise."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        if self.adapter is not None:
+            return self._raw_conditioned(x, t, labels or {})
         if self.guidance_scales is not None and labels is not None:
             if not self.labels_carry_guidance:
                 scales = torch.tensor(self.guidance_scales, dtype=torch.float64)
@@ -175,6 +196,18 @@ class Denoiser(nn.Module):
         ).sample
         cond, uncond = out.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def _raw_conditioned(
+        self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        from distill.models import concat_conditioning
+
+        if self.guidance_scale == 1.0 or self.adapter.guidance_in_model:
+            return self.adapter.forward(self.backbone, x, t, cond)
+        both = concat_conditioning(self.adapter.conditioning_spec(), cond, self.null_conditioning)
+        out = self.adapter.forward(self.backbone, torch.cat([x, x]), torch.cat([t, t]), both)
+        c, u = out.chunk(2)
+        return u + self.guidance_scale * (c - u)
 
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
@@ -224,52 +257,44 @@ class ConsistencyDenoiser(Denoiser):
 
 
 def load_denoiser(
-    model_dir: str | Path, guidance_scale: float | None = None
+    model_dir: str | Path, guidance_scale: float | None = None, load_components: bool = True
 ) -> tuple[Denoiser, dict[str, Any]]:
-    """Load a diffusers pipeline directory (``model_index.json``, ``unet/``, ``scheduler/``) as a
-    Denoiser, reading weights through safetensors only (corrupt files and NaN weights are errors).
+    """Load a diffusers pipeline directory (``model_index.json``, the denoiser's folder,
+    ``scheduler/`` and, for latent text-to-image families, the text encoders, tokenizers and VAE)
+    as a Denoiser through its family's adapter (``distill.models``), reading weights through
+    safetensors only (corrupt files and NaN weights are errors).
 
     ``accel.json`` beside ``model_index.json`` may name ``null_class_label`` (for guidance),
     ``num_inference_steps`` and ``guidance_scale`` (a student's defaults); it is returned as info."""
-    import diffusers
-
-    from accel.checkpoint import load_safetensors, read_json
+    from accel.checkpoint import read_json
+    from distill.models import load_pipeline
 
     root = Path(model_dir)
-    if not root.is_dir():
-        raise CheckpointError(f"model directory not found: {root}")
-    for sub in ("unet/config.json", "scheduler/scheduler_config.json"):
-        if not (root / sub).is_file():
-            raise CheckpointError(
-                f"{root} is not a diffusers pipeline directory: {sub} is missing "
-                "(expected model_index.json, unet/ and scheduler/ as save_pretrained writes them)"
-            )
-    config = read_json(root / "unet/config.json")
-    cls_name = config.get("_class_name", "")
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not issubclass(cls, diffusers.ModelMixin):
-        raise CheckpointError(f"{root / 'unet/config.json'}: unknown model class {cls_name!r}")
-    weights = root / "unet/diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(
-            f"{weights} not found; accel reads safetensors only (convert .bin weights with "
-            "save_pretrained(safe_serialization=True))"
+    adapter = load_pipeline(root, load_components=load_components)
+    backbone = adapter.backbone
+    if adapter.family != "unet2d":
+        info = read_json(root / "accel.json") if (root / "accel.json").is_file() else {}
+        default = getattr(adapter, "default_guidance", 1.0) if adapter.guidance_in_model else 1.0
+        w = (
+            guidance_scale
+            if guidance_scale is not None
+            else float(info.get("guidance_scale", default))
         )
-    try:
-        backbone = cls.from_config(config)
-    except Exception as e:
-        raise CheckpointError(
-            f"{root / 'unet/config.json'} does not build a {cls_name}: {e}"
-        ) from None
-    try:
-        backbone.load_state_dict(load_safetensors(weights), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f"{weights} does not match {root / 'unet/config.json'}: {' '.join(first[:3])}"
-        ) from None
-    backbone.eval().requires_grad_(False)
-    sched_cfg = read_json(root / "scheduler/scheduler_config.json")
+        if adapter.guidance_in_model:
+            adapter.guidance_scale = w
+        null = None
+        if w != 1.0 and not adapter.guidance_in_model and load_components:
+            null = adapter.null_conditioning(*adapter.default_resolution())
+        den = Denoiser(
+            backbone,
+            adapter.schedule,
+            adapter.prediction_type,
+            guidance_scale=w,
+            adapter=adapter,
+            null_conditioning=null,
+        )
+        return den, dict(info, scheduler=adapter.scheduler_config, family=adapter.family)
+    sched_cfg = adapter.scheduler_config
     info = read_json(root / "accel.json") if (root / "accel.json").is_file() else {}
     w = guidance_scale if guidance_scale is not None else float(info.get("guidance_scale", 1.0))
     null = info.get("null_class_label")
@@ -279,7 +304,7 @@ def load_denoiser(
             f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
             "null_class_label (students with guidance baked in sample with guidance 1)"
         )
-    args = (backbone, Schedule.from_config(sched_cfg), sched_cfg.get("prediction_type", "epsilon"))
+    args = (backbone, adapter.schedule, adapter.prediction_type)
     kwargs: dict[str, Any] = {"guidance_scale": w, "null_label": null}
     if embedding is not None:
         kwargs.update(guidance_scales=embedding["scales"], num_labels=embedding["num_labels"])
@@ -375,15 +400,19 @@ class DenoiserGraph(nn.Module):
         consistency: bool = False,
         guidance_scales: list[float] | None = None,
         num_labels: int | None = None,
+        adapter: Any = None,
     ) -> None:
         super().__init__()
-        if schedule.kind != "discrete":
+        if schedule.kind != "discrete" and adapter is None:
             raise CheckpointError("only discrete-time (DDPM-family) schedules export so far")
         self.backbone = backbone
         self.prediction_type = prediction_type
+        self.adapter = adapter
+        self.flow = schedule.kind == "flow"
+        self.num_train_timesteps = schedule.num_train_timesteps
         t = torch.arange(schedule.num_train_timesteps)
         alpha, sigma = schedule.alpha_sigma(t)
-        tables = {"alpha": alpha, "sigma": sigma}
+        tables = {} if self.flow else {"alpha": alpha, "sigma": sigma}
         if consistency:  # f = c_skip x + c_out x0_hat: the boundary condition lives in the graph
             tables["c_skip"], tables["c_out"] = boundary_scalings(t)
         for name, table in tables.items():
@@ -391,6 +420,8 @@ class DenoiserGraph(nn.Module):
         self.consistency = consistency
         cfg = getattr(backbone, "config", {})
         self.conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
+        if adapter is not None:
+            self.conditional = bool(adapter.conditioning_spec())
         # a guidance-distilled backbone: w is a graph input, mapped to its class ids in the graph
         self.guidance_input = guidance_scales is not None
         if self.guidance_input:
@@ -405,15 +436,27 @@ class DenoiserGraph(nn.Module):
         timestep: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | None = None,
+        **conditioning: torch.Tensor,
     ) -> torch.Tensor:
-        if self.guidance_input and class_labels is not None and guidance_scale is not None:
-            class_labels = guidance_labels(
-                class_labels, guidance_scale, self.scales, self.num_labels
-            )
-        out = self.backbone(sample, timestep, class_labels=class_labels).sample
+        """x0 from the sample at ``timestep`` (integer DDPM timesteps; float sigma * T for flow
+        models) and the conditioning inputs of the family's spec."""
+        if self.adapter is not None:
+            if class_labels is not None:
+                conditioning["class_labels"] = class_labels
+            out = self.adapter.forward(self.backbone, sample, timestep, conditioning)
+        else:
+            if self.guidance_input and class_labels is not None and guidance_scale is not None:
+                class_labels = guidance_labels(
+                    class_labels, guidance_scale, self.scales, self.num_labels
+                )
+            out = self.backbone(sample, timestep, class_labels=class_labels).sample
+        shape = (-1, *([1] * (sample.dim() - 1)))
+        if self.flow:
+            sigma = (timestep.float() / self.num_train_timesteps).reshape(shape)
+            return to_x0_eps(out, sample, 1 - sigma, sigma, self.prediction_type)[0]
 
         def at(table: torch.Tensor) -> torch.Tensor:
-            return table[timestep].reshape(-1, 1, 1, 1)
+            return table[timestep].reshape(shape)
 
         x0 = to_x0_eps(out, sample, at(self.alpha), at(self.sigma), self.prediction_type)[0]
         if not self.consistency:
@@ -429,4 +472,5 @@ class DenoiserGraph(nn.Module):
             consistency=denoiser.consistency,
             guidance_scales=denoiser.guidance_scales,
             num_labels=denoiser.num_labels,
+            adapter=denoiser.adapter,
         )

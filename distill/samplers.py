@@ -137,6 +137,18 @@ def ddim_coefficients(schedule: Schedule, steps: int) -> list[dict[str, float]]:
     return plan
 
 
+def flow_coefficients(grid: list[float], num_train_timesteps: int) -> list[dict[str, float]]:
+    """Euler steps of the flow ODE dx/ds = v (Liu et al. 2022; Esser et al. 2024) over the grid of
+    flow timesteps t = sigma * T (the last one 0), as x_next = a x + b x0_hat: with
+    v = (x - x0_hat) / s, x + (s' - s) v = (s'/s) x + (1 - s'/s) x0_hat, which is diffusers'
+    FlowMatchEulerDiscreteScheduler.step."""
+    plan = []
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        a = (t_next / num_train_timesteps) / (t / num_train_timesteps)
+        plan.append({"timestep": t, "a": a, "b": 1.0 - a})
+    return plan
+
+
 def consistency_timesteps(num_train_timesteps: int, solver_steps: int, steps: int) -> list[int]:
     """The timesteps of ``steps``-step consistency sampling, as LCMScheduler.set_timesteps picks
     them: evenly spaced (floored) indices into the reversed skipping-step grid (n + 1) k - 1."""
@@ -162,8 +174,16 @@ def consistency_coefficients(schedule: Schedule, timesteps: list[int]) -> list[d
     return plan
 
 
-def sampler_plan(denoiser: Denoiser, steps: int, num_classes: int | None = None) -> SamplerPlan:
-    """The deterministic DDIM run of ``denoiser`` over its x0 graph as a numpy-only SamplerPlan."""
+def sampler_plan(
+    denoiser: Denoiser,
+    steps: int,
+    num_classes: int | None = None,
+    resolution: tuple[int, int] | None = None,
+) -> SamplerPlan:
+    """The deterministic DDIM run of ``denoiser`` over its x0 graph (Euler steps for flow models)
+    as a numpy-only SamplerPlan; adapter models at ``resolution`` (default: the model's own)."""
+    if denoiser.adapter is not None:
+        return _adapter_plan(denoiser, steps, resolution)
     if denoiser.consistency:
         T = denoiser.schedule.num_train_timesteps
         timesteps = consistency_timesteps(T, denoiser.solver_steps, steps)
@@ -186,4 +206,37 @@ def sampler_plan(denoiser: Denoiser, steps: int, num_classes: int | None = None)
             # guidance-distilled graphs take w as an input: one pass, no doubled batch
             "guidance_input": denoiser.guidance_scales is not None,
         },
+    )
+
+
+def _adapter_plan(
+    denoiser: Denoiser, steps: int, resolution: tuple[int, int] | None
+) -> SamplerPlan:
+    adapter = denoiser.adapter
+    h, w = resolution or adapter.default_resolution()
+    adapter.check_resolution(h, w)
+    schedule = denoiser.schedule
+    if schedule.kind == "flow":
+        grid = adapter.timestep_grid(steps, h, w)
+        coefficients, sampler = flow_coefficients(grid, schedule.num_train_timesteps), "flow_euler"
+    else:
+        coefficients, sampler = ddim_coefficients(schedule, steps), "ddim"
+    num_classes = getattr(adapter, "num_classes", None) if adapter.conditioning == "class" else None
+    return SamplerPlan(
+        steps=coefficients,
+        sample_shape=adapter.latent_shape(h, w),
+        guidance_scale=denoiser.guidance_scale,
+        num_classes=num_classes,
+        notes={
+            "sampler": sampler,
+            "graph_output": "x0",
+            "prediction_type": denoiser.prediction_type,
+        },
+        family=adapter.family,
+        conditioning={k: v.to_json() for k, v in adapter.conditioning_spec().items()},
+        conditioning_kind=adapter.conditioning,
+        timestep_dtype="float32" if schedule.kind == "flow" else "int64",
+        guidance_in_model=adapter.guidance_in_model,
+        decode=adapter.family != "unet2d",
+        resolution=[h, w],
     )

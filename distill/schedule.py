@@ -3,7 +3,10 @@
 Discrete variance-preserving schedules (DDPM, Ho et al. 2020) keep ``alphas_cumprod`` for integer
 timesteps 0..T-1; ``t = -1`` is the clean end of a sampling run (alpha = 1, sigma = 0), which is what
 diffusers' DDIM does with ``set_alpha_to_one=True``. Flow-matching schedules (rectified flow, Liu et
-al. 2022; Esser et al. 2024) use x_t = (1 - s) x0 + s eps with s = shifted t / T.
+al. 2022; Esser et al. 2024) use x_t = (1 - s) x0 + s eps with s = t / T, where t counts time as
+diffusers' FlowMatch schedulers do (``timesteps = sigmas * T``): the resolution shift (``shift``, or
+the dynamic shift of Flux and SD3.5) is a property of the sampling grid, applied when the grid is
+built (``distill.models.base.ModelAdapter.timestep_grid``), not of the process.
 """
 
 from __future__ import annotations
@@ -40,19 +43,14 @@ class Schedule:
     kind: Literal["discrete", "flow"]
     num_train_timesteps: int
     alphas_cumprod: torch.Tensor | None = None  # discrete only, shape (T,)
-    shift: float = 1.0  # flow only
+    shift: float = 1.0  # flow only: the static shift of the sampling grid (not of alpha_sigma)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Schedule:
         """Build from a diffusers ``scheduler_config.json`` dict (any DDPM/DDIM/Euler/LCM/FlowMatch)."""
         name = config.get("_class_name", "")
         T = int(config.get("num_train_timesteps", 1000))
-        if name in FLOW_SCHEDULERS:
-            if config.get("use_dynamic_shifting"):
-                raise CheckpointError(
-                    f"{name} with use_dynamic_shifting depends on image size; accel needs a fixed "
-                    "'shift': set use_dynamic_shifting=false in scheduler_config.json"
-                )
+        if name in FLOW_SCHEDULERS or config.get("use_flow_sigmas"):
             return cls(kind="flow", num_train_timesteps=T, shift=float(config.get("shift", 1.0)))
         if config.get("rescale_betas_zero_snr"):
             raise CheckpointError(
@@ -85,7 +83,6 @@ class Schedule:
         t = torch.as_tensor(t)
         if self.kind == "flow":
             s = t.to(torch.float64).clamp(min=0) / self.num_train_timesteps
-            s = self.shift * s / (1 + (self.shift - 1) * s)
             return 1 - s, s
         assert self.alphas_cumprod is not None
         ac = self.alphas_cumprod.to(t.device)

@@ -23,6 +23,23 @@ class SamplerPlan:
     num_classes: int | None = None
     init_noise_sigma: float = 1.0
     notes: dict[str, Any] = field(default_factory=dict)
+    family: str = "unet2d"
+    conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The graph's conditioning inputs besides sample and timestep: name -> {"axes", "dtype"};
+    axes start with "batch" for per-example inputs. Empty in plans of class-label graphs."""
+    conditioning_kind: str | None = None
+    """What the conditioning is made from: "text" (prompts), "class" (labels) or None."""
+    timestep_dtype: str = "int64"
+    """int64 DDPM timesteps, or float32 flow timesteps (sigma * T)."""
+    guidance_in_model: bool = False
+    """w is a conditioning input of the model (Flux-dev's guidance embedding): one pass."""
+    decode: bool = False
+    """The loop's result is latents that the runtime's ``decode`` turns into images."""
+    resolution: list[int] | None = None  # H, W of the images
+
+    def is_batched(self, name: str) -> bool:
+        axes = self.conditioning.get(name, {}).get("axes", ["batch"])
+        return bool(axes) and axes[0] == "batch"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

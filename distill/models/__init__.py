@@ -1,0 +1,112 @@
+"""Model adapters, one module per diffusers family, chosen from a pipeline directory's
+``model_index.json`` and its denoiser's ``_class_name`` (see ``distill.models.base``)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from accel.core.errors import CheckpointError
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, concat_conditioning
+
+# denoiser class -> (adapter module, adapter class)
+ADAPTERS: dict[str, tuple[str, str]] = {
+    "UNet2DModel": ("distill.models.unet2d", "UNet2DAdapter"),
+    "UNet2DConditionModel": ("distill.models.sd", "StableDiffusionAdapter"),
+    "SD3Transformer2DModel": ("distill.models.sd3", "SD3Adapter"),
+    "FluxTransformer2DModel": ("distill.models.flux", "FluxAdapter"),
+    "PixArtTransformer2DModel": ("distill.models.pixart", "PixArtAdapter"),
+    "SanaTransformer2DModel": ("distill.models.sana", "SanaAdapter"),
+    "DiTTransformer2DModel": ("distill.models.dit", "DiTAdapter"),
+}
+DENOISER_FOLDERS = ("unet", "transformer")
+
+__all__ = [
+    "ADAPTERS",
+    "ConditioningSpec",
+    "ModelAdapter",
+    "TensorSpec",
+    "adapter_class",
+    "concat_conditioning",
+    "denoiser_folder",
+    "load_pipeline",
+]
+
+
+def denoiser_folder(root: Path, index: dict[str, Any]) -> str:
+    """The folder of a pipeline's denoiser: the model_index.json entry ``unet`` or ``transformer``
+    (the digits checkpoints predate model_index.json's use here: a ``unet/`` folder suffices)."""
+    for name in DENOISER_FOLDERS:
+        if name in index and (root / name).is_dir():
+            return name
+    for name in DENOISER_FOLDERS:
+        if (root / name / "config.json").is_file():
+            return name
+    listed = [n for n in DENOISER_FOLDERS if n in index]
+    if listed:
+        raise CheckpointError(
+            f"{root}: component folder {listed[0]}/ is missing (model_index.json lists it); "
+            "copy the whole pipeline directory"
+        )
+    raise CheckpointError(
+        f"{root} is not a diffusers pipeline directory: no unet/config.json or "
+        "transformer/config.json (expected model_index.json and the component folders "
+        "save_pretrained writes)"
+    )
+
+
+def adapter_class(cls_name: str, where: Path) -> type[ModelAdapter]:
+    """The adapter of a denoiser class; an unsupported one is a clear error naming the others."""
+    if cls_name not in ADAPTERS:
+        raise CheckpointError(
+            f"{where}: denoiser class {cls_name or '(none)'!r} is not supported; accel supports "
+            f"{', '.join(ADAPTERS)}"
+        )
+    module, name = ADAPTERS[cls_name]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapter:
+    """A diffusers pipeline directory as its family's adapter, the denoiser loaded strictly from
+    safetensors (corrupt files, mismatched shapes and NaN weights are errors) and, with
+    ``load_components``, the text encoders, tokenizers and VAE sampling needs."""
+    import diffusers
+
+    from accel.checkpoint import load_safetensors, read_json
+
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"model directory not found: {root}")
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    folder = denoiser_folder(root, index)
+    config_path = root / folder / "config.json"
+    config = read_json(config_path)
+    cls_name = config.get("_class_name", "")
+    adapter_cls = adapter_class(cls_name, config_path)
+    cls = getattr(diffusers, cls_name)
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    if not sched_path.is_file():
+        raise CheckpointError(
+            f"{root} is not a diffusers pipeline directory: scheduler/scheduler_config.json is "
+            "missing (expected model_index.json and the component folders save_pretrained writes)"
+        )
+    weights = root / folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights} not found; accel reads safetensors only (convert .bin weights with "
+            "save_pretrained(safe_serialization=True); sharded weights are not supported yet)"
+        )
+    try:
+        backbone = cls.from_config(config)
+    except Exception as e:
+        raise CheckpointError(f"{config_path} does not build a {cls_name}: {e}") from None
+    try:
+        backbone.load_state_dict(load_safetensors(weights), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{weights} does not match {config_path}: {' '.join(first[:3])}"
+        ) from None
+    backbone.eval().requires_grad_(False)
+    return adapter_cls(root, backbone, read_json(sched_path), index, load_components)

@@ -1,0 +1,264 @@
+"""The model adapter: everything that differs between diffusers families, behind one interface.
+
+A family's adapter knows its pipeline directory (which folder holds the denoiser, which text
+encoders, tokenizers and VAE sit beside it), the shape of its latents for a resolution (in the layout
+its stock pipeline takes as ``latents=``), its time convention (integer DDPM timesteps, or flow
+timesteps sigma * T as diffusers' FlowMatch schedulers count them) and the backbone's own time scale,
+its prediction type, and its conditioning: a dict of named tensors described by a
+``ConditioningSpec``, built from prompts or class labels by ``encode`` and consumed by ``forward``.
+Samplers, losses and graphs see only ``(x, t, cond)``; nothing outside ``distill.models`` names
+``encoder_hidden_states`` or ``pooled_projections``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from accel.core.errors import CheckpointError
+from distill.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One conditioning input: its axes by name (``batch``, ``sequence``) or fixed size, and dtype.
+    Inputs whose first axis is ``batch`` are per-example; the others (Flux's position ids) are
+    shared by the whole batch."""
+
+    axes: tuple[str | int, ...]
+    dtype: str = "float32"
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.axes) and self.axes[0] == "batch"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"axes": list(self.axes), "dtype": self.dtype}
+
+
+ConditioningSpec = dict[str, TensorSpec]
+
+
+def concat_conditioning(
+    spec: ConditioningSpec, cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The conditioning of a doubled classifier-free-guidance batch: each per-example input
+    followed by the null conditioning (broadcast from batch 1); shared inputs unchanged."""
+    out = {}
+    for name, value in cond.items():
+        if spec[name].batched:
+            other = null[name].to(value.device)
+            out[name] = torch.cat([value, other.expand(len(value), *other.shape[1:])])
+        else:
+            out[name] = value
+    return out
+
+
+def _finite(module: nn.Module, where: Path) -> None:
+    bad = [
+        n
+        for n, p in module.state_dict().items()
+        if p.is_floating_point() and not torch.isfinite(p).all()
+    ]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN or Inf weights in {', '.join(bad[:3])}")
+
+
+class ModelAdapter:
+    """Base of the family adapters (one module per family in ``distill.models``).
+
+    Subclasses set ``family`` (the user-facing name), ``denoiser_folder`` and ``components`` (the
+    folders besides the denoiser that sampling needs) and implement ``latent_shape``,
+    ``conditioning_spec``, ``encode``, ``forward`` and, for latent models, ``decode``."""
+
+    family: ClassVar[str]
+    denoiser_folder: ClassVar[str] = "transformer"
+    components: ClassVar[tuple[str, ...]] = ()
+    optional_components: ClassVar[tuple[str, ...]] = ()
+    conditioning: ClassVar[str] = "text"  # "text", "class" or "none": what encode() takes
+    guidance_in_model: ClassVar[bool] = False  # w is a model input (Flux-dev), not two passes
+
+    def __init__(
+        self,
+        root: Path,
+        backbone: nn.Module,
+        scheduler_config: dict[str, Any],
+        index: dict[str, Any],
+        load_components: bool = True,
+    ) -> None:
+        self.root = root
+        self.backbone = backbone
+        self.config = backbone.config
+        self.scheduler_config = scheduler_config
+        self.index = index
+        self.modules: dict[str, Any] = {}
+        if load_components:
+            for name in self.components:
+                self.modules[name] = self._load(name, required=True)
+            for name in self.optional_components:
+                self.modules[name] = self._load(name, required=False)
+            self.check_components()
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, name: str, required: bool) -> Any:
+        entry = self.index.get(name)
+        if entry is None or entry == [None, None] or entry[0] is None:
+            if required:
+                raise CheckpointError(
+                    f"{self.root}: the {self.family} pipeline needs a {name!r} component, and "
+                    "model_index.json lists none"
+                )
+            return None
+        folder = self.root / name
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{self.root}: component folder {name}/ is missing (model_index.json lists "
+                f"{name} as {entry[1]}); copy the whole pipeline directory"
+            )
+        library, cls_name = entry
+        try:
+            cls = getattr(importlib.import_module(library), cls_name)
+        except (ImportError, AttributeError):
+            raise CheckpointError(
+                f"{folder}: model_index.json names {library}.{cls_name}, which is not installed"
+            ) from None
+        if name.startswith("tokenizer"):
+            kwargs: dict[str, Any] = {"local_files_only": True}
+        else:
+            kwargs = {"local_files_only": True, "use_safetensors": True}
+        try:
+            module = cls.from_pretrained(str(folder), **kwargs)
+        except Exception as e:  # each library raises its own types for missing/corrupt files
+            msg = " ".join(str(e).strip().split())[:300]
+            raise CheckpointError(f"{folder} does not load as {cls_name}: {msg}") from None
+        if isinstance(module, nn.Module):
+            _finite(module, folder)
+            module.eval().requires_grad_(False)
+        return module
+
+    def check_components(self) -> None:
+        """Every tokenizer must fit its text encoder: ids beyond the encoder's vocabulary would
+        index outside its embedding table."""
+        for tok_name in [n for n in self.modules if n.startswith("tokenizer")]:
+            enc_name = "text_encoder" + tok_name[len("tokenizer") :]
+            tok, enc = self.modules.get(tok_name), self.modules.get(enc_name)
+            if tok is None or enc is None:
+                continue
+            vocab = getattr(enc.config, "vocab_size", None)
+            if vocab is not None and len(tok) > vocab:
+                raise CheckpointError(
+                    f"{self.root}: {tok_name}/ has {len(tok)} tokens but {enc_name}/ embeds only "
+                    f"{vocab}; the tokenizer does not belong to this text encoder"
+                )
+
+    # ------------------------------------------------------------------ the family's facts
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule.from_config(self.scheduler_config)
+
+    @property
+    def prediction_type(self) -> str:
+        if self.schedule.kind == "flow":
+            return "flow"
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = self.modules.get("vae")
+        if vae is None:
+            return 1
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = self.config.sample_size
+        h, w = size if isinstance(size, (list, tuple)) else (size, size)
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def check_resolution(self, height: int, width: int) -> None:
+        k = self.vae_scale_factor * self.patch_size
+        if height % k or width % k or height <= 0 or width <= 0:
+            raise CheckpointError(
+                f"{self.family} draws images whose height and width are multiples of {k}; "
+                f"got {height}x{width}"
+            )
+
+    patch_size: ClassVar[int] = 1
+
+    def latent_shape(self, height: int, width: int) -> list[int]:
+        """Per-example shape of the noise, as the stock pipeline takes ``latents=``."""
+        k = self.vae_scale_factor
+        return [self.config.in_channels, height // k, width // k]
+
+    def conditioning_spec(self) -> ConditioningSpec:
+        raise NotImplementedError
+
+    def timestep_grid(self, steps: int, height: int, width: int) -> list[float]:
+        """Flow models: the ``steps + 1`` timesteps (sigma * T, the last 0) that the family's stock
+        pipeline steps through, from its scheduler's own ``set_timesteps``."""
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler_config["_class_name"])
+        sched = cls.from_config(self.scheduler_config)
+        sched.set_timesteps(steps, **self.timestep_kwargs(steps, height, width))
+        T = self.schedule.num_train_timesteps
+        return [float(s) * T for s in sched.sigmas.double().tolist()]
+
+    def timestep_kwargs(self, steps: int, height: int, width: int) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ conditioning
+
+    def encode(
+        self,
+        prompts: list[str] | None = None,
+        labels: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def null_conditioning(self, height: int, width: int) -> dict[str, torch.Tensor] | None:
+        """The conditioning of the unconditional branch of classifier-free guidance, batch 1;
+        default: the empty prompt's."""
+        return self.encode([""], height=height, width=width)
+
+    def guidance_conditioning(self, w: float, n: int) -> dict[str, torch.Tensor]:
+        """Inputs that carry w into a guidance-embedding model (Flux-dev)."""
+        return {}
+
+    def forward(
+        self, backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``backbone``'s output (the family's denoiser, or a student of it) at schedule time ``t``
+        (batch,), in the prediction type."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], N x C x H x W, from latents in ``latent_shape``'s layout."""
+        vae = self.modules["vae"]
+        z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return vae.decode(z.to(next(vae.parameters()).dtype)).sample.float()
+
+    def describe(self) -> str:
+        return f"{self.family} ({type(self.backbone).__name__})"
+
+
+def text_hidden(encoder, tokenizer, prompts: list[str], max_length: int | None = None, **kw):
+    """Tokenize ``prompts`` padded to ``max_length`` (default the tokenizer's) and run ``encoder``."""
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+        **kw,
+    )
+    device = next(encoder.parameters()).device
+    return ids, encoder(ids.input_ids.to(device), output_hidden_states=True)

@@ -1,0 +1,141 @@
+"""FLUX.1 (Black Forest Labs 2024): ``FluxTransformer2DModel``, a rectified-flow MM-DiT over 2x2-packed
+latents, with CLIP (pooled) and T5 (sequence) text encoders and ``AutoencoderKL``.
+
+As ``FluxPipeline`` builds them: latents are packed (B, (h/2)(w/2), 4C), channel c*4 + dy*2 + dx;
+``img_ids`` rows are (0, row, col) of the packed grid and ``txt_ids`` zeros, both shared by the
+batch; ``pooled_projections`` is CLIP's unprojected pooled output and ``encoder_hidden_states`` T5's
+last hidden state (512 tokens, no mask). FLUX.1-dev embeds the guidance scale (``guidance``; one
+pass per step, no classifier-free guidance); FLUX.1-schnell has no guidance input. The backbone
+takes the flow timestep divided by T (``timestep / 1000``). The sampling grid is diffusers':
+sigmas linspace(1, 1/n, n) shifted by mu, linear in the image's token count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from accel.core.errors import CheckpointError
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
+from distill.models.sd3 import calculate_shift
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    components = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    max_sequence_length = 512
+    default_sample_size = 128  # FluxPipeline's: the transformer's config has no sample_size
+    default_guidance = 3.5  # FluxPipeline's guidance_scale default
+
+    @property
+    def guidance_in_model(self) -> bool:  # type: ignore[override]
+        return bool(self.config.get("guidance_embeds"))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels // 4
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = self.default_sample_size * self.vae_scale_factor
+        return size, size
+
+    def check_resolution(self, height, width):
+        k = self.vae_scale_factor * 2
+        if height % k or width % k or height <= 0 or width <= 0:
+            raise CheckpointError(
+                f"flux draws images whose height and width are multiples of {k}; got "
+                f"{height}x{width}"
+            )
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        k = self.vae_scale_factor * 2
+        return height // k, width // k
+
+    def latent_shape(self, height, width):
+        gh, gw = self._grid(height, width)
+        return [gh * gw, self.latent_channels * 4]
+
+    def conditioning_spec(self) -> ConditioningSpec:
+        spec = {
+            "encoder_hidden_states": TensorSpec(
+                ("batch", "sequence", self.config.joint_attention_dim)
+            ),
+            "pooled_projections": TensorSpec(("batch", self.config.pooled_projection_dim)),
+            "txt_ids": TensorSpec(("sequence", 3)),
+            "img_ids": TensorSpec(("image_sequence", 3)),
+        }
+        if self.guidance_in_model:
+            spec["guidance"] = TensorSpec(("batch",))
+        return spec
+
+    guidance_scale: float | None = None  # set by the loader: the embedded guidance to sample with
+
+    def encode(self, prompts=None, labels=None, height=None, width=None):
+        if prompts is None:
+            raise CheckpointError("flux models are conditioned on prompts: give --prompt")
+        clip, clip_tok = self.modules["text_encoder"], self.modules["tokenizer"]
+        ids = clip_tok(
+            prompts, padding="max_length", max_length=clip_tok.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+        pooled = clip(ids.to(next(clip.parameters()).device), output_hidden_states=False)
+        t5, t5_tok = self.modules["text_encoder_2"], self.modules["tokenizer_2"]
+        ids = t5_tok(
+            prompts, padding="max_length", max_length=self.max_sequence_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+        hidden = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
+        h, w = (height, width) if height else self.default_resolution()
+        gh, gw = self._grid(h, w)
+        img_ids = torch.zeros(gh, gw, 3)
+        img_ids[..., 1] += torch.arange(gh)[:, None]
+        img_ids[..., 2] += torch.arange(gw)[None, :]
+        cond = {
+            "encoder_hidden_states": hidden.float(),
+            "pooled_projections": pooled.pooler_output.float(),
+            "txt_ids": torch.zeros(hidden.shape[1], 3),
+            "img_ids": img_ids.reshape(gh * gw, 3),
+        }
+        if self.guidance_in_model:
+            w_ = self.default_guidance if self.guidance_scale is None else self.guidance_scale
+            cond["guidance"] = torch.full((len(prompts),), float(w_))
+        return cond
+
+    def null_conditioning(self, height, width):
+        return None if self.guidance_in_model else super().null_conditioning(height, width)
+
+    def timestep_grid(self, steps, height, width):
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler_config["_class_name"])
+        sched = cls.from_config(self.scheduler_config)
+        kwargs = {"sigmas": np.linspace(1.0, 1 / steps, steps)}
+        if self.scheduler_config.get("use_dynamic_shifting"):
+            gh, gw = self._grid(height, width)
+            kwargs["mu"] = calculate_shift(gh * gw, self.scheduler_config, 1.15)
+        sched.set_timesteps(steps, **kwargs)
+        T = self.schedule.num_train_timesteps
+        return [float(s) * T for s in sched.sigmas.double().tolist()]
+
+    def forward(self, backbone: nn.Module, x, t, cond):
+        return backbone(
+            hidden_states=x,
+            timestep=t.float() / 1000,
+            guidance=cond.get("guidance"),
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            txt_ids=cond["txt_ids"],
+            img_ids=cond["img_ids"],
+        ).sample
+
+    def decode(self, latents):
+        n, seq, ch = latents.shape
+        gh = gw = int(round(seq**0.5))
+        if self.resolution is not None:
+            gh, gw = self._grid(*self.resolution)
+        c = ch // 4
+        x = latents.view(n, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * 2, gw * 2)
+        return super().decode(x)
+
+    resolution: tuple[int, int] | None = None  # set by the runtime: the packed grid's image size

@@ -1,0 +1,112 @@
+"""Latent text-to-image UNets: Stable Diffusion 1.x/2.x (Rombach et al. 2022) and SDXL (Podell et
+al. 2023), ``UNet2DConditionModel`` with CLIP text encoders and an ``AutoencoderKL``.
+
+Conditioning, as ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` build it:
+
+- SD: ``encoder_hidden_states`` = the CLIP encoder's last hidden state of the prompt padded to the
+  tokenizer's ``model_max_length``; the null conditioning is the empty prompt's.
+- SDXL: ``encoder_hidden_states`` = the penultimate hidden states of both encoders, concatenated on
+  the feature axis; ``text_embeds`` = the second encoder's projected pooled output; ``time_ids`` =
+  (original size, crop top-left, target size) = (H, W, 0, 0, H, W). With
+  ``force_zeros_for_empty_prompt`` (SDXL's default) the null conditioning is all zeros, not the
+  empty prompt's embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from accel.core.errors import CheckpointError
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, text_hidden
+
+
+class StableDiffusionAdapter(ModelAdapter):
+    denoiser_folder = "unet"
+    components = ("vae", "text_encoder", "tokenizer")
+    optional_components = ("text_encoder_2", "tokenizer_2")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.get("time_cond_proj_dim"):
+            raise CheckpointError(
+                f"{self.root}: UNets with a guidance embedding (time_cond_proj_dim, LCM students) "
+                "are not supported yet"
+            )
+        if self.xl and self.modules and self.modules.get("text_encoder_2") is None:
+            raise CheckpointError(
+                f"{self.root}: this SDXL UNet (addition_embed_type 'text_time') needs text_encoder_2/ "
+                "and tokenizer_2/, which model_index.json does not list"
+            )
+
+    @property
+    def xl(self) -> bool:
+        return self.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def family(self) -> str:  # type: ignore[override]
+        return "sdxl" if self.xl else "sd"
+
+    def conditioning_spec(self) -> ConditioningSpec:
+        spec = {
+            "encoder_hidden_states": TensorSpec(
+                ("batch", "sequence", self.config.cross_attention_dim)
+            )
+        }
+        if self.xl:
+            enc2 = self.modules["text_encoder_2"].config
+            spec["text_embeds"] = TensorSpec(("batch", enc2.projection_dim))
+            spec["time_ids"] = TensorSpec(("batch", 6))
+        return spec
+
+    def encode(self, prompts=None, labels=None, height=None, width=None):
+        if prompts is None:
+            raise CheckpointError(f"{self.family} models are conditioned on prompts: give --prompt")
+        if not self.xl:
+            _, out = text_hidden(self.modules["text_encoder"], self.modules["tokenizer"], prompts)
+            return {"encoder_hidden_states": out.last_hidden_state.float()}
+        hidden = []
+        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            _, out = text_hidden(self.modules[enc], self.modules[tok], prompts)
+            hidden.append(out.hidden_states[-2])
+        h, w = (height, width) if height else self.default_resolution()
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+        return {
+            "encoder_hidden_states": torch.cat(hidden, dim=-1).float(),
+            "text_embeds": out.text_embeds.float(),
+            "time_ids": time_ids.expand(len(prompts), 6),
+        }
+
+    def null_conditioning(self, height, width):
+        cond = self.encode([""], height=height, width=width)
+        if self.xl and self.force_zeros:
+            cond["encoder_hidden_states"] = torch.zeros_like(cond["encoder_hidden_states"])
+            cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
+        return cond
+
+    @property
+    def force_zeros(self) -> bool:
+        """SDXL pipelines register ``force_zeros_for_empty_prompt`` (default true) in model_index."""
+        return bool(self.index.get("force_zeros_for_empty_prompt", True))
+
+    def forward(self, backbone: nn.Module, x, t, cond):
+        added = None
+        if self.xl:
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return backbone(
+            x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added
+        ).sample
+
+    def decode(self, latents):
+        vae = self.modules["vae"]
+        mean, std = (
+            getattr(vae.config, "latents_mean", None),
+            getattr(vae.config, "latents_std", None),
+        )
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean).view(shape)
+            std = torch.tensor(std).view(shape)
+            z = latents * std / vae.config.scaling_factor + mean
+            return vae.decode(z).sample.float()
+        return super().decode(latents)
