@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-slow venv clean
 
 $(BIN)/accel: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The heavy tests `test` leaves out (AOTInductor builds, torchrun launches, long trainings).
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -465,6 +465,12 @@ def deploy_triton(bundle: Path, out: Path, instances: int, max_queue_delay_us: i
     show_default=True,
     help="Where report.json, report.md and the plots go.",
 )
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampling steps of diffusers directories (default: their own, or 50).")  # fmt: skip
+@click.option("--height", type=click.IntRange(min=1), default=None,
+              help="Image height for latent models (default: the model's own).")  # fmt: skip
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help="Image width for latent models (default: the model's own).")  # fmt: skip
 def profile(
     artifacts: tuple[Path, ...],
     target_name: str | None,
@@ -478,6 +484,9 @@ def profile(
     iterations: int | None,
     quality_samples: int,
     out: Path,
+    steps: int | None,
+    height: int | None,
+    width: int | None,
 ) -> None:
     """Measure the latency of ARTIFACTS (engines, or diffusers directories in eager torch) on a
     target, interleaved in one run: each query samples images end to end (noise -> image).
@@ -502,11 +511,18 @@ def profile(
             param_hint="--out",
         )
     target = load_target(target_name) if target_name else _detected()[0]
+    if (height is None) != (width is None):
+        raise click.BadParameter("give both --height and --width, or neither")
     subjects = {}
     short = [p.resolve().name for p in artifacts]
     for path, label in zip(artifacts, short, strict=True):
         # onnxruntime's idle threads must not spin: they would take the cores of the next call
-        runtime, plan = open_runtime(path, target, spin=False)
+        resolution = (height, width) if height and width else None
+        runtime, plan = open_runtime(path, target, steps, spin=False, resolution=resolution)
+        if quality_samples and plan.decode:
+            raise click.BadParameter(
+                "FD-digits measures the digits models only", param_hint="--quality-samples"
+            )
         if short.count(label) > 1:  # two artifacts of one name: tell them apart by path
             label = str(path)
         name = f"{label} ({runtime.name}, {len(plan.steps)} steps)"
@@ -732,21 +748,19 @@ def sample(
     runtime, plan = open_runtime(model, target, steps, guidance, resolution=resolution)
     kind = plan.conditioning_kind or ("class" if plan.num_classes else None)
     if prompts and kind != "text":
-        what = "class-conditional (use --label)" if kind == "class" else "not text-conditioned"
-        raise click.BadParameter(f"{model} is {what}; it takes no prompt", param_hint="--prompt")
+        what = "class-conditional (give --label)" if kind == "class" else "not text-conditioned"
+        raise RecipeError(f"{model} is {what}; it takes no --prompt")
     if labels and kind != "class":
-        raise click.BadParameter(f"{model} is not class-conditional", param_hint="--label")
+        raise RecipeError(f"{model} is not class-conditional; it takes no --label")
     if kind == "text" and not prompts:
-        raise click.BadParameter(
-            f"{model} is a text-to-image model: give --prompt", param_hint="--prompt"
-        )
+        raise RecipeError(f"{model} is a text-to-image model: give --prompt")
     if labels and plan.num_classes and max(labels) >= plan.num_classes:
-        raise click.BadParameter(
-            f"{model} has classes 0..{plan.num_classes - 1}", param_hint="--label"
+        raise RecipeError(
+            f"{model} has classes 0..{plan.num_classes - 1}; got --label {max(labels)}"
         )
     num = num or len(prompts) or len(labels) or None
     if num is None:
-        raise click.BadParameter("how many images? give -n", param_hint="-n")
+        raise RecipeError("how many images? give -n")
     if plan.conditioning_kind is None and not plan.decode:  # the digits path, as before
         if labels:
             label_arr = np.resize(np.asarray(labels, dtype=np.int64), num)

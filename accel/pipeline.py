@@ -34,6 +34,22 @@ def plan(recipe: Recipe, store: Store) -> tuple[Artifact, list[PlannedStage]]:
     ]
 
 
+def _check_family(stage, parent: Artifact) -> None:
+    """A stage refuses, before anything is written, a checkpoint of a family it does not take."""
+    if stage.consumes != "checkpoint" or parent.kind != "checkpoint":
+        return
+    from distill.models import family_of
+
+    family = family_of(parent.path)
+    if family not in stage.families:
+        raise StageError(
+            stage.name,
+            f"{family} models are not supported by this stage yet (it takes "
+            f"{', '.join(stage.families)} checkpoints); `accel sample` and `accel profile` run "
+            "every family in eager torch",
+        )
+
+
 def run_stage(
     planned: PlannedStage,
     parent: Artifact,
@@ -46,6 +62,7 @@ def run_stage(
     """Run one stage into a pending artifact; any failure leaves the store as it was, apart from
     the stage's work dir (training checkpoints), which ``resume`` continues from. Under
     ``accelerate launch`` process 0 writes the artifact and the others get it from the store."""
+    _check_family(planned.plan.stage, parent)
     procs = Processes()
     if procs.is_main:
         try:

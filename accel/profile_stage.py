@@ -20,6 +20,9 @@ from accel.core.stage import Stage, StageConfig, StageContext
 
 Scenario = Literal["single_stream", "offline", "server"]
 SCHEMA = "accel.report/2"
+PROFILE_PROMPT = "a photograph of an astronaut riding a horse"
+"""The prompt of every query to a text-to-image model: the profile measures the pipeline, not
+the prompt (text encoders pad to a fixed length)."""
 
 
 class ProfileConfig(StageConfig):
@@ -73,7 +76,7 @@ def profile_runtimes(
         paired_ratio,
         run_server,
     )
-    from accel.runtime import sample
+    from accel.runtime import run_pipeline, sample
 
     single = batch or target.scenarios.single_stream_batch
     batches = {"single_stream": single, "offline": target.shapes.batch.max, "server": single}
@@ -84,7 +87,10 @@ def profile_runtimes(
         rng = np.random.default_rng(1234)
         noise = rng.standard_normal((n, *plan.sample_shape)).astype(np.float32)
         labels = (np.arange(n) % plan.num_classes).astype(np.int64) if plan.num_classes else None
-        return lambda: sample(runtime, plan, noise, labels, np.random.default_rng(0))
+        if plan.conditioning_kind is None or not plan.decode:  # the digits path, as before
+            return lambda: sample(runtime, plan, noise, labels, np.random.default_rng(0))
+        prompts = [PROFILE_PROMPT] * n if plan.conditioning_kind == "text" else None
+        return lambda: run_pipeline(runtime, plan, noise, prompts, labels, np.random.default_rng(0))
 
     report: dict = {
         "schema": SCHEMA,

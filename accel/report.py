@@ -468,11 +468,12 @@ def _quality_lines(report: dict) -> list[str]:
 def _breakdown_lines(breakdown: dict) -> list[str]:
     if not breakdown:
         return []
+    pixels = not any("vae decode" in sections for sections in breakdown.values())
     lines = [
         "## Per-stage breakdown of one SingleStream query (ms, p50 over the recorded calls)",
         "",
-        "Copies (h2d, d2h) and compute are parts of the denoising step they happen in. There is "
-        "no VAE decode: the shipped model samples pixels.",
+        "Copies (h2d, d2h) and compute are parts of the denoising step they happen in."
+        + (" There is no VAE decode: the model samples pixels." if pixels else ""),
         "",
     ]
     for name, sections in breakdown.items():

@@ -626,6 +626,8 @@ def open_runtime(
     else:
         device = "cuda" if target is not None and target.device == "cuda" else "cpu"
         return open_model(path, steps, guidance, device, resolution)
+    if resolution is not None:
+        raise CheckpointError(f"{path} is an engine for one resolution; drop --height/--width")
     if steps is not None and steps != len(plan.steps):
         raise CheckpointError(
             f"{path} is an engine for {len(plan.steps)} steps; its sampler plan "

@@ -2,8 +2,8 @@
 term on frozen teacher features plus the distillation term, covers every component and approaches
 the mixture in sliced-Wasserstein distance."""
 
+import pytest
 import torch
-from test_dmd import mixture, sliced_wasserstein
 
 from distill.add import AddConfig, distill
 from distill.consistency import sample_consistency
@@ -11,9 +11,11 @@ from distill.denoiser import ConsistencyDenoiser, Denoiser
 from distill.schedule import Schedule
 
 from gmm import TimeResidual, two_class_gmm
+from test_dmd import mixture, sliced_wasserstein
 from tiny import SCHEDULER
 
 
+@pytest.mark.slow
 def test_add_one_step_student_covers_every_component():
     sched = Schedule.from_config(SCHEDULER)
     gmm = two_class_gmm(sched)

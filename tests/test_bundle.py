@@ -439,6 +439,7 @@ def test_gpu_checks_with_a_stand_in_nvml(monkeypatch):
     assert "NVML sees no GPU" in bundle_mismatch(info, have)
 
 
+@pytest.mark.slow
 def test_aotinductor_bundle_runs(bundles):
     store, source, _ = bundles
     engine = build(store, source, "aoti", num_inference_steps=2, guidance_scale=1.5,

@@ -24,6 +24,7 @@ def tiny(tmp_path_factory):
     return store, store.source(write_tiny_pipeline(root / "teacher"))
 
 
+@pytest.mark.slow
 def test_aotinductor_engine_matches_eager_across_its_batch_range(tiny):
     store, source = tiny
     engine = build(

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from diffusers import LCMScheduler
 
@@ -54,6 +55,7 @@ def test_lcm_scheduler_loop_reproduces_multistep_consistency_sampling():
     torch.testing.assert_close(ours, denoised, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_one_step_endpoints_move_toward_exact_ode_endpoints():
     sched = Schedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
     gmm = two_class_gmm(sched)

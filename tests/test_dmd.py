@@ -28,6 +28,7 @@ def mixture(gmm, n, g):
     return x, gmm.classes[comp]
 
 
+@pytest.mark.slow
 def test_dmd2_one_step_student_covers_every_component():
     sched = Schedule.from_config(SCHEDULER)
     gmm = two_class_gmm(sched)

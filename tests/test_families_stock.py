@@ -4,6 +4,7 @@ save_pretrained / from_pretrained round trip (offline tokenizers and components 
 import numpy as np
 import pytest
 import torch
+
 from families import (
     FAMILIES,
     RESOLUTION,

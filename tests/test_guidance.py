@@ -3,6 +3,7 @@ the classifier-free-guided teacher; the stage's student loads with stock diffuse
 a graph input and chains into progressive distillation."""
 
 import numpy as np
+import pytest
 import torch
 
 from distill.denoiser import Denoiser
@@ -14,6 +15,7 @@ from gmm import TimeResidual, two_class_gmm
 from tiny import SCHEDULER, write_tiny_pipeline
 
 
+@pytest.mark.slow
 def test_w_conditioned_student_matches_the_guided_teacher():
     sched = Schedule.from_config(SCHEDULER)
     gmm = two_class_gmm(sched)

@@ -18,6 +18,8 @@ from distill.trainer import Trainer, TrainingConfig, checkpoints, process_seed
 
 from tiny import write_tiny_pipeline
 
+pytestmark = pytest.mark.slow  # torchrun launches of two processes each
+
 LR, SEED, BATCH = 0.1, 3, 8
 W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 

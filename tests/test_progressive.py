@@ -3,6 +3,7 @@
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,6 +58,7 @@ def test_student_at_half_the_steps_matches_teacher_per_sample():
         assert (sample_ddim(teacher, x_T, sched.ddim_timesteps(4), labels) - ref).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_one_round_of_training_closes_the_gap_to_the_teacher():
     sched, gmm_teacher, x_T, labels = setup(1.0)
     teacher = Denoiser(Residual(gmm_teacher.backbone), sched, "v_prediction")

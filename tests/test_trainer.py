@@ -82,6 +82,7 @@ def test_fp16_without_a_gpu_is_refused():
         Trainer("toy", TrainingConfig(mixed_precision="fp16"), 3)
 
 
+@pytest.mark.slow
 def test_killed_distillation_resumes_to_the_same_student(tmp_path):
     """SIGKILL an `accel distill consistency` run after its first checkpoint; `--resume` finishes
     it with the same student as an uninterrupted run."""

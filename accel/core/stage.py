@@ -67,6 +67,8 @@ class Stage:
     data_parallel: bool = False
     """Under ``accelerate launch`` every process runs it (a training stage, on its own batches) and
     process 0 writes the artifact; other stages run on process 0 while the rest wait."""
+    families: tuple[str, ...] = ("unet2d",)
+    """The model families (``distill.models``) whose checkpoints it takes, when it consumes one."""
 
     def __post_init__(self) -> None:
         for role in ("consumes", "produces"):

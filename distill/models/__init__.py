@@ -30,6 +30,7 @@ __all__ = [
     "adapter_class",
     "concat_conditioning",
     "denoiser_folder",
+    "family_of",
     "load_pipeline",
 ]
 
@@ -110,3 +111,15 @@ def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapte
         ) from None
     backbone.eval().requires_grad_(False)
     return adapter_cls(root, backbone, read_json(sched_path), index, load_components)
+
+
+def family_of(root: str | Path) -> str:
+    """The family of the pipeline at ``root`` ("unet2d", "sd", "sdxl", "sd3", "flux", "pixart",
+    "sana", "dit"), from its configs alone; an unsupported denoiser class is a CheckpointError."""
+    from accel.checkpoint import read_json
+
+    root = Path(root)
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    config_path = root / denoiser_folder(root, index) / "config.json"
+    config = read_json(config_path)
+    return adapter_class(config.get("_class_name", ""), config_path).family_of(config)

@@ -59,6 +59,14 @@ def concat_conditioning(
     return out
 
 
+def _quiet_loading() -> None:
+    """No progress bars or advisory chatter on stderr: the CLI's errors are one line."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _finite(module: nn.Module, where: Path) -> None:
     bad = [
         n
@@ -104,6 +112,11 @@ class ModelAdapter:
                 self.modules[name] = self._load(name, required=False)
             self.check_components()
 
+    @classmethod
+    def family_of(cls, config: dict[str, Any]) -> str:
+        """The family name of a denoiser config, without loading anything."""
+        return cls.family
+
     # ------------------------------------------------------------------ loading
 
     def _load(self, name: str, required: bool) -> Any:
@@ -122,6 +135,7 @@ class ModelAdapter:
                 f"{name} as {entry[1]}); copy the whole pipeline directory"
             )
         library, cls_name = entry
+        _quiet_loading()
         try:
             cls = getattr(importlib.import_module(library), cls_name)
         except (ImportError, AttributeError):

@@ -45,7 +45,11 @@ class StableDiffusionAdapter(ModelAdapter):
 
     @property
     def family(self) -> str:  # type: ignore[override]
-        return "sdxl" if self.xl else "sd"
+        return self.family_of(self.config)
+
+    @classmethod
+    def family_of(cls, config) -> str:
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
     def conditioning_spec(self) -> ConditioningSpec:
         spec = {

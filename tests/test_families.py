@@ -1,0 +1,220 @@
+"""Every diffusers family through accel's inference path, on tiny pipelines built from configs
+(tests/families.py): `accel sample` draws what the stock diffusers pipeline draws from the same
+latents, `accel profile` reports text encoding, denoising steps and the VAE decode separately, and
+bad input (unsupported classes, missing components, mismatched tokenizers, prompts to
+class-conditional models, stages that do not take a family yet) is one clear line."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import families
+from tiny import run_cli
+
+# Measured: at most 1e-6 between accel's sampler (x_next = a x + b x0 in float32 numpy) and the
+# stock schedulers' steps; 1e-4 leaves room for BLAS differences between machines.
+TOLERANCE = 1e-4
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    made: dict[str, object] = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = families.write_pipeline(family, root / family)
+        return made[family]
+
+    return get
+
+
+def _sample(monkeypatch, capsys, path, family, out, *extra):
+    args = ["sample", path, "--steps", 2, "--guidance", 2.0, "--out", out, *extra]
+    if family == "dit":
+        args += ["--label", 1]
+    else:
+        h, w = families.RESOLUTION[family]
+        args += ["--prompt", PROMPT, "--height", h, "--width", w]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    return np.load(out)
+
+
+def _stock(family, path, latents, prompts):
+    pipe = families.load_pipeline(family, path)
+    kw = families.stock_kwargs(family)
+    # accel runs the stock pipelines' own defaults (T5 / Gemma lengths, Sana's instruction)
+    kw.pop("max_sequence_length", None)
+    kw.pop("complex_human_instruction", None)
+    common = dict(num_inference_steps=2, guidance_scale=2.0, output_type="np")
+    if family == "dit":  # DiTPipeline takes no latents=: hand it ours where it draws noise
+        import diffusers.pipelines.dit.pipeline_dit as dit
+
+        original = dit.randn_tensor
+        dit.randn_tensor = lambda *a, **k: torch.from_numpy(latents)
+        try:
+            return pipe(class_labels=[1] * len(latents), **common).images
+        finally:
+            dit.randn_tensor = original
+    return pipe(prompts, latents=torch.from_numpy(latents), **common, **kw).images
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_accel_sample_matches_the_stock_pipeline(
+    family, pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    path = pipeline_dir(family)
+    out = _sample(monkeypatch, capsys, path, family, tmp_path / "s.npz")
+    latents = out["latents"]
+    assert latents.shape == families.latent_shape(family)  # the stock latents= layout
+    h, w = families.RESOLUTION[family]
+    assert out["images"].shape == (1, 3, h, w) and out["images"].dtype == np.float32
+    if family == "dit":
+        assert out["labels"].tolist() == [1]
+    else:
+        assert out["prompts"].tolist() == [PROMPT]
+    stock = _stock(family, path, latents, [PROMPT])
+    ours = out["images"].transpose(0, 2, 3, 1)
+    assert np.abs(stock - ours).max() <= TOLERANCE
+
+
+def test_prompts_batch_and_cycle(pipeline_dir, tmp_path, monkeypatch, capsys):
+    """Two prompts over three images, one batch: image i has prompt i mod 2, as the stock pipeline
+    does with the same prompts and latents."""
+    path = pipeline_dir("sdxl")
+    out_file = tmp_path / "s.npz"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", path, "--prompt", "red", "--prompt", "a blue square",
+        "-n", 3, "--steps", 2, "--guidance", 3.0, "--out", out_file,
+    )  # fmt: skip
+    assert code == 0, err
+    out = np.load(out_file)
+    assert out["prompts"].tolist() == ["red", "a blue square", "red"]
+    pipe = families.load_pipeline("sdxl", path)
+    stock = pipe(
+        out["prompts"].tolist(), latents=torch.from_numpy(out["latents"]), num_inference_steps=2,
+        guidance_scale=3.0, output_type="np", height=32, width=32,
+    ).images  # fmt: skip
+    assert np.abs(stock - out["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
+
+
+def test_png_grid(pipeline_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", pipeline_dir("sd3"), "--prompt", PROMPT, "-n", 2,
+        "--steps", 1, "--height", 32, "--width", 64, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert Image.open(out).size == (2 * 65, 33)
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_profile_reports_each_stage(family, pipeline_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "profile"
+    size = [] if family == "dit" else ["--height", 32, "--width", 32]
+    code, _, err = run_cli(
+        monkeypatch, capsys, "profile", pipeline_dir(family), "--target", "cpu",
+        "--warmup-iterations", 0, "--warmup-ms", 0, "--iterations", 1, "--steps", 3,
+        *size, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    (sections,) = report["breakdown"].values()
+    first = "conditioning" if family == "dit" else "text encoding"
+    assert first in sections and "vae decode" in sections
+    steps = [k for k in sections if k.startswith("step ")]
+    assert len(steps) == 3
+    names = list(sections)
+    assert names.index(first) < names.index(steps[0]) and names.index("vae decode") > names.index(
+        steps[-1]
+    )
+
+
+def _one_line_error(code, err, *needles):
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _copy(pipeline_dir, family, tmp_path):
+    return shutil.copytree(pipeline_dir(family), tmp_path / family)
+
+
+def test_unsupported_denoiser_class(pipeline_dir, tmp_path, monkeypatch, capsys):
+    path = _copy(pipeline_dir, "sd15", tmp_path)
+    config = json.loads((path / "unet/config.json").read_text())
+    (path / "unet/config.json").write_text(json.dumps(dict(config, _class_name="UNetMotionModel")))
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", path, "--prompt", "x", "--out", tmp_path / "o.npz"
+    )
+    _one_line_error(code, err, "'UNetMotionModel' is not supported", "UNet2DConditionModel", "Flux")
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_missing_component_folder(pipeline_dir, tmp_path, monkeypatch, capsys):
+    path = _copy(pipeline_dir, "flux", tmp_path)
+    shutil.rmtree(path / "text_encoder_2")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", path, "--prompt", "x", "--out", tmp_path / "o.npz"
+    )
+    _one_line_error(code, err, "text_encoder_2/ is missing")
+
+
+def test_tokenizer_that_does_not_match_its_text_encoder(
+    pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    from transformers import AutoTokenizer
+
+    path = _copy(pipeline_dir, "sd15", tmp_path)
+    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tok.add_tokens([f"<extra{i}>" for i in range(600)])
+    tok.save_pretrained(path / "tokenizer")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", path, "--prompt", "x", "--out", tmp_path / "o.npz"
+    )
+    _one_line_error(code, err, "tokenizer/ has 1114 tokens", "text_encoder/ embeds only 514")
+
+
+def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", pipeline_dir("dit"), "--prompt", "a cat",
+        "--out", tmp_path / "o.npz",
+    )  # fmt: skip
+    _one_line_error(code, err, "class-conditional", "--label")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", pipeline_dir("sd15"), "-n", 1, "--out", tmp_path / "o.npz"
+    )
+    _one_line_error(code, err, "text-to-image model: give --prompt")
+    assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["distill", "progressive"],
+        ["distill", "consistency"],
+        ["export", "onnx"],
+        ["compile", "--backend", "aoti"],
+        ["quantize"],
+    ],
+)
+def test_stages_refuse_families_they_do_not_take_yet(
+    command, pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    store, out = tmp_path / "store", tmp_path / "out"
+    code, _, err = run_cli(
+        monkeypatch, capsys, *command, pipeline_dir("sdxl"), "--store", store, "--out", out
+    )
+    _one_line_error(code, err, "sdxl models are not supported by this stage yet")
+    assert not out.exists()
+    assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
