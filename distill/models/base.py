@@ -203,7 +203,10 @@ class ModelAdapter:
                 f"got {height}x{width}"
             )
 
-    patch_size: ClassVar[int] = 1
+    @property
+    def patch_size(self) -> int:
+        """The transformer's patch size (1 for UNets)."""
+        return int(self.config.get("patch_size") or 1)
 
     def latent_shape(self, height: int, width: int) -> list[int]:
         """Per-example shape of the noise, as the stock pipeline takes ``latents=``."""

@@ -19,10 +19,6 @@ class DiTAdapter(ModelAdapter):
     conditioning = "class"
 
     @property
-    def patch_size(self) -> int:  # type: ignore[override]
-        return self.config.patch_size
-
-    @property
     def num_classes(self) -> int:
         return int(self.config.num_embeds_ada_norm)
 

@@ -36,10 +36,6 @@ class PixArtAdapter(ModelAdapter):
     components = ("vae", "text_encoder", "tokenizer")
     max_sequence_length = 300
 
-    @property
-    def patch_size(self) -> int:  # type: ignore[override]
-        return self.config.patch_size
-
     def conditioning_spec(self) -> ConditioningSpec:
         return {
             "encoder_hidden_states": TensorSpec(

@@ -35,10 +35,6 @@ class SanaAdapter(ModelAdapter):
         self.instruction = default_instruction()
 
     @property
-    def patch_size(self) -> int:  # type: ignore[override]
-        return self.config.patch_size
-
-    @property
     def vae_scale_factor(self) -> int:  # type: ignore[override]
         vae = self.modules.get("vae")
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1) if vae is not None else 32

@@ -35,10 +35,6 @@ class SD3Adapter(ModelAdapter):
     optional_components = ("text_encoder_3", "tokenizer_3")
     max_sequence_length = 256
 
-    @property
-    def patch_size(self) -> int:  # type: ignore[override]
-        return self.config.patch_size
-
     def conditioning_spec(self) -> ConditioningSpec:
         return {
             "encoder_hidden_states": TensorSpec(
