@@ -115,14 +115,7 @@ class Denoiser(nn.Module):
         # A family adapter (distill.models) calls the backbone with a conditioning dict; without
         # one, the backbone is a class-conditional UNet2DModel called with class labels.
         self.adapter = adapter
-        self.null_conditioning = null_conditioning
-        if (
-            adapter is not None
-            and guidance_scale != 1.0
-            and null_conditioning is None
-            and not adapter.guidance_in_model
-        ):
-            raise ValueError("classifier-free guidance needs the null conditioning")
+        self.null_conditioning = null_conditioning  # adapter models: encoded on first use
         if prediction_type not in PREDICTION_TYPES:
             raise _unknown_prediction_type(prediction_type)
         if (
@@ -204,6 +197,9 @@ class Denoiser(nn.Module):
 
         if self.guidance_scale == 1.0 or self.adapter.guidance_in_model:
             return self.adapter.forward(self.backbone, x, t, cond)
+        if self.null_conditioning is None:
+            size = self.adapter.resolution or self.adapter.default_resolution()
+            self.null_conditioning = self.adapter.null_conditioning(*size)
         both = concat_conditioning(self.adapter.conditioning_spec(), cond, self.null_conditioning)
         out = self.adapter.forward(self.backbone, torch.cat([x, x]), torch.cat([t, t]), both)
         c, u = out.chunk(2)
@@ -282,16 +278,12 @@ def load_denoiser(
         )
         if adapter.guidance_in_model:
             adapter.guidance_scale = w
-        null = None
-        if w != 1.0 and not adapter.guidance_in_model and load_components:
-            null = adapter.null_conditioning(*adapter.default_resolution())
         den = Denoiser(
             backbone,
             adapter.schedule,
             adapter.prediction_type,
             guidance_scale=w,
             adapter=adapter,
-            null_conditioning=null,
         )
         return den, dict(info, scheduler=adapter.scheduler_config, family=adapter.family)
     sched_cfg = adapter.scheduler_config

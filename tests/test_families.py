@@ -218,3 +218,28 @@ def test_stages_refuse_families_they_do_not_take_yet(
     _one_line_error(code, err, "sdxl models are not supported by this stage yet")
     assert not out.exists()
     assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "dit"])
+def test_denoiser_guidance_is_the_mix_of_two_graph_calls(family, pipeline_dir):
+    """The torch Denoiser's classifier-free guidance (one doubled batch, null conditioning from
+    the adapter) equals x0_u + w (x0_c - x0_u) from two calls of the graph."""
+    from distill.denoiser import DenoiserGraph, load_denoiser
+
+    den, _ = load_denoiser(pipeline_dir(family), guidance_scale=3.0)
+    adapter = den.adapter
+    h, w = adapter.default_resolution()
+    with torch.no_grad():
+        if family == "dit":
+            cond = adapter.encode(labels=torch.tensor([1, 2]))
+        else:
+            cond = adapter.encode(["a red circle", "blue"], height=h, width=w)
+        null = adapter.null_conditioning(h, w)
+        x = torch.randn(2, *adapter.latent_shape(h, w), generator=torch.Generator().manual_seed(0))
+        t = den.schedule.num_train_timesteps * 0.6
+        t = torch.full((2,), t if den.schedule.kind == "flow" else int(t))
+        guided = den(x, t, cond)
+        graph = DenoiserGraph.of(den)
+        c = graph(x, t, **cond)
+        u = graph(x, t, **{k: v.expand(2, *v.shape[1:]) for k, v in null.items()})
+    torch.testing.assert_close(guided, u + 3.0 * (c - u), atol=1e-5, rtol=1e-5)

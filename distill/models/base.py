@@ -90,6 +90,7 @@ class ModelAdapter:
     optional_components: ClassVar[tuple[str, ...]] = ()
     conditioning: ClassVar[str] = "text"  # "text", "class" or "none": what encode() takes
     guidance_in_model: ClassVar[bool] = False  # w is a model input (Flux-dev), not two passes
+    resolution: tuple[int, int] | None = None  # (H, W) being sampled, set by the runtime
 
     def __init__(
         self,
@@ -267,15 +268,30 @@ class ModelAdapter:
         return f"{self.family} ({type(self.backbone).__name__})"
 
 
-def text_hidden(encoder, tokenizer, prompts: list[str], max_length: int | None = None, **kw):
-    """Tokenize ``prompts`` padded to ``max_length`` (default the tokenizer's) and run ``encoder``."""
+def text_hidden(encoder, tokenizer, prompts: list[str]):
+    """``encoder``'s outputs (with hidden states) on ``prompts`` padded to the tokenizer's
+    ``model_max_length``, as the CLIP-conditioned pipelines tokenize."""
     ids = tokenizer(
         prompts,
         padding="max_length",
-        max_length=max_length or tokenizer.model_max_length,
+        max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-        **kw,
+    ).input_ids
+    return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+
+
+def masked_encode(encoder, tokenizer, prompts: list[str], max_length: int):
+    """Last hidden states and attention mask of ``prompts`` padded to ``max_length`` (T5, Gemma:
+    the encoders whose pipelines pass the mask on to the transformer)."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
     )
     device = next(encoder.parameters()).device
-    return ids, encoder(ids.input_ids.to(device), output_hidden_states=True)
+    mask = tokens.attention_mask.to(device)
+    return encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float(), mask

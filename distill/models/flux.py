@@ -137,5 +137,3 @@ class FluxAdapter(ModelAdapter):
         c = ch // 4
         x = latents.view(n, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * 2, gw * 2)
         return super().decode(x)
-
-    resolution: tuple[int, int] | None = None  # set by the runtime: the packed grid's image size

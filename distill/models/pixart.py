@@ -13,22 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
-
-
-def t5_encode(encoder, tokenizer, prompts: list[str], max_length: int):
-    """T5 last hidden states and the attention mask of ``prompts`` padded to ``max_length``."""
-    tokens = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    )
-    device = next(encoder.parameters()).device
-    mask = tokens.attention_mask.to(device)
-    return encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float(), mask
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, masked_encode
 
 
 class PixArtAdapter(ModelAdapter):
@@ -47,7 +32,7 @@ class PixArtAdapter(ModelAdapter):
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
             raise CheckpointError("PixArt models are conditioned on prompts: give --prompt")
-        hidden, mask = t5_encode(
+        hidden, mask = masked_encode(
             self.modules["text_encoder"],
             self.modules["tokenizer"],
             [p.lower().strip() for p in prompts],

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, masked_encode
 
 
 def default_instruction() -> list[str] | None:
@@ -56,21 +56,11 @@ class SanaAdapter(ModelAdapter):
             chi = "\n".join(self.instruction)
             prompts = [chi + p for p in prompts]
             max_length = len(tok.encode(chi)) + self.max_sequence_length - 2
-        tokens = tok(
-            prompts,
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        device = next(enc.parameters()).device
-        mask = tokens.attention_mask.to(device)
-        hidden = enc(tokens.input_ids.to(device), attention_mask=mask)[0]
+        hidden, mask = masked_encode(enc, tok, prompts, max_length)
         if instruction and self.instruction:
             keep = [0, *range(-self.max_sequence_length + 1, 0)]
             hidden, mask = hidden[:, keep], mask[:, keep]
-        return {"encoder_hidden_states": hidden.float(), "encoder_attention_mask": mask}
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
 
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:

@@ -67,11 +67,11 @@ class StableDiffusionAdapter(ModelAdapter):
         if prompts is None:
             raise CheckpointError(f"{self.family} models are conditioned on prompts: give --prompt")
         if not self.xl:
-            _, out = text_hidden(self.modules["text_encoder"], self.modules["tokenizer"], prompts)
+            out = text_hidden(self.modules["text_encoder"], self.modules["tokenizer"], prompts)
             return {"encoder_hidden_states": out.last_hidden_state.float()}
         hidden = []
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            _, out = text_hidden(self.modules[enc], self.modules[tok], prompts)
+            out = text_hidden(self.modules[enc], self.modules[tok], prompts)
             hidden.append(out.hidden_states[-2])
         h, w = (height, width) if height else self.default_resolution()
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)

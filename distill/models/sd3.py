@@ -48,7 +48,7 @@ class SD3Adapter(ModelAdapter):
             raise CheckpointError("SD3 models are conditioned on prompts: give --prompt")
         hidden, pooled = [], []
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            _, out = text_hidden(self.modules[enc], self.modules[tok], prompts)
+            out = text_hidden(self.modules[enc], self.modules[tok], prompts)
             hidden.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
         clip = torch.cat(hidden, dim=-1)
