@@ -17,13 +17,13 @@ from pydantic import Field
 
 from accel.core.artifact import MANIFEST, Artifact, Store
 from accel.core.errors import StageError
+from accel.core.hardware import installed_version
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-from accel.hardware import installed_version
+from accel.runtime.backends import BACKENDS
 
 BUNDLE_FORMAT = "accel.bundle/1"
 CARD_FILE = "README.md"
-ENGINE_LIBRARIES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "aotinductor": "torch"}
 ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32"}
 
 
@@ -173,7 +173,7 @@ images = bundle.sample(np.random.default_rng(0).standard_normal((4, *bundle.plan
                        labels=np.arange(4), seed=0)
 ```
 
-The runtime needs numpy and {ENGINE_LIBRARIES[info["backend"]]} only. Built with
+The runtime needs numpy and {BACKENDS[info["backend"]].library} only. Built with
 {", ".join(f"{k} {v}" for k, v in info["libraries"].items())}.
 
 ## Interface
@@ -209,13 +209,13 @@ def run(ctx: StageContext) -> None:
             f"{ctx.target.name!r}: pass --target {built_for.get('name')}",
         )
     backend = engine.info.get("backend")
-    if backend not in ENGINE_LIBRARIES:
+    if backend not in BACKENDS:
         raise StageError("bundle", f"{engine.path} has no known engine backend ({backend!r})")
     for f in engine.path.iterdir():
         if f.name != MANIFEST and f.is_file():
             shutil.copy(f, ctx.out / f.name)
     plan = SamplerPlan.load(ctx.out / PLAN_FILE)
-    library = ENGINE_LIBRARIES[backend]
+    library = BACKENDS[backend].library
     built_with = engine.info.get(f"{library}_version") or installed_version(library)
     t = ctx.target
     ctx.info.update(

@@ -657,8 +657,8 @@ def targets_show(name: str) -> None:
 
 
 def _detected():
+    from accel.core.hardware import detect
     from accel.core.target import list_targets, load_target
-    from accel.hardware import detect
 
     return detect([load_target(n) for n in list_targets()])
 

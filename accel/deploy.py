@@ -21,6 +21,7 @@ from pathlib import Path
 
 from accel.core.errors import CheckpointError
 from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.runtime.backends import backend
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
                 "int32": "TYPE_INT32", "bfloat16": "TYPE_BF16"}  # fmt: skip
@@ -54,20 +55,22 @@ def _instances(info: dict, count: int) -> str:
 def _engine_config(name: str, info: dict, batch_factor: int, count: int, delay_us: int) -> str:
     b = info["target"]["batch"]
     lines = [f'name: "{name}"']
-    if info["backend"] == "onnxruntime":
-        lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
-    elif info["backend"] == "tensorrt":
-        cc = info["target"]["compute_capability"]
-        lines += [
-            'platform: "tensorrt_plan"',
-            'default_model_filename: "model.plan"',
-            f'cc_model_filenames {{ key: "{cc}" value: "model.plan" }}',
-        ]
-    else:
+    triton = backend(info["backend"]).triton
+    if triton is None:
         raise CheckpointError(
             f"Triton has no backend for {info['backend']} bundles; bundle an onnxruntime or "
             "TensorRT engine (`accel compile --backend ort|tensorrt`)"
         )
+    file = "model" + backend(info["backend"]).suffix
+    if triton == "tensorrt_plan":  # a platform, with one plan per compute capability
+        cc = info["target"]["compute_capability"]
+        lines += [
+            f'platform: "{triton}"',
+            f'default_model_filename: "{file}"',
+            f'cc_model_filenames {{ key: "{cc}" value: "{file}" }}',
+        ]
+    else:
+        lines += [f'backend: "{triton}"', f'default_model_filename: "{file}"']
     lines += [
         f"max_batch_size: {b['max'] * batch_factor}",
         "input [",
@@ -140,7 +143,7 @@ def triton_repository(
     engine_name = name if info["fused"] else f"{name}_denoiser"
     version = out / engine_name / "1"
     version.mkdir(parents=True)
-    suffix = ".plan" if info["backend"] == "tensorrt" else ".onnx"
+    suffix = backend(info["backend"]).suffix
     engine_file = info["engine_file"]
     for f in bundle.path.glob(engine_file + "*"):  # the graph and its external data
         target = "model" + suffix + f.name[len(engine_file) :]

@@ -20,16 +20,16 @@ No torch at import: torch is used only when a GPU timer or GPU memory is asked f
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from accel.core.sections import _recorder
 
 PERCENTILES = (50, 90, 95, 99)
 CV_WARNING = 0.025
@@ -185,7 +185,7 @@ def peak_memory(baseline_mib: float | None) -> dict:
         "host_peak_since": "start" if baseline_mib is None else "warm-up",
     }
     if _cuda_in_use():
-        from accel.hardware import nvml_memory_used_mib
+        from accel.core.hardware import nvml_memory_used_mib
 
         torch = sys.modules["torch"]
         out["torch_cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -278,29 +278,6 @@ def measure_interleaved(
 
 
 # ---------------------------------------------------------------- per-stage breakdown
-
-_recorder: contextvars.ContextVar[dict[str, list[float]] | None] = contextvars.ContextVar(
-    "accel_profile_recorder", default=None
-)
-
-
-def recording() -> bool:
-    """Whether a breakdown is being recorded (GPU runtimes then synchronise inside sections)."""
-    return _recorder.get() is not None
-
-
-@contextlib.contextmanager
-def section(name: str) -> Iterator[None]:
-    """Mark a stage of a call (conditioning, a denoising step, a copy) for ``breakdown``."""
-    rec = _recorder.get()
-    if rec is None:
-        yield
-        return
-    start = time.perf_counter_ns()
-    try:
-        yield
-    finally:
-        rec.setdefault(name, []).append((time.perf_counter_ns() - start) / 1e6)
 
 
 def breakdown(fn: Callable[[], object], repeats: int = 5) -> dict[str, dict]:

@@ -68,7 +68,7 @@ def profile_runtimes(
     """Measure ``subjects`` ({name: (runtime, plan)}), one end-to-end sampling call (noise ->
     image) per query, in each scenario; returns a report (schema ``accel.report/2``, documented
     in docs/report-schema.md) without quality."""
-    from accel.hardware import environment, target_mismatch
+    from accel.core.hardware import environment, target_mismatch
     from accel.profile import (
         breakdown,
         cv_warning,
@@ -250,9 +250,10 @@ def run(ctx: StageContext) -> None:
     from accel.profile import Harness
     from accel.quality import fd_floor
     from accel.report import write_report
-    from accel.runtime import TorchRuntime, open_engine
+    from accel.runtime import open_engine
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
+    from export.torch_runtime import TorchRuntime
 
     target = ctx.target
     harness = Harness.of(

@@ -108,7 +108,7 @@ def medium_unet_check(store: Store, target, iterations: int) -> dict:
         store, fp32_graph, target, "quantize", calibration_samples=16, activations="int8", gate=gate
     )
     s8 = build(store, s8_graph, target, "ort", gate=gate)
-    from accel.runtime import TorchRuntime
+    from export.torch_runtime import TorchRuntime
 
     runtimes = {
         "torch eager fp32": TorchRuntime(graph),
@@ -156,11 +156,12 @@ def main() -> None:
 
     import torch
 
-    from accel.hardware import environment
+    from accel.core.hardware import environment
     from accel.profile import measure_interleaved
     from accel.quality import evaluate_images, generate
-    from accel.runtime import TorchRuntime, open_engine, sample, step_feeds
+    from accel.runtime import open_engine, sample, step_feeds
     from export.onnx_export import graph_and_plan
+    from export.torch_runtime import TorchRuntime
 
     store = Store(args.store)
     recipe = load_recipe(DEMO_RECIPE)

@@ -22,7 +22,7 @@ import numpy as np
 from accel.core.recipe import load_recipe
 from accel.pipeline import default_store, run_recipe
 from accel.quality import TEACHER_DIR, evaluate_images, fd_floor, generate
-from accel.runtime import open_model
+from export.torch_runtime import open_model
 
 GUIDANCE = 1.5
 STEPS = [1, 2, 4, 8]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from accel.quality import TEACHER_DIR, evaluate_images, fd_floor, generate
-from accel.runtime import open_model
+from export.torch_runtime import open_model
 
 
 def main() -> None:

@@ -64,8 +64,8 @@ def run(ctx: StageContext) -> None:
     config: AotiConfig = ctx.config  # type: ignore[assignment]
     import torch
 
-    from accel.runtime import AotiRuntime, TorchRuntime
     from export.onnx_export import graph_and_plan
+    from export.torch_runtime import AotiRuntime, TorchRuntime
 
     device = ctx.target.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -218,8 +218,8 @@ def onnx_parity(path: Path, reference, feeds: list[dict], extra: list | None = N
 def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan, spatial, resolutions) -> None:
     from dataclasses import replace
 
-    from accel.runtime import TorchRuntime
     from export.fused_sampler import FusedSampler, example_feeds
+    from export.torch_runtime import TorchRuntime
 
     fused_plan = replace(plan, notes={**plan.notes, "fused": True, "graph_output": "images"})
     sampler = FusedSampler(graph, fused_plan).eval()
@@ -279,7 +279,7 @@ def spatial_range(target, graph) -> tuple[int, int, int] | None:
 
 def run(ctx: StageContext) -> None:
     config: OnnxConfig = ctx.config  # type: ignore[assignment]
-    from accel.runtime import TorchRuntime
+    from export.torch_runtime import TorchRuntime
 
     graph, plan = graph_and_plan(
         "onnx", ctx.input.path, config.num_inference_steps, config.guidance_scale

@@ -73,9 +73,10 @@ def run(ctx: StageContext) -> None:
 
     import torch
 
-    from accel.runtime import OrtRuntime, TorchRuntime
+    from accel.runtime import OrtRuntime
     from export.onnx_export import graph_and_plan, onnx_from_torch
     from export.quantize_onnx import calibration_feeds
+    from export.torch_runtime import TorchRuntime
 
     try:
         import modelopt.torch.quantization as mtq

@@ -18,18 +18,16 @@ stops with an error that says so. The code is type-checked with mypy against ``t
 from __future__ import annotations
 
 import shlex
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from pydantic import Field
 
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-from accel.profile import section
+from accel.runtime.tensorrt import TensorRTRuntime, tensorrt_missing
 from export.quality_gate import GateConfig, quality_gate
 
 if TYPE_CHECKING:
@@ -60,20 +58,9 @@ class TensorRTConfig(StageConfig):
 def import_tensorrt() -> None:
     """StageError unless ``tensorrt`` (not just its stubs) is importable. Callers then
     ``import tensorrt as trt`` themselves, so mypy checks their calls against the stubs."""
-    try:
-        import tensorrt
-    except ImportError:
-        found = False
-    else:  # tensorrt-stubs alone make ``tensorrt`` an empty namespace package
-        found = hasattr(tensorrt, "Builder")
-    if not found:
-        raise StageError(
-            "tensorrt",
-            "TensorRT is not installed here: its wheels come from NVIDIA's package index "
-            "(pip install tensorrt --extra-index-url https://pypi.nvidia.com) and it needs a CUDA "
-            "GPU. Build TensorRT engines on a machine of the target's GPU model, or compile with "
-            "--backend ort",
-        )
+    why = tensorrt_missing()
+    if why:
+        raise StageError("tensorrt", why)
 
 
 def batch_factor(plan: SamplerPlan, inputs) -> int:
@@ -209,89 +196,11 @@ def build_engine(
     return bytes(memoryview(serialized)), bytes(memoryview(cache.serialize()))
 
 
-class TensorRTRuntime:
-    """A TensorRT engine (``model.plan``) on the current GPU: numpy feeds are copied into device
-    buffers (cuda-python's CUDA runtime, ``accel.cudart``: no torch, so that TensorRT bundles run
-    with numpy, TensorRT and cuda-python alone) and run with ``execute_async_v3`` on its own
-    stream. One execution context, so calls are serialised by a lock."""
-
-    def __init__(self, path: str | Path, info: dict) -> None:
-        from accel.cudart import Stream
-
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"TensorRT engine not found: {path}")
-        try:
-            import_tensorrt()
-        except StageError as e:
-            raise CheckpointError(e.message) from None
-        import tensorrt as trt
-
-        self._stream = Stream()  # fails with CUDA's reason where there is no usable GPU
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._logger)
-        runtime.engine_host_code_allowed = bool(info.get("version_compatible"))
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise CheckpointError(
-                f"TensorRT {trt.__version__} cannot load {path} (built with TensorRT "
-                f"{info.get('tensorrt_version', '?')} for compute capability "
-                f"{info.get('compute_capability', '?')}); rebuild it on this machine"
-            )
-        self._engine, self._context = engine, engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self._in = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._out = [n for n in names if n not in self._in]
-        self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        self._lock = threading.Lock()
-        self._max_batch = int(info.get("batch_range", [1, 2**31])[1])
-        self.name = "tensorrt"
-
-    def inputs(self) -> dict[str, tuple[list, str]]:
-        return {n: (["batch"], str(self._dtype[n])) for n in self._in}
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Batches above the engine's profile run in chunks of its maximum."""
-        from accel.runtime import infer_in_chunks
-
-        return infer_in_chunks(self._infer, feeds, self._max_batch)
-
-    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stream = self._stream
-        with self._lock:
-            for n in self._in:
-                host = np.ascontiguousarray(feeds[n], dtype=self._dtype[n])
-                if not self._context.set_input_shape(n, tuple(host.shape)):
-                    raise CheckpointError(
-                        f"input {n!r} of shape {host.shape} is outside this TensorRT engine's "
-                        "optimisation profile; rebuild it for a target whose shapes cover it"
-                    )
-                with section("h2d"):
-                    self._context.set_tensor_address(n, stream.upload(n, host))
-            shapes = {}
-            for n in self._out:
-                dims = self._context.get_tensor_shape(n)
-                shapes[n] = tuple(dims[i] for i in range(len(dims)))
-                nbytes = int(np.prod(shapes[n])) * self._dtype[n].itemsize
-                self._context.set_tensor_address(n, stream.buffer(n, nbytes))
-            with section("compute"):
-                if not self._context.execute_async_v3(int(stream.handle)):
-                    raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
-                stream.synchronize()
-            with section("d2h"):
-                return {
-                    n: stream.download(stream.buffer(n, 0), shapes[n], self._dtype[n]).astype(
-                        np.float32
-                    )
-                    for n in self._out
-                }
-
-
 def fp32_student(ctx: StageContext, plan: SamplerPlan):
     """The torch student this graph was quantized from (the nearest checkpoint in its lineage),
     as the gate's reference when onnxruntime cannot run the graph itself."""
-    from accel.runtime import TorchRuntime
     from export.onnx_export import graph_and_plan
+    from export.torch_runtime import TorchRuntime
 
     student = next((a for a in ctx.store.lineage(ctx.input) if a.kind == "checkpoint"), None)
     if student is None:

@@ -11,7 +11,7 @@ from accel.quality import (
     features_and_predictions,
     generate,
 )
-from accel.runtime import open_model
+from export.torch_runtime import open_model
 
 
 def test_teacher_is_a_small_stock_diffusers_pipeline():

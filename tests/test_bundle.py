@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from accel.core.errors import CheckpointError, TargetMismatch
-from accel.hardware import bundle_mismatch
 from accel.pipeline import default_store
-from accel.runtime import Bundle, OrtRuntime, open_model, sample
+from accel.runtime import Bundle, OrtRuntime, bundle_mismatch, sample
 from export.parity import TOLERANCES
+from export.torch_runtime import open_model
 
 from tiny import build, run_cli, write_tiny_pipeline
 
@@ -129,7 +129,7 @@ def test_library_and_gpu_checks_name_the_fix():
     trt = dict(info, backend="tensorrt", libraries={"tensorrt": "10.13.0"})
     trt["target"] = {"name": "h100-sxm", "device": "cuda", "gpu": "H100 80GB HBM3",
                      "compute_capability": "9.0"}  # fmt: skip
-    from accel.hardware import gpu_info
+    from accel.core.hardware import gpu_info
 
     if not gpu_info():
         assert "NVML sees no GPU here" in bundle_mismatch(trt, {"tensorrt": "10.13.0"})
@@ -351,13 +351,13 @@ def test_the_embedding_example_writes_images(bundles, tmp_path):
 def test_tensorrt_bundles_need_cuda_python_not_torch():
     import importlib.util
 
-    from accel import cudart
+    from accel.runtime import cudart
 
     if importlib.util.find_spec("cuda") is None:
         with pytest.raises(CheckpointError, match="pip install cuda-python"):
             cudart.cudart()
     code = (
-        "import sys, export.tensorrt_compile, accel.cudart; "
+        "import sys, accel.runtime.tensorrt; "
         "assert 'torch' not in sys.modules, 'the TensorRT runtime path imports torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -402,7 +402,7 @@ def test_unlisted_or_unhashed_files_fail_the_integrity_check(bundles, tmp_path):
 
 
 def test_gpu_checks_with_a_stand_in_nvml(monkeypatch):
-    import accel.hardware as hw
+    import accel.runtime.bundle as hw
 
     info = {
         "backend": "tensorrt",

@@ -235,7 +235,7 @@ def test_targets_list_show_and_detect(monkeypatch, capsys):
     from accel.core.target import list_targets
 
     assert code == 0 and out.split()[0] in list_targets() and "(" in out  # a target, and why
-    from accel.hardware import cpu_info, gpu_info
+    from accel.core.hardware import cpu_info, gpu_info
 
     flags = set(cpu_info()["flags"])
     if not gpu_info() and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:

@@ -9,10 +9,11 @@ import pytest
 
 from accel.core.errors import StageError
 from accel.pipeline import default_store
-from accel.runtime import AotiRuntime, TorchRuntime, open_engine, open_runtime
+from accel.runtime import open_engine, open_runtime
 from export.onnx_export import example_inputs
 from export.ort_compile import provider_options, target_provider
 from export.parity import compare, describe_failure
+from export.torch_runtime import AotiRuntime, TorchRuntime
 
 from tiny import build, gpu_target, write_tiny_pipeline
 

@@ -96,7 +96,8 @@ def test_consistency_stage_to_engine_samples_like_torch(tmp_path):
     from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
     from accel.quality import generate
-    from accel.runtime import open_engine, open_model
+    from accel.runtime import open_engine
+    from export.torch_runtime import open_model
 
     from tiny import write_tiny_pipeline
 

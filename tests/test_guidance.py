@@ -57,7 +57,8 @@ def test_guidance_stage_exports_w_as_an_input_and_chains_into_progressive(tmp_pa
     from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
     from accel.quality import generate
-    from accel.runtime import open_engine, open_model
+    from accel.runtime import open_engine
+    from export.torch_runtime import open_model
 
     write_tiny_pipeline(tmp_path / "teacher")
     (tmp_path / "r.toml").write_text(

@@ -4,11 +4,12 @@ import numpy as np
 import onnx
 import pytest
 
-from accel.runtime import OrtRuntime, TorchRuntime
+from accel.runtime import OrtRuntime
 from distill.denoiser import DenoiserGraph
 from distill.schedule import Schedule
 from export.onnx_export import example_inputs, onnx_from_torch
 from export.parity import compare, describe_failure
+from export.torch_runtime import TorchRuntime
 
 from tiny import tiny_unet
 

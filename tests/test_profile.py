@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 import accel.profile as prof
+from accel.core.sections import section
 from accel.profile import (
     Harness,
     breakdown,
@@ -20,7 +21,6 @@ from accel.profile import (
     quantile_ci,
     reset_peak_memory,
     run_server,
-    section,
     summarize,
 )
 
@@ -49,14 +49,14 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch):
+    import accel.core.sections as sections
+
     c = FakeClock()
-    monkeypatch.setattr(
-        prof,
-        "time",
-        types.SimpleNamespace(
-            perf_counter=c.perf_counter, perf_counter_ns=c.perf_counter_ns, sleep=c.sleep
-        ),
+    fake = types.SimpleNamespace(
+        perf_counter=c.perf_counter, perf_counter_ns=c.perf_counter_ns, sleep=c.sleep
     )
+    monkeypatch.setattr(prof, "time", fake)
+    monkeypatch.setattr(sections, "time", fake)
     return c
 
 

@@ -33,8 +33,8 @@ def test_cuda_events_time_gpu_work():
 
 
 def test_nvml_reads_the_gpu_and_detect_names_its_target():
+    from accel.core.hardware import detect, environment, gpu_info
     from accel.core.target import list_targets, load_target
-    from accel.hardware import detect, environment, gpu_info
 
     gpus = gpu_info()
     assert gpus, "nvidia-ml-py and a driver should be present on a GPU machine"
@@ -54,7 +54,8 @@ def test_gpu_profile_of_a_tiny_model(tmp_path):
     from accel.profile import Harness
     from accel.profile_stage import profile_runtimes
     from accel.report import Report, write_report
-    from accel.runtime import open_model, sample
+    from accel.runtime import sample
+    from export.torch_runtime import open_model
 
     # a target for the GPU at hand, known to the catalogue or not
     name = torch.cuda.get_device_name(0)
@@ -92,8 +93,8 @@ def test_gpu_profile_of_a_tiny_model(tmp_path):
 
 
 def test_cuda_python_buffers_round_trip_without_torch():
-    """The device memory layer of TensorRT bundles (accel.cudart) on a real GPU."""
-    from accel.cudart import Stream
+    """The device memory layer of TensorRT bundles (accel.runtime.cudart) on a real GPU."""
+    from accel.runtime.cudart import Stream
 
     stream = Stream()
     for shape, dtype in (((4, 1, 16, 16), np.float32), ((7,), np.int64), ((3, 5), np.float16)):

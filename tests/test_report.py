@@ -16,7 +16,7 @@ from accel.core.target import load_target
 from accel.profile import Harness, summarize
 from accel.profile_stage import profile_runtimes
 from accel.report import Report, compare, load_report, write_report
-from accel.runtime import open_model
+from export.torch_runtime import open_model
 
 from test_profile import FakeClock
 from tiny import run_cli, write_tiny_pipeline
@@ -94,22 +94,21 @@ def test_report_invariants(tiny_report):
 def test_budget_verdict_on_a_fake_clock(tmp_path, monkeypatch):
     """The latency budget's verdict on known timings: `profile_runtimes` on a virtual clock that
     only the (fake) sampling calls advance, by set latencies per workload."""
+    import accel.core.sections as sections
     import accel.profile as prof
     import accel.runtime
 
     clock = FakeClock()
-    monkeypatch.setattr(
-        prof,
-        "time",
-        types.SimpleNamespace(
-            perf_counter=clock.perf_counter,
-            perf_counter_ns=clock.perf_counter_ns,
-            sleep=clock.sleep,
-        ),
+    fake = types.SimpleNamespace(
+        perf_counter=clock.perf_counter,
+        perf_counter_ns=clock.perf_counter_ns,
+        sleep=clock.sleep,
     )
+    monkeypatch.setattr(prof, "time", fake)
+    monkeypatch.setattr(sections, "time", fake)
 
     def fake_sample(runtime, plan, noise, labels, rng=None):
-        with prof.section("step 0"):
+        with sections.section("step 0"):
             clock.now += next(runtime.latencies) / 1e3
         return noise
 

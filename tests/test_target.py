@@ -199,14 +199,14 @@ def gpu(name, cc, mib=81559):
     ],
 )
 def test_detect_names_the_closest_target(machine, expected):
-    from accel.hardware import detect
+    from accel.core.hardware import detect
 
     target, why = detect(catalogue(), cpu=machine[0], gpus=machine[1] or [], jetson="")
     assert target.name == expected, why
 
 
 def test_detect_a_jetson_by_its_device_tree_model():
-    from accel.hardware import detect
+    from accel.core.hardware import detect
 
     jetson = "NVIDIA Jetson AGX Orin Developer Kit"
     target, why = detect(catalogue(), cpu=cpu(), gpus=[], jetson=jetson)
@@ -214,14 +214,14 @@ def test_detect_a_jetson_by_its_device_tree_model():
 
 
 def test_detect_with_no_fitting_target_says_how_to_add_one():
-    from accel.hardware import detect
+    from accel.core.hardware import detect
 
     with pytest.raises(TargetError, match=r"no target fits this machine.*profiles/<name>.toml"):
         detect(catalogue(), cpu=cpu("sse2"), gpus=[], jetson="")
 
 
 def test_detect_on_this_machine_names_the_avx512_target():
-    from accel.hardware import cpu_info, detect, gpu_info
+    from accel.core.hardware import cpu_info, detect, gpu_info
 
     needed = set(load_target("cpu-avx512").cpu_flags)
     if gpu_info() or not needed <= set(cpu_info()["flags"]):
@@ -230,7 +230,7 @@ def test_detect_on_this_machine_names_the_avx512_target():
 
 
 def test_target_mismatch_names_what_differs():
-    from accel.hardware import target_mismatch
+    from accel.core.hardware import target_mismatch
 
     h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     assert target_mismatch(load_target("h100-sxm"), {"gpus": [h100]}) is None

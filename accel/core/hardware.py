@@ -8,7 +8,6 @@ guessed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import re
@@ -286,65 +285,5 @@ def target_mismatch(target, env: dict) -> str | None:
             f"target {target.name} is a {target.gpu} (compute capability "
             f"{target.compute_capability}), but this machine's GPU 0 is {g['name']} "
             f"({g['compute_capability']}): these figures are not the target's"
-        )
-    return None
-
-
-def _version(text: str | None) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text or "")[:3])
-
-
-def bundle_mismatch(info: dict, installed: dict[str, str | None]) -> str | None:
-    """Why this machine cannot run a bundle whose manifest ``info`` this is, or None: the CPU
-    lacks the target's instruction-set flags; the target's GPU is missing or of another compute
-    capability; the engine's library is missing, or older than the one that built it (TensorRT
-    and AOTInductor: another version, unless the plan is version-compatible). ``installed`` maps
-    library names to the versions installed here (None: not installed). Reads NVML and
-    /proc/cpuinfo; opens no engine."""
-    t = info["target"]
-    fix = "rebuild the bundle for this machine's target (`accel targets detect` names it)"
-    if t["device"] == "cpu":
-        missing = sorted(set(t.get("cpu_flags") or []) - set(cpu_info()["flags"]))
-        if missing:
-            return (
-                f"the bundle was built for target {t['name']}, whose CPU has {', '.join(missing)}; "
-                f"this CPU does not; {fix}"
-            )
-    elif importlib.util.find_spec("pynvml") is not None:  # without NVML the engine's runtime tells
-        gpus = gpu_info() or []
-        jetson = jetson_model()
-        if not gpus and not (jetson and names_gpu(t["gpu"], jetson)):
-            return (
-                f"the bundle was built for a {t['gpu']} GPU (target {t['name']}) and NVML sees "
-                f"no GPU here; {fix}"
-            )
-        cc = (gpus[0]["compute_capability"] if gpus else None) or t["compute_capability"]
-        ampere_plus = t.get("hardware_compatibility") == "ampere_plus"
-        if (ampere_plus and _version(cc) < (8, 0)) or (
-            not ampere_plus and cc != t["compute_capability"]
-        ):
-            return (
-                f"the bundle's engine was built for compute capability {t['compute_capability']} "
-                f"({t['gpu']}, target {t['name']}); this GPU ({gpus[0]['name']}) is {cc}; {fix}"
-            )
-    library = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "aotinductor": "torch"}[
-        info["backend"]
-    ]
-    built = info["libraries"].get(library)
-    have = installed.get(library)
-    if have is None:
-        return (
-            f"the bundle's {info['backend']} engine needs {library} ({built} built it); install it"
-        )
-    exact = info["backend"] != "onnxruntime" and not t.get("version_compatible")
-    if (
-        (exact and _version(have) != _version(built))
-        or _version(have)[:1] != _version(built)[:1]  # another major version
-        or _version(have)[:2] < _version(built)[:2]
-    ):
-        need = f"=={built}" if exact else f">={'.'.join(map(str, _version(built)[:2]))}"
-        return (
-            f"the bundle's engine was built with {library} {built}, this machine has {have}; "
-            f"install {library}{need}"
         )
     return None

@@ -1,0 +1,81 @@
+"""Opening what ``accel sample`` and ``accel profile`` are given: an engine artifact (its backend's
+runtime, from the backend table), a bundle, or a diffusers directory (torch eager, imported only
+then)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accel.core.errors import CheckpointError
+from accel.core.plan import SamplerPlan
+from accel.runtime.backends import open_backend
+from accel.runtime.bundle import Bundle
+from accel.runtime.loop import Runtime
+
+
+def open_engine(
+    path: str | Path, target: Any = None, spin: bool = True
+) -> tuple[Runtime, SamplerPlan]:
+    """An engine artifact's runtime and sampler plan, after checking its file hashes and, when a
+    target is given, that the engine was built for it."""
+    from accel.core.artifact import Artifact
+    from accel.core.errors import TargetMismatch
+    from accel.core.plan import PLAN_FILE
+
+    engine = Artifact.load(path)
+    if engine.kind != "engine":
+        raise CheckpointError(f"{path} is a {engine.kind} artifact, not an engine")
+    engine.verify()
+    if target is not None and engine.target and engine.target["fingerprint"] != target.fingerprint:
+        raise TargetMismatch(
+            f"{path} was built for target {engine.target['name']!r} ({engine.target['fingerprint']}), "
+            f"not {target.name!r} ({target.fingerprint}); rebuild it with "
+            f"`accel compile ONNX_ARTIFACT --target {target.name}`"
+        )
+    file = Path(path) / engine.info.get("engine_file", "model.onnx")
+    runtime = open_backend(engine.info.get("backend", "onnxruntime"), file, engine.info, spin)
+    return runtime, SamplerPlan.load(Path(path) / PLAN_FILE)
+
+
+def open_runtime(
+    path: str | Path,
+    target: Any = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    spin: bool = True,
+    resolution: tuple[int, int] | None = None,
+) -> tuple[Runtime, SamplerPlan]:
+    """A bundle or an engine artifact (its own runtime), or a diffusers directory (torch eager),
+    with its plan. An engine's step count and guidance are fixed at export time: asking for
+    others is an error."""
+    from accel.core.artifact import MANIFEST, Artifact
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model or engine not found: {path}")
+    kind = Artifact.load(path).kind if (path / MANIFEST).is_file() else None
+    runtime: Runtime
+    if kind == "bundle":
+        bundle = Bundle(path, target)
+        runtime, plan = bundle, bundle.plan
+    elif kind == "engine":
+        runtime, plan = open_engine(path, target, spin=spin)
+    else:
+        device = "cuda" if target is not None and target.device == "cuda" else "cpu"
+        from export.torch_runtime import open_model
+
+        return open_model(path, steps, guidance, device, resolution)
+    if resolution is not None:
+        raise CheckpointError(f"{path} is an engine for one resolution; drop --height/--width")
+    if steps is not None and steps != len(plan.steps):
+        raise CheckpointError(
+            f"{path} is an engine for {len(plan.steps)} steps; its sampler plan "
+            "is fixed at export time (drop --steps)"
+        )
+    if guidance is not None and guidance != plan.guidance_scale:
+        raise CheckpointError(
+            f"{path} samples with guidance {plan.guidance_scale}, fixed at export "
+            "time (drop --guidance)"
+        )
+    return runtime, plan

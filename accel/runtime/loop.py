@@ -1,0 +1,192 @@
+"""The sampler loop with numpy alone: one interface over every engine (``Runtime``: ``inputs()``,
+``infer(feeds)``, the way Polygraphy's runners do) and the ``SamplerPlan`` computed at export time
+(timesteps and x_next = a x + b x0 [+ c z] per step, guidance, the conditioning spec), so that
+sampling needs nothing but numpy and a runtime."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from accel.core.errors import CheckpointError
+from accel.core.plan import SamplerPlan
+from accel.core.sections import section
+
+
+class Runtime(Protocol):
+    name: str
+
+    def inputs(self) -> dict[str, tuple[list, str]]: ...
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+Conditioning = dict[str, np.ndarray]
+
+
+def as_conditioning(conditioning: Conditioning | np.ndarray | None) -> Conditioning:
+    """Conditioning feeds: a dict of named arrays, or class labels (int64) for label graphs."""
+    if conditioning is None:
+        return {}
+    if isinstance(conditioning, dict):
+        return conditioning
+    return {"class_labels": np.asarray(conditioning).astype(np.int64)}
+
+
+def step_feeds(
+    plan: SamplerPlan,
+    x: np.ndarray,
+    timestep: float | np.ndarray,
+    conditioning: Conditioning | np.ndarray | None,
+    null: Conditioning | None = None,
+) -> dict[str, np.ndarray]:
+    """The graph's feeds for one step of ``plan`` on x: when the plan applies classifier-free
+    guidance, the batch is doubled, each per-example conditioning input followed by the null
+    conditioning (``null``, batch 1; default: the plan's null class); w as an input for
+    guidance-distilled graphs."""
+    n = len(x)
+    cond = as_conditioning(conditioning)
+    guided = plan.guidance_scale != 1.0 and bool(cond) and not _w_input(plan)
+    guided = guided and not plan.guidance_in_model
+    t = np.resize(np.asarray(timestep, dtype=plan.timestep_dtype), n)
+    feeds = {"sample": x, "timestep": t, **cond}
+    if guided:
+        if null is None:
+            null = {"class_labels": np.array([plan.null_label], dtype=np.int64)}
+        doubled = {"sample": x, "timestep": t}
+        feeds = {k: np.concatenate([v, v]) for k, v in doubled.items()}
+        for k, v in cond.items():
+            if plan.is_batched(k):
+                feeds[k] = np.concatenate([v, np.broadcast_to(null[k], (n, *null[k].shape[1:]))])
+            else:
+                feeds[k] = v
+    if _w_input(plan):
+        feeds["guidance_scale"] = np.full(len(feeds["sample"]), plan.guidance_scale, np.float32)
+    return feeds
+
+
+def _w_input(plan: SamplerPlan) -> bool:
+    return bool(plan.notes.get("guidance_input"))
+
+
+def sample(
+    runtime: Runtime,
+    plan: SamplerPlan,
+    noise: np.ndarray,
+    labels: Conditioning | np.ndarray | None,
+    rng: np.random.Generator | None = None,
+    on_step: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> np.ndarray:
+    """Run the plan: x_T = noise * init_noise_sigma, then per step x = a x + b x0_hat + c z, where
+    x0_hat = x0_u + w (x0_c - x0_u) in one doubled batch when the plan guides (Ho & Salimans 2022)
+    and z is fresh Gaussian noise from ``rng`` for stochastic (consistency) steps. ``labels`` is
+    the conditioning: class labels, or a dict of named arrays (``run_pipeline`` encodes prompts
+    into one). ``on_step`` sees the graph's feeds of every step (quantizers calibrate on them).
+    Its stages are marked for the profiler's breakdown: conditioning (the feeds: labels,
+    guidance's doubled batch, w), each denoising step, and the sampler's update. The result is
+    the plan's sample (latents where the plan decodes)."""
+    if plan.notes.get("fused"):  # the whole loop is one graph (export.fused_sampler)
+        with section("conditioning"):
+            feeds = fused_feeds(plan, noise, labels, rng)
+        with section("fused sampler (all steps)"):
+            return runtime.infer(feeds)["images"]
+    x = noise.astype(np.float32) * np.float32(plan.init_noise_sigma)
+    n = len(x)
+    null = None
+    if (
+        plan.null_label is None
+        and plan.guidance_scale != 1.0
+        and hasattr(runtime, "null_conditioning")
+    ):
+        null = runtime.null_conditioning()
+    for i, step in enumerate(plan.steps):
+        with section("conditioning"):
+            feeds = step_feeds(plan, x, step["timestep"], labels, null)
+        if on_step is not None:
+            on_step(feeds)
+        t = step["timestep"]
+        with section(
+            f"step {i + 1} (t={t:g})" if isinstance(t, float) else f"step {i + 1} (t={t})"
+        ):
+            x0 = runtime.infer(feeds)["x0"]
+        with section("sampler update"):
+            if len(x0) == 2 * n:  # guided: conditional half, then unconditional
+                x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
+            x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
+            if step.get("c", 0.0):
+                if rng is None:
+                    raise ValueError("this sampler plan draws fresh noise: pass rng")
+                x += np.float32(step["c"]) * rng.standard_normal(x.shape, dtype=np.float32)
+    return x
+
+
+def run_pipeline(
+    runtime: Runtime,
+    plan: SamplerPlan,
+    noise: np.ndarray,
+    prompts: list[str] | None = None,
+    labels: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+    on_step: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> np.ndarray:
+    """Prompt (or label) in, image out: the text encoders (profiler section "text encoding"),
+    the sampler loop (``sample``) and the VAE decode ("vae decode") where the plan has them.
+    Images in about [-1, 1], N x C x H x W."""
+    if plan.conditioning_kind == "text":
+        if prompts is None or len(prompts) != len(noise):
+            raise CheckpointError(f"this {plan.family} model needs one prompt per image")
+        with section("text encoding"):
+            cond: Conditioning | np.ndarray | None = runtime.encode(prompts)  # type: ignore[attr-defined]
+    elif plan.conditioning_kind == "class" and plan.conditioning:
+        with section("conditioning"):
+            cond = runtime.encode(labels=labels)  # type: ignore[attr-defined]
+    else:
+        cond = labels
+    x = sample(runtime, plan, noise, cond, rng, on_step)
+    if plan.decode:
+        with section("vae decode"):
+            x = runtime.decode(x)  # type: ignore[attr-defined]
+    return x
+
+
+def fused_feeds(
+    plan: SamplerPlan,
+    noise: np.ndarray,
+    labels: Conditioning | np.ndarray | None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Feeds of a fused-sampler graph: noise, labels and, for stochastic steps, the fresh noise the
+    per-step loop would draw from ``rng``, in its order (batch x K x C x H x W)."""
+    feeds = {"noise": noise.astype(np.float32), **as_conditioning(labels)}
+    k = sum(1 for s in plan.steps if s.get("c", 0.0))
+    if k:
+        if rng is None:
+            raise ValueError("this sampler plan draws fresh noise: pass rng")
+        draws = [rng.standard_normal(noise.shape, dtype=np.float32) for _ in range(k)]
+        feeds["step_noise"] = np.stack(draws, axis=1)
+    return feeds
+
+
+def infer_in_chunks(
+    infer: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    feeds: dict[str, np.ndarray],
+    max_rows: int,
+) -> dict[str, np.ndarray]:
+    """``infer`` on ``feeds`` in chunks of at most ``max_rows`` rows (an engine's largest batch),
+    outputs concatenated back."""
+    rows = len(next(iter(feeds.values())))
+    if rows <= max_rows:
+        return infer(feeds)
+    parts = [
+        infer({k: v[i : i + max_rows] for k, v in feeds.items()}) for i in range(0, rows, max_rows)
+    ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _device_section(name: str, cuda: bool):
+    """Copies and compute are profiler sections of their own on a GPU; on the CPU there is no
+    copy and the step is the compute."""
+    return section(name) if cuda else contextlib.nullcontext()
