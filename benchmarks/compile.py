@@ -26,8 +26,8 @@ from accel.cli import DEMO_RECIPE
 from accel.core.artifact import Store
 from accel.core.errors import StageError
 from accel.core.recipe import load_recipe
-from accel.core.stage import get_stage
 from accel.pipeline import run_or_reuse, run_recipe
+from accel.stages import get_stage
 
 GATE = {"metric": "fd_digits", "threshold": 0.05, "samples": 1000, "seeds": [0]}
 
@@ -72,7 +72,7 @@ def medium_unet_check(store: Store, target, iterations: int) -> dict:
     import torch
     from diffusers import UNet2DModel
 
-    from accel.profile import measure_interleaved
+    from accel.profile.harness import measure_interleaved
     from accel.runtime import open_engine, step_feeds
     from distill.denoiser import save_pipeline
     from export.onnx_export import graph_and_plan
@@ -157,8 +157,8 @@ def main() -> None:
     import torch
 
     from accel.core.hardware import environment
-    from accel.profile import measure_interleaved
-    from accel.quality import evaluate_images, generate
+    from accel.demo.digits import evaluate_images, generate
+    from accel.profile.harness import measure_interleaved
     from accel.runtime import open_engine, sample, step_feeds
     from export.onnx_export import graph_and_plan
     from export.torch_runtime import TorchRuntime

@@ -3,7 +3,7 @@ the figures the README and docs/BENCHMARKS.md quote, as JSON.
 
     python benchmarks/demo.py [--out benchmarks/results/demo.json]
 
-The report's figures come from the profile stage (accel.profile_stage, the harness in
+The report's figures come from the profile stage (accel.profile.stage, the harness in
 accel.profile): FD-digits and class accuracy as means over two seeds of 1000 samples, latencies
 from interleaved runs in MLPerf's SingleStream and Offline scenarios.
 """

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from accel.core.recipe import load_recipe
+from accel.demo.digits import TEACHER_DIR, evaluate_images, fd_floor, generate
 from accel.pipeline import default_store, run_recipe
-from accel.quality import TEACHER_DIR, evaluate_images, fd_floor, generate
 from export.torch_runtime import open_model
 
 GUIDANCE = 1.5

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accel.quality import TEACHER_DIR, evaluate_images, fd_floor, generate
+from accel.demo.digits import TEACHER_DIR, evaluate_images, fd_floor, generate
 from export.torch_runtime import open_model
 
 

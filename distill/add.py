@@ -170,7 +170,7 @@ def distill(
 
 def run(ctx: StageContext) -> None:
     config: AddConfig = ctx.config  # type: ignore[assignment]
-    from accel.quality import digits_dataset
+    from accel.demo.digits import digits_dataset
 
     teacher, init, info = find_teacher(ctx, config.guidance_scale, "add")
     student, log = distill(

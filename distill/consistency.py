@@ -192,7 +192,7 @@ def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict
 
 def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
-    from accel.quality import digits_dataset
+    from accel.demo.digits import digits_dataset
 
     teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale)
     T = teacher.schedule.num_train_timesteps

@@ -262,7 +262,7 @@ def load_denoiser(
 
     ``accel.json`` beside ``model_index.json`` may name ``null_class_label`` (for guidance),
     ``num_inference_steps`` and ``guidance_scale`` (a student's defaults); it is returned as info."""
-    from accel.checkpoint import read_json
+    from accel.core.checkpoint import read_json
     from distill.models import load_pipeline
 
     root = Path(model_dir)

@@ -289,7 +289,7 @@ def find_teacher(
 ) -> tuple[Denoiser, nn.Module, dict]:
     """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
     student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
-    from accel.checkpoint import read_json
+    from accel.core.checkpoint import read_json
 
     def is_student(path: Path) -> bool:
         info = read_json(path / "accel.json") if (path / "accel.json").is_file() else {}
@@ -345,7 +345,7 @@ def save_student(
 
 def run(ctx: StageContext) -> None:
     config: AdversarialConfig = ctx.config  # type: ignore[assignment]
-    from accel.quality import digits_dataset
+    from accel.demo.digits import digits_dataset
 
     teacher, init, info = find_teacher(ctx, config.guidance_scale)
     student, log = distill(

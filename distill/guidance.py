@@ -157,7 +157,7 @@ def distill(
 
 def run(ctx: StageContext) -> None:
     config: GuidanceConfig = ctx.config  # type: ignore[assignment]
-    from accel.quality import digits_dataset
+    from accel.demo.digits import digits_dataset
 
     teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
     if info.get("guidance_embedding") is not None:

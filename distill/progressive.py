@@ -167,7 +167,7 @@ def run(ctx: StageContext) -> None:
     config: ProgressiveConfig = ctx.config  # type: ignore[assignment]
     from safetensors.torch import load_file, save_file
 
-    from accel.quality import digits_dataset
+    from accel.demo.digits import digits_dataset
 
     teacher, info = load_teacher(
         ctx.input.path, "progressive", config.guidance_scale, students=("progressive",)

@@ -5,7 +5,7 @@ with its output and with its parent, on the same noise and labels, and compares 
 quality fell by more than the recipe allows, the stage raises ``StageError`` and, because the store
 commits an artifact only after its stage returns, no engine is written.
 
-Metrics: ``fd_digits`` (Fréchet distance on the digits classifier's features, ``accel.quality``;
+Metrics: ``fd_digits`` (Fréchet distance on the digits classifier's features, ``accel.demo.digits``;
 the threshold is the largest relative increase over the parent) for models that sample 1x16x16
 digits, and ``image_rmse`` for any model (RMS difference between the stage's and the parent's
 images from the same noise, images in [-1, 1]; the threshold is that RMS).
@@ -45,7 +45,7 @@ def quality_gate(
 ) -> dict:
     """Compare ``candidate`` = (runtime, plan) with ``parent`` = (runtime, plan); the figures, or
     ``StageError`` when the candidate is worse than ``gate`` allows."""
-    from accel.quality import evaluate_images, generate
+    from accel.demo.digits import evaluate_images, generate
 
     if gate.metric == "off":
         return {"metric": "off", "passed": True}

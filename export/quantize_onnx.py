@@ -74,7 +74,7 @@ class QuantizeConfig(StageConfig):
 
 def calibration_feeds(runtime, plan: SamplerPlan, n: int, seed: int) -> list[dict]:
     """The graph's feeds at every step of ``plan`` while ``runtime`` samples n images."""
-    from accel.quality import generate
+    from accel.demo.digits import generate
 
     feeds: list[dict] = []
     generate(runtime, plan, n, seed, plan.num_classes, chunk=64, on_step=feeds.append)

@@ -4,7 +4,7 @@ asked for, and the classifier behind FD-digits recognises real digits."""
 import numpy as np
 from diffusers import DDPMScheduler, UNet2DModel
 
-from accel.quality import (
+from accel.demo.digits import (
     TEACHER_DIR,
     digits_dataset,
     evaluate_images,

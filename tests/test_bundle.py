@@ -40,7 +40,7 @@ def bundles(tmp_path_factory):
 def test_bundle_manifest_card_and_files(bundles):
     _, _, b = bundles
     info = b[False].info
-    assert info["format"] == "accel.bundle/1" and info["backend"] == "onnxruntime"
+    assert info["format"] == "accel.deploy.bundle/1" and info["backend"] == "onnxruntime"
     assert info["target"]["name"] == "cpu" and info["target"]["fingerprint"]
     assert info["target"]["cpu_flags"] == ["avx2", "fma"]
     assert set(info["libraries"]) >= {"onnxruntime", "numpy"}
@@ -221,7 +221,7 @@ def test_triton_repository_configs_parse_with_tritons_schema(
 
 
 def test_tensorrt_bundle_config_names_the_plan_per_compute_capability(bundles, tmp_path):
-    from accel.deploy import _engine_config
+    from accel.deploy.triton import _engine_config
 
     info = dict(bundles[2][False].info, backend="tensorrt")
     info["target"] = dict(info["target"], device="cuda", compute_capability="9.0")
@@ -296,7 +296,7 @@ def fake_pb_utils(repo: Path):
 
 
 def test_python_backend_loop_matches_the_runtime_loop(bundles, tmp_path, monkeypatch):
-    from accel.deploy import triton_repository
+    from accel.deploy.triton import triton_repository
 
     _, _, b = bundles
     repo = tmp_path / "repo"

@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
+from accel.demo.digits import generate
 from accel.pipeline import default_store
-from accel.quality import generate
 from accel.runtime import OrtRuntime, open_engine
 
 from tiny import build, write_tiny_pipeline

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import accel.profile as prof
+import accel.profile.harness as prof
 from accel.core.sections import section
-from accel.profile import (
+from accel.profile.harness import (
     Harness,
     breakdown,
     cv_warning,

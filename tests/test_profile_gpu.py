@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 
 def test_cuda_events_time_gpu_work():
-    from accel.profile import cuda_timer, host_timer
+    from accel.profile.harness import cuda_timer, host_timer
 
     a = torch.randn(4096, 4096, device="cuda")
 
@@ -51,8 +51,8 @@ def test_nvml_reads_the_gpu_and_detect_names_its_target():
 
 
 def test_gpu_profile_of_a_tiny_model(tmp_path):
-    from accel.profile import Harness
-    from accel.profile_stage import profile_runtimes
+    from accel.profile.harness import Harness
+    from accel.profile.stage import profile_runtimes
     from accel.report import Report, write_report
     from accel.runtime import sample
     from export.torch_runtime import open_model

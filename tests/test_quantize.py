@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto
 
 from accel.core.errors import StageError
+from accel.demo.digits import generate
 from accel.pipeline import default_store
-from accel.quality import generate
 from accel.runtime import OrtRuntime, open_engine
 from export.quantize_onnx import calibration_feeds, count_ops
 from export.quantize_torch import quantized_op_counts

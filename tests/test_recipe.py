@@ -1,6 +1,6 @@
 import pytest
 
-import accel.core.stage as stage_mod
+import accel.stages as stage_mod
 from accel.core.artifact import artifact_key
 from accel.core.errors import RecipeError
 from accel.core.recipe import load_recipe, plan_keys

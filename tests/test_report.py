@@ -13,8 +13,8 @@ import pytest
 
 from accel.core.errors import ReportError
 from accel.core.target import load_target
-from accel.profile import Harness, summarize
-from accel.profile_stage import profile_runtimes
+from accel.profile.harness import Harness, summarize
+from accel.profile.stage import profile_runtimes
 from accel.report import Report, compare, load_report, write_report
 from export.torch_runtime import open_model
 
@@ -95,7 +95,7 @@ def test_budget_verdict_on_a_fake_clock(tmp_path, monkeypatch):
     """The latency budget's verdict on known timings: `profile_runtimes` on a virtual clock that
     only the (fake) sampling calls advance, by set latencies per workload."""
     import accel.core.sections as sections
-    import accel.profile as prof
+    import accel.profile.harness as prof
     import accel.runtime
 
     clock = FakeClock()

@@ -42,9 +42,9 @@ def write_tiny_pipeline(path, seed=0, **info):
 
 def build(store, parent, stage_name, target="cpu", **config):
     """Run one stage on ``parent`` into ``store`` (or take it from the cache); its artifact."""
-    from accel.core.stage import get_stage
     from accel.core.target import load_target
     from accel.pipeline import run_or_reuse
+    from accel.stages import get_stage
 
     stage = get_stage(stage_name)
     return run_or_reuse(

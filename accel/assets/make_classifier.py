@@ -14,7 +14,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from accel.quality import CLASSIFIER_DIR, DigitsClassifier, digits_dataset
+from accel.demo.digits import CLASSIFIER_DIR, DigitsClassifier, digits_dataset
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

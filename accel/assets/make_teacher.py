@@ -20,7 +20,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from accel.quality import TEACHER_DIR, digits_dataset
+from accel.demo.digits import TEACHER_DIR, digits_dataset
 from distill.schedule import Schedule
 
 NULL_LABEL = 10

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from accel.core.artifact import artifact_key
 from accel.core.errors import RecipeError, TargetError
-from accel.core.stage import Stage, StageConfig, did_you_mean, get_stage, validation_lines
+from accel.core.stage import Stage, StageConfig, did_you_mean, validation_lines
 from accel.core.target import Target, load_target
+from accel.stages import get_stage
 
 SOURCE_KIND = "checkpoint"
 PIPELINE_FILES = ("unet/config.json", "scheduler/scheduler_config.json")

@@ -1,13 +1,10 @@
 """Stages: registered functions Artifact -> Artifact with a typed config.
 
-The table of stages maps names to "module:attribute" strings and is imported lazily, so checking a
-recipe or printing `--help` never imports torch, and there is no import-order side effect to fill
-a registry. Tests add their own stages by patching `STAGES`."""
+The table of stages (``accel.stages``) maps names to "module:attribute" strings."""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +14,6 @@ from typing import TYPE_CHECKING, Any, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from accel.core.artifact import KINDS, Artifact, Store
-from accel.core.errors import RecipeError
 
 if TYPE_CHECKING:
     from accel.core.target import Target
@@ -79,43 +75,10 @@ class Stage:
             raise TypeError(f"stage {self.name!r}: config must be a pydantic model class")
 
 
-STAGES: dict[str, str] = {
-    "progressive": "distill.progressive:STAGE",
-    "consistency": "distill.consistency:STAGE",
-    "adversarial": "distill.dmd:STAGE",
-    "add": "distill.add:STAGE",
-    "guidance": "distill.guidance:STAGE",
-    "onnx": "export.onnx_export:STAGE",
-    "optimize": "export.optimize_onnx:STAGE",
-    "fp16": "export.fp16:STAGE",
-    "quantize": "export.quantize_onnx:STAGE",
-    "quantize_torch": "export.quantize_torch:STAGE",
-    "ort": "export.ort_compile:STAGE",
-    "aoti": "export.aoti_compile:STAGE",
-    "tensorrt": "export.tensorrt_compile:STAGE",
-    "profile": "accel.profile_stage:STAGE",
-    "bundle": "accel.bundle:STAGE",
-}
-
-
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The closest choice, if any is close enough to be a likely typo."""
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return found[0] if found else None
-
-
-def get_stage(name: str) -> Stage:
-    """Import and return the stage registered under `name`."""
-    if name not in STAGES:
-        known = ", ".join(sorted(STAGES))
-        best = did_you_mean(name, STAGES)
-        hint = f"did you mean {best!r}? " if best else ""
-        raise RecipeError(f"unknown stage {name!r}; {hint}known stages: {known}")
-    module_name, _, attr = STAGES[name].partition(":")
-    stage = getattr(importlib.import_module(module_name), attr)
-    if not isinstance(stage, Stage) or stage.name != name:
-        raise TypeError(f"STAGES[{name!r}] = {STAGES[name]!r} is not a Stage named {name!r}")
-    return stage
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:

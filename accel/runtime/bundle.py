@@ -47,8 +47,10 @@ class Bundle:
         }
         needed = {info.get("engine_file", ""), PLAN_FILE}
         try:
-            if info.get("format") != "accel.bundle/1":
-                raise CheckpointError(f"its format is {info.get('format')!r}, not accel.bundle/1")
+            if info.get("format") != "accel.deploy.bundle/1":
+                raise CheckpointError(
+                    f"its format is {info.get('format')!r}, not accel.deploy.bundle/1"
+                )
             unlisted = sorted((on_disk | needed) - set(bundle.files))
             if unlisted:
                 raise CheckpointError(f"files without a sha256 in manifest.json: {unlisted}")

@@ -74,7 +74,7 @@ def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapte
     ``load_components``, the text encoders, tokenizers and VAE sampling needs."""
     import diffusers
 
-    from accel.checkpoint import load_safetensors, read_json
+    from accel.core.checkpoint import load_safetensors, read_json
 
     root = Path(root)
     if not root.is_dir():
@@ -116,7 +116,7 @@ def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapte
 def family_of(root: str | Path) -> str:
     """The family of the pipeline at ``root`` ("unet2d", "sd", "sdxl", "sd3", "flux", "pixart",
     "sana", "dit"), from its configs alone; an unsupported denoiser class is a CheckpointError."""
-    from accel.checkpoint import read_json
+    from accel.core.checkpoint import read_json
 
     root = Path(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 CLASSIFIER_DIR = ASSETS / "classifier"
 TEACHER_DIR = ASSETS / "teacher"
 
@@ -60,7 +60,7 @@ class DigitsClassifier(nn.Module):
 
 @lru_cache(maxsize=1)
 def load_classifier() -> DigitsClassifier:
-    from accel.checkpoint import load_safetensors
+    from accel.core.checkpoint import load_safetensors
 
     model = DigitsClassifier()
     model.load_state_dict(load_safetensors(CLASSIFIER_DIR / "model.safetensors"))

@@ -69,7 +69,7 @@ def profile_runtimes(
     image) per query, in each scenario; returns a report (schema ``accel.report/2``, documented
     in docs/report-schema.md) without quality."""
     from accel.core.hardware import environment, target_mismatch
-    from accel.profile import (
+    from accel.profile.harness import (
         breakdown,
         cv_warning,
         measure,
@@ -206,7 +206,7 @@ def _torch_threads() -> int | None:
 def measure_quality(subjects: dict, samples: int, seeds: list[int], progress=print):
     """FD-digits and class accuracy per subject, means over seeds; and the first seed's images
     (for sample grids)."""
-    from accel.quality import evaluate_images, generate
+    from accel.demo.digits import evaluate_images, generate
 
     quality: dict[str, dict] = {}
     grids: dict[str, np.ndarray] = {}
@@ -247,8 +247,8 @@ def _lineage(ctx: StageContext):
 
 def run(ctx: StageContext) -> None:
     config: ProfileConfig = ctx.config  # type: ignore[assignment]
-    from accel.profile import Harness
-    from accel.quality import fd_floor
+    from accel.demo.digits import fd_floor
+    from accel.profile.harness import Harness
     from accel.report import write_report
     from accel.runtime import open_engine
     from distill.denoiser import DenoiserGraph, load_denoiser

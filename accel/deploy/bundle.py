@@ -22,7 +22,7 @@ from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from accel.runtime.backends import BACKENDS
 
-BUNDLE_FORMAT = "accel.bundle/1"
+BUNDLE_FORMAT = "accel.deploy.bundle/1"
 CARD_FILE = "README.md"
 ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32"}
 

@@ -14,7 +14,7 @@ import click
 
 from accel.core.errors import AccelError, RecipeError
 
-DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.toml"
+DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "demo.toml"
 store_option = click.option(
     "--store",
     type=click.Path(file_okay=False, path_type=Path),
@@ -223,7 +223,7 @@ class StageCommand(click.Command):
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not self._config_options:
-            from accel.core.stage import get_stage
+            from accel.stages import get_stage
 
             self._config_options = True
             seen: set[str] = set()
@@ -255,9 +255,10 @@ class StageCommand(click.Command):
 
         from accel.core.artifact import MANIFEST, Artifact
         from accel.core.processes import Processes
-        from accel.core.stage import get_stage, validation_lines
+        from accel.core.stage import validation_lines
         from accel.core.target import load_target
         from accel.pipeline import default_store, run_or_reuse
+        from accel.stages import get_stage
 
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():
@@ -409,7 +410,7 @@ def deploy_triton(bundle: Path, out: Path, instances: int, max_queue_delay_us: i
     """Write a Triton Inference Server model repository for BUNDLE: the fused-sampler engine as
     one model, or the denoiser engine with dynamic batching plus a Python-backend model that
     runs the sampler loop over it."""
-    from accel.deploy import MARKER, triton_repository
+    from accel.deploy.triton import MARKER, triton_repository
 
     dst, src = out.resolve(), bundle.resolve()
     if dst == src or dst in src.parents:
@@ -495,8 +496,8 @@ def profile(
     confidence intervals, pairwise ratios, a per-stage breakdown, peak memory, the environment
     and the target's latency budget; compare two with `accel report compare`."""
     from accel.core.target import load_target
-    from accel.profile import Harness
-    from accel.profile_stage import measure_quality, profile_runtimes
+    from accel.profile.harness import Harness
+    from accel.profile.stage import measure_quality, profile_runtimes
     from accel.report import write_report
     from accel.runtime import open_runtime
 
@@ -736,7 +737,7 @@ def sample(
     import numpy as np
 
     from accel.core.target import load_target
-    from accel.quality import generate
+    from accel.demo.digits import generate
     from accel.runtime import open_runtime, run_pipeline
 
     if out.suffix not in (".npz", ".png"):

@@ -4,7 +4,7 @@ and model_configuration.md):
 
 - a fused-sampler bundle becomes one model: noise (+ labels, + step noise) in, images out;
 - a per-step bundle becomes two: ``<name>_denoiser``, the engine, with dynamic batching, and
-  ``<name>``, a Python-backend model (``accel/triton_bls.py``) that runs the sampler loop over it
+  ``<name>``, a Python-backend model (``accel/deploy/triton_bls.py``) that runs the sampler loop over it
   through business-logic scripting.
 
 The engine model uses the onnxruntime backend for ONNX bundles and ``tensorrt_plan`` (with
