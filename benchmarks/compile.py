@@ -120,7 +120,7 @@ def medium_unet_check(store: Store, target, iterations: int) -> dict:
     }
     batch = target.shapes.batch.opt
     x = np.random.default_rng(0).standard_normal((batch, *plan.sample_shape)).astype(np.float32)
-    feeds = step_feeds(plan, x, plan.steps[0]["timestep"], np.arange(batch, dtype=np.int64))
+    feeds = step_feeds(plan, x, plan.steps[0].timestep, np.arange(batch, dtype=np.int64))
     ms = measure_interleaved(
         {name: (lambda rt=rt: rt.infer(feeds)) for name, rt in runtimes.items()},
         5,
@@ -229,12 +229,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((batch, *plan.sample_shape)).astype(np.float32)
     labels = np.arange(batch, dtype=np.int64) % 10
-    feeds = step_feeds(plan, noise, plan.steps[0]["timestep"], labels)
+    feeds = step_feeds(plan, noise, plan.steps[0].timestep, labels)
 
     per_call = {
-        name: (lambda rt=rt: rt.infer(feeds))
-        for name, (rt, p_) in runtimes.items()
-        if not p_.notes.get("fused")
+        name: (lambda rt=rt: rt.infer(feeds)) for name, (rt, p_) in runtimes.items() if not p_.fused
     }
     end_to_end = {
         name: (lambda rt=rt, p_=p_: sample(rt, p_, noise, labels))
@@ -246,11 +244,11 @@ def main() -> None:
     print("end-to-end latency (4 steps, noise -> image)", flush=True)
     e2e_ms = measure_interleaved(end_to_end, 3, max(20, args.iterations // 4))
     print("throughput against batch size", flush=True)
-    per_call_runtimes = {n: rt for n, (rt, p_) in runtimes.items() if not p_.notes.get("fused")}
+    per_call_runtimes = {n: rt for n, (rt, p_) in runtimes.items() if not p_.fused}
     by_batch = {}
     for b in sorted({1, batch, 16, 48}):  # 48: inside every engine's range (AOTI's ends at 63)
         x = np.random.default_rng(b).standard_normal((b, *plan.sample_shape)).astype(np.float32)
-        f = step_feeds(plan, x, plan.steps[0]["timestep"], np.arange(b, dtype=np.int64) % 10)
+        f = step_feeds(plan, x, plan.steps[0].timestep, np.arange(b, dtype=np.int64) % 10)
         ms = measure_interleaved(
             {name: (lambda rt=rt, f=f: rt.infer(f)) for name, rt in per_call_runtimes.items()},
             3,

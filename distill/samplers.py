@@ -199,13 +199,10 @@ def sampler_plan(
         guidance_scale=denoiser.guidance_scale,
         null_label=denoiser.null_label,
         num_classes=num_classes,
-        notes={
-            "sampler": sampler,
-            "graph_output": "x0",
-            "prediction_type": denoiser.prediction_type,
-            # guidance-distilled graphs take w as an input: one pass, no doubled batch
-            "guidance_input": denoiser.guidance_scales is not None,
-        },
+        sampler=sampler,
+        prediction_type=denoiser.prediction_type,
+        # guidance-distilled graphs take w as an input: one pass, no doubled batch
+        guidance_input=denoiser.guidance_scales is not None,
     )
 
 
@@ -227,11 +224,8 @@ def _adapter_plan(
         sample_shape=adapter.latent_shape(h, w),
         guidance_scale=denoiser.guidance_scale,
         num_classes=num_classes,
-        notes={
-            "sampler": sampler,
-            "graph_output": "x0",
-            "prediction_type": denoiser.prediction_type,
-        },
+        sampler=sampler,
+        prediction_type=denoiser.prediction_type,
         family=adapter.family,
         conditioning={k: v.to_json() for k, v in adapter.conditioning_spec().items()},
         conditioning_kind=adapter.conditioning,

@@ -25,7 +25,7 @@ class FusedSampler(nn.Module):
         self.conditional = bool(graph.conditional)
         self.w_input = bool(graph.guidance_input)
         self.guided = self.conditional and plan.guidance_scale != 1.0 and not self.w_input
-        self.stochastic = [i for i, s in enumerate(plan.steps) if s.get("c", 0.0)]
+        self.stochastic = [i for i, s in enumerate(plan.steps) if s.c]
 
     def input_names(self) -> list[str]:
         names = ["noise"]
@@ -53,15 +53,15 @@ class FusedSampler(nn.Module):
         k = 0
         for step in plan.steps:
             xin = torch.cat([x, x]) if self.guided else x
-            t = torch.full_like(xin[:, 0, 0, 0], step["timestep"]).long()
+            t = torch.full_like(xin[:, 0, 0, 0], step.timestep).long()
             x0 = self.denoiser(xin, t, labels, w)
             if self.guided:  # slices, not chunk(2): chunk's size guard pins the batch
                 n = x.shape[0]
                 x0 = x0[n:] + plan.guidance_scale * (x0[:n] - x0[n:])
-            x = step["a"] * x + step["b"] * x0
-            if step.get("c", 0.0):
+            x = step.a * x + step.b * x0
+            if step.c:
                 assert step_noise is not None
-                x = x + step["c"] * step_noise[:, k]
+                x = x + step.c * step_noise[:, k]
                 k += 1
         return x
 

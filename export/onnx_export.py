@@ -221,7 +221,7 @@ def export_fused(ctx: StageContext, config: OnnxConfig, graph, plan, spatial, re
     from export.fused_sampler import FusedSampler, example_feeds
     from export.torch_runtime import TorchRuntime
 
-    fused_plan = replace(plan, notes={**plan.notes, "fused": True, "graph_output": "images"})
+    fused_plan = replace(plan, fused=True, graph_output="images")
     sampler = FusedSampler(graph, fused_plan).eval()
     t0 = time.perf_counter()
     ctx.progress(
@@ -297,7 +297,7 @@ def run(ctx: StageContext) -> None:
     export_s = time.perf_counter() - t0
     plan.save(ctx.out / PLAN_FILE)
 
-    timesteps = [s["timestep"] for s in plan.steps]
+    timesteps = [s.timestep for s in plan.steps]
     feeds = [
         example_inputs(graph, b, timesteps, seed=i, resolution=r)
         for i, b in enumerate(config.parity_batch_sizes)

@@ -95,13 +95,13 @@ def plan_feeds(
     from accel.runtime import fused_feeds, step_feeds
 
     rng = np.random.default_rng(seed)
-    timesteps = np.array([s["timestep"] for s in plan.steps], np.int64)
+    timesteps = np.array([s.timestep for s in plan.steps], np.int64)
     feeds = []
     for b in batches:
         labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
         labels = labels if "class_labels" in inputs else None
         x = rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)
-        if plan.notes.get("fused"):
+        if plan.fused:
             feeds.append(fused_feeds(plan, x, labels, rng))
         else:
             feeds.append(step_feeds(plan, x, timesteps, labels))

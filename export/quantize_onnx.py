@@ -183,7 +183,7 @@ def run(ctx: StageContext) -> None:
 
     src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
-    if plan.notes.get("fused"):
+    if plan.fused:
         raise StageError(
             "quantize",
             "this is a fused-sampler graph; quantize the per-step graph (calibration replays its "

@@ -66,9 +66,7 @@ def import_tensorrt() -> None:
 def batch_factor(plan: SamplerPlan, inputs) -> int:
     """2 when the per-step graph runs classifier-free guidance's doubled batch, else 1."""
     doubled = plan.guidance_scale != 1.0 and "class_labels" in inputs
-    return (
-        2 if doubled and not plan.notes.get("guidance_input") and not plan.notes.get("fused") else 1
-    )
+    return 2 if doubled and not plan.guidance_input and not plan.fused else 1
 
 
 def profile_shapes(

@@ -119,7 +119,7 @@ def test_consistency_stage_to_engine_samples_like_torch(tmp_path):
     )
     torch_rt, torch_plan = open_model(student.path)
     ort_rt, ort_plan = open_engine(engine.path)
-    assert [s["timestep"] for s in ort_plan.steps] == [999, 499] and ort_plan.steps[0]["c"] > 0
+    assert [s.timestep for s in ort_plan.steps] == [999, 499] and ort_plan.steps[0].c > 0
     a, _ = generate(torch_rt, torch_plan, 8, seed=3, num_classes=10)
     b, _ = generate(ort_rt, ort_plan, 8, seed=3, num_classes=10)
     assert np.abs(a - b).max() < 1e-3

@@ -95,7 +95,7 @@ def test_recipe_chains_progressive_rounds_into_an_adversarial_fine_tune(tmp_path
     )
     info = json.loads((dmd.path / "accel.json").read_text())
     assert info["method"] == "dmd2" and info["distilled_guidance_scale"] == 2.0
-    assert [s["timestep"] for s in open_engine(engine.path)[1].steps] == [999]
+    assert [s.timestep for s in open_engine(engine.path)[1].steps] == [999]
     log = json.loads((dmd.path / "loss_log.json").read_text())
     assert len(log) == 3 and {"dmd", "fake", "gan_generator", "gan_critic"} <= set(log[0])
 

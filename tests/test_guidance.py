@@ -76,7 +76,7 @@ def test_guidance_stage_exports_w_as_an_input_and_chains_into_progressive(tmp_pa
     assert unet.config.num_class_embeds == 11 * 5  # one row per (label, w) on 1, 1.5, ..., 3
     assert DDIMScheduler.from_pretrained(student.path, subfolder="scheduler")
     ort_rt, plan = open_engine(engine.path)
-    assert "guidance_scale" in ort_rt.inputs() and plan.notes["guidance_input"]
+    assert "guidance_scale" in ort_rt.inputs() and plan.guidance_input
     assert plan.guidance_scale == 2.0 and len(plan.steps) == 2
     torch_rt, torch_plan = open_model(student.path)
     a, _ = generate(torch_rt, torch_plan, 6, seed=1, num_classes=10)

@@ -37,7 +37,7 @@ def test_calibration_feeds_are_the_sampling_trajectory(tiny):
     runtime = OrtRuntime(graph.path / "model.onnx")
     plan = open_engine_plan(graph)
     feeds = calibration_feeds(runtime, plan, 5, seed=3)
-    assert [int(f["timestep"][0]) for f in feeds] == [s["timestep"] for s in plan.steps]
+    assert [int(f["timestep"][0]) for f in feeds] == [s.timestep for s in plan.steps]
     for f in feeds:  # guidance 2: the doubled batch, conditional half then the null label
         assert len(f["sample"]) == 10 and (f["timestep"] == f["timestep"][0]).all()
         assert (f["class_labels"][5:] == plan.null_label).all()
@@ -46,7 +46,7 @@ def test_calibration_feeds_are_the_sampling_trajectory(tiny):
     x0_hat = runtime.infer(feeds[0])["x0"]
     x0_hat = x0_hat[5:] + 2.0 * (x0_hat[:5] - x0_hat[5:])
     step = plan.steps[0]
-    expected = step["a"] * feeds[0]["sample"][:5] + step["b"] * x0_hat
+    expected = step.a * feeds[0]["sample"][:5] + step.b * x0_hat
     np.testing.assert_allclose(feeds[1]["sample"][:5], expected, atol=1e-5)
 
 

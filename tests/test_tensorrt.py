@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,7 @@ def test_guided_graphs_get_a_doubled_batch_profile():
     guided = SamplerPlan(steps=[], sample_shape=[1, 16, 16], guidance_scale=1.5, null_label=10)
     assert batch_factor(guided, dims) == 2
     assert batch_factor(SamplerPlan(steps=[], sample_shape=[1, 16, 16]), dims) == 1
-    w_input = SamplerPlan(**{**guided.__dict__, "notes": {"guidance_input": True}})
+    w_input = replace(guided, guidance_input=True)
     assert batch_factor(w_input, dims) == 1
     shapes = profile_shapes(gpu_target(), dims, batch_factor(guided, dims))
     assert shapes["sample"]["max"] == [64, 1, 16, 16] and shapes["timestep"]["opt"] == [16]

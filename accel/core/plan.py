@@ -1,28 +1,56 @@
-"""The sampler plan: the numbers that drive a few-step loop, stored beside an engine as JSON."""
+"""The sampler plan: the numbers that drive a few-step loop, stored beside an engine as JSON
+(``sampler_plan.json``, format ``accel.plan/2``), read by every runtime, bundle and Triton model.
+A typed, versioned contract: unknown keys, missing fields and wrong types are errors on load, and
+plans of the first format (``notes`` flags) are read into the typed fields."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from accel.core.errors import CheckpointError
 
 PLAN_FILE = "sampler_plan.json"
+PLAN_FORMAT = "accel.plan/2"
+SAMPLERS = ("ddim", "consistency", "flow_euler")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the loop: x_next = a x + b x0_hat + c z, z fresh Gaussian noise (c = 0 for
+    deterministic samplers), with x0_hat from the graph at ``timestep`` (integer DDPM timesteps;
+    float sigma * T for flow models)."""
+
+    timestep: int | float
+    a: float
+    b: float
+    c: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("timestep", "a", "b", "c"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"step {name} must be a finite number, got {v!r}")
 
 
 @dataclass(frozen=True)
 class SamplerPlan:
-    """A deterministic DDIM run over an x0 graph (``distill.samplers.ddim_coefficients``)."""
+    """A few-step run over an x0 graph (``distill.samplers.sampler_plan``)."""
 
-    steps: list[dict[str, float]]  # {"timestep", "a", "b"}: x_prev = a * x + b * x0_hat
-    sample_shape: list[int]  # C, H, W
+    steps: list[Step]
+    sample_shape: list[int]  # per-example noise shape: C, H, W (Flux: packed tokens, channels)
     guidance_scale: float = 1.0
     null_label: int | None = None
     num_classes: int | None = None
     init_noise_sigma: float = 1.0
-    notes: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "ddim"  # ddim, consistency (fresh noise per step) or flow_euler
+    prediction_type: str = "epsilon"  # of the backbone inside the graph (the graph outputs x0)
+    graph_output: str = "x0"  # "images" for a fused sampler (the whole loop in one graph)
+    guidance_input: bool = False  # a guidance-distilled graph takes w as an input: one pass
+    fused: bool = False
     family: str = "unet2d"
     conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The graph's conditioning inputs besides sample and timestep: name -> {"axes", "dtype"};
@@ -36,6 +64,19 @@ class SamplerPlan:
     decode: bool = False
     """The loop's result is latents that the runtime's ``decode`` turns into images."""
     resolution: list[int] | None = None  # H, W of the images
+    format: str = PLAN_FORMAT
+
+    def __post_init__(self) -> None:
+        steps = [s if isinstance(s, Step) else Step(**s) for s in self.steps]
+        object.__setattr__(self, "steps", steps)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not all(isinstance(d, int) and d > 0 for d in self.sample_shape):
+            raise ValueError(f"sample_shape must be positive integers, got {self.sample_shape}")
+        if self.timestep_dtype not in ("int64", "float32"):
+            raise ValueError(f"timestep_dtype must be int64 or float32, got {self.timestep_dtype}")
+        if self.format != PLAN_FORMAT:
+            raise ValueError(f"format {self.format!r} is not {PLAN_FORMAT}")
 
     def is_batched(self, name: str) -> bool:
         axes = self.conditioning.get(name, {}).get("axes", ["batch"])
@@ -50,6 +91,22 @@ class SamplerPlan:
         if not path.is_file():
             raise CheckpointError(f"sampler plan not found: {path}")
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise CheckpointError(f"{path} is not a valid sampler plan: {e}") from None
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("it must hold a JSON object")
+            if "notes" in data and "format" not in data:  # format 1: flags in a notes dict
+                notes = data.pop("notes") or {}
+                data.update({k: notes[k] for k in _NOTES if k in notes})
+            unknown = sorted(set(data) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown}")
+            if not data.get("steps"):
+                raise ValueError("it has no steps")
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path} is not a valid sampler plan: {e}; re-export the engine"
+            ) from None
+
+
+_NOTES = ("sampler", "graph_output", "prediction_type", "guidance_input", "fused")

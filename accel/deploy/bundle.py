@@ -131,7 +131,7 @@ def _card(name: str, info: dict, plan: SamplerPlan, files: list[str]) -> str:
         guidance = "no classifier-free guidance"
     elif info["fused"]:
         guidance = f"guidance scale {plan.guidance_scale}, applied inside the graph"
-    elif plan.notes.get("guidance_input"):
+    elif plan.guidance_input:
         guidance = f"guidance scale {plan.guidance_scale}, an input of the graph"
     else:
         guidance = (
@@ -228,7 +228,7 @@ def run(ctx: StageContext) -> None:
         device=engine.info.get("device", t.device),
         batch_range=engine.info.get("batch_range"),
         precision=engine.info.get("precision", t.precision),
-        fused=bool(plan.notes.get("fused")),
+        fused=plan.fused,
         steps=len(plan.steps),
         engine=engine.info,  # verbatim: what the engine's runtime class reads
         target={

@@ -69,7 +69,7 @@ def step_feeds(
 
 
 def _w_input(plan: SamplerPlan) -> bool:
-    return bool(plan.notes.get("guidance_input"))
+    return plan.guidance_input
 
 
 def sample(
@@ -88,7 +88,7 @@ def sample(
     Its stages are marked for the profiler's breakdown: conditioning (the feeds: labels,
     guidance's doubled batch, w), each denoising step, and the sampler's update. The result is
     the plan's sample (latents where the plan decodes)."""
-    if plan.notes.get("fused"):  # the whole loop is one graph (export.fused_sampler)
+    if plan.fused:  # the whole loop is one graph (export.fused_sampler)
         with section("conditioning"):
             feeds = fused_feeds(plan, noise, labels, rng)
         with section("fused sampler (all steps)"):
@@ -104,10 +104,10 @@ def sample(
         null = runtime.null_conditioning()
     for i, step in enumerate(plan.steps):
         with section("conditioning"):
-            feeds = step_feeds(plan, x, step["timestep"], labels, null)
+            feeds = step_feeds(plan, x, step.timestep, labels, null)
         if on_step is not None:
             on_step(feeds)
-        t = step["timestep"]
+        t = step.timestep
         with section(
             f"step {i + 1} (t={t:g})" if isinstance(t, float) else f"step {i + 1} (t={t})"
         ):
@@ -115,11 +115,11 @@ def sample(
         with section("sampler update"):
             if len(x0) == 2 * n:  # guided: conditional half, then unconditional
                 x0 = x0[n:] + np.float32(plan.guidance_scale) * (x0[:n] - x0[n:])
-            x = np.float32(step["a"]) * x + np.float32(step["b"]) * x0
-            if step.get("c", 0.0):
+            x = np.float32(step.a) * x + np.float32(step.b) * x0
+            if step.c:
                 if rng is None:
                     raise ValueError("this sampler plan draws fresh noise: pass rng")
-                x += np.float32(step["c"]) * rng.standard_normal(x.shape, dtype=np.float32)
+                x += np.float32(step.c) * rng.standard_normal(x.shape, dtype=np.float32)
     return x
 
 
@@ -161,7 +161,7 @@ def fused_feeds(
     """Feeds of a fused-sampler graph: noise, labels and, for stochastic steps, the fresh noise the
     per-step loop would draw from ``rng``, in its order (batch x K x C x H x W)."""
     feeds = {"noise": noise.astype(np.float32), **as_conditioning(labels)}
-    k = sum(1 for s in plan.steps if s.get("c", 0.0))
+    k = sum(1 for s in plan.steps if s.c)
     if k:
         if rng is None:
             raise ValueError("this sampler plan draws fresh noise: pass rng")
