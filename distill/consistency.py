@@ -192,7 +192,7 @@ def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict
 
 def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
-    from accel.demo.digits import digits_dataset
+    from distill.data import load_dataset
 
     teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale)
     T = teacher.schedule.num_train_timesteps
@@ -200,7 +200,7 @@ def run(ctx: StageContext) -> None:
         raise StageError(
             "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
-    student, log = distill(teacher, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress)
+    student, log = distill(teacher, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress)
     save_pipeline(
         ctx.out,
         student.backbone,

@@ -116,6 +116,9 @@ class Denoiser(nn.Module):
         # one, the backbone is a class-conditional UNet2DModel called with class labels.
         self.adapter = adapter
         self.null_conditioning = null_conditioning  # adapter models: encoded on first use
+        cfg = getattr(backbone, "config", {})
+        # an unconditional UNet2DModel is never fed labels (diffusers refuses them)
+        self.class_conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
         if prediction_type not in PREDICTION_TYPES:
             raise _unknown_prediction_type(prediction_type)
         if (
@@ -176,6 +179,8 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         if self.adapter is not None:
             return self._raw_conditioned(x, t, labels or {})
+        if not self.class_conditional:
+            labels = None
         if self.guidance_scales is not None and labels is not None:
             if not self.labels_carry_guidance:
                 scales = torch.tensor(self.guidance_scales, dtype=torch.float64)

@@ -345,11 +345,11 @@ def save_student(
 
 def run(ctx: StageContext) -> None:
     config: AdversarialConfig = ctx.config  # type: ignore[assignment]
-    from accel.demo.digits import digits_dataset
+    from distill.data import load_dataset
 
     teacher, init, info = find_teacher(ctx, config.guidance_scale)
     student, log = distill(
-        teacher, init, digits_dataset(), config, ctx.work, ctx.resume, ctx.progress
+        teacher, init, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
     )
     save_student(ctx, student, info, "dmd2", config.guidance_scale, log)
 

@@ -157,7 +157,7 @@ def distill(
 
 def run(ctx: StageContext) -> None:
     config: GuidanceConfig = ctx.config  # type: ignore[assignment]
-    from accel.demo.digits import digits_dataset
+    from distill.data import load_dataset
 
     teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
     if info.get("guidance_embedding") is not None:
@@ -175,7 +175,7 @@ def run(ctx: StageContext) -> None:
         teacher,
         student_backbone,
         num_labels,
-        digits_dataset(),
+        load_dataset(config.dataset),
         config,
         ctx.work,
         ctx.resume,

@@ -167,7 +167,7 @@ def run(ctx: StageContext) -> None:
     config: ProgressiveConfig = ctx.config  # type: ignore[assignment]
     from safetensors.torch import load_file, save_file
 
-    from accel.demo.digits import digits_dataset
+    from distill.data import load_dataset
 
     teacher, info = load_teacher(
         ctx.input.path, "progressive", config.guidance_scale, students=("progressive",)
@@ -185,7 +185,7 @@ def run(ctx: StageContext) -> None:
             "SNR 0, which few-step students start from (Salimans & Ho 2022, sec. 4): use a "
             "v_prediction or sample-prediction teacher",
         )
-    data = digits_dataset()
+    data = load_dataset(config.dataset)
     steps = config.teacher_steps // 2
     rounds = []
     gen = seeded_generator(config.seed)  # one stream through all rounds

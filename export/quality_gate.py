@@ -8,7 +8,8 @@ commits an artifact only after its stage returns, no engine is written.
 Metrics: ``fd_digits`` (Fréchet distance on the digits classifier's features, ``accel.demo.digits``;
 the threshold is the largest relative increase over the parent) for models that sample 1x16x16
 digits, and ``image_rmse`` for any model (RMS difference between the stage's and the parent's
-images from the same noise, images in [-1, 1]; the threshold is that RMS).
+images from the same noise, images in [-1, 1]; the threshold is that RMS). The default metric
+comes from the model (``default_metric``): FD-digits for the digits models, image RMSE otherwise.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ DIGITS_SHAPE = [1, 16, 16]
 
 
 class GateConfig(StageConfig):
-    metric: Literal["fd_digits", "image_rmse", "off"] = "fd_digits"
+    metric: Literal["fd_digits", "image_rmse", "off"] | None = None
+    """None: the model's own (``default_metric``)."""
     threshold: float | None = Field(None, ge=0)
     """fd_digits: largest relative FD increase over the parent (default 0.05: 5%);
     image_rmse: largest RMS image difference from the parent (default 0.05)."""
     samples: int = Field(1000, ge=2)
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
+
+
+def default_metric(plan: SamplerPlan) -> str:
+    """FD-digits for the pixel-space digits models (1x16x16 samples), image RMSE for any other."""
+    digits = plan.family == "unet2d" and list(plan.sample_shape) == DIGITS_SHAPE
+    return "fd_digits" if digits else "image_rmse"
 
 
 def quality_gate(
@@ -47,18 +55,19 @@ def quality_gate(
     ``StageError`` when the candidate is worse than ``gate`` allows."""
     from accel.demo.digits import evaluate_images, generate
 
-    if gate.metric == "off":
-        return {"metric": "off", "passed": True}
     plan: SamplerPlan = parent[1]
-    if gate.metric == "fd_digits" and list(plan.sample_shape) != DIGITS_SHAPE:
+    metric = gate.metric or default_metric(plan)
+    if metric == "off":
+        return {"metric": "off", "passed": True}
+    if metric == "fd_digits" and list(plan.sample_shape) != DIGITS_SHAPE:
         raise StageError(
             stage,
             f"the quality gate's FD-digits needs 1x16x16 digit images, but this model samples "
             f'{"x".join(map(str, plan.sample_shape))}: set gate.metric = "image_rmse" '
             '(or "off") in the stage config',
         )
-    threshold = DEFAULT_THRESHOLD[gate.metric] if gate.threshold is None else gate.threshold
-    progress(f"{stage}: quality gate ({gate.metric}, {gate.samples} samples x {len(gate.seeds)})")
+    threshold = DEFAULT_THRESHOLD[metric] if gate.threshold is None else gate.threshold
+    progress(f"{stage}: quality gate ({metric}, {gate.samples} samples x {len(gate.seeds)})")
     scores: dict[str, list[dict]] = {"parent": [], "candidate": []}
     sq_err, count = 0.0, 0
     for seed in gate.seeds:
@@ -67,18 +76,18 @@ def quality_gate(
             images[who], labels = generate(runtime, p, gate.samples, seed, p.num_classes)
             if not np.isfinite(images[who]).all():
                 raise StageError(stage, f"the {who} sampled NaN or Inf images")
-            if gate.metric == "fd_digits":
+            if metric == "fd_digits":
                 scores[who].append(evaluate_images(images[who], labels))
         sq_err += float(((images["candidate"] - images["parent"]) ** 2).sum())
         count += images["parent"].size
     result: dict = {
-        "metric": gate.metric,
+        "metric": metric,
         "threshold": threshold,
         "samples": gate.samples,
         "seeds": list(gate.seeds),
         "image_rmse": (sq_err / count) ** 0.5,
     }
-    if gate.metric == "fd_digits":
+    if metric == "fd_digits":
         for who, per_seed in scores.items():
             result[who] = {
                 "fd_digits": float(np.mean([s["fd_digits"] for s in per_seed])),

@@ -23,7 +23,9 @@ def tiny(tmp_path_factory):
     return store, store.source(write_tiny_pipeline(root / "teacher"))
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "fused", [False, pytest.param(True, marks=pytest.mark.slow)]
+)  # fused: a long export
 def test_fp16_keeps_io_norms_and_sampler_math_in_fp32(tiny, fused):
     store, source = tiny
     graph = build(store, source, "onnx", num_inference_steps=2, fused_sampler=fused)

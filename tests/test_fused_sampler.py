@@ -20,6 +20,7 @@ def tiny(tmp_path_factory):
     return store, store.source(write_tiny_pipeline(root / "teacher"))
 
 
+@pytest.mark.slow  # unrolled-loop exports, about a minute each
 def test_fused_guided_sampler_is_one_call_that_matches_the_step_loop(tiny):
     store, source = tiny
     loop = build(store, source, "onnx", num_inference_steps=3, guidance_scale=2.0)
@@ -49,6 +50,7 @@ def test_fused_guided_sampler_is_one_call_that_matches_the_step_loop(tiny):
     np.testing.assert_allclose(images[1], images[0], atol=1e-4)
 
 
+@pytest.mark.slow  # unrolled-loop exports, about a minute each
 def test_fused_consistency_sampler_takes_the_loops_fresh_noise_as_input(tiny):
     store, source = tiny
     student = build(

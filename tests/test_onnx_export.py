@@ -75,7 +75,9 @@ def resolution_target(tmp_path, lo, hi, opt=16):
     return str(path)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "fused", [False, pytest.param(True, marks=pytest.mark.slow)]
+)  # fused: a long export
 def test_target_resolution_range_becomes_dynamic_height_and_width(tmp_path, fused):
     from accel.core.plan import SamplerPlan
     from accel.core.target import load_target

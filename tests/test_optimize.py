@@ -20,7 +20,9 @@ def tiny(tmp_path_factory):
     return store, store.source(write_tiny_pipeline(root / "teacher"))
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "fused", [False, pytest.param(True, marks=pytest.mark.slow)]
+)  # fused: a long export
 def test_slimmed_graph_is_smaller_and_samples_the_same(tiny, fused):
     store, source = tiny
     graph = build(store, source, "onnx", num_inference_steps=2, fused_sampler=fused)

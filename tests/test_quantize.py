@@ -130,7 +130,18 @@ def test_fd_gate_refuses_images_that_are_not_digits():
 
     plan = SamplerPlan(steps=[], sample_shape=[3, 8, 8])
     with pytest.raises(StageError, match='set gate.metric = "image_rmse"'):
-        quality_gate("quantize", GateConfig(), (None, plan), (None, plan), lambda m: None)
+        gate = GateConfig(metric="fd_digits")
+        quality_gate("quantize", gate, (None, plan), (None, plan), lambda m: None)
+
+
+def test_the_default_gate_metric_comes_from_the_model():
+    from accel.core.plan import SamplerPlan
+    from export.quality_gate import default_metric
+
+    assert default_metric(SamplerPlan(steps=[], sample_shape=[1, 16, 16])) == "fd_digits"
+    assert default_metric(SamplerPlan(steps=[], sample_shape=[3, 8, 8])) == "image_rmse"
+    latent = SamplerPlan(steps=[], sample_shape=[1, 16, 16], family="sd")
+    assert default_metric(latent) == "image_rmse"
 
 
 def test_quantizing_a_qdq_graph_with_unknown_op_types_says_so(tiny):
