@@ -200,7 +200,9 @@ def run(ctx: StageContext) -> None:
         raise StageError(
             "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
-    student, log = distill(teacher, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress)
+    student, log = distill(
+        teacher, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
+    )
     save_pipeline(
         ctx.out,
         student.backbone,

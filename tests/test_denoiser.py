@@ -63,9 +63,12 @@ def test_an_unconditional_model_is_never_fed_labels():
     """Training data carries labels; an unconditional UNet2DModel (which diffusers refuses to
     give class labels) predicts as if none were given."""
     from distill.schedule import Schedule
+
     from tiny import SCHEDULER, tiny_unet
 
-    den = Denoiser(tiny_unet(num_class_embeds=None), Schedule.from_config(SCHEDULER), "v_prediction")
+    den = Denoiser(
+        tiny_unet(num_class_embeds=None), Schedule.from_config(SCHEDULER), "v_prediction"
+    )
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([500, 500])
     with torch.no_grad():
         torch.testing.assert_close(den(x, t, torch.tensor([3, 4])), den(x, t, None))
