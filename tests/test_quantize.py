@@ -226,6 +226,7 @@ def test_recipe_branches_an_int8_engine_beside_the_fp32_one(tmp_path):
     assert [a.key for a in again] == [a.key for a in (graph, fp32, int8_graph, int8)]
 
 
+@pytest.mark.slow  # a fused-sampler export, about half a minute
 def test_a_fused_sampler_graph_is_refused_with_the_way_out(tiny):
     store, source, _ = tiny
     fused = build(store, source, "onnx", num_inference_steps=2, fused_sampler=True)

@@ -106,6 +106,7 @@ def stub_copy(dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow  # a mypy run over the TensorRT path, about half a minute
 def test_tensorrt_calls_type_check_against_tensorrt_stubs(tmp_path):
     stubs = stub_copy(tmp_path / "stubs")
     canary = tmp_path / "canary.py"  # proves the stubs are live: a misspelt attribute must fail
