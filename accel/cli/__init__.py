@@ -21,6 +21,22 @@ store_option = click.option(
     default=None,
     help="Artifact store (default: $ACCEL_STORE or ./.accel-store).",
 )
+
+
+def size_options(f):
+    """--height and --width of the images latent models draw (default: the model's own)."""
+    for side in ("width", "height"):
+        f = click.option(f"--{side}", type=click.IntRange(min=1), default=None,
+                         help=f"Image {side} for latent models (default: the model's own).")(f)  # fmt: skip
+    return f
+
+
+def _resolution(height: int | None, width: int | None) -> tuple[int, int] | None:
+    if (height is None) != (width is None):
+        raise click.BadParameter("give both --height and --width, or neither")
+    return (height, width) if height and width else None
+
+
 resume_option = click.option(
     "--resume",
     is_flag=True,
@@ -468,10 +484,7 @@ def deploy_triton(bundle: Path, out: Path, instances: int, max_queue_delay_us: i
 )
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampling steps of diffusers directories (default: their own, or 50).")  # fmt: skip
-@click.option("--height", type=click.IntRange(min=1), default=None,
-              help="Image height for latent models (default: the model's own).")  # fmt: skip
-@click.option("--width", type=click.IntRange(min=1), default=None,
-              help="Image width for latent models (default: the model's own).")  # fmt: skip
+@size_options
 def profile(
     artifacts: tuple[Path, ...],
     target_name: str | None,
@@ -512,13 +525,11 @@ def profile(
             param_hint="--out",
         )
     target = load_target(target_name) if target_name else _detected()[0]
-    if (height is None) != (width is None):
-        raise click.BadParameter("give both --height and --width, or neither")
+    resolution = _resolution(height, width)
     subjects = {}
     short = [p.resolve().name for p in artifacts]
     for path, label in zip(artifacts, short, strict=True):
         # onnxruntime's idle threads must not spin: they would take the cores of the next call
-        resolution = (height, width) if height and width else None
         runtime, plan = open_runtime(path, target, steps, spin=False, resolution=resolution)
         if quality_samples and plan.decode:
             raise click.BadParameter(
@@ -696,10 +707,7 @@ def targets_detect() -> None:
     help="Classifier-free guidance scale (default: the model's; students have it baked in). "
     "For models with a guidance embedding (Flux-dev), the embedded guidance.",
 )
-@click.option("--height", type=click.IntRange(min=1), default=None,
-              help="Image height for latent models (default: the model's own).")  # fmt: skip
-@click.option("--width", type=click.IntRange(min=1), default=None,
-              help="Image width for latent models (default: the model's own).")  # fmt: skip
+@size_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--target",
@@ -742,10 +750,8 @@ def sample(
 
     if out.suffix not in (".npz", ".png"):
         raise click.BadParameter("name a .npz or a .png file", param_hint="--out")
-    if (height is None) != (width is None):
-        raise click.BadParameter("give both --height and --width, or neither")
     target = load_target(target_name) if target_name else None
-    resolution = (height, width) if height and width else None
+    resolution = _resolution(height, width)
     runtime, plan = open_runtime(model, target, steps, guidance, resolution=resolution)
     kind = plan.conditioning_kind or ("class" if plan.num_classes else None)
     if prompts and kind != "text":
