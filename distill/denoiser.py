@@ -116,9 +116,12 @@ class Denoiser(nn.Module):
         # one, the backbone is a class-conditional UNet2DModel called with class labels.
         self.adapter = adapter
         self.null_conditioning = null_conditioning  # adapter models: encoded on first use
-        cfg = getattr(backbone, "config", {})
-        # an unconditional UNet2DModel is never fed labels (diffusers refuses them)
-        self.class_conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
+        # an unconditional UNet2DModel is never fed labels (diffusers refuses them); backbones
+        # without a diffusers config (the Gaussian-mixture teachers of the tests) take them as given
+        cfg = getattr(backbone, "config", None)
+        self.class_conditional = cfg is None or bool(
+            cfg.get("num_class_embeds") or cfg.get("class_embed_type")
+        )
         if prediction_type not in PREDICTION_TYPES:
             raise _unknown_prediction_type(prediction_type)
         if (
