@@ -25,6 +25,7 @@ import numpy as np
 from accel.cli import DEMO_RECIPE
 from accel.core.artifact import Store
 from accel.core.errors import StageError
+from accel.core.model_info import ModelInfo
 from accel.core.recipe import load_recipe
 from accel.pipeline import run_or_reuse, run_recipe
 from accel.stages import get_stage
@@ -97,7 +98,7 @@ def medium_unet_check(store: Store, target, iterations: int) -> dict:
     }
     gate = {"metric": "image_rmse", "threshold": 1.0, "samples": 8}
     with tempfile.TemporaryDirectory() as tmp:  # the store copies it in with the first build
-        save_pipeline(tmp, unet, scheduler, {"null_class_label": 10, "num_classes": 10})
+        save_pipeline(tmp, unet, scheduler, ModelInfo(null_class_label=10, num_classes=10))
         source = store.source(tmp)
         graph, plan = graph_and_plan("bench", Path(tmp), 4, None)
         fp32_graph = build(store, source, target, "onnx", num_inference_steps=4)

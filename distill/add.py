@@ -35,7 +35,6 @@ import copy
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from accel.core.stage import Stage, StageContext, say
+from distill.data import Dataset
 from distill.denoiser import ConsistencyDenoiser, Denoiser
 from distill.dmd import Discriminator, FeatureTap, find_teacher, save_student
 from distill.samplers import consistency_timesteps
@@ -72,8 +72,8 @@ class AddConfig(TrainingConfig):
     """Submodule of the frozen teacher whose output feeds the discriminator head."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
-    dataset: Literal["digits"] = "digits"
-    """Real images: the student's noised inputs and the discriminator's real class."""
+    dataset: Dataset = "digits"
+    """Real images: the student's noised inputs and the discriminator's real class (``distill.data``)."""
 
     @model_validator(mode="after")
     def _range(self) -> AddConfig:
@@ -176,7 +176,7 @@ def run(ctx: StageContext) -> None:
     student, log = distill(
         teacher, init, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
     )
-    save_student(ctx, student, info, "add", config.guidance_scale, log)
+    save_student(ctx, student, teacher, info, "add", config.guidance_scale, log)
 
 
 STAGE = Stage(

@@ -31,7 +31,9 @@ import torch
 from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
+from accel.core.model_info import ConsistencySpec, ModelInfo
 from accel.core.stage import Stage, StageContext, say
+from distill.data import Dataset
 from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
@@ -163,8 +165,8 @@ class ConsistencyConfig(TrainingConfig):
     ema_decay: float = Field(0.95, ge=0, lt=1)
     """Decay of the target network theta- (LCM uses 0.95)."""
     loss: Literal["l2", "huber"] = "huber"
-    dataset: Literal["digits"] = "digits"
-    """Training images; the digits demo's set is the only one wired so far."""
+    dataset: Dataset = "digits"
+    """Training images (``distill.data``)."""
 
     @model_validator(mode="after")
     def _steps(self) -> ConsistencyConfig:
@@ -206,18 +208,14 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         student.backbone,
-        student_scheduler_config(info["scheduler"], config.solver_steps),
-        {
-            "method": "consistency",
-            "num_inference_steps": config.num_inference_steps,
+        student_scheduler_config(teacher.scheduler_config, config.solver_steps),
+        ModelInfo(
+            method="consistency",
+            num_inference_steps=config.num_inference_steps,
             **guidance_info(info, config.guidance_scale),
-            "num_classes": info.get("num_classes"),
-            "consistency": {
-                "solver_steps": config.solver_steps,
-                "sigma_data": 0.5,
-                "timestep_scaling": TIMESTEP_SCALING,
-            },
-        },
+            num_classes=info.num_classes,
+            consistency=ConsistencySpec(config.solver_steps, 0.5, TIMESTEP_SCALING),
+        ),
     )
     ctx.metrics["final_loss"] = mean_tail(log)
     write_loss_log(ctx.out, log)

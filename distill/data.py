@@ -1,27 +1,248 @@
-"""Training data as plug-ins named by a training stage's ``dataset`` key, not imports: a table of
-names to "module:function" strings, imported when a stage loads its data.
+"""Training data as plug-ins named by a training stage's ``dataset`` key, not imports.
 
-A data source is a function of no arguments returning (x0, labels): float32 images or latents
-N x C x H x W in the model's sample space and int64 class labels (or None for unconditional
-models). ``digits`` is the shipped demo's (scikit-learn's digits at 16x16). Sources for
-images with captions (an ``imagefolder`` with ``metadata.jsonl``) and for teacher samples from a
-list of prompts or labels come with the text-to-image distillation stages; until then a stage
-config accepts only the names in this table."""
+A source returns ``(x0, conditioning)``: float32 N x C x H x W in the model's sample space
+(latents, for latent models) and the conditioning of each example: int64 class labels, a dict of
+named tensors (the family adapter's conditioning, batch first), or None for unconditional models.
+The names:
+
+- ``digits``: the shipped demo's set (scikit-learn's digits at 16x16, with labels), from the table
+  ``DATASETS`` of "module:function" strings imported when a stage loads its data;
+- ``imagefolder:PATH``: images with captions in the Hugging Face ``imagefolder`` layout
+  (``PATH/metadata.jsonl``, one JSON object per line with ``file_name`` and ``text``), encoded
+  once by the teacher's VAE and text encoders and cached under ``cache_dir``;
+- ``prompts:PATH``: data-free, one prompt per line; the images are the teacher's own samples, for
+  the methods that may learn from them (see each method's docstring).
+
+Every file is checked before any training starts: a missing or unreadable image, an empty caption,
+a missing column, an image of another size than the model's resolution or an empty prompt file is
+one ``RecipeError`` naming the file and line.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator
 
 from accel.core.errors import RecipeError
 
 DATASETS: dict[str, str] = {"digits": "accel.demo.digits:digits_dataset"}
+KINDS = ("imagefolder", "prompts")
+
+Conditioning = torch.Tensor | dict[str, torch.Tensor] | None
+TrainingData = tuple[torch.Tensor, Conditioning]
 
 
-def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (x0, labels) of the data source ``name``."""
-    if name not in DATASETS:
-        raise RecipeError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    module, fn = DATASETS[name].split(":")
-    return getattr(importlib.import_module(module), fn)()
+def check_dataset_name(name: str) -> str:
+    """A stage config validator: ``name`` is a table name or KIND:PATH."""
+    kind, _, path = name.partition(":")
+    if name in DATASETS or (kind in KINDS and path):
+        return name
+    raise ValueError(
+        f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}, imagefolder:DIR (images "
+        "with captions in metadata.jsonl) or prompts:FILE (one prompt per line)"
+    )
+
+
+Dataset = Annotated[str, AfterValidator(check_dataset_name)]
+"""A stage config's ``dataset`` field."""
+
+
+def take(cond: Conditioning, idx: torch.Tensor) -> Conditioning:
+    """The conditioning of the examples ``idx``."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[idx] for k, v in cond.items()}
+    return cond[idx]
+
+
+def to_device(data: TrainingData, device: torch.device | str) -> TrainingData:
+    x, cond = data
+    if isinstance(cond, dict):
+        return x.to(device), {k: v.to(device) for k, v in cond.items()}
+    return x.to(device), None if cond is None else cond.to(device)
+
+
+def load_dataset(
+    name: str,
+    denoiser: Any = None,
+    cache_dir: Path | None = None,
+    sample_teacher: Callable[[list[str]], torch.Tensor] | None = None,
+) -> TrainingData:
+    """The (x0, conditioning) of the data source ``name``. Text sources need the teacher
+    ``denoiser`` (its adapter encodes prompts and images); ``prompts:`` sources need
+    ``sample_teacher`` (prompts -> the teacher's x0 samples), given only by methods that may
+    learn from the teacher's own samples."""
+    check = _checked(name)
+    kind, _, path = name.partition(":")
+    adapter = getattr(denoiser, "adapter", None)
+    if kind not in KINDS:
+        if adapter is not None and adapter.conditioning == "text":
+            raise RecipeError(
+                f"dataset {name!r} is the digits models' labelled images, and the teacher is a "
+                f"{adapter.family} model: give --dataset imagefolder:DIR (images with captions) "
+                "or prompts:FILE (one prompt per line)"
+            )
+        module, fn = DATASETS[check].split(":")
+        return getattr(importlib.import_module(module), fn)()
+    if adapter is None or adapter.conditioning != "text":
+        raise RecipeError(
+            f"dataset {name!r} holds captions; it trains text-to-image models, and this teacher "
+            'is not one (use dataset = "digits" for the digits models)'
+        )
+    if kind == "prompts":
+        prompts = read_prompts(Path(path))
+        if sample_teacher is None:
+            raise RecipeError(
+                f"dataset {name!r} is data-free (prompts only), and this method learns from real "
+                "images: give an imagefolder:DIR of images with captions"
+            )
+        return _cached(
+            cache_dir,
+            ("prompts", str(adapter.root), prompts),
+            lambda: _encode_prompts(adapter, prompts, sample_teacher),
+        )
+    folder = Path(path)
+    images, captions = read_imagefolder(folder, adapter.default_resolution())
+    return _cached(
+        cache_dir,
+        ("imagefolder", str(adapter.root), captions, _digest(images)),
+        lambda: _encode_images(adapter, images, captions),
+    )
+
+
+def _checked(name: str) -> str:
+    try:
+        return check_dataset_name(name)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise RecipeError(f"prompt file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise RecipeError(f"{path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+    """Images (float32 N x 3 x H x W in [-1, 1]) and captions of an imagefolder, every line of
+    ``metadata.jsonl`` checked."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    meta = folder / "metadata.jsonl"
+    if not folder.is_dir():
+        raise RecipeError(f"image folder not found: {folder}")
+    if not meta.is_file():
+        raise RecipeError(
+            f"{folder} has no metadata.jsonl; write one line per image: "
+            '{"file_name": "0001.png", "text": "a caption"}'
+        )
+    h, w = resolution
+    images, captions = [], []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{meta}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{where} is not a JSON object ({e})") from None
+        if not isinstance(row, dict):
+            raise RecipeError(f"{where} is not a JSON object")
+        for column in ("file_name", "text"):
+            if column not in row:
+                raise RecipeError(f"{where} has no {column!r} column (it has {sorted(row)})")
+        caption = row["text"]
+        if not isinstance(caption, str) or not caption.strip():
+            raise RecipeError(f"{where}: the caption of {row['file_name']} is empty")
+        file = folder / str(row["file_name"])
+        if not file.resolve().is_relative_to(folder.resolve()):
+            raise RecipeError(f"{where}: {row['file_name']} is outside {folder}")
+        if not file.is_file():
+            raise RecipeError(f"{where}: image {file} is missing")
+        try:
+            with Image.open(file) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise RecipeError(f"{where}: {file} is not a readable image ({e})") from None
+        if rgb.size != (w, h):
+            raise RecipeError(
+                f"{where}: {file} is {rgb.size[0]}x{rgb.size[1]}; the model trains at {w}x{h}: "
+                "resize the images to that size"
+            )
+        images.append(np.asarray(rgb, dtype=np.float32))
+        captions.append(caption.strip())
+    if not images:
+        raise RecipeError(f"{meta} lists no images")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    return x.contiguous(), captions
+
+
+def _digest(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.numpy().tobytes()).hexdigest()
+
+
+def _cached(cache_dir: Path | None, key: Any, compute: Callable[[], TrainingData]) -> TrainingData:
+    """``compute()``, stored once in ``cache_dir`` (safetensors) under a hash of ``key``."""
+    if cache_dir is None:
+        return compute()
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    file = Path(cache_dir) / f"data-{digest}.safetensors"
+    if file.is_file():
+        t = load_file(str(file))
+        return t.pop("x0"), {k.removeprefix("cond."): v for k, v in t.items()}
+    x0, cond = compute()
+    assert isinstance(cond, dict)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    save_file(
+        {"x0": x0.contiguous(), **{f"cond.{k}": v.contiguous() for k, v in cond.items()}}, str(tmp)
+    )
+    tmp.replace(file)
+    return x0, cond
+
+
+@torch.no_grad()
+def _encode_text(adapter: Any, captions: list[str], chunk: int = 64) -> dict[str, torch.Tensor]:
+    h, w = adapter.default_resolution()
+    parts = [
+        adapter.encode(captions[i : i + chunk], height=h, width=w)
+        for i in range(0, len(captions), chunk)
+    ]
+    return {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
+
+
+@torch.no_grad()
+def _encode_images(
+    adapter: Any, images: torch.Tensor, captions: list[str], chunk: int = 64
+) -> TrainingData:
+    """Latents (the VAE posterior's mean, scaled as the pipeline scales them: deterministic, as
+    diffusers' training scripts are when they cache latents) and text conditioning."""
+    latents = torch.cat(
+        [adapter.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+    )
+    return latents.float(), _encode_text(adapter, captions)
+
+
+def _encode_prompts(
+    adapter: Any, prompts: list[str], sample_teacher: Callable[[list[str]], torch.Tensor]
+) -> TrainingData:
+    return sample_teacher(prompts).float(), _encode_text(adapter, prompts)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
+from accel.core.model_info import ModelInfo
 from distill.schedule import Schedule, _bcast
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
@@ -116,6 +117,7 @@ class Denoiser(nn.Module):
         # one, the backbone is a class-conditional UNet2DModel called with class labels.
         self.adapter = adapter
         self.null_conditioning = null_conditioning  # adapter models: encoded on first use
+        self.scheduler_config: dict[str, Any] | None = None  # the pipeline's (load_denoiser)
         # an unconditional UNet2DModel is never fed labels (diffusers refuses them); backbones
         # without a diffusers config (the Gaussian-mixture teachers of the tests) take them as given
         cfg = getattr(backbone, "config", None)
@@ -162,9 +164,12 @@ class Denoiser(nn.Module):
             guidance_scale=self.guidance_scale if self.guidance_scales else 1.0,
             guidance_scales=self.guidance_scales,
             num_labels=self.num_labels,
+            adapter=self.adapter,
+            null_conditioning=self.null_conditioning,
             **kw,
         )
         student.labels_carry_guidance = self.labels_carry_guidance
+        student.scheduler_config = self.scheduler_config
         return student
 
     def training_labels(
@@ -262,28 +267,26 @@ class ConsistencyDenoiser(Denoiser):
 
 def load_denoiser(
     model_dir: str | Path, guidance_scale: float | None = None, load_components: bool = True
-) -> tuple[Denoiser, dict[str, Any]]:
+) -> tuple[Denoiser, ModelInfo]:
     """Load a diffusers pipeline directory (``model_index.json``, the denoiser's folder,
     ``scheduler/`` and, for latent text-to-image families, the text encoders, tokenizers and VAE)
     as a Denoiser through its family's adapter (``distill.models``), reading weights through
     safetensors only (corrupt files and NaN weights are errors).
 
-    ``accel.json`` beside ``model_index.json`` may name ``null_class_label`` (for guidance),
-    ``num_inference_steps`` and ``guidance_scale`` (a student's defaults); it is returned as info."""
-    from accel.core.checkpoint import read_json
+    ``accel.json`` beside ``model_index.json`` (``accel.core.model_info.ModelInfo``) may name
+    ``null_class_label`` (for guidance), ``num_inference_steps`` and ``guidance_scale`` (a
+    student's defaults); it is returned. The scheduler's config is the denoiser's
+    ``scheduler_config``."""
     from distill.models import load_pipeline
 
     root = Path(model_dir)
     adapter = load_pipeline(root, load_components=load_components)
+    info = ModelInfo.read(root)
     backbone = adapter.backbone
     if adapter.family != "unet2d":
-        info = read_json(root / "accel.json") if (root / "accel.json").is_file() else {}
         default = getattr(adapter, "default_guidance", 1.0) if adapter.guidance_in_model else 1.0
-        w = (
-            guidance_scale
-            if guidance_scale is not None
-            else float(info.get("guidance_scale", default))
-        )
+        w = guidance_scale if guidance_scale is not None else info.guidance_scale
+        w = float(default if w is None else w)
         if adapter.guidance_in_model:
             adapter.guidance_scale = w
         den = Denoiser(
@@ -293,12 +296,13 @@ def load_denoiser(
             guidance_scale=w,
             adapter=adapter,
         )
-        return den, dict(info, scheduler=adapter.scheduler_config, family=adapter.family)
+        den.scheduler_config = adapter.scheduler_config
+        return den, info
     sched_cfg = adapter.scheduler_config
-    info = read_json(root / "accel.json") if (root / "accel.json").is_file() else {}
-    w = guidance_scale if guidance_scale is not None else float(info.get("guidance_scale", 1.0))
-    null = info.get("null_class_label")
-    embedding = info.get("guidance_embedding")  # a guidance-distilled model: w is an input
+    w = guidance_scale if guidance_scale is not None else info.guidance_scale
+    w = 1.0 if w is None else float(w)
+    null = info.null_class_label
+    embedding = info.guidance_embedding  # a guidance-distilled model: w is an input
     if w != 1.0 and null is None and embedding is None:
         raise CheckpointError(
             f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
@@ -307,24 +311,25 @@ def load_denoiser(
     args = (backbone, adapter.schedule, adapter.prediction_type)
     kwargs: dict[str, Any] = {"guidance_scale": w, "null_label": null}
     if embedding is not None:
-        kwargs.update(guidance_scales=embedding["scales"], num_labels=embedding["num_labels"])
-    if "consistency" in info:
+        kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
+    if info.consistency is not None:
         if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
             raise CheckpointError(
                 f"{root}: timestep_scaling other than {TIMESTEP_SCALING} is not "
                 "supported for consistency students"
             )
         denoiser: Denoiser = ConsistencyDenoiser(
-            *args, solver_steps=int(info["consistency"]["solver_steps"]), **kwargs
+            *args, solver_steps=info.consistency.solver_steps, **kwargs
         )
     else:
         denoiser = Denoiser(*args, **kwargs)
-    return denoiser, dict(info, scheduler=sched_cfg)
+    denoiser.scheduler_config = sched_cfg
+    return denoiser, info
 
 
 def load_teacher(
     path: str | Path, stage: str, guidance_scale: float, students: tuple[str, ...] = ()
-) -> tuple[Denoiser, dict[str, Any]]:
+) -> tuple[Denoiser, ModelInfo]:
     """A teacher for a step-distillation stage: a discrete-time model that is not itself a
     distilled student (distillation needs the teacher's own ODE), unless it is a student of one of
     the ``students`` methods (a progressive student is a deterministic DDIM sampler of the ODE)."""
@@ -337,52 +342,82 @@ def load_teacher(
             "flow-matching teachers are not supported yet: the students "
             "here step a discrete VP schedule",
         )
-    if info.get("num_inference_steps") is not None and info.get("method") not in students:
+    if info.is_student and info.method not in students:
         raise StageError(
             stage,
-            f"the input is already a distilled {info.get('method', '')} student; distil from "
+            f"the input is already a distilled {info.method or ''} student; distil from "
             "the teacher, which holds the ODE the student learns",
         )
     return teacher, info
 
 
-def guidance_info(teacher_info: dict[str, Any], guidance_scale: float) -> dict[str, Any]:
-    """accel.json guidance keys of a step-distilled student: guidance baked in at
+def guidance_info(teacher_info: ModelInfo, guidance_scale: float) -> dict[str, Any]:
+    """accel.json guidance fields of a step-distilled student: guidance baked in at
     ``guidance_scale`` (sample with 1), or, from a guidance-distilled teacher, the same w input."""
-    embedding = teacher_info.get("guidance_embedding")
+    embedding = teacher_info.guidance_embedding
     if embedding is None:
         if guidance_scale == 1.0:  # a student of a student: the guidance its teacher baked in
-            guidance_scale = teacher_info.get("distilled_guidance_scale", 1.0)
+            guidance_scale = teacher_info.distilled_guidance_scale or 1.0
         return {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
     return {"guidance_scale": guidance_scale, "guidance_embedding": embedding}
 
 
 def save_pipeline(
-    out_dir: str | Path, backbone: nn.Module, scheduler_config: dict[str, Any], info: dict[str, Any]
+    out_dir: str | Path,
+    backbone: nn.Module,
+    scheduler_config: dict[str, Any],
+    info: ModelInfo,
+    teacher: Denoiser | None = None,
 ) -> None:
     """Write a diffusers pipeline directory that stock diffusers loads: model_index.json, the
-    backbone (safetensors), the scheduler named in scheduler_config["_class_name"], and accel.json."""
+    backbone (safetensors), the scheduler named in scheduler_config["_class_name"], and accel.json.
+
+    A student of a family pipeline (``teacher`` with an adapter: SD, SDXL) is the whole pipeline:
+    the teacher's model_index.json with the new scheduler class, and its other components (text
+    encoders, tokenizers, VAE) hard-linked from the teacher's directory (store artifacts are never
+    modified, so the bytes are stored once; copied where links are impossible)."""
     import diffusers
 
     out = Path(out_dir)
-    backbone.save_pretrained(out / "unet", safe_serialization=True)
+    adapter = getattr(teacher, "adapter", None)
+    folder = adapter.denoiser_folder if adapter is not None else "unet"
+    backbone.save_pretrained(out / folder, safe_serialization=True)
     sched_cls = getattr(diffusers, scheduler_config["_class_name"])
     sched_cls.from_config(scheduler_config).save_pretrained(out / "scheduler")
-    # DDPMPipeline makes DiffusionPipeline.from_pretrained load the components; its __call__ knows
-    # no class labels, so the contract is the unet/ and scheduler/ pair in a plain loop.
-    (out / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "DDPMPipeline",
-                "_diffusers_version": diffusers.__version__,
-                "scheduler": ["diffusers", scheduler_config["_class_name"]],
-                "unet": ["diffusers", type(backbone).__name__],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (out / "accel.json").write_text(json.dumps(info, indent=2) + "\n")
+    if adapter is not None:
+        index = dict(adapter.index, scheduler=["diffusers", scheduler_config["_class_name"]])
+        for name, entry in adapter.index.items():
+            if name in (folder, "scheduler") or not isinstance(entry, list) or entry[0] is None:
+                continue
+            if (adapter.root / name).is_dir():
+                _link_tree(adapter.root / name, out / name)
+    else:
+        # DDPMPipeline makes DiffusionPipeline.from_pretrained load the components; its __call__
+        # knows no class labels, so the contract is the unet/ and scheduler/ pair in a plain loop.
+        index = {
+            "_class_name": "DDPMPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", scheduler_config["_class_name"]],
+            "unet": ["diffusers", type(backbone).__name__],
+        }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    info.write(out)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    for file in sorted(src.rglob("*")):
+        target = dst / file.relative_to(src)
+        if file.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:
+            shutil.copy2(file, target)
 
 
 class DenoiserGraph(nn.Module):

@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +52,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from accel.core.errors import StageError
+from accel.core.model_info import ConsistencySpec, ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.consistency import student_scheduler_config
+from distill.data import Dataset
 from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
@@ -92,8 +93,8 @@ class AdversarialConfig(TrainingConfig):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     """AdamW settings of both players; DMD2's official code keeps PyTorch's defaults."""
-    dataset: Literal["digits"] = "digits"
-    """Real images for the GAN term; the digits demo's set is the only one wired so far."""
+    dataset: Dataset = "digits"
+    """Real images for the GAN term (``distill.data``)."""
 
     @model_validator(mode="after")
     def _range(self) -> AdversarialConfig:
@@ -286,14 +287,12 @@ def distill(
 
 def find_teacher(
     ctx: StageContext, guidance_scale: float, stage: str = "adversarial"
-) -> tuple[Denoiser, nn.Module, dict]:
+) -> tuple[Denoiser, nn.Module, ModelInfo]:
     """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
     student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
-    from accel.core.checkpoint import read_json
 
     def is_student(path: Path) -> bool:
-        info = read_json(path / "accel.json") if (path / "accel.json").is_file() else {}
-        return info.get("num_inference_steps") is not None
+        return ModelInfo.read(path).is_student
 
     if not is_student(ctx.input.path):
         teacher, info = load_teacher(ctx.input.path, stage, guidance_scale)
@@ -314,7 +313,8 @@ def find_teacher(
 def save_student(
     ctx: StageContext,
     student: ConsistencyDenoiser,
-    info: dict,
+    teacher: Denoiser,
+    info: ModelInfo,
     method: str,
     guidance_scale: float,
     log: list[dict[str, float]],
@@ -325,19 +325,15 @@ def save_student(
     save_pipeline(
         ctx.out,
         student.backbone,
-        student_scheduler_config(info["scheduler"], N),
-        {
-            "method": method,
-            "num_inference_steps": N,
-            "guidance_scale": 1.0,
-            "distilled_guidance_scale": guidance_scale,
-            "num_classes": info.get("num_classes"),
-            "consistency": {
-                "solver_steps": N,
-                "sigma_data": 0.5,
-                "timestep_scaling": TIMESTEP_SCALING,
-            },
-        },
+        student_scheduler_config(teacher.scheduler_config, N),
+        ModelInfo(
+            method=method,
+            num_inference_steps=N,
+            guidance_scale=1.0,
+            distilled_guidance_scale=guidance_scale,
+            num_classes=info.num_classes,
+            consistency=ConsistencySpec(N, 0.5, TIMESTEP_SCALING),
+        ),
     )
     ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
     write_loss_log(ctx.out, log)
@@ -351,7 +347,7 @@ def run(ctx: StageContext) -> None:
     student, log = distill(
         teacher, init, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
     )
-    save_student(ctx, student, info, "dmd2", config.guidance_scale, log)
+    save_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)
 
 
 STAGE = Stage(

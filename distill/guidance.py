@@ -28,14 +28,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from accel.core.errors import StageError
+from accel.core.model_info import GuidanceEmbedding, ModelInfo
 from accel.core.stage import Stage, StageContext, say
+from distill.data import Dataset
 from distill.denoiser import Denoiser, load_teacher, save_pipeline, to_x0_eps
 from distill.progressive import student_scheduler_config as ddim_scheduler_config
 from distill.schedule import _bcast
@@ -50,8 +51,8 @@ class GuidanceConfig(TrainingConfig):
     guidance_scale: float = Field(1.5, ge=0)
     """The student's default w (on the grid)."""
     iterations: int = Field(2000, ge=1)
-    dataset: Literal["digits"] = "digits"
-    """Training images x ~ D; the digits demo's set is the only one wired so far."""
+    dataset: Dataset = "digits"
+    """Training images x ~ D (``distill.data``)."""
 
     @model_validator(mode="after")
     def _grid(self) -> GuidanceConfig:
@@ -160,7 +161,7 @@ def run(ctx: StageContext) -> None:
     from distill.data import load_dataset
 
     teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
-    if info.get("guidance_embedding") is not None:
+    if info.guidance_embedding is not None:
         raise StageError("guidance", "the input is already guidance-distilled")
     if teacher.null_label is None:
         raise StageError(
@@ -184,13 +185,13 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         student.backbone,
-        ddim_scheduler_config(info["scheduler"]),
-        {
-            "method": "guidance",
-            "guidance_scale": config.guidance_scale,
-            "num_classes": info.get("num_classes"),
-            "guidance_embedding": {"scales": scales, "num_labels": num_labels},
-        },
+        ddim_scheduler_config(teacher.scheduler_config),
+        ModelInfo(
+            method="guidance",
+            guidance_scale=config.guidance_scale,
+            num_classes=info.num_classes,
+            guidance_embedding=GuidanceEmbedding(scales, num_labels),
+        ),
     )
     ctx.metrics["final_loss"] = mean_tail(log)
     write_loss_log(ctx.out, log)

@@ -25,16 +25,23 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
+from accel.core.model_info import ModelInfo
 from accel.core.stage import Stage, StageContext, say
+from distill.data import Dataset, take, to_device
 from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline
+from distill.samplers import teacher_samples
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
+
+MIN_EPSILON_ALPHA_RATIO = 1e-2
+"""Epsilon teachers are distilled where alpha/sigma at the last timestep is at least this (SD's
+scaled-linear schedule: 0.068), so x0 = (z - sigma eps) / alpha stays a bounded function of
+eps; schedules ending at (near) zero SNR need v- or x0-prediction (Salimans & Ho 2022, sec. 4)."""
 
 
 class ProgressiveConfig(TrainingConfig):
@@ -45,8 +52,11 @@ class ProgressiveConfig(TrainingConfig):
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's output that the first round distils."""
     iterations_per_round: int = Field(1000, ge=1)
-    dataset: Literal["digits"] = "digits"
-    """Training images x ~ D of Algorithm 2; the digits demo's set is the only one wired so far."""
+    dataset: Dataset = "digits"
+    """Training images x ~ D of Algorithm 2 (``distill.data``): ``digits``, ``imagefolder:DIR``
+    (images with captions), or ``prompts:FILE`` (data-free: the teacher's own samples at those
+    prompts; Algorithm 2 only needs noised points to match the teacher's two DDIM steps from, and
+    the teacher's samples are points of its own distribution)."""
 
     @model_validator(mode="after")
     def _halvings(self) -> ProgressiveConfig:
@@ -127,11 +137,13 @@ def distill_round(
     teacher.to(trainer.device)
     student = teacher.student_of(backbone)
     grid = torch.tensor([t for t, _ in sched.ddim_timesteps(student_steps)]).to(trainer.device)
-    x_data, y_data = (d.to(trainer.device) for d in data)
+    x_data, y_data = to_device(data, trainer.device)
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        x0, labels = x_data[idx], teacher.training_labels(y_data[idx], trainer.randint)
+        x0, labels = x_data[idx], take(y_data, idx)
+        if isinstance(labels, torch.Tensor):
+            labels = teacher.training_labels(labels, trainer.randint)
         t = grid[trainer.randint(student_steps, config.batch_size)]
         z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
         with torch.no_grad():
@@ -172,20 +184,28 @@ def run(ctx: StageContext) -> None:
     teacher, info = load_teacher(
         ctx.input.path, "progressive", config.guidance_scale, students=("progressive",)
     )
-    if info.get("num_inference_steps") not in (None, config.teacher_steps):
+    if info.num_inference_steps not in (None, config.teacher_steps):
         raise StageError(
             "progressive",
-            f"the input is a {info['num_inference_steps']}-step progressive student: set "
-            f"teacher_steps = {info['num_inference_steps']} to halve it further",
+            f"the input is a {info.num_inference_steps}-step progressive student: set "
+            f"teacher_steps = {info.num_inference_steps} to halve it further",
         )
-    if teacher.prediction_type == "epsilon":
+    T = teacher.schedule.num_train_timesteps
+    alpha_T, sigma_T = (float(v) for v in teacher.schedule.alpha_sigma(torch.tensor([T - 1])))
+    if teacher.prediction_type == "epsilon" and alpha_T / sigma_T < MIN_EPSILON_ALPHA_RATIO:
         raise StageError(
             "progressive",
-            "the teacher predicts epsilon; its x0 = (z - sigma eps) / alpha is ill-posed near "
-            "SNR 0, which few-step students start from (Salimans & Ho 2022, sec. 4): use a "
-            "v_prediction or sample-prediction teacher",
+            "the teacher predicts epsilon and its schedule ends near SNR 0 (alpha/sigma = "
+            f"{alpha_T / sigma_T:.1e} at t = {T - 1}); its x0 = (z - sigma eps) / alpha is "
+            "ill-posed there, which few-step students start from (Salimans & Ho 2022, sec. 4): "
+            "use a v_prediction or sample-prediction teacher",
         )
-    data = load_dataset(config.dataset)
+    data = load_dataset(
+        config.dataset,
+        teacher,
+        ctx.store.root / "cache",
+        lambda prompts: teacher_samples(teacher, prompts, config.teacher_steps, config.seed),
+    )
     steps = config.teacher_steps // 2
     rounds = []
     gen = seeded_generator(config.seed)  # one stream through all rounds
@@ -223,13 +243,14 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         teacher.backbone,
-        student_scheduler_config(info["scheduler"]),
-        {
-            "method": "progressive",
-            "num_inference_steps": config.student_steps,
+        student_scheduler_config(teacher.scheduler_config),
+        ModelInfo(
+            method="progressive",
+            num_inference_steps=config.student_steps,
             **guidance_info(info, config.guidance_scale),
-            "num_classes": info.get("num_classes"),
-        },
+            num_classes=info.num_classes,
+        ),
+        teacher,
     )
     ctx.metrics["rounds"] = [{k: v for k, v in r.items() if k != "losses"} for r in rounds]
     write_loss_log(ctx.out, {"rounds": rounds})
@@ -244,4 +265,5 @@ STAGE = Stage(
     run=run,
     description="progressive distillation (Salimans & Ho 2022): halve the DDIM step count per round",
     data_parallel=True,
+    families=("unet2d", "sd", "sdxl"),
 )

@@ -193,6 +193,7 @@ def sampler_plan(
         )
     else:
         coefficients, sampler = ddim_coefficients(denoiser.schedule, steps), "ddim"
+    labelled = denoiser.class_conditional and num_classes is not None
     return SamplerPlan(
         steps=coefficients,
         sample_shape=sample_shape(denoiser.backbone),
@@ -203,6 +204,8 @@ def sampler_plan(
         prediction_type=denoiser.prediction_type,
         # guidance-distilled graphs take w as an input: one pass, no doubled batch
         guidance_input=denoiser.guidance_scales is not None,
+        conditioning={"class_labels": {"axes": ["batch"], "dtype": "int64"}} if labelled else {},
+        conditioning_kind="class" if labelled else None,
     )
 
 
@@ -234,3 +237,22 @@ def _adapter_plan(
         decode=adapter.family != "unet2d",
         resolution=[h, w],
     )
+
+
+@torch.no_grad()
+def teacher_samples(
+    teacher: Denoiser, prompts: list[str], steps: int, seed: int, chunk: int = 16
+) -> torch.Tensor:
+    """x0 of a text-conditioned teacher at ``prompts``: its ``steps``-step DDIM run with its
+    guidance, from noise seeded by ``seed`` (the data of data-free distillation, ``prompts:``)."""
+    adapter = teacher.adapter
+    h, w = adapter.default_resolution()
+    gen = torch.Generator().manual_seed(seed)
+    grid = teacher.schedule.ddim_timesteps(steps)
+    out = []
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i : i + chunk]
+        noise = torch.randn((len(part), *adapter.latent_shape(h, w)), generator=gen)
+        cond = adapter.encode(part, height=h, width=w)
+        out.append(sample_ddim(teacher, noise, grid, cond))
+    return torch.cat(out)

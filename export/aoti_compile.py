@@ -21,6 +21,7 @@ import warnings
 
 from pydantic import Field
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import StageError
 from accel.core.plan import PLAN_FILE
 from accel.core.stage import Stage, StageConfig, StageContext
@@ -96,15 +97,16 @@ def run(ctx: StageContext) -> None:
         shutil.move(built, ctx.out / ENGINE_FILE)
     compile_s = time.perf_counter() - t0
     plan.save(ctx.out / PLAN_FILE)
-    ctx.info.update(
+    info = EngineInfo(
         backend="aotinductor",
         engine_file=ENGINE_FILE,
+        library_version=torch.__version__,
         device=device,
         batch_range=[want.min, batch_max],
         inputs=names,
-        torch_version=torch.__version__,
     )
-    engine = AotiRuntime(ctx.out / ENGINE_FILE, ctx.info)
+    ctx.info.update(info.to_dict())
+    engine = AotiRuntime(ctx.out / ENGINE_FILE, info)
     gate = quality_gate(
         "aoti", config.gate, (TorchRuntime(graph.cpu()), plan), (engine, plan), ctx.progress
     )

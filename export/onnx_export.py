@@ -158,14 +158,14 @@ def graph_and_plan(stage: str, path: Path, steps: int | None, guidance: float | 
     from distill.samplers import sampler_plan
 
     denoiser, info = load_denoiser(path, guidance_scale=guidance)
-    steps = steps or info.get("num_inference_steps")
+    steps = steps or info.num_inference_steps
     if steps is None:
         raise StageError(
             stage,
             f"{path} names no num_inference_steps (not a distilled student): "
             f"set num_inference_steps in the {stage} stage config",
         )
-    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info.get("num_classes"))
+    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info.num_classes)
 
 
 class _Replay:

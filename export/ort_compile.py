@@ -21,6 +21,7 @@ import shutil
 import time
 from typing import Literal
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
@@ -177,12 +178,15 @@ def run(ctx: StageContext) -> None:
     gate = quality_gate("ort", config.gate, (reference, plan), (engine, plan), ctx.progress)
     ctx.metrics.update(compile_seconds=compile_s, parity=report, quality_gate=gate)
     ctx.info.update(
-        backend="onnxruntime",
-        provider=provider,
-        provider_options=options,
-        onnxruntime_version=ort.__version__,
-        engine_file=ENGINE_FILE,
-        precision=ctx.input.info.get("precision", precision),
+        EngineInfo(
+            backend="onnxruntime",
+            engine_file=ENGINE_FILE,
+            library_version=ort.__version__,
+            precision=ctx.input.info.get("precision", precision),
+            device=ctx.target.device,
+            provider=provider,
+            provider_options=options,
+        ).to_dict()
     )
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
@@ -65,7 +66,8 @@ def import_tensorrt() -> None:
 
 def batch_factor(plan: SamplerPlan, inputs) -> int:
     """2 when the per-step graph runs classifier-free guidance's doubled batch, else 1."""
-    doubled = plan.guidance_scale != 1.0 and "class_labels" in inputs
+    conditioned = bool(plan.conditioning) or "class_labels" in inputs
+    doubled = plan.guidance_scale != 1.0 and conditioned and not plan.guidance_in_model
     return 2 if doubled and not plan.guidance_input and not plan.fused else 1
 
 
@@ -256,19 +258,21 @@ def run(ctx: StageContext) -> None:
     build_s = time.perf_counter() - t0
     plan.save(ctx.out / PLAN_FILE)
     major, minor = torch.cuda.get_device_capability()
-    ctx.info.update(
+    info = EngineInfo(
         backend="tensorrt",
         engine_file=ENGINE_FILE,
-        tensorrt_version=trt.__version__,
+        library_version=trt.__version__,
+        precision=ctx.input.info.get("precision", target.precision),
+        device="cuda",
+        batch_range=[target.shapes.batch.min * factor, target.shapes.batch.max * factor],
         gpu=torch.cuda.get_device_name(),
         compute_capability=f"{major}.{minor}",
         hardware_compatibility=target.builder.hardware_compatibility,
         version_compatible=target.builder.version_compatible,
-        strongly_typed=strongly_typed,
-        precision=ctx.input.info.get("precision", target.precision),
-        batch_range=[target.shapes.batch.min * factor, target.shapes.batch.max * factor],
+        strongly_typed=bool(strongly_typed),
     )
-    engine_rt = TensorRTRuntime(ctx.out / ENGINE_FILE, ctx.info)
+    ctx.info.update(info.to_dict())
+    engine_rt = TensorRTRuntime(ctx.out / ENGINE_FILE, info)
     try:
         reference = OrtRuntime(src, optimize=False)
     except CheckpointError:  # FP8 Q/DQ in TensorRT's own ops: gate against the fp32 student

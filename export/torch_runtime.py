@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.plan import SamplerPlan
 from accel.core.sections import recording
@@ -141,30 +142,30 @@ class AotiRuntime:
     """An AOTInductor package (``.pt2``) on the device it was compiled for. ``info`` is its engine
     manifest's info: device, input names and the batch range torch.export's guards allow."""
 
-    def __init__(self, path: str | Path, info: dict) -> None:
+    def __init__(self, path: str | Path, info: EngineInfo) -> None:
         import torch
 
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"AOTInductor package not found: {path}")
-        self.device = info.get("device", "cpu")
+        self.device = info.device
         if self.device == "cuda" and not torch.cuda.is_available():
             raise CheckpointError(f"{path} was compiled for CUDA, and torch sees no GPU here")
-        self.batch_range = info.get("batch_range", [1, 2**31])
-        self._names = info.get("inputs", ["sample", "timestep", "class_labels"])
+        self.batch_range = info.batch_range or [1, 2**31]
+        self._names = info.inputs or ["sample", "timestep", "class_labels"]
         try:
             self.model = torch._inductor.aoti_load_package(str(path))
         except Exception as e:
             raise CheckpointError(
                 f"torch cannot load the AOTInductor package {path} (built with torch "
-                f"{info.get('torch_version', '?')}, this is {torch.__version__}): "
+                f"{info.library_version}, this is {torch.__version__}): "
                 f"{str(e).strip()[:300]}"
             ) from None
         self.name = f"aotinductor:{self.device}"
         self._torch = torch
 
     @classmethod
-    def from_engine(cls, file: Path, info: dict, spin: bool = True) -> AotiRuntime:
+    def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> AotiRuntime:
         return cls(file, info)
 
     def inputs(self) -> dict[str, tuple[list, str]]:
@@ -203,11 +204,11 @@ def open_model(
     from distill.samplers import sampler_plan
 
     den, info = load_denoiser(path, guidance_scale=guidance)
-    steps = steps or info.get("num_inference_steps") or 50
+    steps = steps or info.num_inference_steps or 50
     if den.adapter is None:
         if resolution is not None:
             raise CheckpointError(f"{path} draws one size only: drop --height/--width")
-        plan = sampler_plan(den, steps, info.get("num_classes"))
+        plan = sampler_plan(den, steps, info.num_classes)
         return TorchRuntime(DenoiserGraph.of(den), device=device), plan
     plan = sampler_plan(den, steps, resolution=resolution)
     h, w = plan.resolution or (0, 0)

@@ -173,6 +173,7 @@ def test_sample_writes_npz_and_refuses_bad_steps(monkeypatch, capsys, tmp_path):
 
 
 def test_epsilon_teacher_is_refused_by_progressive(monkeypatch, capsys, tmp_path):
+    from accel.core.model_info import ModelInfo
     from distill.denoiser import save_pipeline
 
     from tiny import SCHEDULER, tiny_unet
@@ -182,7 +183,7 @@ def test_epsilon_teacher_is_refused_by_progressive(monkeypatch, capsys, tmp_path
         model,
         tiny_unet(),
         dict(SCHEDULER, prediction_type="epsilon"),
-        {"null_class_label": 10, "num_classes": 10},
+        ModelInfo(null_class_label=10, num_classes=10),
     )
     expect_user_error(
         monkeypatch,

@@ -199,23 +199,23 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "command",
+    ("command", "family"),
     [
-        ["distill", "progressive"],
-        ["distill", "consistency"],
-        ["export", "onnx"],
-        ["compile", "--backend", "aoti"],
-        ["quantize"],
+        (["distill", "progressive"], "sd3"),  # progressive takes sd and sdxl (test_text_distill)
+        (["distill", "consistency"], "sdxl"),
+        (["export", "onnx"], "sdxl"),
+        (["compile", "--backend", "aoti"], "sdxl"),
+        (["quantize"], "sdxl"),
     ],
 )
 def test_stages_refuse_families_they_do_not_take_yet(
-    command, pipeline_dir, tmp_path, monkeypatch, capsys
+    command, family, pipeline_dir, tmp_path, monkeypatch, capsys
 ):
     store, out = tmp_path / "store", tmp_path / "out"
     code, _, err = run_cli(
-        monkeypatch, capsys, *command, pipeline_dir("sdxl"), "--store", store, "--out", out
+        monkeypatch, capsys, *command, pipeline_dir(family), "--store", store, "--out", out
     )
-    _one_line_error(code, err, "sdxl models are not supported by this stage yet")
+    _one_line_error(code, err, f"{family} models are not supported by this stage yet")
     assert not out.exists()
     assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
 

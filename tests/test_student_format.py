@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, UNet2DModel
 
 from accel.cli import main
+from accel.core.model_info import ModelInfo
 from distill.consistency import student_scheduler_config as lcm_config
 from distill.denoiser import TIMESTEP_SCALING, save_pipeline
 from distill.progressive import student_scheduler_config as ddim_config
@@ -62,7 +63,7 @@ def test_plain_diffusers_loop_reproduces_accel_sample(tmp_path, monkeypatch, met
         student,
         tiny_unet(seed=3, num_class_embeds=11 * w_rows),
         scheduler_config,
-        {"method": method, "num_classes": 10, **info},
+        ModelInfo(method=method, num_classes=10, **info),
     )
     steps = info.get("num_inference_steps", 6)
     out = tmp_path / "s.npz"

@@ -2,6 +2,7 @@
 
 from diffusers import UNet2DModel
 
+from accel.core.model_info import ModelInfo
 from distill.denoiser import save_pipeline
 
 
@@ -35,7 +36,10 @@ SCHEDULER = {
 
 def write_tiny_pipeline(path, seed=0, **info):
     save_pipeline(
-        path, tiny_unet(seed), SCHEDULER, {"null_class_label": 10, "num_classes": 10, **info}
+        path,
+        tiny_unet(seed),
+        SCHEDULER,
+        ModelInfo(**{"null_class_label": 10, "num_classes": 10, **info}),
     )
     return path
 

@@ -20,6 +20,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from accel.core.model_info import ModelInfo
 from accel.demo.digits import TEACHER_DIR, digits_dataset
 from distill.schedule import Schedule
 
@@ -67,25 +68,19 @@ def save(unet: UNet2DModel, log: list[dict], args: argparse.Namespace) -> None:
         )
         + "\n"
     )
-    (TEACHER_DIR / "accel.json").write_text(
-        json.dumps(
-            {
-                "null_class_label": NULL_LABEL,
-                "num_classes": 10,
-                "training": {
-                    "steps": args.steps,
-                    "batch": args.batch,
-                    "lr": args.lr,
-                    "seed": args.seed,
-                    "p_uncond": args.p_uncond,
-                    "ema": args.ema,
-                    "loss_log": log,
-                },
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    ModelInfo(
+        null_class_label=NULL_LABEL,
+        num_classes=10,
+        training={
+            "steps": args.steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "seed": args.seed,
+            "p_uncond": args.p_uncond,
+            "ema": args.ema,
+            "loss_log": log,
+        },
+    ).write(TEACHER_DIR)
 
 
 def main() -> None:

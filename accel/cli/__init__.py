@@ -768,7 +768,7 @@ def sample(
     num = num or len(prompts) or len(labels) or None
     if num is None:
         raise RecipeError("how many images? give -n")
-    if plan.conditioning_kind is None and not plan.decode:  # the digits path, as before
+    if not plan.decode:  # pixel models (the digits path)
         if labels:
             label_arr = np.resize(np.asarray(labels, dtype=np.int64), num)
             noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))

@@ -54,7 +54,8 @@ class SamplerPlan:
     family: str = "unet2d"
     conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The graph's conditioning inputs besides sample and timestep: name -> {"axes", "dtype"};
-    axes start with "batch" for per-example inputs. Empty in plans of class-label graphs."""
+    axes start with "batch" for per-example inputs (the digits models: ``class_labels``). Empty
+    for unconditional graphs, and in plans of class-label graphs written before it was filled."""
     conditioning_kind: str | None = None
     """What the conditioning is made from: "text" (prompts), "class" (labels) or None."""
     timestep_dtype: str = "int64"

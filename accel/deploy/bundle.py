@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from accel.core.artifact import MANIFEST, Artifact, Store
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import StageError
 from accel.core.hardware import installed_version
 from accel.core.plan import PLAN_FILE, SamplerPlan
@@ -71,7 +72,8 @@ def io_spec(engine: Artifact, store: Store, plan: SamplerPlan) -> dict[str, list
             return _onnx_io(a.path / "model.onnx")
         if a.kind == "checkpoint":
             break
-    return _plan_io(plan, engine.info.get("inputs", ["sample", "timestep", "class_labels"]))
+    names = EngineInfo.from_dict(engine.info, str(engine.path)).inputs
+    return _plan_io(plan, names or ["sample", "timestep", "class_labels"])
 
 
 def _profile_figures(store: Store, engine: Artifact) -> dict | None:
@@ -208,7 +210,8 @@ def run(ctx: StageContext) -> None:
             f"{engine.path} was built for target {built_for.get('name')!r}, not "
             f"{ctx.target.name!r}: pass --target {built_for.get('name')}",
         )
-    backend = engine.info.get("backend")
+    described = EngineInfo.from_dict(engine.info, str(engine.path))
+    backend = described.backend
     if backend not in BACKENDS:
         raise StageError("bundle", f"{engine.path} has no known engine backend ({backend!r})")
     for f in engine.path.iterdir():
@@ -216,27 +219,27 @@ def run(ctx: StageContext) -> None:
             shutil.copy(f, ctx.out / f.name)
     plan = SamplerPlan.load(ctx.out / PLAN_FILE)
     library = BACKENDS[backend].library
-    built_with = engine.info.get(f"{library}_version") or installed_version(library)
+    built_with = described.library_version
     t = ctx.target
     ctx.info.update(
         format=BUNDLE_FORMAT,
         name=config.name,
         backend=backend,
-        provider=engine.info.get("provider"),
-        provider_options=engine.info.get("provider_options"),
-        engine_file=engine.info.get("engine_file", "model.onnx"),
-        device=engine.info.get("device", t.device),
-        batch_range=engine.info.get("batch_range"),
-        precision=engine.info.get("precision", t.precision),
+        provider=described.provider,
+        provider_options=described.provider_options,
+        engine_file=described.engine_file,
+        device=described.device,
+        batch_range=described.batch_range,
+        precision=described.precision,
         fused=plan.fused,
         steps=len(plan.steps),
-        engine=engine.info,  # verbatim: what the engine's runtime class reads
+        engine=described.to_dict(),  # what the engine's runtime class reads
         target={
             "name": t.name,
             "fingerprint": t.fingerprint,
             "device": t.device,
             "gpu": t.gpu,
-            "compute_capability": engine.info.get("compute_capability", t.compute_capability),
+            "compute_capability": described.compute_capability or t.compute_capability,
             "cpu_flags": list(t.cpu_flags),
             "batch": t.shapes.batch.model_dump(),
             "version_compatible": t.builder.version_compatible,

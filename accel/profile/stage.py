@@ -87,7 +87,7 @@ def profile_runtimes(
         rng = np.random.default_rng(1234)
         noise = rng.standard_normal((n, *plan.sample_shape)).astype(np.float32)
         labels = (np.arange(n) % plan.num_classes).astype(np.int64) if plan.num_classes else None
-        if plan.conditioning_kind is None or not plan.decode:  # the digits path, as before
+        if not plan.decode:  # pixel models (the digits path)
             return lambda: sample(runtime, plan, noise, labels, np.random.default_rng(0))
         prompts = [PROFILE_PROMPT] * n if plan.conditioning_kind == "text" else None
         return lambda: run_pipeline(runtime, plan, noise, prompts, labels, np.random.default_rng(0))
@@ -265,9 +265,9 @@ def run(ctx: StageContext) -> None:
     )
     student_dir, teacher_dir = _lineage(ctx)
     student, s_info = load_denoiser(student_dir)
-    w = float(s_info.get("distilled_guidance_scale", 1.0))
+    w = float(s_info.distilled_guidance_scale or 1.0)
     teacher, t_info = load_denoiser(teacher_dir, guidance_scale=w)
-    num_classes = t_info.get("num_classes")
+    num_classes = t_info.num_classes
     engine, engine_plan = open_engine(ctx.input.path, target, spin=config.engine_spinning)
     steps = len(engine_plan.steps)
     device = "cuda" if target.device == "cuda" else "cpu"

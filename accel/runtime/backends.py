@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.hardware import installed_version
 
@@ -55,7 +55,7 @@ def installed_versions() -> dict[str, str | None]:
     return {b.library: installed_version(*b.distributions) for b in BACKENDS.values()}
 
 
-def open_backend(name: str, file: Path, info: dict[str, Any], spin: bool = True):
-    """The runtime of backend ``name`` on the engine ``file`` described by ``info``."""
-    module, cls = backend(name).runtime.split(":")
+def open_backend(file: Path, info: EngineInfo, spin: bool = True):
+    """The runtime of the engine ``file`` described by ``info``, from its backend's row."""
+    module, cls = backend(info.backend).runtime.split(":")
     return getattr(importlib.import_module(module), cls).from_engine(file, info, spin)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.hardware import cpu_info, gpu_info, jetson_model, names_gpu
 from accel.core.plan import SamplerPlan
@@ -45,12 +46,13 @@ class Bundle:
             for p in bundle.path.rglob("*")
             if p.is_file() and p.name != "manifest.json"
         }
-        needed = {info.get("engine_file", ""), PLAN_FILE}
         try:
             if info.get("format") != "accel.deploy.bundle/1":
                 raise CheckpointError(
                     f"its format is {info.get('format')!r}, not accel.deploy.bundle/1"
                 )
+            engine_info = EngineInfo.from_dict(info.get("engine"), "its manifest")
+            needed = {engine_info.engine_file, PLAN_FILE}
             unlisted = sorted((on_disk | needed) - set(bundle.files))
             if unlisted:
                 raise CheckpointError(f"files without a sha256 in manifest.json: {unlisted}")
@@ -70,21 +72,19 @@ class Bundle:
             raise TargetMismatch(f"bundle {path} cannot run here: {why}")
         self.path, self.info = Path(path), info
         self.plan = SamplerPlan.load(self.path / PLAN_FILE)
-        file = self.path / info["engine_file"]
-        engine = backend(info["backend"])
+        file = self.path / engine_info.engine_file
+        engine = backend(engine_info.backend)
         if engine.name == "onnxruntime":
             import onnxruntime as ort
 
-            provider = info.get("provider") or "CPUExecutionProvider"
+            provider = engine_info.provider or "CPUExecutionProvider"
             if provider not in ort.get_available_providers():
                 raise TargetMismatch(
                     f"bundle {path} cannot run here: its engine runs on {provider}, which this "
                     f"onnxruntime build lacks (it has {ort.get_available_providers()}); install "
                     "the matching onnxruntime build"
                 )
-        engine_info = dict(info.get("engine", {}))
-        engine_info.update({k: info[k] for k in ("provider", "provider_options") if k in info})
-        self.runtime: Runtime = open_backend(engine.name, file, engine_info)
+        self.runtime: Runtime = open_backend(file, engine_info)
         self._lock: Any = contextlib.nullcontext() if engine.concurrent else threading.Lock()
         self.name = f"bundle:{self.runtime.name}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.plan import SamplerPlan
 from accel.runtime.backends import open_backend
@@ -33,8 +34,8 @@ def open_engine(
             f"not {target.name!r} ({target.fingerprint}); rebuild it with "
             f"`accel compile ONNX_ARTIFACT --target {target.name}`"
         )
-    file = Path(path) / engine.info.get("engine_file", "model.onnx")
-    runtime = open_backend(engine.info.get("backend", "onnxruntime"), file, engine.info, spin)
+    info = EngineInfo.from_dict(engine.info, str(path))
+    runtime = open_backend(Path(path) / info.engine_file, info, spin)
     return runtime, SamplerPlan.load(Path(path) / PLAN_FILE)
 
 

@@ -27,13 +27,26 @@ class Runtime(Protocol):
 Conditioning = dict[str, np.ndarray]
 
 
-def as_conditioning(conditioning: Conditioning | np.ndarray | None) -> Conditioning:
-    """Conditioning feeds: a dict of named arrays, or class labels (int64) for label graphs."""
+def class_input(plan: SamplerPlan | None) -> str:
+    """The graph input that takes class labels: the plan's one int64 conditioning input of a
+    class-conditional model (``class_labels`` in plans written before they named it)."""
+    if plan is not None and plan.conditioning_kind == "class":
+        names = [k for k, v in plan.conditioning.items() if v.get("dtype") == "int64"]
+        if len(names) == 1:
+            return names[0]
+    return "class_labels"
+
+
+def as_conditioning(
+    conditioning: Conditioning | np.ndarray | None, plan: SamplerPlan | None = None
+) -> Conditioning:
+    """Conditioning feeds: a dict of named arrays, or class labels (int64) as the plan's class
+    input."""
     if conditioning is None:
         return {}
     if isinstance(conditioning, dict):
         return conditioning
-    return {"class_labels": np.asarray(conditioning).astype(np.int64)}
+    return {class_input(plan): np.asarray(conditioning).astype(np.int64)}
 
 
 def step_feeds(
@@ -48,14 +61,14 @@ def step_feeds(
     conditioning (``null``, batch 1; default: the plan's null class); w as an input for
     guidance-distilled graphs."""
     n = len(x)
-    cond = as_conditioning(conditioning)
+    cond = as_conditioning(conditioning, plan)
     guided = plan.guidance_scale != 1.0 and bool(cond) and not _w_input(plan)
     guided = guided and not plan.guidance_in_model
     t = np.resize(np.asarray(timestep, dtype=plan.timestep_dtype), n)
     feeds = {"sample": x, "timestep": t, **cond}
     if guided:
         if null is None:
-            null = {"class_labels": np.array([plan.null_label], dtype=np.int64)}
+            null = {class_input(plan): np.array([plan.null_label], dtype=np.int64)}
         doubled = {"sample": x, "timestep": t}
         feeds = {k: np.concatenate([v, v]) for k, v in doubled.items()}
         for k, v in cond.items():
@@ -140,11 +153,8 @@ def run_pipeline(
             raise CheckpointError(f"this {plan.family} model needs one prompt per image")
         with section("text encoding"):
             cond: Conditioning | np.ndarray | None = runtime.encode(prompts)  # type: ignore[attr-defined]
-    elif plan.conditioning_kind == "class" and plan.conditioning:
-        with section("conditioning"):
-            cond = runtime.encode(labels=labels)  # type: ignore[attr-defined]
     else:
-        cond = labels
+        cond = as_conditioning(labels, plan)
     x = sample(runtime, plan, noise, cond, rng, on_step)
     if plan.decode:
         with section("vae decode"):
@@ -160,7 +170,7 @@ def fused_feeds(
 ) -> dict[str, np.ndarray]:
     """Feeds of a fused-sampler graph: noise, labels and, for stochastic steps, the fresh noise the
     per-step loop would draw from ``rng``, in its order (batch x K x C x H x W)."""
-    feeds = {"noise": noise.astype(np.float32), **as_conditioning(labels)}
+    feeds = {"noise": noise.astype(np.float32), **as_conditioning(labels, plan)}
     k = sum(1 for s in plan.steps if s.c)
     if k:
         if rng is None:

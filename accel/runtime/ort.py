@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 
 
@@ -61,12 +62,12 @@ class OrtRuntime:
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     @classmethod
-    def from_engine(cls, file: Path, info: dict, spin: bool = True) -> OrtRuntime:
+    def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> OrtRuntime:
         return cls(
             file,
-            provider=info.get("provider") or "CPUExecutionProvider",
+            provider=info.provider or "CPUExecutionProvider",
             spin=spin,
-            options=info.get("provider_options"),
+            options=info.provider_options,
         )
 
     def inputs(self) -> dict[str, tuple[list, str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.sections import section
 from accel.runtime.cudart import Stream
@@ -39,7 +40,7 @@ class TensorRTRuntime:
     with numpy, TensorRT and cuda-python alone) and run with ``execute_async_v3`` on its own
     stream. One execution context, so calls are serialised by a lock."""
 
-    def __init__(self, path: str | Path, info: dict) -> None:
+    def __init__(self, path: str | Path, info: EngineInfo) -> None:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"TensorRT engine not found: {path}")
@@ -51,13 +52,13 @@ class TensorRTRuntime:
         self._stream = Stream()  # fails with CUDA's reason where there is no usable GPU
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        runtime.engine_host_code_allowed = bool(info.get("version_compatible"))
+        runtime.engine_host_code_allowed = info.version_compatible
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise CheckpointError(
                 f"TensorRT {trt.__version__} cannot load {path} (built with TensorRT "
-                f"{info.get('tensorrt_version', '?')} for compute capability "
-                f"{info.get('compute_capability', '?')}); rebuild it on this machine"
+                f"{info.library_version} for compute capability "
+                f"{info.compute_capability or '?'}); rebuild it on this machine"
             )
         self._engine, self._context = engine, engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -65,11 +66,11 @@ class TensorRTRuntime:
         self._out = [n for n in names if n not in self._in]
         self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._lock = threading.Lock()
-        self._max_batch = int(info.get("batch_range", [1, 2**31])[1])
+        self._max_batch = info.max_batch
         self.name = "tensorrt"
 
     @classmethod
-    def from_engine(cls, file: Path, info: dict, spin: bool = True) -> TensorRTRuntime:
+    def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> TensorRTRuntime:
         return cls(file, info)
 
     def inputs(self) -> dict[str, tuple[list, str]]:

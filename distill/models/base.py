@@ -264,6 +264,14 @@ class ModelAdapter:
         z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         return vae.decode(z.to(next(vae.parameters()).dtype)).sample.float()
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents in ``latent_shape``'s layout of images in [-1, 1] (the inverse of ``decode``):
+        the VAE posterior's mean, shifted and scaled as the pipeline scales its latents."""
+        vae = self.modules["vae"]
+        z = vae.encode(images.to(next(vae.parameters()).dtype)).latent_dist.mean.float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
     def describe(self) -> str:
         return f"{self.family} ({type(self.backbone).__name__})"
 

@@ -101,16 +101,25 @@ class StableDiffusionAdapter(ModelAdapter):
             x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added
         ).sample
 
-    def decode(self, latents):
+    def _latents_stats(self):
         vae = self.modules["vae"]
-        mean, std = (
-            getattr(vae.config, "latents_mean", None),
-            getattr(vae.config, "latents_std", None),
-        )
-        if mean is not None and std is not None:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(mean).view(shape)
-            std = torch.tensor(std).view(shape)
-            z = latents * std / vae.config.scaling_factor + mean
-            return vae.decode(z).sample.float()
-        return super().decode(latents)
+        mean, std = (getattr(vae.config, k, None) for k in ("latents_mean", "latents_std"))
+        if mean is None or std is None:
+            return None
+        return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    def encode_images(self, images):
+        stats = self._latents_stats()
+        if stats is None:
+            return super().encode_images(images)
+        vae = self.modules["vae"]
+        z = vae.encode(images.to(next(vae.parameters()).dtype)).latent_dist.mean.float()
+        return (z - stats[0]) * vae.config.scaling_factor / stats[1]
+
+    def decode(self, latents):
+        stats = self._latents_stats()
+        if stats is None:
+            return super().decode(latents)
+        vae = self.modules["vae"]
+        z = latents * stats[1] / vae.config.scaling_factor + stats[0]
+        return vae.decode(z).sample.float()

@@ -1,0 +1,133 @@
+"""``accel.json``: what accel records beside a diffusers pipeline's ``model_index.json`` (format
+``accel.model/1``). A teacher's names its unconditional class; a distilled student's names the
+method, its step count and how guidance was distilled, so that ``accel sample``, the exporters and
+the next distillation stage read the student's own defaults. A typed, versioned contract: unknown
+keys, wrong types and impossible values are errors on load; files written before the format key
+existed (the same keys, no ``format``) are read as format 1. Stock diffusers ignores the file."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from accel.core.errors import CheckpointError
+
+MODEL_INFO_FILE = "accel.json"
+MODEL_INFO_FORMAT = "accel.model/1"
+METHODS = ("progressive", "consistency", "dmd2", "add", "guidance")
+
+
+def _number(name: str, v: Any, minimum: float | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v!r}")
+
+
+def _integer(name: str, v: Any, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class GuidanceEmbedding:
+    """A guidance-distilled model's w input (Meng et al. 2023): w is snapped to the nearest of
+    ``scales`` and embedded as class ``label + num_labels * index``."""
+
+    scales: list[float]
+    num_labels: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scales, list) or not self.scales:
+            raise ValueError("guidance_embedding.scales must be a non-empty list")
+        for s in self.scales:
+            _number("guidance_embedding.scales[]", s)
+        _integer("guidance_embedding.num_labels", self.num_labels, 1)
+
+
+@dataclass(frozen=True)
+class ConsistencySpec:
+    """A consistency student's boundary condition (Song et al. 2023, LCM's c_skip/c_out)."""
+
+    solver_steps: int
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+
+    def __post_init__(self) -> None:
+        _integer("consistency.solver_steps", self.solver_steps, 1)
+        _number("consistency.sigma_data", self.sigma_data, 0.0)
+        _number("consistency.timestep_scaling", self.timestep_scaling, 0.0)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The contents of ``accel.json``. Every field is optional: a pipeline without the file is a
+    plain teacher (``ModelInfo()``)."""
+
+    method: str | None = None  # the distillation method that made this student
+    num_inference_steps: int | None = None  # a student's step count
+    guidance_scale: float | None = None  # the default w to sample with (None: the family's)
+    distilled_guidance_scale: float | None = None  # w baked into a student (sample with 1)
+    null_class_label: int | None = None  # the unconditional class of a class-label model
+    num_classes: int | None = None
+    guidance_embedding: GuidanceEmbedding | None = None
+    consistency: ConsistencySpec | None = None
+    training: dict[str, Any] | None = None  # provenance of a shipped model (free-form)
+    format: str = MODEL_INFO_FORMAT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.guidance_embedding, dict):
+            object.__setattr__(
+                self, "guidance_embedding", GuidanceEmbedding(**self.guidance_embedding)
+            )
+        if isinstance(self.consistency, dict):
+            object.__setattr__(self, "consistency", ConsistencySpec(**self.consistency))
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.num_inference_steps is not None:
+            _integer("num_inference_steps", self.num_inference_steps, 1)
+        for name in ("guidance_scale", "distilled_guidance_scale"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name))
+        for name in ("null_class_label", "num_classes"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), 0)
+        if self.training is not None and not isinstance(self.training, dict):
+            raise ValueError("training must be a JSON object")
+        if self.format != MODEL_INFO_FORMAT:
+            raise ValueError(f"format {self.format!r} is not {MODEL_INFO_FORMAT}")
+
+    @property
+    def is_student(self) -> bool:
+        """A step-distilled student (its ODE is not the teacher's)."""
+        return self.num_inference_steps is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def write(self, model_dir: str | Path) -> None:
+        path = Path(model_dir) / MODEL_INFO_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> ModelInfo:
+        """The ``accel.json`` of a pipeline directory; ``ModelInfo()`` when it has none."""
+        path = Path(model_dir) / MODEL_INFO_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("it must hold a JSON object")
+            unknown = sorted(set(data) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown}")
+            return cls(**data)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path} is not a valid accel.json ({e}); fix it or delete it (a pipeline "
+                "without one is read as a plain teacher)"
+            ) from None

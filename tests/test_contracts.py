@@ -1,0 +1,142 @@
+"""The student's ``accel.json`` (ModelInfo) and the engine description (EngineInfo) as typed,
+versioned contracts: round trips, files of the first format read into the typed fields, and
+malformed ones refused with the reason, by the API and by the CLI in one line."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from accel.core.engine_info import ENGINE_FORMAT, EngineInfo
+from accel.core.errors import CheckpointError
+from accel.core.model_info import (
+    MODEL_INFO_FORMAT,
+    ConsistencySpec,
+    GuidanceEmbedding,
+    ModelInfo,
+)
+from accel.pipeline import default_store
+
+from tiny import run_cli, write_tiny_pipeline
+
+TEACHER = Path(__file__).resolve().parents[1] / "accel" / "assets" / "teacher"
+
+
+def test_model_info_round_trip(tmp_path):
+    info = ModelInfo(
+        method="dmd2",
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        distilled_guidance_scale=2.0,
+        num_classes=10,
+        consistency=ConsistencySpec(4),
+    )
+    info.write(tmp_path)
+    data = json.loads((tmp_path / "accel.json").read_text())
+    assert data["format"] == MODEL_INFO_FORMAT and "null_class_label" not in data
+    back = ModelInfo.read(tmp_path)
+    assert back == info and back.is_student and back.consistency.timestep_scaling == 10.0
+    guided = ModelInfo(
+        method="guidance", guidance_embedding={"scales": [1.0, 2.0], "num_labels": 11}
+    )
+    assert guided.guidance_embedding == GuidanceEmbedding([1.0, 2.0], 11)
+
+
+def test_the_shipped_teacher_of_the_first_format_reads(tmp_path):
+    info = ModelInfo.read(TEACHER)  # written before the format key existed
+    assert info.null_class_label == 10 and info.num_classes == 10 and not info.is_student
+    assert info.training["steps"] == 5000
+    assert ModelInfo.read(tmp_path) == ModelInfo()  # no accel.json: a plain teacher
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"num_inference_step": 4}, r"unknown keys \['num_inference_step'\]"),
+        ({"method": "magic"}, "method 'magic' is not one of"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+        ({"num_inference_steps": "4"}, "num_inference_steps must be an integer"),
+        ({"guidance_scale": "high"}, "guidance_scale must be a finite number"),
+        ({"null_class_label": True}, "null_class_label must be an integer"),
+        ({"consistency": {"solver_steps": 4, "sigma": 1}}, "unexpected keyword argument 'sigma'"),
+        ({"guidance_embedding": {"scales": [], "num_labels": 2}}, "non-empty list"),
+        ({"format": "accel.model/7"}, "format 'accel.model/7'"),
+        ([1, 2], "must hold a JSON object"),
+    ],
+)
+def test_malformed_accel_json_is_refused_with_the_reason(tmp_path, data, reason):
+    (tmp_path / "accel.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=reason):
+        ModelInfo.read(tmp_path)
+
+
+def test_a_pipeline_with_a_broken_accel_json_is_one_line_from_the_cli(
+    tmp_path, monkeypatch, capsys
+):
+    model = write_tiny_pipeline(tmp_path / "model")
+    info = json.loads((model / "accel.json").read_text())
+    (model / "accel.json").write_text(json.dumps(dict(info, null_class_label="ten")))
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", model, "-n", "1", "--out", tmp_path / "x.npz"
+    )
+    assert code != 0 and "Traceback" not in err
+    assert "accel.json is not a valid accel.json (null_class_label must be an integer" in err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def _ort(**kw):
+    return EngineInfo(backend="onnxruntime", engine_file="model.onnx", library_version="1.23.0",
+                      provider="CPUExecutionProvider", **kw)  # fmt: skip
+
+
+def test_engine_info_round_trip_and_the_first_format():
+    info = _ort(batch_range=[1, 8], precision="int8")
+    assert (
+        EngineInfo.from_dict(info.to_dict()) == info and info.to_dict()["format"] == ENGINE_FORMAT
+    )
+    assert info.max_batch == 8 and _ort().max_batch == 2**31
+    legacy = {"backend": "onnxruntime", "provider": "CPUExecutionProvider", "provider_options": {},
+              "onnxruntime_version": "1.22.1", "engine_file": "model.onnx", "precision": "fp32"}  # fmt: skip
+    old = EngineInfo.from_dict(legacy)
+    assert old.library_version == "1.22.1" and old.provider_options == {} and old.device == "cpu"
+    trt = {"backend": "tensorrt", "engine_file": "model.plan", "tensorrt_version": "10.13",
+           "gpu": "H100", "compute_capability": "9.0", "hardware_compatibility": "none",
+           "version_compatible": False, "strongly_typed": True, "precision": "fp8",
+           "batch_range": [1, 32]}  # fmt: skip
+    assert EngineInfo.from_dict(trt).library_version == "10.13"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"backnd": "x"}, r"unknown keys \['backnd'\]"),
+        ({"precision": "int4"}, "precision 'int4' is not one of"),
+        ({"device": "tpu"}, "device 'tpu' is not one of"),
+        ({"batch_range": [4, 2]}, "batch_range must be"),
+        ({"batch_range": [1]}, "batch_range must be"),
+        ({"engine_file": "../../etc/passwd"}, "engine_file must be a file name"),
+        ({"library_version": ""}, "library_version must be a non-empty string"),
+        ({"version_compatible": "yes"}, "version_compatible must be true or false"),
+        ({"format": "accel.engine/0"}, "format 'accel.engine/0'"),
+    ],
+)
+def test_malformed_engine_descriptions_are_refused(change, reason):
+    with pytest.raises(CheckpointError, match=reason):
+        EngineInfo.from_dict(dict(_ort().to_dict(), **change), "engine X")
+
+
+def test_an_engine_with_a_broken_description_is_one_line_from_the_cli(
+    tmp_path, monkeypatch, capsys
+):
+    store = default_store(tmp_path / "store")
+    with store.write("e" * 16, kind="engine", stage="ort", stage_version=2, config={},
+                     parent=None) as pending:  # fmt: skip
+        (pending.dir / "model.onnx").write_bytes(b"not read")
+        pending.info.update(dict(_ort().to_dict(), precision="int3"))
+    engine = store.get("e" * 16)
+    code, _, err = run_cli(monkeypatch, capsys, "sample", engine.path, "-n", "1",
+                           "--out", tmp_path / "x.npz")  # fmt: skip
+    assert code != 0 and "Traceback" not in err
+    assert "has no valid engine description (precision 'int3' is not one of" in err
+    shutil.rmtree(tmp_path / "store")

@@ -1,0 +1,150 @@
+"""Text-to-image teachers (tiny SD1.5 and SDXL pipelines, tests/families.py) through progressive
+distillation: training data from an imagefolder or a prompt file, students that are whole stock
+pipelines, and bad data refused in one line before training starts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from accel.core.model_info import ModelInfo
+
+import families
+from tiny import run_cli
+
+# Measured: at most 1e-6 between accel's DDIM (float32 numpy) and the stock DDIMScheduler; 1e-4
+# leaves room for BLAS differences between machines.
+TOLERANCE = 1e-4
+PROMPT = "a red circle"
+FAMILY = {"sd": "sd15", "sdxl": "sdxl"}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return {f: families.write_pipeline(FAMILY[f], root / f) for f in FAMILY}
+
+
+def write_imagefolder(path, n=6, size=32, **row):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a shape number {i}", **row}))
+    (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def distil(monkeypatch, capsys, teacher, out, store, dataset, *extra):
+    return run_cli(
+        monkeypatch, capsys, "distill", "progressive", teacher, "--teacher-steps", 4,
+        "--student-steps", 2, "--iterations-per-round", 2, "--batch-size", 2,
+        "--guidance-scale", 2.0, "--dataset", dataset, "--out", out, "--store", store, *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "source"), [("sd", "imagefolder"), ("sdxl", "prompts")])
+def test_progressive_student_is_a_stock_pipeline(
+    family, source, teachers, tmp_path, monkeypatch, capsys
+):
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    if source == "imagefolder":
+        dataset = f"imagefolder:{write_imagefolder(tmp_path / 'images')}"
+    else:
+        (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n\na green cross\n")
+        dataset = f"prompts:{tmp_path / 'prompts.txt'}"
+    student = tmp_path / "student"
+    code, _, err = distil(
+        monkeypatch, capsys, teachers[family], student, tmp_path / "store", dataset
+    )
+    assert code == 0, err
+    info = ModelInfo.read(student)
+    assert info.method == "progressive" and info.num_inference_steps == 2
+    assert info.distilled_guidance_scale == 2.0 and info.guidance_scale == 1.0
+    # the whole pipeline: unchanged components are links to the teacher's files in the store
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"] and (student / "vae").is_dir()
+    stored = [p.parent for p in (tmp_path / "store" / "artifacts").glob("*/accel.json")]
+    stored = [p for p in stored if ModelInfo.read(p).method == "progressive"]
+    assert len(stored) == 1 and next((stored[0] / "vae").glob("*.safetensors")).stat().st_nlink >= 2
+
+    out = tmp_path / "s.npz"
+    code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
+                           "--out", out)  # fmt: skip
+    assert code == 0, err
+    ours = np.load(out)
+    pipe = families.prepare(DiffusionPipeline.from_pretrained(student))
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    stock = pipe(
+        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
+        guidance_scale=1.0, output_type="np", height=32, width=32,
+    ).images  # fmt: skip
+    assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
+    # the student moved away from its teacher
+    teacher_unet = next((teachers[family] / "unet").glob("*.safetensors")).read_bytes()
+    assert next((student / "unet").glob("*.safetensors")).read_bytes() != teacher_unet
+
+
+def _refused(monkeypatch, capsys, teachers, tmp_path, dataset, match):
+    store = tmp_path / "store"
+    code, _, err = distil(monkeypatch, capsys, teachers["sd"], tmp_path / "student", store, dataset)
+    assert code != 0 and "Traceback" not in err
+    assert match in err, err
+    assert not (tmp_path / "student").exists()
+    assert (
+        not list((store / "artifacts").glob("*/unet")) if (store / "artifacts").is_dir() else True
+    )
+
+
+def test_bad_imagefolders_are_one_line(teachers, tmp_path, monkeypatch, capsys):
+    folder = write_imagefolder(tmp_path / "missing")
+    (folder / "3.png").unlink()
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"imagefolder:{folder}",
+             "metadata.jsonl:4: image")  # fmt: skip
+    folder = write_imagefolder(tmp_path / "nocaption")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": rows[0]["file_name"]}) + "\n")
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"imagefolder:{folder}",
+             "has no 'text' column")  # fmt: skip
+    folder = write_imagefolder(tmp_path / "empty", text="  ")
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"imagefolder:{folder}", "is empty")
+    folder = write_imagefolder(tmp_path / "size", size=24)
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"imagefolder:{folder}",
+             "is 24x24; the model trains at 32x32")  # fmt: skip
+    folder = write_imagefolder(tmp_path / "garbled")
+    (folder / "2.png").write_bytes(b"\x89PNG not really")
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"imagefolder:{folder}",
+             "is not a readable image")  # fmt: skip
+
+
+def test_bad_prompt_files_and_dataset_names_are_one_line(teachers, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"prompts:{tmp_path / 'empty.txt'}",
+             "holds no prompts")  # fmt: skip
+    _refused(monkeypatch, capsys, teachers, tmp_path, f"prompts:{tmp_path / 'nope.txt'}",
+             "prompt file not found")  # fmt: skip
+    _refused(monkeypatch, capsys, teachers, tmp_path, "laion", "unknown dataset 'laion'")
+    _refused(monkeypatch, capsys, teachers, tmp_path, "digits", "teacher is a sd model")
+
+
+def test_imagefolder_latents_are_cached_once(teachers, tmp_path):
+    from distill.data import load_dataset
+    from distill.denoiser import load_denoiser
+
+    den, _ = load_denoiser(teachers["sd"])
+    name = f"imagefolder:{write_imagefolder(tmp_path / 'images')}"
+    x0, cond = load_dataset(name, den, tmp_path / "cache")
+    assert x0.shape == (6, 4, 16, 16) and cond["encoder_hidden_states"].shape[0] == 6
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    again = load_dataset(name, den, tmp_path / "cache")
+    assert torch.equal(again[0], x0) and torch.equal(
+        again[1]["encoder_hidden_states"], cond["encoder_hidden_states"]
+    )
+    # the latents decode back near the images: the VAE's encode is decode's inverse in scale
+    images = den.adapter.decode(x0)
+    assert images.shape == (6, 3, 32, 32)
