@@ -18,6 +18,13 @@ L2 distance or the pseudo-Huber distance sqrt(||a - b||^2 + c^2) - c of Song & D
 ("Improved Techniques for Training Consistency Models"), c = 0.00054 sqrt(d).
 Sampling is Song et al.'s multistep consistency sampling (Algorithm 1): x0 = f(x, t), then
 re-noise to the next timestep with fresh noise, which is what LCMScheduler.step does.
+
+Text-to-image teachers (SD, SDXL; epsilon or v) train on ``imagefolder:`` latents, as LCM does on
+LAION, or data-free on the teacher's own samples at a prompt list (``prompts:``): the objective
+only needs points x0 to noise, and the teacher's samples lie where its ODE goes. The guidance is
+baked in (the student takes one unguided pass), so the SD student runs in the stock
+``LatentConsistencyModelPipeline`` and the SDXL student in ``StableDiffusionXLPipeline`` with
+``LCMScheduler``, both at guidance 1. LCM's w-embedding (``time_cond_proj_dim``) is not added.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pydantic import Field, model_validator
 from accel.core.errors import StageError
 from accel.core.model_info import ConsistencySpec, ModelInfo
 from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset
+from distill.data import Dataset, take, to_device
 from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
@@ -41,8 +48,9 @@ from distill.denoiser import (
     guidance_info,
     load_teacher,
     save_pipeline,
+    takes_w,
 )
-from distill.samplers import ddim_step
+from distill.samplers import TEACHER_SAMPLE_STEPS, ddim_step, teacher_samples
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -100,7 +108,10 @@ def distill(
     trainer = Trainer("consistency", config, config.iterations, work, resume, progress=progress)
     sched = teacher.schedule
     teacher.labels_carry_guidance = teacher.guidance_scales is not None
-    backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+    backbone = copy.deepcopy(teacher.backbone)
+    adapter = teacher.adapter
+    embedded = adapter.with_guidance_input(backbone) if adapter is not None else None
+    backbone = (embedded or backbone).requires_grad_(True).train()
     ema = copy.deepcopy(backbone).requires_grad_(False)
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     backbone, opt = trainer.prepare(backbone, opt)
@@ -116,11 +127,25 @@ def distill(
     grid = torch.tensor(consistency_grid(sched.num_train_timesteps, config.solver_steps))
     grid = grid.to(trainer.device)
     skip = sched.num_train_timesteps // config.solver_steps
-    x_data, y_data = (d.to(trainer.device) for d in data)
+    x_data, y_data = to_device(data, trainer.device)
+    # a student with a w input (LCM's embedding) learns the teacher guided at w, given w
+    w_inputs = {
+        k: v.to(trainer.device)
+        for k, v in (
+            adapter.guidance_inputs(backbone, config.guidance_scale, 1) if embedded else {}
+        ).items()
+    }
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        labels = teacher.training_labels(y_data[idx], trainer.randint)
+        labels = take(y_data, idx)
+        if isinstance(labels, torch.Tensor):
+            labels = teacher.training_labels(labels, trainer.randint)
+        elif w_inputs:
+            labels = {
+                **labels,
+                **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()},
+            }
         loss = consistency_loss(
             student, target, teacher, x_data[idx], labels, grid, skip, config.loss, trainer
         )
@@ -202,9 +227,13 @@ def run(ctx: StageContext) -> None:
         raise StageError(
             "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
-    student, log = distill(
-        teacher, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
+    data = load_dataset(
+        config.dataset,
+        teacher,
+        ctx.store.root / "cache",
+        lambda prompts: teacher_samples(teacher, prompts, TEACHER_SAMPLE_STEPS, config.seed),
     )
+    student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
     save_pipeline(
         ctx.out,
         student.backbone,
@@ -212,10 +241,15 @@ def run(ctx: StageContext) -> None:
         ModelInfo(
             method="consistency",
             num_inference_steps=config.num_inference_steps,
-            **guidance_info(info, config.guidance_scale),
+            **(
+                {"guidance_scale": config.guidance_scale}  # w is the student's input
+                if takes_w(student.backbone)
+                else guidance_info(info, config.guidance_scale)
+            ),
             num_classes=info.num_classes,
             consistency=ConsistencySpec(config.solver_steps, 0.5, TIMESTEP_SCALING),
         ),
+        teacher,
     )
     ctx.metrics["final_loss"] = mean_tail(log)
     write_loss_log(ctx.out, log)
@@ -230,4 +264,5 @@ STAGE = Stage(
     run=run,
     description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
     data_parallel=True,
+    families=("unet2d", "sd", "sdxl"),
 )

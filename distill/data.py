@@ -63,6 +63,16 @@ def take(cond: Conditioning, idx: torch.Tensor) -> Conditioning:
     return cond[idx]
 
 
+def concat(a: Conditioning, b: Conditioning) -> Conditioning:
+    """The conditioning of two batches, one after the other."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return torch.cat([a, b])
+
+
 def to_device(data: TrainingData, device: torch.device | str) -> TrainingData:
     x, cond = data
     if isinstance(cond, dict):

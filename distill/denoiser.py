@@ -265,6 +265,12 @@ class ConsistencyDenoiser(Denoiser):
         return x0, (x - alpha * x0) / sigma.clamp(min=1e-12)
 
 
+def takes_w(backbone: nn.Module) -> bool:
+    """The backbone takes w as an input (an LCM-form UNet's ``time_cond_proj_dim``)."""
+    cfg = getattr(backbone, "config", None)
+    return bool(cfg and cfg.get("time_cond_proj_dim"))
+
+
 def load_denoiser(
     model_dir: str | Path, guidance_scale: float | None = None, load_components: bool = True
 ) -> tuple[Denoiser, ModelInfo]:
@@ -282,36 +288,28 @@ def load_denoiser(
     root = Path(model_dir)
     adapter = load_pipeline(root, load_components=load_components)
     info = ModelInfo.read(root)
-    backbone = adapter.backbone
+    sched_cfg = adapter.scheduler_config
+    w = guidance_scale if guidance_scale is not None else info.guidance_scale
+    args = (adapter.backbone, adapter.schedule, adapter.prediction_type)
+    kwargs: dict[str, Any]
     if adapter.family != "unet2d":
         default = getattr(adapter, "default_guidance", 1.0) if adapter.guidance_in_model else 1.0
-        w = guidance_scale if guidance_scale is not None else info.guidance_scale
         w = float(default if w is None else w)
         if adapter.guidance_in_model:
             adapter.guidance_scale = w
-        den = Denoiser(
-            backbone,
-            adapter.schedule,
-            adapter.prediction_type,
-            guidance_scale=w,
-            adapter=adapter,
-        )
-        den.scheduler_config = adapter.scheduler_config
-        return den, info
-    sched_cfg = adapter.scheduler_config
-    w = guidance_scale if guidance_scale is not None else info.guidance_scale
-    w = 1.0 if w is None else float(w)
-    null = info.null_class_label
-    embedding = info.guidance_embedding  # a guidance-distilled model: w is an input
-    if w != 1.0 and null is None and embedding is None:
-        raise CheckpointError(
-            f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
-            "null_class_label (students with guidance baked in sample with guidance 1)"
-        )
-    args = (backbone, adapter.schedule, adapter.prediction_type)
-    kwargs: dict[str, Any] = {"guidance_scale": w, "null_label": null}
-    if embedding is not None:
-        kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
+        kwargs = {"guidance_scale": w, "adapter": adapter}
+    else:
+        w = 1.0 if w is None else float(w)
+        null = info.null_class_label
+        embedding = info.guidance_embedding  # a guidance-distilled model: w is an input
+        if w != 1.0 and null is None and embedding is None:
+            raise CheckpointError(
+                f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
+                "null_class_label (students with guidance baked in sample with guidance 1)"
+            )
+        kwargs = {"guidance_scale": w, "null_label": null}
+        if embedding is not None:
+            kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
     if info.consistency is not None:
         if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
             raise CheckpointError(
@@ -386,6 +384,8 @@ def save_pipeline(
     sched_cls.from_config(scheduler_config).save_pretrained(out / "scheduler")
     if adapter is not None:
         index = dict(adapter.index, scheduler=["diffusers", scheduler_config["_class_name"]])
+        if adapter.family == "sd" and scheduler_config["_class_name"] == "LCMScheduler":
+            index["_class_name"] = "LatentConsistencyModelPipeline"  # as LCM checkpoints ship
         for name, entry in adapter.index.items():
             if name in (folder, "scheduler") or not isinstance(entry, list) or entry[0] is None:
                 continue

@@ -38,6 +38,15 @@ no gradient-norm clipping and no learning-rate warm-up. The critic's denoising l
 logits on real images come from one forward pass (one pass per backward, as DDP needs); the
 generator's GAN term goes through the unwrapped critic. ADD (Sauer et al. 2023) is the other
 adversarial method, in ``distill/add.py`` (``accel distill adversarial --method add``).
+
+Text-to-image teachers (SD, SDXL): the generator is given LCM's w input (``time_cond_proj_dim``,
+zero-initialised, fed ``guidance_scale``) so that the stock ``LatentConsistencyModelPipeline`` (SD)
+or ``StableDiffusionXLPipeline`` with ``LCMScheduler`` (SDXL) runs the student, as DMD2's released
+SDXL students run in diffusers with ``LCMScheduler``; the critic taps the UNet's ``mid_block``.
+The "real" images of the GAN term are ``imagefolder:`` latents, or, data-free (``prompts:``), the
+teacher's own samples, which the DMD term does not need at all (it is driven by the real and fake
+scores at the generator's own samples) and the GAN term then pulls toward the teacher's
+distribution rather than the data's.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from accel.core.errors import StageError
 from accel.core.model_info import ConsistencySpec, ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.consistency import student_scheduler_config
-from distill.data import Dataset
+from distill.data import Conditioning, Dataset, concat, take, to_device
 from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
@@ -64,8 +73,9 @@ from distill.denoiser import (
     load_denoiser,
     load_teacher,
     save_pipeline,
+    takes_w,
 )
-from distill.samplers import consistency_timesteps
+from distill.samplers import TEACHER_SAMPLE_STEPS, consistency_timesteps, teacher_samples
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -165,14 +175,33 @@ def distill(
     trainer = Trainer("adversarial", config, config.iterations, work, resume, progress=progress)
     sched, ptype = teacher.schedule, teacher.prediction_type
     T, N = sched.num_train_timesteps, config.student_steps
-    x_data, y_data = (d.to(trainer.device) for d in data)
+    x_data, y_data = to_device(data, trainer.device)
     teacher.to(trainer.device)
+    adapter = teacher.adapter
 
-    g_net = copy.deepcopy(generator_init).requires_grad_(True).train()
+    def make(net: nn.Module, cls: type[Denoiser] = Denoiser, **kw) -> Denoiser:
+        return cls(net, sched, ptype, adapter=adapter, **kw)
+
+    g_net = copy.deepcopy(generator_init)
+    if adapter is not None and not takes_w(g_net):
+        g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL)
+    g_net = g_net.requires_grad_(True).train()
+    # the conditioning that carries w into a generator with a w input: it learns the teacher
+    # guided at w, given w (the teacher and the critic have no such input and ignore it)
+    w_inputs = adapter.guidance_inputs(g_net, config.guidance_scale, 1) if adapter else {}
+    w_inputs = {k: v.to(trainer.device) for k, v in w_inputs.items()}
+
+    def conditioning(idx: torch.Tensor):
+        y = take(y_data, idx)
+        if not w_inputs:
+            return y
+        return {**y, **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()}}
+
     f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
     tap = FeatureTap(f_net, config.feature_module)
     with torch.no_grad():
-        f_net(x_data[:2], torch.full((2,), T - 1), class_labels=y_data[:2])
+        probe = torch.arange(2, device=trainer.device)
+        make(f_net).raw(x_data[:2], torch.full((2,), T - 1), take(y_data, probe))
     assert tap.value is not None
     disc = Discriminator(tap.value.shape).to(x_data.dtype)
     betas = config.adam_betas
@@ -187,8 +216,8 @@ def distill(
         weight_decay=decay,
     )
     g_net, f_net, disc, opt_g, opt_c = trainer.prepare(g_net, f_net, disc, opt_g, opt_c)
-    generator = ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N)
-    fake = Denoiser(f_net, sched, ptype)
+    generator = make(g_net, ConsistencyDenoiser, solver_steps=N)
+    fake = make(f_net)
     timesteps = consistency_timesteps(T, N, N)
     t_lo, t_hi = int(config.min_timestep * T), int(config.max_timestep * T)
     use_gan = config.gan_weight_critic > 0 or config.gan_weight_generator > 0
@@ -200,7 +229,7 @@ def distill(
     def generator_inputs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x at t_k for a random depth k: k steps of the current generator from pure noise
         (backward simulation), or noised real images."""
-        y = y_data[idx]
+        y = conditioning(idx)
         k = int(trainer.randint(N, 1).item())
         shape = x_data[idx].shape
         if not config.backward_simulation and k > 0:
@@ -216,16 +245,16 @@ def distill(
 
     # The generator's GAN term goes through the critic unwrapped (no DDP): it reads only the
     # bottleneck, and the critic's gradients from it are dropped, not averaged over processes.
-    fake_local = Denoiser(trainer.accelerator.unwrap_model(f_net), sched, ptype)
+    fake_local = make(trainer.accelerator.unwrap_model(f_net))
     disc_local = trainer.accelerator.unwrap_model(disc)
 
-    def logits(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def logits(x0: torch.Tensor, y: Conditioning, t: torch.Tensor) -> torch.Tensor:
         fake_local.raw(sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t), t, y)
         return disc_local(tap.value)
 
     def step() -> dict[str, torch.Tensor | float]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        y = y_data[idx]
+        y = conditioning(idx)
         x_in, t_in = generator_inputs(idx)
         if trainer.step % config.critic_updates_per_generator == 0:  # the generator's turn
             x = generator.predict(x_in, t_in, y)[0]
@@ -265,7 +294,7 @@ def distill(
             x_t, t, y = (
                 torch.cat([x_t, real_t]),
                 torch.cat([t, t_real]),
-                torch.cat([y, y_data[real]]),
+                concat(y, conditioning(real)),
             )
         out = fake.raw(x_t, t, y)[:n]
         loss_fake = F.mse_loss(out, from_x0_eps(x, eps, alpha, sigma, ptype))
@@ -282,7 +311,7 @@ def distill(
 
     log = trainer.run(step)
     g_net = trainer.accelerator.unwrap_model(g_net).eval().requires_grad_(False)
-    return ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N), log
+    return make(g_net, ConsistencyDenoiser, solver_steps=N), log  # type: ignore[return-value]
 
 
 def find_teacher(
@@ -329,11 +358,16 @@ def save_student(
         ModelInfo(
             method=method,
             num_inference_steps=N,
-            guidance_scale=1.0,
-            distilled_guidance_scale=guidance_scale,
+            # w is an input of LCM-form students (sample with w), else baked in (sample with 1)
+            **(
+                {"guidance_scale": guidance_scale}
+                if takes_w(student.backbone)
+                else {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
+            ),
             num_classes=info.num_classes,
             consistency=ConsistencySpec(N, 0.5, TIMESTEP_SCALING),
         ),
+        teacher,
     )
     ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
     write_loss_log(ctx.out, log)
@@ -344,9 +378,13 @@ def run(ctx: StageContext) -> None:
     from distill.data import load_dataset
 
     teacher, init, info = find_teacher(ctx, config.guidance_scale)
-    student, log = distill(
-        teacher, init, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
+    data = load_dataset(
+        config.dataset,
+        teacher,
+        ctx.store.root / "cache",
+        lambda prompts: teacher_samples(teacher, prompts, TEACHER_SAMPLE_STEPS, config.seed),
     )
+    student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
     save_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)
 
 
@@ -359,4 +397,5 @@ STAGE = Stage(
     run=run,
     description="DMD2 (Yin et al. 2024): distribution matching + GAN, 1-step or multi-step",
     data_parallel=True,
+    families=("unet2d", "sd", "sdxl"),
 )

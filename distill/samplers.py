@@ -184,15 +184,7 @@ def sampler_plan(
     as a numpy-only SamplerPlan; adapter models at ``resolution`` (default: the model's own)."""
     if denoiser.adapter is not None:
         return _adapter_plan(denoiser, steps, resolution)
-    if denoiser.consistency:
-        T = denoiser.schedule.num_train_timesteps
-        timesteps = consistency_timesteps(T, denoiser.solver_steps, steps)
-        coefficients, sampler = (
-            consistency_coefficients(denoiser.schedule, timesteps),
-            "consistency",
-        )
-    else:
-        coefficients, sampler = ddim_coefficients(denoiser.schedule, steps), "ddim"
+    coefficients, sampler = _discrete_steps(denoiser, steps)
     labelled = denoiser.class_conditional and num_classes is not None
     return SamplerPlan(
         steps=coefficients,
@@ -209,6 +201,15 @@ def sampler_plan(
     )
 
 
+def _discrete_steps(denoiser: Denoiser, steps: int) -> tuple[list[dict[str, float]], str]:
+    """Multistep consistency sampling for consistency students, DDIM otherwise."""
+    if denoiser.consistency:
+        T = denoiser.schedule.num_train_timesteps
+        timesteps = consistency_timesteps(T, denoiser.solver_steps, steps)
+        return consistency_coefficients(denoiser.schedule, timesteps), "consistency"
+    return ddim_coefficients(denoiser.schedule, steps), "ddim"
+
+
 def _adapter_plan(
     denoiser: Denoiser, steps: int, resolution: tuple[int, int] | None
 ) -> SamplerPlan:
@@ -220,7 +221,7 @@ def _adapter_plan(
         grid = adapter.timestep_grid(steps, h, w)
         coefficients, sampler = flow_coefficients(grid, schedule.num_train_timesteps), "flow_euler"
     else:
-        coefficients, sampler = ddim_coefficients(schedule, steps), "ddim"
+        coefficients, sampler = _discrete_steps(denoiser, steps)
     num_classes = getattr(adapter, "num_classes", None) if adapter.conditioning == "class" else None
     return SamplerPlan(
         steps=coefficients,
@@ -237,6 +238,10 @@ def _adapter_plan(
         decode=adapter.family != "unet2d",
         resolution=[h, w],
     )
+
+
+TEACHER_SAMPLE_STEPS = 25
+"""DDIM steps of the teacher samples that stand in for data (``prompts:`` sources)."""
 
 
 @torch.no_grad()

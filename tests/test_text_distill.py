@@ -39,19 +39,42 @@ def write_imagefolder(path, n=6, size=32, **row):
     return path
 
 
-def distil(monkeypatch, capsys, teacher, out, store, dataset, *extra):
+METHODS = {  # the options of a few-iteration run, and the stock pipeline and scheduler
+    "progressive": (
+        ["progressive", "--teacher-steps", 4, "--student-steps", 2, "--iterations-per-round", 2],
+        {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"},
+        "DDIMScheduler",
+    ),
+    "consistency": (
+        ["consistency", "--solver-steps", 10, "--num-inference-steps", 2, "--iterations", 2],
+        {"sd": "LatentConsistencyModelPipeline", "sdxl": "StableDiffusionXLPipeline"},
+        "LCMScheduler",
+    ),
+    "dmd2": (
+        ["adversarial", "--student-steps", 2, "--iterations", 2,
+         "--critic-updates-per-generator", 1],
+        {"sd": "LatentConsistencyModelPipeline", "sdxl": "StableDiffusionXLPipeline"},
+        "LCMScheduler",
+    ),
+}  # fmt: skip
+W_INPUT = {"progressive": False, "consistency": True, "dmd2": True}  # LCM's w embedding
+
+
+def distil(monkeypatch, capsys, teacher, out, store, dataset, method="progressive"):
     return run_cli(
-        monkeypatch, capsys, "distill", "progressive", teacher, "--teacher-steps", 4,
-        "--student-steps", 2, "--iterations-per-round", 2, "--batch-size", 2,
-        "--guidance-scale", 2.0, "--dataset", dataset, "--out", out, "--store", store, *extra,
+        monkeypatch, capsys, "distill", METHODS[method][0][0], teacher, *METHODS[method][0][1:],
+        "--batch-size", 2,
+        "--guidance-scale", 2.0, "--dataset", dataset, "--out", out, "--store", store,
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize(("family", "source"), [("sd", "imagefolder"), ("sdxl", "prompts")])
-def test_progressive_student_is_a_stock_pipeline(
-    family, source, teachers, tmp_path, monkeypatch, capsys
+def test_students_are_stock_pipelines(
+    method, family, source, teachers, tmp_path, monkeypatch, capsys
 ):
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    import diffusers
+    import diffusers.schedulers.scheduling_lcm as lcm
 
     if source == "imagefolder":
         dataset = f"imagefolder:{write_imagefolder(tmp_path / 'images')}"
@@ -60,29 +83,39 @@ def test_progressive_student_is_a_stock_pipeline(
         dataset = f"prompts:{tmp_path / 'prompts.txt'}"
     student = tmp_path / "student"
     code, _, err = distil(
-        monkeypatch, capsys, teachers[family], student, tmp_path / "store", dataset
+        monkeypatch, capsys, teachers[family], student, tmp_path / "store", dataset, method
     )
     assert code == 0, err
     info = ModelInfo.read(student)
-    assert info.method == "progressive" and info.num_inference_steps == 2
-    assert info.distilled_guidance_scale == 2.0 and info.guidance_scale == 1.0
+    assert info.method == method and info.num_inference_steps == 2
+    # an LCM student takes w as an input (time_cond_proj_dim): sample it with w, one pass
+    w = 2.0 if W_INPUT[method] else 1.0
+    assert info.guidance_scale == w
+    assert info.distilled_guidance_scale == (None if W_INPUT[method] else 2.0)
     # the whole pipeline: unchanged components are links to the teacher's files in the store
+    _, pipeline_class, scheduler_class = METHODS[method]
     index = json.loads((student / "model_index.json").read_text())
-    assert index["scheduler"] == ["diffusers", "DDIMScheduler"] and (student / "vae").is_dir()
+    assert index["_class_name"] == pipeline_class[family]
+    assert index["scheduler"] == ["diffusers", scheduler_class] and (student / "vae").is_dir()
     stored = [p.parent for p in (tmp_path / "store" / "artifacts").glob("*/accel.json")]
-    stored = [p for p in stored if ModelInfo.read(p).method == "progressive"]
+    stored = [p for p in stored if ModelInfo.read(p).method == method]
     assert len(stored) == 1 and next((stored[0] / "vae").glob("*.safetensors")).stat().st_nlink >= 2
 
     out = tmp_path / "s.npz"
     code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
-                           "--out", out)  # fmt: skip
+                           "--seed", 0, "--out", out)  # fmt: skip
     assert code == 0, err
     ours = np.load(out)
-    pipe = families.prepare(DiffusionPipeline.from_pretrained(student))
-    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe = getattr(diffusers, pipeline_class[family]).from_pretrained(student)
+    pipe = families.prepare(pipe)
+    assert type(pipe.scheduler).__name__ == scheduler_class
+    # LCMScheduler.step re-noises with fresh noise: hand it the draws accel sample made
+    rng = np.random.default_rng([0, 1])
+    monkeypatch.setattr(lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
+        rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
     stock = pipe(
         [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", height=32, width=32,
+        guidance_scale=w, output_type="np", height=32, width=32,
     ).images  # fmt: skip
     assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
     # the student moved away from its teacher

@@ -51,6 +51,8 @@ def concat_conditioning(
     followed by the null conditioning (broadcast from batch 1); shared inputs unchanged."""
     out = {}
     for name, value in cond.items():
+        if name not in spec:  # a student's input its teacher does not take (an LCM w embedding)
+            continue
         if spec[name].batched:
             other = null[name].to(value.device)
             out[name] = torch.cat([value, other.expand(len(value), *other.shape[1:])])
@@ -249,6 +251,17 @@ class ModelAdapter:
 
     def guidance_conditioning(self, w: float, n: int) -> dict[str, torch.Tensor]:
         """Inputs that carry w into a guidance-embedding model (Flux-dev)."""
+        return {}
+
+    def with_guidance_input(self, backbone: nn.Module) -> nn.Module | None:
+        """A copy of ``backbone`` that takes w as the input the family's stock few-step pipeline
+        feeds it (SD/SDXL: LCM's ``time_cond_proj_dim``), computing what ``backbone`` computes
+        until trained; None where the family has no such input."""
+        return None
+
+    def guidance_inputs(self, backbone: nn.Module, w: float, n: int) -> dict[str, torch.Tensor]:
+        """The conditioning that carries w into ``backbone`` (one made by
+        ``with_guidance_input``), batch ``n``; empty for backbones without a w input."""
         return {}
 
     def forward(

@@ -26,18 +26,21 @@ class StableDiffusionAdapter(ModelAdapter):
     components = ("vae", "text_encoder", "tokenizer")
     optional_components = ("text_encoder_2", "tokenizer_2")
 
+    default_guidance = 8.5  # LatentConsistencyModelPipeline's guidance_scale default
+    guidance_scale: float | None = None  # set by the loader: the embedded w to sample with
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.config.get("time_cond_proj_dim"):
-            raise CheckpointError(
-                f"{self.root}: UNets with a guidance embedding (time_cond_proj_dim, LCM students) "
-                "are not supported yet"
-            )
         if self.xl and self.modules and self.modules.get("text_encoder_2") is None:
             raise CheckpointError(
                 f"{self.root}: this SDXL UNet (addition_embed_type 'text_time') needs text_encoder_2/ "
                 "and tokenizer_2/, which model_index.json does not list"
             )
+
+    @property
+    def guidance_in_model(self) -> bool:  # type: ignore[override]
+        """LCM students embed w (``time_cond_proj_dim``): one pass, no classifier-free guidance."""
+        return bool(self.config.get("time_cond_proj_dim"))
 
     @property
     def xl(self) -> bool:
@@ -61,14 +64,33 @@ class StableDiffusionAdapter(ModelAdapter):
             enc2 = self.modules["text_encoder_2"].config
             spec["text_embeds"] = TensorSpec(("batch", enc2.projection_dim))
             spec["time_ids"] = TensorSpec(("batch", 6))
+        if self.guidance_in_model:
+            spec["timestep_cond"] = TensorSpec(("batch", self.config.time_cond_proj_dim))
         return spec
+
+    def guidance_conditioning(self, w: float, n: int) -> dict[str, torch.Tensor]:
+        return self.guidance_inputs(self.backbone, w, n)
+
+    def with_guidance_input(self, backbone: nn.Module) -> nn.Module:
+        return with_guidance_embedding(backbone)
+
+    def guidance_inputs(self, backbone: nn.Module, w: float, n: int) -> dict[str, torch.Tensor]:
+        dim = backbone.config.get("time_cond_proj_dim")
+        if not dim:
+            return {}
+        return {"timestep_cond": guidance_scale_embedding(torch.full((n,), w - 1.0), dim)}
 
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
             raise CheckpointError(f"{self.family} models are conditioned on prompts: give --prompt")
+        scale = self.default_guidance if self.guidance_scale is None else self.guidance_scale
         if not self.xl:
             out = text_hidden(self.modules["text_encoder"], self.modules["tokenizer"], prompts)
-            return {"encoder_hidden_states": out.last_hidden_state.float()}
+            hidden = out.last_hidden_state.float()
+            return {
+                "encoder_hidden_states": hidden,
+                **self.guidance_conditioning(scale, len(prompts)),
+            }
         hidden = []
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             out = text_hidden(self.modules[enc], self.modules[tok], prompts)
@@ -79,9 +101,12 @@ class StableDiffusionAdapter(ModelAdapter):
             "encoder_hidden_states": torch.cat(hidden, dim=-1).float(),
             "text_embeds": out.text_embeds.float(),
             "time_ids": time_ids.expand(len(prompts), 6),
+            **self.guidance_conditioning(scale, len(prompts)),
         }
 
     def null_conditioning(self, height, width):
+        if self.guidance_in_model:
+            return None
         cond = self.encode([""], height=height, width=width)
         if self.xl and self.force_zeros:
             cond["encoder_hidden_states"] = torch.zeros_like(cond["encoder_hidden_states"])
@@ -97,8 +122,14 @@ class StableDiffusionAdapter(ModelAdapter):
         added = None
         if self.xl:
             added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        # only a backbone with a w embedding takes it (a student's; its teacher has none)
+        w_cond = cond.get("timestep_cond") if backbone.config.get("time_cond_proj_dim") else None
         return backbone(
-            x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added
+            x,
+            t,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep_cond=w_cond,
+            added_cond_kwargs=added,
         ).sample
 
     def _latents_stats(self):
@@ -123,3 +154,28 @@ class StableDiffusionAdapter(ModelAdapter):
         vae = self.modules["vae"]
         z = latents * stats[1] / vae.config.scaling_factor + stats[0]
         return vae.decode(z).sample.float()
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of w that LCM students take as ``timestep_cond`` (Luo et al.
+    2023, sec. 4.2; as ``LatentConsistencyModelPipeline`` computes it from ``guidance_scale - 1``):
+    sin and cos of 1000 w at ``dim / 2`` geometric frequencies from 1 to 1 / 10000."""
+    half = dim // 2
+    # in float32 throughout, as the pipeline computes it: arguments reach 1000 w radians, where
+    # one ulp of a float64 frequency would move the embedding by 1e-4
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    arg = (w.float() * 1000.0)[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def with_guidance_embedding(unet: nn.Module, dim: int = 256) -> nn.Module:
+    """A copy of ``unet`` that also takes w (``time_cond_proj_dim = dim``), its new projection
+    zero-initialised so that it computes exactly what ``unet`` does until trained (LCM's
+    student initialisation)."""
+    student = type(unet).from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(next(unet.parameters()).device)
