@@ -21,6 +21,15 @@ paper: w is discrete (a grid) rather than continuous.
 
 Stage two of the paper (step distillation of the w-conditioned model, w sampled per example) is what
 the ``progressive`` and ``consistency`` stages do when their input is this stage's student.
+
+Text-to-image teachers (SD, SDXL; ``distill_w_input``) follow the paper more closely: the student
+is the teacher's UNet with a Fourier embedding of w added to its time embedding, which is what
+diffusers' ``time_cond_proj_dim`` is (``timestep_cond``, zero-initialised projection, the
+pipeline feeding it w - 1), and w is continuous, uniform on [``guidance_min``,
+``guidance_max``]. The stock ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` run the
+student in one pass per step at any w (they skip classifier-free guidance for such UNets). The
+stage-two students of such a teacher learn it at the one w they are given (``guidance_scale``),
+not with w sampled per example.
 """
 
 from __future__ import annotations
@@ -36,9 +45,11 @@ from torch import nn
 from accel.core.errors import StageError
 from accel.core.model_info import GuidanceEmbedding, ModelInfo
 from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset
-from distill.denoiser import Denoiser, load_teacher, save_pipeline, to_x0_eps
+from distill.data import Dataset, TrainingData, take, to_device
+from distill.denoiser import Denoiser, load_teacher, save_pipeline, takes_w, to_x0_eps
+from distill.models import concat_conditioning
 from distill.progressive import student_scheduler_config as ddim_scheduler_config
+from distill.samplers import TEACHER_SAMPLE_STEPS, teacher_samples
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -156,13 +167,87 @@ def distill(
     return Denoiser(backbone, sched, ptype, w, None, scales, num_labels), log
 
 
+def distill_w_input(
+    teacher: Denoiser,
+    data: TrainingData,
+    config: GuidanceConfig,
+    work: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = say,
+) -> tuple[Denoiser, list[dict[str, float]]]:
+    """Guidance distillation of a family-adapter teacher into a student with the family's w input
+    (``with_guidance_input``), w uniform on [guidance_min, guidance_max] per example."""
+    adapter = teacher.adapter
+    trainer = Trainer("guidance", config, config.iterations, work, resume, progress=progress)
+    sched, ptype = teacher.schedule, teacher.prediction_type
+    backbone = adapter.with_guidance_input(copy.deepcopy(teacher.backbone))
+    if backbone is None:
+        raise StageError("guidance", f"{adapter.family} models have no w input to distil into")
+    backbone = backbone.requires_grad_(True).train()
+    opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
+    backbone, opt = trainer.prepare(backbone, opt)
+    teacher.to(trainer.device)
+    student = Denoiser(backbone, sched, ptype, adapter=adapter)  # one pass, w as an input
+    spec = adapter.conditioning_spec()
+    null = adapter.null_conditioning(*adapter.default_resolution())
+    x_data, y_data = to_device(data, trainer.device)
+    T = sched.num_train_timesteps
+    lo, hi = config.guidance_min, config.guidance_max
+
+    def step() -> dict[str, torch.Tensor]:
+        idx = trainer.randint(len(x_data), config.batch_size)
+        x0, y = x_data[idx], take(y_data, idx)
+        w = lo + (hi - lo) * trainer.rand(len(idx))
+        t = trainer.randint(T, len(idx))
+        z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
+        alpha, sigma = (_bcast(v, x0) for v in sched.alpha_sigma(t))
+        with torch.no_grad():
+            both = concat_conditioning(spec, y, null)
+            out = adapter.forward(teacher.backbone, torch.cat([z_t, z_t]), torch.cat([t, t]), both)
+            cond, uncond = out.chunk(2)
+            guided = uncond + _bcast(w, x0) * (cond - uncond)
+            target = to_x0_eps(guided, z_t, alpha, sigma, ptype)[0]
+        w_in = {
+            k: v.to(x0.device) for k, v in adapter.guidance_inputs(backbone, w, len(idx)).items()
+        }
+        x_hat = student.predict(z_t, t, {**y, **w_in})[0]
+        weight = _bcast(sched.snr(t).clamp(min=1.0), x0)
+        loss = (weight * (target - x_hat) ** 2).mean()
+        trainer.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    log = trainer.run(step)
+    backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
+    return Denoiser(backbone, sched, ptype, adapter=adapter), log
+
+
 def run(ctx: StageContext) -> None:
     config: GuidanceConfig = ctx.config  # type: ignore[assignment]
     from distill.data import load_dataset
 
     teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
-    if info.guidance_embedding is not None:
+    if info.guidance_embedding is not None or takes_w(teacher.backbone):
         raise StageError("guidance", "the input is already guidance-distilled")
+    if teacher.adapter is not None:
+        data = load_dataset(
+            config.dataset,
+            teacher,
+            ctx.store.root / "cache",
+            lambda prompts: teacher_samples(teacher, prompts, TEACHER_SAMPLE_STEPS, config.seed),
+        )
+        student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
+        save_pipeline(
+            ctx.out,
+            student.backbone,
+            ddim_scheduler_config(teacher.scheduler_config),
+            ModelInfo(method="guidance", guidance_scale=config.guidance_scale),
+            teacher,
+        )
+        ctx.metrics["final_loss"] = mean_tail(log)
+        write_loss_log(ctx.out, log)
+        return
     if teacher.null_label is None:
         raise StageError(
             "guidance",
@@ -206,4 +291,5 @@ STAGE = Stage(
     run=run,
     description="guidance distillation (Meng et al. 2023): a w-conditioned one-pass student",
     data_parallel=True,
+    families=("unet2d", "sd", "sdxl"),
 )

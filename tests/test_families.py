@@ -201,10 +201,10 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
 @pytest.mark.parametrize(
     ("command", "family"),
     [
-        # progressive, consistency and adversarial take sd and sdxl (tests/test_text_distill.py)
+        # progressive, consistency, adversarial and guidance take sd and sdxl (test_text_distill)
         (["distill", "progressive"], "sd3"),
         (["distill", "consistency"], "flux"),
-        (["distill", "guidance"], "sdxl"),
+        (["distill", "guidance"], "sana"),
         (["export", "onnx"], "sdxl"),
         (["compile", "--backend", "aoti"], "sdxl"),
         (["quantize"], "sdxl"),

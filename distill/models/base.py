@@ -259,9 +259,11 @@ class ModelAdapter:
         until trained; None where the family has no such input."""
         return None
 
-    def guidance_inputs(self, backbone: nn.Module, w: float, n: int) -> dict[str, torch.Tensor]:
-        """The conditioning that carries w into ``backbone`` (one made by
-        ``with_guidance_input``), batch ``n``; empty for backbones without a w input."""
+    def guidance_inputs(
+        self, backbone: nn.Module, w: float | torch.Tensor, n: int
+    ) -> dict[str, torch.Tensor]:
+        """The conditioning that carries w (one value, or one per example) into ``backbone`` (one
+        made by ``with_guidance_input``), batch ``n``; empty for backbones without a w input."""
         return {}
 
     def forward(

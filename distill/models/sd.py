@@ -74,11 +74,12 @@ class StableDiffusionAdapter(ModelAdapter):
     def with_guidance_input(self, backbone: nn.Module) -> nn.Module:
         return with_guidance_embedding(backbone)
 
-    def guidance_inputs(self, backbone: nn.Module, w: float, n: int) -> dict[str, torch.Tensor]:
+    def guidance_inputs(self, backbone: nn.Module, w, n: int) -> dict[str, torch.Tensor]:
         dim = backbone.config.get("time_cond_proj_dim")
         if not dim:
             return {}
-        return {"timestep_cond": guidance_scale_embedding(torch.full((n,), w - 1.0), dim)}
+        ws = torch.as_tensor(w, dtype=torch.float32).cpu().expand(n)
+        return {"timestep_cond": guidance_scale_embedding(ws - 1.0, dim)}
 
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
