@@ -88,6 +88,7 @@ def test_one_step_endpoints_move_toward_exact_ode_endpoints():
     assert after < before / 2, (before, after)
 
 
+@pytest.mark.slow  # a training chain into an engine (~25 s); make test-slow runs it
 def test_consistency_stage_to_engine_samples_like_torch(tmp_path):
     """The stage writes an LCMScheduler student; its ONNX engine carries the boundary condition and
     matches the torch student (the onnx and ort stages check parity themselves)."""

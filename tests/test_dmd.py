@@ -68,6 +68,7 @@ def test_dmd2_one_step_student_covers_every_component():
     assert min(shares) > 0.4, shares  # each component holds half of its class
 
 
+@pytest.mark.slow  # a training chain into an engine (~25 s); make test-slow runs it
 def test_recipe_chains_progressive_rounds_into_an_adversarial_fine_tune(tmp_path):
     """progressive 4 -> 2, progressive 2 -> 1 on its student, DMD2 fine-tune of that student
     against the recipe's teacher, then an engine: the guidance baked in travels along."""

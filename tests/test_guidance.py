@@ -51,6 +51,7 @@ def test_w_conditioned_student_matches_the_guided_teacher():
         assert err < ref_err / 10, (w, ref_err, err)
 
 
+@pytest.mark.slow  # a training chain into an engine (~25 s); make test-slow runs it
 def test_guidance_stage_exports_w_as_an_input_and_chains_into_progressive(tmp_path):
     from diffusers import DDIMScheduler, UNet2DModel
 
