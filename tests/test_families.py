@@ -103,6 +103,25 @@ def test_prompts_batch_and_cycle(pipeline_dir, tmp_path, monkeypatch, capsys):
     assert np.abs(stock - out["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
 
 
+def test_a_prompt_over_the_token_limit_is_truncated_with_a_warning(
+    pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    """As the stock pipelines do: the first 77 CLIP tokens are read, and the user is told."""
+    path = pipeline_dir("sd15")
+    capsys.readouterr()
+    long = " ".join(["a red circle"] * 40)
+    out_file = tmp_path / "s.npz"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "sample", path, "--prompt", long, "--steps", 2,
+        "--guidance", 2.0, "--out", out_file,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "warning: the prompt 'a red circle a red circle" in err and "reads the first 77" in err
+    out = np.load(out_file)
+    stock = _stock("sd15", path, out["latents"], [long])
+    assert np.abs(stock - out["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
+
+
 def test_png_grid(pipeline_dir, tmp_path, monkeypatch, capsys):
     from PIL import Image
 

@@ -291,9 +291,26 @@ class ModelAdapter:
         return f"{self.family} ({type(self.backbone).__name__})"
 
 
+def warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
+    """Say which prompts lose tokens to the encoder's limit (they are truncated, as the stock
+    pipelines truncate them and log a warning)."""
+    from accel.core.stage import say
+
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+    for prompt, n in zip(prompts, lengths, strict=True):
+        if n > max_length:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            say(
+                f"warning: the prompt {shown!r} is {n} tokens; the text encoder reads the first "
+                f"{max_length} and the rest is dropped"
+            )
+
+
 def text_hidden(encoder, tokenizer, prompts: list[str]):
     """``encoder``'s outputs (with hidden states) on ``prompts`` padded to the tokenizer's
-    ``model_max_length``, as the CLIP-conditioned pipelines tokenize."""
+    ``model_max_length``, as the CLIP-conditioned pipelines tokenize (longer prompts truncated,
+    with a warning)."""
+    warn_truncated(tokenizer, prompts, tokenizer.model_max_length)
     ids = tokenizer(
         prompts,
         padding="max_length",
@@ -306,7 +323,9 @@ def text_hidden(encoder, tokenizer, prompts: list[str]):
 
 def masked_encode(encoder, tokenizer, prompts: list[str], max_length: int):
     """Last hidden states and attention mask of ``prompts`` padded to ``max_length`` (T5, Gemma:
-    the encoders whose pipelines pass the mask on to the transformer)."""
+    the encoders whose pipelines pass the mask on to the transformer); longer prompts truncated,
+    with a warning."""
+    warn_truncated(tokenizer, prompts, max_length)
     tokens = tokenizer(
         prompts,
         padding="max_length",
