@@ -50,7 +50,7 @@ from distill.denoiser import (
     save_pipeline,
     takes_w,
 )
-from distill.samplers import TEACHER_SAMPLE_STEPS, ddim_step, teacher_samples
+from distill.samplers import ddim_step
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -223,7 +223,7 @@ def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict
 
 def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
-    from distill.data import load_dataset
+    from distill.data import stage_data
 
     teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale)
     T = teacher.schedule.num_train_timesteps
@@ -231,12 +231,7 @@ def run(ctx: StageContext) -> None:
         raise StageError(
             "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
-    data = load_dataset(
-        config.dataset,
-        teacher,
-        ctx.store.root / "cache",
-        lambda prompts: teacher_samples(teacher, prompts, TEACHER_SAMPLE_STEPS, config.seed),
-    )
+    data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
     save_pipeline(
         ctx.out,

@@ -128,6 +128,21 @@ def load_dataset(
     )
 
 
+def stage_data(ctx: Any, teacher: Any, name: str, seed: int, sample_steps: int | None = None):
+    """A training stage's data: ``load_dataset`` for ``teacher``, cached in the store's
+    ``cache/``, with the teacher's own ``sample_steps``-step samples (default
+    ``TEACHER_SAMPLE_STEPS``) standing in for images at the prompts of a ``prompts:`` source."""
+    from distill.samplers import TEACHER_SAMPLE_STEPS, teacher_samples
+
+    steps = sample_steps or TEACHER_SAMPLE_STEPS
+    return load_dataset(
+        name,
+        teacher,
+        ctx.store.root / "cache",
+        lambda prompts: teacher_samples(teacher, prompts, steps, seed),
+    )
+
+
 def _checked(name: str) -> str:
     try:
         return check_dataset_name(name)

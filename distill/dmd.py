@@ -75,7 +75,7 @@ from distill.denoiser import (
     save_pipeline,
     takes_w,
 )
-from distill.samplers import TEACHER_SAMPLE_STEPS, consistency_timesteps, teacher_samples
+from distill.samplers import consistency_timesteps
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -375,15 +375,10 @@ def save_student(
 
 def run(ctx: StageContext) -> None:
     config: AdversarialConfig = ctx.config  # type: ignore[assignment]
-    from distill.data import load_dataset
+    from distill.data import stage_data
 
     teacher, init, info = find_teacher(ctx, config.guidance_scale)
-    data = load_dataset(
-        config.dataset,
-        teacher,
-        ctx.store.root / "cache",
-        lambda prompts: teacher_samples(teacher, prompts, TEACHER_SAMPLE_STEPS, config.seed),
-    )
+    data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
     save_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)
 

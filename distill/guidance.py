@@ -49,7 +49,6 @@ from distill.data import Dataset, TrainingData, take, to_device
 from distill.denoiser import Denoiser, load_teacher, save_pipeline, takes_w, to_x0_eps
 from distill.models import concat_conditioning
 from distill.progressive import student_scheduler_config as ddim_scheduler_config
-from distill.samplers import TEACHER_SAMPLE_STEPS, teacher_samples
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -225,58 +224,41 @@ def distill_w_input(
 
 def run(ctx: StageContext) -> None:
     config: GuidanceConfig = ctx.config  # type: ignore[assignment]
-    from distill.data import load_dataset
+    from distill.data import stage_data
 
     teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
     if info.guidance_embedding is not None or takes_w(teacher.backbone):
         raise StageError("guidance", "the input is already guidance-distilled")
-    if teacher.adapter is not None:
-        data = load_dataset(
-            config.dataset,
-            teacher,
-            ctx.store.root / "cache",
-            lambda prompts: teacher_samples(teacher, prompts, TEACHER_SAMPLE_STEPS, config.seed),
-        )
-        student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
-        save_pipeline(
-            ctx.out,
-            student.backbone,
-            ddim_scheduler_config(teacher.scheduler_config),
-            ModelInfo(method="guidance", guidance_scale=config.guidance_scale),
-            teacher,
-        )
-        ctx.metrics["final_loss"] = mean_tail(log)
-        write_loss_log(ctx.out, log)
-        return
-    if teacher.null_label is None:
+    if teacher.adapter is None and teacher.null_label is None:
         raise StageError(
             "guidance",
             f"{ctx.input.path} has no null_class_label in accel.json: guidance distillation "
             "needs a teacher trained for classifier-free guidance",
         )
-    scales = config.scales()
-    num_labels = int(teacher.backbone.config.num_class_embeds)
-    student_backbone = w_conditioned_backbone(teacher.backbone, len(scales))
-    student, log = distill(
-        teacher,
-        student_backbone,
-        num_labels,
-        load_dataset(config.dataset),
-        config,
-        ctx.work,
-        ctx.resume,
-        ctx.progress,
-    )
-    save_pipeline(
-        ctx.out,
-        student.backbone,
-        ddim_scheduler_config(teacher.scheduler_config),
-        ModelInfo(
+    data = stage_data(ctx, teacher, config.dataset, config.seed)
+    if teacher.adapter is not None:  # the family's own w input (SD, SDXL: time_cond_proj_dim)
+        student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
+        student_info = ModelInfo(method="guidance", guidance_scale=config.guidance_scale)
+    else:  # a class-label UNet2DModel: w on a grid of label-table rows
+        scales = config.scales()
+        num_labels = int(teacher.backbone.config.num_class_embeds)
+        student_backbone = w_conditioned_backbone(teacher.backbone, len(scales))
+        student, log = distill(
+            teacher, student_backbone, num_labels, data, config, ctx.work, ctx.resume,
+            ctx.progress,
+        )  # fmt: skip
+        student_info = ModelInfo(
             method="guidance",
             guidance_scale=config.guidance_scale,
             num_classes=info.num_classes,
             guidance_embedding=GuidanceEmbedding(scales, num_labels),
-        ),
+        )
+    save_pipeline(
+        ctx.out,
+        student.backbone,
+        ddim_scheduler_config(teacher.scheduler_config),
+        student_info,
+        teacher,
     )
     ctx.metrics["final_loss"] = mean_tail(log)
     write_loss_log(ctx.out, log)

@@ -34,7 +34,6 @@ from accel.core.model_info import ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
 from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline
-from distill.samplers import teacher_samples
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
 
@@ -179,7 +178,7 @@ def run(ctx: StageContext) -> None:
     config: ProgressiveConfig = ctx.config  # type: ignore[assignment]
     from safetensors.torch import load_file, save_file
 
-    from distill.data import load_dataset
+    from distill.data import stage_data
 
     teacher, info = load_teacher(
         ctx.input.path, "progressive", config.guidance_scale, students=("progressive",)
@@ -200,12 +199,7 @@ def run(ctx: StageContext) -> None:
             "ill-posed there, which few-step students start from (Salimans & Ho 2022, sec. 4): "
             "use a v_prediction or sample-prediction teacher",
         )
-    data = load_dataset(
-        config.dataset,
-        teacher,
-        ctx.store.root / "cache",
-        lambda prompts: teacher_samples(teacher, prompts, config.teacher_steps, config.seed),
-    )
+    data = stage_data(ctx, teacher, config.dataset, config.seed, config.teacher_steps)
     steps = config.teacher_steps // 2
     rounds = []
     gen = seeded_generator(config.seed)  # one stream through all rounds
