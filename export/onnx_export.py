@@ -9,6 +9,7 @@ sampler plan (timesteps and DDIM coefficients) is written beside the graph.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import warnings
@@ -67,7 +68,7 @@ def onnx_from_torch(
     opset: int = 18,
     dynamo: bool = True,
     inputs: dict[str, np.ndarray] | None = None,
-    output: str = "x0",
+    output: str | list[str] = "x0",
     spatial: tuple[int, int, int] | None = None,
 ) -> None:
     """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input
@@ -80,10 +81,13 @@ def onnx_from_torch(
     import torch
 
     inputs = example_inputs(graph, 2, [500]) if inputs is None else inputs
+    outputs = [output] if isinstance(output, str) else list(output)
     feeds = {k: torch.from_numpy(v) for k, v in inputs.items()}
     images = [k for k, v in feeds.items() if v.dim() >= 4]
     graph.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    # a failed torch.export logs its guard traceback before raising: the caller reports it
+    logging.getLogger("torch._guards").setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about pytree internals and axis names
         if dynamo:
@@ -96,6 +100,11 @@ def onnx_from_torch(
                 for name in images:
                     n = feeds[name].dim()
                     dims[name].update({n - 2: k * h, n - 1: k * w})
+            params = inspect.signature(graph.forward).parameters
+            var_kw = [n for n, p in params.items() if p.kind is p.VAR_KEYWORD]
+            extra = [k for k in dims if k not in params]
+            if var_kw and extra:  # inputs that land in **kwargs: their shapes nest under it
+                dims[var_kw[0]] = {k: dims.pop(k) for k in extra}
             program = torch.onnx.export(
                 graph,
                 args=(),
@@ -104,20 +113,37 @@ def onnx_from_torch(
                 opset_version=opset,
                 verbose=False,
                 input_names=list(feeds),
-                output_names=[output],
+                output_names=outputs,
                 dynamic_shapes=dims,
             )
             program.save(str(path))
         else:
+            axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in [*feeds, *outputs]}
+            if spatial:
+                for name in images:
+                    n = feeds[name].dim()
+                    axes[name].update({n - 2: "height", n - 1: "width"})
+
+            class ByName(torch.nn.Module):
+                """The graph called by keyword from the positional inputs this exporter passes
+                (graphs with conditioning by name take it as keywords)."""
+
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.graph = graph
+
+                def forward(self, *args):
+                    return self.graph(**dict(zip(feeds, args, strict=True)))
+
             torch.onnx.export(
-                graph,
+                ByName().eval(),
                 args=tuple(feeds.values()),
                 f=str(path),
                 dynamo=False,
-                opset_version=opset,
+                opset_version=min(opset, 20),  # the TorchScript exporter's newest
                 input_names=list(feeds),
-                output_names=[output],
-                dynamic_axes={name: {0: "batch"} for name in [*feeds, output]},
+                output_names=outputs,
+                dynamic_axes=axes,
             )
     model = onnx.load(str(path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
@@ -288,6 +314,11 @@ def run(ctx: StageContext) -> None:
     resolutions = [None] if spatial is None else [spatial[0], spatial[1]]
     if spatial:
         ctx.info["resolution_range"] = list(spatial[:2])
+    if graph.adapter is not None:  # a pipeline: text encoder, denoiser, VAE decoder
+        from export.pipeline_export import export_pipeline
+
+        export_pipeline(ctx, config, graph, plan, spatial)
+        return
     if config.fused_sampler:
         export_fused(ctx, config, graph, plan, spatial, resolutions)
         return
@@ -319,5 +350,7 @@ STAGE = Stage(
     produces="onnx",
     run=run,
     target_specific=True,  # its dynamic axes come from the target's shape profile
-    description="export the denoiser graph to ONNX (dynamo), check it, and prove parity with torch",
+    description="export the denoiser graph (and a pipeline's text encoder and VAE decoder) to "
+    "ONNX, check it, and prove parity with torch",
+    families=("unet2d", "sd", "sdxl"),
 )

@@ -116,6 +116,15 @@ def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -
         ) from None
 
 
+def _open(path, provider: str, options: dict[str, str]):
+    from accel.runtime import OrtRuntime
+
+    try:
+        return OrtRuntime(path, provider=provider, options=options)
+    except CheckpointError as e:
+        raise StageError("ort", str(e)) from None
+
+
 def run(ctx: StageContext) -> None:
     config: OrtConfig = ctx.config  # type: ignore[assignment]
     import onnxruntime as ort
@@ -146,7 +155,8 @@ def run(ctx: StageContext) -> None:
             hint = " (FP8 graphs with TensorRT's custom ops run only in TensorRT)"
         raise StageError("ort", f"{e}{hint}") from None
     options: dict[str, str] = {}
-    if provider == "CPUExecutionProvider":
+    cpu = provider == "CPUExecutionProvider"
+    if cpu:
         engine_from_onnx(
             src, ctx.out / ENGINE_FILE, provider, config.optimization_level, config.intra_op_threads
         )
@@ -158,16 +168,39 @@ def run(ctx: StageContext) -> None:
 
         factor = batch_factor(plan, reference.inputs())
         options = provider_options(ctx.target, provider, cache, reference.inputs(), factor)
-    compile_s = time.perf_counter() - t0
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
-    try:
-        engine = OrtRuntime(ctx.out / ENGINE_FILE, provider=provider, options=options)
-    except CheckpointError as e:
-        raise StageError("ort", str(e)) from None
-
-    feeds = plan_feeds(plan, engine.inputs(), sorted({1, ctx.target.shapes.batch.opt}))
+    batches = sorted({1, ctx.target.shapes.batch.opt})
     fp16 = options.get("trt_fp16_enable") == "true" or ctx.input.info.get("precision") == "fp16"
     precision = "fp16" if fp16 else "fp32"
+    component_reports = {}
+    if plan.components:  # a pipeline: the text encoder and VAE decoder too, each with parity
+        from export.pipeline_export import component_feeds, copy_pipeline_files
+
+        copy_pipeline_files(ctx.input.path, ctx.out, plan, components=not cpu)
+        feeds_of = component_feeds(ctx.input.path, plan, batches)
+        for role, file in plan.components.items():
+            ctx.progress(f"ort: optimising the {role.replace('_', ' ')}")
+            if cpu:
+                engine_from_onnx(
+                    ctx.input.path / file, ctx.out / file, provider, config.optimization_level,
+                    config.intra_op_threads,
+                )  # fmt: skip
+            report = compare(
+                OrtRuntime(ctx.input.path / file, optimize=False),
+                [_open(ctx.out / file, provider, options)],
+                feeds_of[role],
+                precision,
+            )
+            if not report["passed"]:
+                raise StageError(
+                    "ort",
+                    f"the {role} engine disagrees with its graph: " + describe_failure(report),
+                )
+            component_reports[role] = report
+    compile_s = time.perf_counter() - t0
+    engine = _open(ctx.out / ENGINE_FILE, provider, options)
+
+    feeds = plan_feeds(plan, engine.inputs(), batches)
     quantized = ctx.input.info.get("precision") in ("int8", "fp8")
     report = compare(reference, [engine], feeds, precision)
     if not report["passed"] and not quantized:
@@ -175,8 +208,17 @@ def run(ctx: StageContext) -> None:
             "ort", "the engine disagrees with its ONNX graph: " + describe_failure(report)
         )
     # integer kernels round differently from the Q/DQ reference: the gate judges them on images
-    gate = quality_gate("ort", config.gate, (reference, plan), (engine, plan), ctx.progress)
+    from accel.runtime.pipeline import open_pipeline
+
+    src_dir, out_dir = ctx.input.path, ctx.out
+    ref_rt = open_pipeline(
+        src_dir, plan, reference, lambda f: OrtRuntime(src_dir / f, optimize=False)
+    )
+    eng_rt = open_pipeline(out_dir, plan, engine, lambda f: _open(out_dir / f, provider, options))
+    gate = quality_gate("ort", config.gate, (ref_rt, plan), (eng_rt, plan), ctx.progress)
     ctx.metrics.update(compile_seconds=compile_s, parity=report, quality_gate=gate)
+    if component_reports:
+        ctx.metrics["component_parity"] = component_reports
     ctx.info.update(
         EngineInfo(
             backend="onnxruntime",

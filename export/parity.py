@@ -95,14 +95,25 @@ def plan_feeds(
     from accel.runtime import fused_feeds, step_feeds
 
     rng = np.random.default_rng(seed)
-    timesteps = np.array([s.timestep for s in plan.steps], np.int64)
+    timesteps = np.array([s.timestep for s in plan.steps], plan.timestep_dtype)
     feeds = []
     for b in batches:
         labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
         labels = labels if "class_labels" in inputs else None
+        if plan.conditioning_kind == "text":  # Gaussian stand-ins of the encoders' outputs
+            labels = {
+                name: rng.standard_normal(_fixed(inputs[name][0], b)).astype(np.float32)
+                for name in plan.conditioning
+            }
         x = rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)
         if plan.fused:
             feeds.append(fused_feeds(plan, x, labels, rng))
         else:
-            feeds.append(step_feeds(plan, x, timesteps, labels))
+            null = {k: v[:1] for k, v in labels.items()} if isinstance(labels, dict) else None
+            feeds.append(step_feeds(plan, x, timesteps, labels, null))
     return feeds
+
+
+def _fixed(shape: list, batch: int) -> list[int]:
+    """A graph input's shape with its symbolic batch axis set to ``batch``."""
+    return [batch, *(d if isinstance(d, int) else 1 for d in shape[1:])]

@@ -224,7 +224,7 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
         (["distill", "progressive"], "sd3"),
         (["distill", "consistency"], "flux"),
         (["distill", "guidance"], "sana"),
-        (["export", "onnx"], "sdxl"),
+        (["export", "onnx"], "sd3"),
         (["compile", "--backend", "aoti"], "sdxl"),
         (["quantize"], "sdxl"),
     ],

@@ -1,5 +1,5 @@
 """The sampler plan: the numbers that drive a few-step loop, stored beside an engine as JSON
-(``sampler_plan.json``, format ``accel.plan/2``), read by every runtime, bundle and Triton model.
+(``sampler_plan.json``, format ``accel.plan/3``), read by every runtime, bundle and Triton model.
 A typed, versioned contract: unknown keys, missing fields and wrong types are errors on load, and
 plans of the first format (``notes`` flags) are read into the typed fields."""
 
@@ -14,7 +14,10 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 PLAN_FILE = "sampler_plan.json"
-PLAN_FORMAT = "accel.plan/2"
+PLAN_FORMAT = "accel.plan/3"
+READ_FORMATS = ("accel.plan/2", PLAN_FORMAT)  # /3 added the pipeline fields, all optional
+COMPONENTS = ("text_encoder", "vae_decoder")
+TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
 SAMPLERS = ("ddim", "consistency", "flow_euler")
 
 
@@ -65,6 +68,19 @@ class SamplerPlan:
     decode: bool = False
     """The loop's result is latents that the runtime's ``decode`` turns into images."""
     resolution: list[int] | None = None  # H, W of the images
+    components: dict[str, str] = field(default_factory=dict)
+    """A pipeline's graphs (engines) besides the denoiser's, by role (``COMPONENTS``) -> file
+    beside the plan: the text encoder (token ids -> ``text_outputs``) and the VAE decoder
+    (latents -> images in [-1, 1])."""
+    tokenizers: list[dict[str, Any]] = field(default_factory=list)
+    """The text encoder's token inputs, in order: {"folder" (holding ``tokenizer.json``),
+    "input" (the graph input), "max_length" (pad and truncate to it), "pad_id"}."""
+    text_outputs: list[str] = field(default_factory=list)
+    """The conditioning inputs the text encoder computes; the others come from
+    ``conditioning_file``."""
+    conditioning_file: str | None = None
+    """safetensors beside the plan: ``static.NAME`` (prompt-independent conditioning, batch 1)
+    and ``null.NAME`` (classifier-free guidance's unconditional branch, batch 1)."""
     format: str = PLAN_FORMAT
 
     def __post_init__(self) -> None:
@@ -78,6 +94,18 @@ class SamplerPlan:
             raise ValueError(f"timestep_dtype must be int64 or float32, got {self.timestep_dtype}")
         if self.format != PLAN_FORMAT:
             raise ValueError(f"format {self.format!r} is not {PLAN_FORMAT}")
+        for role, file in self.components.items():
+            if role not in COMPONENTS:
+                raise ValueError(f"component {role!r} is not one of {', '.join(COMPONENTS)}")
+            _file_name(file, f"component {role}")
+        for tok in self.tokenizers:
+            if not isinstance(tok, dict) or set(tok) != TOKENIZER_KEYS:
+                raise ValueError(f"each tokenizer needs exactly {sorted(TOKENIZER_KEYS)}: {tok!r}")
+            _file_name(tok["folder"], "tokenizer folder")
+        if self.conditioning_file is not None:
+            _file_name(self.conditioning_file, "conditioning_file")
+        if self.tokenizers and "text_encoder" not in self.components:
+            raise ValueError("tokenizers without a text_encoder component")
 
     def is_batched(self, name: str) -> bool:
         axes = self.conditioning.get(name, {}).get("axes", ["batch"])
@@ -98,6 +126,8 @@ class SamplerPlan:
             if "notes" in data and "format" not in data:  # format 1: flags in a notes dict
                 notes = data.pop("notes") or {}
                 data.update({k: notes[k] for k in _NOTES if k in notes})
+            if data.get("format") in READ_FORMATS:  # /2 plans lack only optional fields
+                data["format"] = PLAN_FORMAT
             unknown = sorted(set(data) - {f.name for f in fields(cls)})
             if unknown:
                 raise ValueError(f"unknown keys {unknown}")
@@ -108,6 +138,12 @@ class SamplerPlan:
             raise CheckpointError(
                 f"{path} is not a valid sampler plan: {e}; re-export the engine"
             ) from None
+
+
+def _file_name(name: Any, what: str) -> None:
+    """A file or folder name beside the plan: no paths, nothing hidden."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name[0] == ".":
+        raise ValueError(f"{what} must be a file name beside the plan, got {name!r}")
 
 
 _NOTES = ("sampler", "graph_output", "prediction_type", "guidance_input", "fused")

@@ -21,6 +21,25 @@ CLASSIFIER_DIR = ASSETS / "classifier"
 TEACHER_DIR = ASSETS / "teacher"
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {num}",
+    "a drawing of the number {word}",
+    "number {num}",
+    "{word}",
+    "a {word} written by hand",
+    "handwritten digit {word}",
+    "an image of a {num}",
+)
+"""Caption phrasings of the text-to-image teacher's training data; the first is its test prompt."""
+
+
+def caption(label: int, template: int = 0) -> str:
+    """The prompt of ``TEMPLATES[template]`` for a digit label ("a handwritten seven")."""
+    return TEMPLATES[template % len(TEMPLATES)].format(word=DIGIT_WORDS[label], num=label)
+
+
 def digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 digits as float32 N x 1 x 16 x 16 in [-1, 1] and int64 labels.
 
@@ -69,8 +88,13 @@ def load_classifier() -> DigitsClassifier:
 
 @torch.no_grad()
 def features_and_predictions(images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Classifier features (float64) and predicted labels of images in [-1, 1], N x 1 x 16 x 16."""
+    """Classifier features (float64) and predicted labels of images in [-1, 1], N x 1 x 16 x 16
+    (larger one-channel images, the text-to-image teacher's 32 x 32, are area-resized to 16)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)).clamp(-1, 1)
+    if x.shape[1:] != (1, 16, 16):
+        if x.shape[1] != 1:
+            raise ValueError(f"FD-digits needs one-channel digit images, got {tuple(x.shape[1:])}")
+        x = nn.functional.interpolate(x, size=16, mode="area")
     clf = load_classifier()
     feats, preds = [], []
     for chunk in x.split(1024):
@@ -121,11 +145,26 @@ def generate(
     """n samples from a runtime and sampler plan, on the noise and labels ``accel sample`` uses:
     noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled. Images in [-1, 1].
     ``on_step`` sees the graph's feeds of every step (``accel.runtime.sample``)."""
-    from accel.runtime import sample
+    from accel.runtime import run_pipeline, sample
 
     noise = np.random.default_rng(seed).standard_normal((n, *plan.sample_shape)).astype(np.float32)
     labels = (np.arange(n) % num_classes).astype(np.int64) if num_classes else None
     step_noise = np.random.default_rng([seed, 1])  # for stochastic (consistency) steps
+    if plan.conditioning_kind == "text":  # digit prompts, labels 0..9 cycled
+        labels = (np.arange(n) % 10).astype(np.int64)
+        prompts = [caption(int(k)) for k in labels]
+        out = [
+            run_pipeline(
+                runtime,
+                plan,
+                noise[i : i + chunk],
+                prompts[i : i + chunk],
+                rng=step_noise,
+                on_step=on_step,
+            )
+            for i in range(0, n, chunk)
+        ]
+        return np.clip(np.concatenate(out), -1, 1), labels
     out = [
         sample(
             runtime,

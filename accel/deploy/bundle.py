@@ -76,6 +76,14 @@ def io_spec(engine: Artifact, store: Store, plan: SamplerPlan) -> dict[str, list
     return _plan_io(plan, names or ["sample", "timestep", "class_labels"])
 
 
+def component_io(engine: Artifact, store: Store, file: str) -> dict[str, list[dict]]:
+    """A pipeline component's interface, from the first ONNX file of that name in the lineage."""
+    for a in store.lineage(engine):
+        if (a.path / file).is_file():
+            return _onnx_io(a.path / file)
+    raise StageError("bundle", f"no ONNX graph {file} in the lineage of {engine.path}")
+
+
 def _profile_figures(store: Store, engine: Artifact) -> dict | None:
     """SingleStream/Offline figures of this engine from a profile report in the store, if any."""
     reports = []
@@ -218,6 +226,8 @@ def run(ctx: StageContext) -> None:
         if f.name != MANIFEST and f.is_file():
             shutil.copy(f, ctx.out / f.name)
     plan = SamplerPlan.load(ctx.out / PLAN_FILE)
+    for tok in plan.tokenizers:  # a pipeline's tokenizer folders
+        shutil.copytree(engine.path / tok["folder"], ctx.out / tok["folder"])
     library = BACKENDS[backend].library
     built_with = described.library_version
     t = ctx.target
@@ -257,7 +267,13 @@ def run(ctx: StageContext) -> None:
         latency=_profile_figures(ctx.store, engine),
         **io_spec(engine, ctx.store, plan),
     )
-    files = sorted(p.name for p in ctx.out.iterdir()) + [CARD_FILE]
+    if plan.components:  # each component's interface, from its graph in the lineage
+        ctx.info["components"] = {
+            role: component_io(engine, ctx.store, file) for role, file in plan.components.items()
+        }
+    files = sorted(p.relative_to(ctx.out).as_posix() for p in ctx.out.rglob("*") if p.is_file()) + [
+        CARD_FILE
+    ]
     (ctx.out / CARD_FILE).write_text(_card(config.name, ctx.info, plan, sorted(set(files))))
 
 

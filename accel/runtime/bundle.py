@@ -15,8 +15,8 @@ from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.hardware import cpu_info, gpu_info, jetson_model, names_gpu
 from accel.core.plan import SamplerPlan
-from accel.runtime.backends import backend, installed_versions, open_backend
-from accel.runtime.loop import Runtime, sample
+from accel.runtime.backends import backend, installed_versions
+from accel.runtime.loop import Runtime, run_pipeline
 
 
 class Bundle:
@@ -52,7 +52,8 @@ class Bundle:
                     f"its format is {info.get('format')!r}, not accel.deploy.bundle/1"
                 )
             engine_info = EngineInfo.from_dict(info.get("engine"), "its manifest")
-            needed = {engine_info.engine_file, PLAN_FILE}
+            plan = SamplerPlan.load(bundle.path / PLAN_FILE)
+            needed = {engine_info.engine_file, PLAN_FILE, *pipeline_files(plan, bundle.path)}
             unlisted = sorted((on_disk | needed) - set(bundle.files))
             if unlisted:
                 raise CheckpointError(f"files without a sha256 in manifest.json: {unlisted}")
@@ -71,8 +72,7 @@ class Bundle:
         if why:
             raise TargetMismatch(f"bundle {path} cannot run here: {why}")
         self.path, self.info = Path(path), info
-        self.plan = SamplerPlan.load(self.path / PLAN_FILE)
-        file = self.path / engine_info.engine_file
+        self.plan = plan
         engine = backend(engine_info.backend)
         if engine.name == "onnxruntime":
             import onnxruntime as ort
@@ -84,7 +84,9 @@ class Bundle:
                     f"onnxruntime build lacks (it has {ort.get_available_providers()}); install "
                     "the matching onnxruntime build"
                 )
-        self.runtime: Runtime = open_backend(file, engine_info)
+        from accel.runtime.engine import open_engines
+
+        self.runtime: Runtime = open_engines(self.path, engine_info, plan)
         self._lock: Any = contextlib.nullcontext() if engine.concurrent else threading.Lock()
         self.name = f"bundle:{self.runtime.name}"
 
@@ -95,20 +97,50 @@ class Bundle:
         with self._lock:
             return self.runtime.infer(feeds)
 
+    def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self.runtime.encode(prompts)  # type: ignore[attr-defined]
+
+    def null_conditioning(self) -> dict[str, np.ndarray] | None:
+        return getattr(self.runtime, "null_conditioning", lambda: None)()
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self.runtime.decode(latents)  # type: ignore[attr-defined]
+
     def sample(
-        self, noise: np.ndarray, labels: np.ndarray | None = None, seed: int | None = 0
+        self,
+        noise: np.ndarray,
+        labels: np.ndarray | None = None,
+        seed: int | None = 0,
+        prompts: list[str] | None = None,
     ) -> np.ndarray:
-        """Images (N x C x H x W, about [-1, 1]) from ``noise`` (N x C x H x W standard normal)
-        and class ``labels`` (int64, for class-conditional models); ``seed`` draws the fresh
-        noise of stochastic (consistency) steps."""
+        """Images (N x C x H x W, about [-1, 1]) from ``noise`` (N x sample_shape standard
+        normal: latents for a pipeline) and class ``labels`` (int64, for class-conditional
+        models) or ``prompts`` (one per image, for text-to-image pipelines, which decode the
+        latents); ``seed`` draws the fresh noise of stochastic (consistency) steps."""
         shape = tuple(self.plan.sample_shape)
-        if noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+        if noise.ndim != 1 + len(shape) or tuple(noise.shape[1:]) != shape:
             raise ValueError(f"noise must be N x {' x '.join(map(str, shape))}, got {noise.shape}")
         if self.plan.num_classes and labels is None:
             raise ValueError(f"this model is class-conditional: pass {len(noise)} labels")
+        if self.plan.conditioning_kind == "text" and (
+            prompts is None or len(prompts) != len(noise)
+        ):
+            raise ValueError(f"this model is text-to-image: pass {len(noise)} prompts")
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         rng = np.random.default_rng(seed)
-        return sample(self, self.plan, noise.astype(np.float32), labels, rng)
+        return run_pipeline(self, self.plan, noise.astype(np.float32), prompts, labels, rng)
+
+
+def pipeline_files(plan: SamplerPlan, root: Path) -> list[str]:
+    """The files of a pipeline besides the denoiser's engine and the plan, relative to ``root``:
+    component engines (and their external data), tokenizer files, the conditioning file."""
+    names = [*plan.components.values()]
+    names += [f"{t['folder']}/tokenizer.json" for t in plan.tokenizers]
+    names += [plan.conditioning_file] if plan.conditioning_file else []
+    data = [f"{n}.data" for n in plan.components.values() if (root / f"{n}.data").is_file()]
+    return names + data
 
 
 def _version(text: str | None) -> tuple[int, ...]:

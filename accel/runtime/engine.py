@@ -35,8 +35,24 @@ def open_engine(
             f"`accel compile ONNX_ARTIFACT --target {target.name}`"
         )
     info = EngineInfo.from_dict(engine.info, str(path))
-    runtime = open_backend(Path(path) / info.engine_file, info, spin)
-    return runtime, SamplerPlan.load(Path(path) / PLAN_FILE)
+    plan = SamplerPlan.load(Path(path) / PLAN_FILE)
+    return open_engines(Path(path), info, plan, spin), plan
+
+
+def open_engines(root: Path, info: EngineInfo, plan: SamplerPlan, spin: bool = True) -> Runtime:
+    """The denoiser engine of ``info`` in ``root`` and, for a pipeline, its other engines (the
+    same backend and options, their files named by the plan)."""
+    from dataclasses import replace
+
+    from accel.runtime.pipeline import open_pipeline
+
+    denoiser = open_backend(root / info.engine_file, info, spin)
+    return open_pipeline(
+        root,
+        plan,
+        denoiser,
+        lambda file: open_backend(root / file, replace(info, engine_file=file), spin),
+    )
 
 
 def open_runtime(

@@ -244,6 +244,25 @@ class ModelAdapter:
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    # The text path as the exporters see it (``export.pipeline_export``): tokenizers, then a
+    # graph from token ids to the prompt-dependent conditioning, then prompt-independent inputs.
+    tokenizer_names: ClassVar[tuple[str, ...]] = ()
+    """The tokenizers whose ids ``encode_tokens`` takes, in order (empty: no text export yet)."""
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of ``prompts``, one tensor per tokenizer of ``tokenizer_names``."""
+        raise NotImplementedError
+
+    def encode_tokens(self, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prompt-dependent conditioning from ``tokenize``'s ids: what a text-encoder graph
+        computes."""
+        raise NotImplementedError
+
+    def static_conditioning(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """The conditioning that does not depend on the prompt (SDXL's size micro-conditions, an
+        LCM student's w embedding), batch ``n``."""
+        return {}
+
     def null_conditioning(self, height: int, width: int) -> dict[str, torch.Tensor] | None:
         """The conditioning of the unconditional branch of classifier-free guidance, batch 1;
         default: the empty prompt's."""
@@ -306,18 +325,22 @@ def warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
             )
 
 
-def text_hidden(encoder, tokenizer, prompts: list[str]):
-    """``encoder``'s outputs (with hidden states) on ``prompts`` padded to the tokenizer's
-    ``model_max_length``, as the CLIP-conditioned pipelines tokenize (longer prompts truncated,
-    with a warning)."""
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """``prompts`` as the CLIP-conditioned pipelines tokenize them: padded to the tokenizer's
+    ``model_max_length``, longer prompts truncated (with a warning)."""
     warn_truncated(tokenizer, prompts, tokenizer.model_max_length)
-    ids = tokenizer(
+    return tokenizer(
         prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def text_hidden(encoder, tokenizer, prompts: list[str]):
+    """``encoder``'s outputs (with hidden states) on ``prompts`` tokenized by ``token_ids``."""
+    ids = token_ids(tokenizer, prompts)
     return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
 
 

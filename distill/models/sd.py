@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, text_hidden
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, token_ids
 
 
 class StableDiffusionAdapter(ModelAdapter):
@@ -81,28 +81,43 @@ class StableDiffusionAdapter(ModelAdapter):
         ws = torch.as_tensor(w, dtype=torch.float32).cpu().expand(n)
         return {"timestep_cond": guidance_scale_embedding(ws - 1.0, dim)}
 
+    @property
+    def tokenizer_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("tokenizer", "tokenizer_2") if self.xl else ("tokenizer",)
+
+    def tokenize(self, prompts):
+        return [token_ids(self.modules[name], prompts) for name in self.tokenizer_names]
+
+    def encode_tokens(self, ids):
+        encoders = [
+            self.modules["text_encoder" + n[len("tokenizer") :]] for n in self.tokenizer_names
+        ]
+        device = next(encoders[0].parameters()).device
+        outs = [
+            e(i.to(device), output_hidden_states=True) for e, i in zip(encoders, ids, strict=True)
+        ]
+        if not self.xl:
+            return {"encoder_hidden_states": outs[0].last_hidden_state.float()}
+        return {
+            "encoder_hidden_states": torch.cat([o.hidden_states[-2] for o in outs], -1).float(),
+            "text_embeds": outs[1].text_embeds.float(),
+        }
+
+    def static_conditioning(self, n, height, width):
+        scale = self.default_guidance if self.guidance_scale is None else self.guidance_scale
+        out = self.guidance_conditioning(scale, n)
+        if self.xl:
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+            out["time_ids"] = time_ids.expand(n, 6)
+        return out
+
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
             raise CheckpointError(f"{self.family} models are conditioned on prompts: give --prompt")
-        scale = self.default_guidance if self.guidance_scale is None else self.guidance_scale
-        if not self.xl:
-            out = text_hidden(self.modules["text_encoder"], self.modules["tokenizer"], prompts)
-            hidden = out.last_hidden_state.float()
-            return {
-                "encoder_hidden_states": hidden,
-                **self.guidance_conditioning(scale, len(prompts)),
-            }
-        hidden = []
-        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            out = text_hidden(self.modules[enc], self.modules[tok], prompts)
-            hidden.append(out.hidden_states[-2])
         h, w = (height, width) if height else self.default_resolution()
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
         return {
-            "encoder_hidden_states": torch.cat(hidden, dim=-1).float(),
-            "text_embeds": out.text_embeds.float(),
-            "time_ids": time_ids.expand(len(prompts), 6),
-            **self.guidance_conditioning(scale, len(prompts)),
+            **self.encode_tokens(self.tokenize(prompts)),
+            **self.static_conditioning(len(prompts), h, w),
         }
 
     def null_conditioning(self, height, width):

@@ -1,0 +1,152 @@
+"""A text-to-image pipeline of engines, run with numpy and no torch: prompt -> token ids (the
+``tokenizers`` library, from the ``tokenizer.json`` files the export stage wrote) -> text-encoder
+engine (its outputs cached per prompt) -> the denoiser engine in the sampler loop -> VAE-decoder
+engine -> images. The sampler plan names the files (``components``, ``tokenizers``,
+``conditioning_file``); ``PipelineEngines`` speaks the runtime interface the loop uses
+(``inputs``, ``infer``, ``encode``, ``null_conditioning``, ``decode``)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from accel.core.errors import CheckpointError
+from accel.core.plan import SamplerPlan
+from accel.runtime.loop import Runtime
+
+CACHE_PROMPTS = 1024  # text-encoder outputs kept per prompt (least recently used dropped)
+
+
+class PromptTokenizer:
+    """One ``tokenizer.json`` with the pipeline's padding and truncation: every prompt becomes
+    ``max_length`` ids, as the stock pipelines tokenize (``padding="max_length"``,
+    ``truncation=True``); a prompt that loses tokens is named in a warning."""
+
+    def __init__(self, folder: Path, max_length: int, pad_id: int) -> None:
+        from tokenizers import Tokenizer
+
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"tokenizer file not found: {file}; re-export the pipeline")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # the library raises a bare Exception on a corrupt file
+            raise CheckpointError(f"{file} is not a valid tokenizer: {str(e)[:200]}") from None
+        tok.enable_truncation(max_length)
+        tok.enable_padding(length=max_length, pad_id=pad_id)
+        self.tokenizer, self.max_length = tok, max_length
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        from accel.core.stage import say
+
+        encodings = self.tokenizer.encode_batch(prompts)
+        for prompt, enc in zip(prompts, encodings, strict=True):
+            if enc.overflowing:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                say(
+                    f"warning: the prompt {shown!r} is longer than the text encoder's "
+                    f"{self.max_length} tokens; the rest is dropped"
+                )
+        return np.array([e.ids for e in encodings], dtype=np.int64)
+
+
+class PipelineEngines:
+    """The denoiser's runtime plus the text-encoder and VAE-decoder runtimes, tokenizers and the
+    stored conditioning (prompt-independent inputs, the null branch) of a pipeline's plan."""
+
+    def __init__(
+        self, root: Path, plan: SamplerPlan, denoiser: Runtime, open_component: Callable
+    ) -> None:
+        missing = [r for r in ("text_encoder", "vae_decoder") if r not in plan.components]
+        if missing or not plan.tokenizers:
+            raise CheckpointError(
+                f"{root}: the sampler plan of this text-to-image pipeline names no "
+                f"{', '.join(missing) or 'tokenizers'}; re-export it"
+            )
+        self.plan, self.denoiser = plan, denoiser
+        self.tokenizers = [
+            (t["input"], PromptTokenizer(root / t["folder"], t["max_length"], t["pad_id"]))
+            for t in plan.tokenizers
+        ]
+        self.static: dict[str, np.ndarray] = {}
+        self.null: dict[str, np.ndarray] = {}
+        if plan.conditioning_file:
+            for key, value in _load_arrays(root / plan.conditioning_file).items():
+                kind, _, name = key.partition(".")
+                {"static": self.static, "null": self.null}[kind][name] = value
+        self.text: Runtime = open_component(plan.components["text_encoder"])
+        self.vae: Runtime = open_component(plan.components["vae_decoder"])
+        self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.name = f"pipeline:{denoiser.name}"
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        return self.denoiser.inputs()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.denoiser.infer(feeds)
+
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        return {name: tok(prompts) for name, tok in self.tokenizers}
+
+    def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """The denoiser's conditioning for ``prompts``: the text engine's outputs (computed once
+        per distinct prompt and cached), then the stored prompt-independent inputs."""
+        with self._lock:
+            new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if new:
+            out = self.text.infer(self.tokenize(new))
+            with self._lock:
+                for i, prompt in enumerate(new):
+                    self._cache[prompt] = {k: out[k][i : i + 1] for k in self.plan.text_outputs}
+                while len(self._cache) > CACHE_PROMPTS:
+                    self._cache.popitem(last=False)
+        with self._lock:
+            rows = [self._cache.get(p) for p in prompts]
+            for p in prompts:
+                if p in self._cache:
+                    self._cache.move_to_end(p)
+        if any(r is None for r in rows):  # evicted meanwhile by another caller: recompute
+            return self._encode_uncached(prompts)
+        cond = {k: np.concatenate([r[k] for r in rows]) for k in self.plan.text_outputs}  # type: ignore[index]
+        return self._with_static(cond, len(prompts))
+
+    def _encode_uncached(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        out = self.text.infer(self.tokenize(prompts))
+        return self._with_static({k: out[k] for k in self.plan.text_outputs}, len(prompts))
+
+    def _with_static(self, cond: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        for name, value in self.static.items():
+            cond[name] = np.ascontiguousarray(np.broadcast_to(value, (n, *value.shape[1:])))
+        return cond
+
+    def null_conditioning(self) -> dict[str, np.ndarray] | None:
+        return dict(self.null) or None
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.vae.infer({"latents": latents.astype(np.float32)})["images"]
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"conditioning file not found: {path}; re-export the pipeline")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def open_pipeline(
+    root: Path, plan: SamplerPlan, denoiser: Runtime, open_component: Callable[[str], Runtime]
+) -> Runtime:
+    """``denoiser`` alone, or with the pipeline's other engines where the plan names them."""
+    if not plan.components:
+        return denoiser
+    return PipelineEngines(root, plan, denoiser, open_component)

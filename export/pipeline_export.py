@@ -1,0 +1,336 @@
+"""ONNX export of a text-to-image pipeline, one graph per component (Stable Diffusion, SDXL):
+
+- ``text_encoder.onnx``: token ids of each tokenizer (``input_ids``, SDXL's ``input_ids_2``) ->
+  the prompt-dependent conditioning the family's adapter computes (``encode_tokens``: SD's last
+  hidden state; SDXL's two penultimate hidden states concatenated, and the second encoder's
+  projected pooled output ``text_embeds``);
+- ``model.onnx``: the denoiser graph (sample, timestep, conditioning by name: SDXL's
+  ``text_embeds`` and ``time_ids`` are inputs) -> x0;
+- ``vae_decoder.onnx``: latents -> images in [-1, 1], the VAE's scaling (and shift, latents
+  mean/std) inside the graph.
+
+Each component is exported with the dynamo exporter, falling back to the TorchScript one when it
+fails (the exporter used is recorded per component), with a dynamic batch (and height/width from
+a target with a resolution range), weights as external data above 1 GiB, and is proved against
+torch by onnxruntime with its optimisations off and on. The tokenizers are written as
+``tokenizer.json`` files that the ``tokenizers`` library reads without torch, and checked to give
+the ids the pipeline's own tokenizers give; ``conditioning.safetensors`` holds the
+prompt-independent inputs (``static.*``: SDXL's size micro-conditions, an LCM student's w
+embedding) and classifier-free guidance's null branch (``null.*``). The sampler plan names all of
+it (``components``, ``tokenizers``, ``text_outputs``, ``conditioning_file``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from accel.core.errors import StageError
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.stage import StageContext
+
+TEXT_FILE = "text_encoder.onnx"
+VAE_FILE = "vae_decoder.onnx"
+COND_FILE = "conditioning.safetensors"
+PROMPTS = [
+    "a handwritten seven",
+    "",
+    "an astronaut riding a horse, " * 12,  # past CLIP's 77 tokens: truncated
+    "Ünïcödé prompt ☃ with 123 digits",
+]
+
+
+class TextGraph(nn.Module):
+    """Token ids (one tensor per tokenizer) -> the adapter's prompt-dependent conditioning, as a
+    tuple in ``names`` order."""
+
+    def __init__(self, adapter, names: list[str]) -> None:
+        super().__init__()
+        self.adapter, self.names = adapter, names
+        encoders = [
+            adapter.modules["text_encoder" + n[len("tokenizer") :]] for n in adapter.tokenizer_names
+        ]
+        self.encoders = nn.ModuleList(encoders)  # registered, so the exporter sees the weights
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None):
+        ids = [input_ids] if input_ids_2 is None else [input_ids, input_ids_2]
+        out = self.adapter.encode_tokens(ids)
+        return tuple(out[n] for n in self.names)
+
+
+class DecodeGraph(nn.Module):
+    """Latents (the sampler's layout) -> images in [-1, 1]: the adapter's ``decode``."""
+
+    def __init__(self, adapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.vae = adapter.modules["vae"]
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.adapter.decode(latents)
+
+
+class ModuleRuntime:
+    """torch eager on a component graph, numpy in and out (the parity reference)."""
+
+    def __init__(self, module: nn.Module, outputs: list[str], name: str) -> None:
+        self.module, self.outputs, self.name = module.eval(), outputs, f"torch-eager:{name}"
+
+    def inputs(self) -> dict:
+        return {}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = self.module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: o.float().numpy() for n, o in zip(self.outputs, out, strict=True)}
+
+
+def tokenizer_entries(adapter) -> list[dict]:
+    inputs = ["input_ids", "input_ids_2"]
+    return [
+        {
+            "folder": name,
+            "input": inputs[i],
+            "max_length": int(adapter.modules[name].model_max_length),
+            "pad_id": int(adapter.modules[name].pad_token_id),
+        }
+        for i, name in enumerate(adapter.tokenizer_names)
+    ]
+
+
+def write_tokenizers(adapter, out: Path) -> list[dict]:
+    """Each tokenizer as ``NAME/tokenizer.json`` (a slow tokenizer converted to the fast form),
+    checked to give the pipeline tokenizer's ids on ``PROMPTS``."""
+    from accel.runtime.pipeline import PromptTokenizer
+
+    entries = tokenizer_entries(adapter)
+    for entry in entries:
+        tok = adapter.modules[entry["folder"]]
+        (out / entry["folder"]).mkdir()
+        file = out / entry["folder"] / "tokenizer.json"
+        if getattr(tok, "is_fast", False):
+            tok.backend_tokenizer.save(str(file))
+        else:
+            from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+            convert_slow_tokenizer(tok).save(str(file))
+    ours = {}
+    for e in entries:
+        ours[e["input"]] = PromptTokenizer(out / e["folder"], e["max_length"], e["pad_id"])
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):  # the long prompt's truncation warnings
+        theirs = [ids.numpy() for ids in adapter.tokenize(PROMPTS)]
+        mine = [ours[e["input"]](PROMPTS) for e in entries]
+    for e, a, b in zip(entries, theirs, mine, strict=True):
+        if a.shape != b.shape or not (a == b).all():
+            raise StageError(
+                "onnx",
+                f"{e['folder']}/tokenizer.json tokenizes differently from the pipeline's "
+                f"{type(adapter.modules[e['folder']]).__name__}; this tokenizer cannot be exported",
+            )
+    return entries
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of an exporter failure: torch.onnx wraps torch.export's error (for
+    example diffusers' UNets, whose Upsample2D guard caps a dynamic batch at 63) in a generic
+    one."""
+    while e.__cause__ is not None and "torch.export" in str(e):
+        e = e.__cause__
+    return " ".join(str(e).split())[:300]
+
+
+def export_component(
+    ctx: StageContext,
+    name: str,
+    module: nn.Module,
+    file: str,
+    feeds: dict[str, np.ndarray],
+    outputs: list[str],
+    opset: int,
+    spatial,
+    parity_feeds: list[dict[str, np.ndarray]],
+) -> dict:
+    """Export ``module`` to ``ctx.out / file`` with the dynamo exporter, else the TorchScript one,
+    and prove parity; the figures for the stage's metrics."""
+    from export.onnx_export import onnx_from_torch, onnx_parity
+
+    path = ctx.out / file
+    tried: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for exporter in ("dynamo", "legacy"):
+        ctx.progress(f"onnx: exporting the {name} ({exporter} exporter, opset {opset})")
+        try:
+            onnx_from_torch(
+                module,
+                path,
+                opset,
+                dynamo=exporter == "dynamo",
+                inputs=feeds,
+                output=outputs,
+                spatial=spatial,
+            )
+            break
+        except Exception as e:  # each exporter fails in its own exception types
+            tried[exporter] = _reason(e)
+            for leftover in ctx.out.glob(file + "*"):
+                leftover.unlink()
+    else:
+        raise StageError(
+            "onnx",
+            f"neither exporter exports the {name}: "
+            + "; ".join(f"{k}: {v}" for k, v in tried.items()),
+        )
+    seconds = time.perf_counter() - t0
+    report = onnx_parity(path, ModuleRuntime(module, outputs, name), parity_feeds)
+    return {
+        "exporter": exporter,
+        "failed_exporters": tried,
+        "export_seconds": seconds,
+        "parity": report,
+        "onnx_bytes": sum(p.stat().st_size for p in ctx.out.glob(file + "*")),
+    }
+
+
+def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial) -> None:
+    """The onnx stage for a text-to-image pipeline (see the module docstring)."""
+    from safetensors.numpy import save_file
+
+    from accel.runtime import step_feeds
+    from export.onnx_export import MODEL_FILE
+    from export.torch_runtime import PipelineRuntime
+
+    adapter = graph.adapter
+    if not adapter.tokenizer_names or "vae" not in adapter.modules:
+        raise StageError(
+            "onnx", f"{adapter.family} pipelines do not export yet (text encoder or VAE missing)"
+        )
+    if config.fused_sampler:
+        raise StageError(
+            "onnx",
+            "fused_sampler exports pixel-space models only; drop it for a text-to-image pipeline",
+        )
+    h, w = plan.resolution or adapter.default_resolution()
+    torch_rt = PipelineRuntime(graph, (h, w))
+    rng = np.random.default_rng(0)
+    metrics: dict[str, dict] = {}
+
+    # the text encoder
+    entries = write_tokenizers(adapter, ctx.out)
+    names = list(adapter.encode_tokens(adapter.tokenize([""])))
+    text = TextGraph(adapter, names)
+
+    def tokens(prompts: list[str]) -> dict[str, np.ndarray]:
+        ids = adapter.tokenize(prompts)
+        return {e["input"]: i.numpy() for e, i in zip(entries, ids, strict=True)}
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        text_feeds = [tokens(PROMPTS[:1]), tokens(PROMPTS[1:])]
+    metrics["text_encoder"] = export_component(
+        ctx, "text encoder", text, TEXT_FILE, tokens(PROMPTS[:2]), names, config.opset, None,
+        text_feeds,
+    )  # fmt: skip
+
+    # the denoiser
+    def denoiser_feeds(n: int, seed: int) -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((n, *plan.sample_shape)).astype(np.float32)
+        prompts = [PROMPTS[i % 2] for i in range(n)]
+        t = np.array([s.timestep for s in plan.steps], np.int64)
+        return step_feeds(plan, x, np.resize(t, n), torch_rt.encode(prompts), null)
+
+    null = torch_rt.null_conditioning()
+    den_feeds = [denoiser_feeds(b, i) for i, b in enumerate(config.parity_batch_sizes)]
+    metrics["denoiser"] = export_component(
+        ctx, f"denoiser ({type(graph.backbone).__name__})", graph, MODEL_FILE,
+        denoiser_feeds(2, 7), ["x0"], config.opset, spatial, den_feeds,
+    )  # fmt: skip
+
+    # the VAE decoder
+    vae = DecodeGraph(adapter)
+    vae_spatial = None if spatial is None else (spatial[0], spatial[1], spatial[2])
+    latents = [
+        {"latents": rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)}
+        for b in config.parity_batch_sizes
+    ]
+    metrics["vae_decoder"] = export_component(
+        ctx, "VAE decoder", vae, VAE_FILE, latents[0], ["images"], config.opset, vae_spatial,
+        latents,
+    )  # fmt: skip
+
+    # prompt-independent conditioning and the null branch
+    with torch.inference_mode():
+        static = adapter.static_conditioning(1, h, w)
+    arrays = {f"static.{k}": v.float().numpy() for k, v in static.items()}
+    arrays.update({f"null.{k}": np.ascontiguousarray(v) for k, v in (null or {}).items()})
+    if arrays:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(ctx.out / COND_FILE))
+    plan = replace(
+        plan,
+        components={"text_encoder": TEXT_FILE, "vae_decoder": VAE_FILE},
+        tokenizers=entries,
+        text_outputs=names,
+        conditioning_file=COND_FILE if arrays else None,
+    )
+    plan.save(ctx.out / PLAN_FILE)
+    ctx.metrics.update(
+        components=metrics,
+        export_seconds=sum(m["export_seconds"] for m in metrics.values()),
+        parity=metrics["denoiser"]["parity"],
+        onnx_bytes=sum(p.stat().st_size for p in ctx.out.rglob("*") if p.is_file()),
+    )
+    ctx.info.update(
+        pipeline=True,
+        exporters={k: m["exporter"] for k, m in metrics.items()},
+        resolution=[h, w],
+    )
+
+
+def copy_pipeline_files(src: Path, dst: Path, plan: SamplerPlan, components: bool = True) -> None:
+    """A pipeline's files besides the denoiser's graph and the plan, from ``src`` to ``dst``: the
+    tokenizer folders, the conditioning file and, with ``components``, the component graphs
+    with their external data."""
+    import shutil
+
+    for tok in plan.tokenizers:
+        shutil.copytree(src / tok["folder"], dst / tok["folder"])
+    if plan.conditioning_file:
+        shutil.copy(src / plan.conditioning_file, dst / plan.conditioning_file)
+    if components:
+        for file in plan.components.values():
+            for part in src.glob(file + "*"):
+                shutil.copy(part, dst / part.name)
+
+
+def component_feeds(root: Path, plan: SamplerPlan, batches: list[int], seed: int = 0) -> dict:
+    """Parity feeds of each component graph of the pipeline in ``root``: the prompts' token ids
+    (``tokenizer.json`` files, as the runtime tokenizes) and Gaussian latents, per batch size."""
+    from accel.runtime.pipeline import PromptTokenizer
+
+    rng = np.random.default_rng(seed)
+    prompts = ["a handwritten seven", "", "a photo of a cat"]
+    tokenizers = [
+        (t["input"], PromptTokenizer(root / t["folder"], t["max_length"], t["pad_id"]))
+        for t in plan.tokenizers
+    ]
+    return {
+        "text_encoder": [
+            {name: tok([prompts[i % 3] for i in range(b)]) for name, tok in tokenizers}
+            for b in batches
+        ],
+        "vae_decoder": [
+            {"latents": rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)}
+            for b in batches
+        ],
+    }
