@@ -61,6 +61,12 @@ class QuantizeConfig(StageConfig):
     """Op types to quantize; default: Conv, MatMul, Gemm for ort_int8, modelopt's own choice."""
     high_precision_dtype: Literal["fp32", "fp16"] = "fp32"
     """modelopt only: the dtype of what stays unquantized (fp16 suits GPU targets)."""
+    components: list[Literal["denoiser", "text_encoder", "vae_decoder"]] = Field(
+        ["denoiser"], min_length=1
+    )
+    """A pipeline's graphs to quantize (the others are kept as they are); each calibrates on
+    what it sees while the pipeline samples: the denoiser on its step feeds, the text encoder
+    on the prompts' token ids, the VAE decoder on the final latents."""
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")
@@ -73,12 +79,45 @@ class QuantizeConfig(StageConfig):
 
 
 def calibration_feeds(runtime, plan: SamplerPlan, n: int, seed: int) -> list[dict]:
-    """The graph's feeds at every step of ``plan`` while ``runtime`` samples n images."""
+    """The denoiser graph's feeds at every step of ``plan`` while ``runtime`` samples n images."""
+    return component_calibration_feeds(runtime, plan, n, seed)["denoiser"]
+
+
+def component_calibration_feeds(
+    runtime, plan: SamplerPlan, n: int, seed: int
+) -> dict[str, list[dict]]:
+    """Per graph, its feeds while ``runtime`` samples n images with ``plan``: the denoiser's at
+    every step and, for a pipeline, the text encoder's token ids and the VAE decoder's
+    latents."""
     from accel.demo.digits import generate
 
-    feeds: list[dict] = []
-    generate(runtime, plan, n, seed, plan.num_classes, chunk=64, on_step=feeds.append)
+    feeds: dict[str, list[dict]] = {"denoiser": [], "text_encoder": [], "vae_decoder": []}
+    if plan.components:  # record what the component engines are given
+        text, vae = runtime.text, runtime.vae
+        runtime.text = _Recorder(text, feeds["text_encoder"])
+        runtime.vae = _Recorder(vae, feeds["vae_decoder"])
+    try:
+        generate(
+            runtime, plan, n, seed, plan.num_classes, chunk=64, on_step=feeds["denoiser"].append
+        )
+    finally:
+        if plan.components:
+            runtime.text, runtime.vae = text, vae
     return feeds
+
+
+class _Recorder:
+    """A runtime that notes every feed it is given."""
+
+    def __init__(self, runtime, log: list) -> None:
+        self.runtime, self.log, self.name = runtime, log, runtime.name
+
+    def inputs(self):
+        return self.runtime.inputs()
+
+    def infer(self, feeds):
+        self.log.append(feeds)
+        return self.runtime.infer(feeds)
 
 
 def count_ops(path: Path) -> Counter:
@@ -177,9 +216,8 @@ def _modelopt_onnx_ptq(
 
 def run(ctx: StageContext) -> None:
     config: QuantizeConfig = ctx.config  # type: ignore[assignment]
-    import onnx
-
     from accel.runtime import OrtRuntime
+    from accel.runtime.pipeline import open_pipeline
 
     src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
@@ -190,22 +228,81 @@ def run(ctx: StageContext) -> None:
             "steps), or export the fused sampler from a quantize_torch student",
         )
     try:
-        parent = OrtRuntime(src)
+        denoiser = OrtRuntime(src)
+        parent = open_pipeline(
+            ctx.input.path, plan, denoiser, lambda f: OrtRuntime(ctx.input.path / f)
+        )
     except CheckpointError as e:
         raise StageError("quantize", str(e)) from None
+    files = {"denoiser": MODEL_FILE, **plan.components}
+    unknown = [c for c in config.components if c not in files]
+    if unknown:
+        raise StageError(
+            "quantize",
+            f"this graph has no {', '.join(unknown)} (it has {', '.join(files)}); "
+            "set components accordingly",
+        )
     ctx.progress(
-        f"quantize: calibrating {config.method} on the sampling trajectories of "
-        f"{config.calibration_samples} images ({len(plan.steps)} steps each)"
+        f"quantize: calibrating {config.method} of the {', '.join(config.components)} on the "
+        f"sampling of {config.calibration_samples} images ({len(plan.steps)} steps each)"
     )
-    feeds = calibration_feeds(parent, plan, config.calibration_samples, config.calibration_seed)
-    feeds = [{k: v for k, v in f.items() if k in parent.inputs()} for f in feeds]
+    feeds_of = component_calibration_feeds(
+        parent, plan, config.calibration_samples, config.calibration_seed
+    )
+    if plan.components:
+        from export.pipeline_export import copy_pipeline_files
+
+        keep = [r for r in plan.components if r not in config.components]
+        copy_pipeline_files(ctx.input.path, ctx.out, plan, keep)
     t0 = time.perf_counter()
-    # quantizers write scratch files beside their inputs and into the working directory
+    qdq: dict[str, int] = {}
+    for component in config.components:
+        file = files[component]
+        graph = OrtRuntime(ctx.input.path / file)
+        feeds = [{k: v for k, v in f.items() if k in graph.inputs()} for f in feeds_of[component]]
+        ops = quantize_graph(ctx.input.path, ctx.out, file, feeds, config)
+        if not all(ops[op] for op in QDQ_OPS):
+            raise StageError(
+                "quantize",
+                f"{config.method} inserted no Q/DQ nodes in the {component} (op types asked: "
+                f"{config.op_types}); check op_types against the graph's op types",
+            )
+        qdq[component] = ops[QDQ_OPS[0]]
+    quantize_s = time.perf_counter() - t0
+    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
+    fp8 = config.method == "modelopt_fp8"
+    try:  # FP8 Q/DQ: onnxruntime's CPU optimisers cannot fold them
+        quantized = open_pipeline(
+            ctx.out,
+            plan,
+            OrtRuntime(ctx.out / MODEL_FILE, optimize=not fp8),
+            lambda f: OrtRuntime(ctx.out / f, optimize=not fp8),
+        )
+    except CheckpointError as e:
+        raise StageError("quantize", f"the quantized graph does not load: {e}") from None
+    gate = quality_gate("quantize", config.gate, (parent, plan), (quantized, plan), ctx.progress)
+    ctx.metrics.update(quantize_seconds=quantize_s, quality_gate=gate, qdq_nodes=sum(qdq.values()))
+    ctx.info.update(
+        precision="fp8" if fp8 else "int8",
+        quantizer=config.method,
+        calibration_feeds=len(feeds_of["denoiser"]),
+    )
+    if plan.components:
+        ctx.info["quantized_components"] = list(config.components)
+
+
+def quantize_graph(src_dir: Path, out_dir: Path, file: str, feeds: list[dict], config) -> Counter:
+    """Quantize ``src_dir / file`` into ``out_dir / file`` (with its external data), in a scratch
+    directory (quantizers write scratch files beside their inputs and into the working
+    directory); the quantized graph's op counts."""
+    import onnx
+
+    src_dir, out_dir = src_dir.resolve(), out_dir.resolve()  # the scratch directory is the cwd
     with tempfile.TemporaryDirectory(prefix="accel-quantize-") as tmp, contextlib.chdir(tmp):
-        scratch = Path(tmp) / MODEL_FILE
-        for f in ctx.input.path.glob(MODEL_FILE + "*"):  # the graph and its external data
+        scratch = Path(tmp) / file
+        for f in src_dir.glob(file + "*"):  # the graph and its external data
             shutil.copy(f, Path(tmp) / f.name)
-        out = Path(tmp) / "quantized" / MODEL_FILE
+        out = Path(tmp) / "quantized" / file
         out.parent.mkdir()
         try:
             if config.method == "ort_int8":
@@ -232,29 +329,9 @@ def run(ctx: StageContext) -> None:
                 "quantize", f"{config.method} needs a package that is not installed: {e}"
             ) from None
         for f in out.parent.iterdir():
-            shutil.move(f, ctx.out / f.name)
-    quantize_s = time.perf_counter() - t0
-    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
-    onnx.checker.check_model(str(ctx.out / MODEL_FILE))
-    ops = count_ops(ctx.out / MODEL_FILE)
-    if not all(ops[op] for op in QDQ_OPS):
-        raise StageError(
-            "quantize",
-            f"{config.method} inserted no Q/DQ nodes (op types asked: {config.op_types}); "
-            "check op_types against the graph's op types",
-        )
-    fp8 = config.method == "modelopt_fp8"
-    try:  # FP8 Q/DQ: onnxruntime's CPU optimisers cannot fold them
-        quantized = OrtRuntime(ctx.out / MODEL_FILE, optimize=not fp8)
-    except CheckpointError as e:
-        raise StageError("quantize", f"the quantized graph does not load: {e}") from None
-    gate = quality_gate("quantize", config.gate, (parent, plan), (quantized, plan), ctx.progress)
-    ctx.metrics.update(quantize_seconds=quantize_s, quality_gate=gate, qdq_nodes=ops[QDQ_OPS[0]])
-    ctx.info.update(
-        precision="fp8" if fp8 else "int8",
-        quantizer=config.method,
-        calibration_feeds=len(feeds),
-    )
+            shutil.move(f, out_dir / f.name)
+    onnx.checker.check_model(str(out_dir / file))
+    return count_ops(out_dir / file)
 
 
 STAGE = Stage(

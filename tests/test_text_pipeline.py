@@ -175,3 +175,28 @@ def test_a_damaged_pipeline_bundle_is_one_line(damage, built, tmp_path, monkeypa
     assert code != 0 and "Traceback" not in err and match in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_quantize_picks_components(built, tmp_path, monkeypatch, capsys):
+    """INT8 of the denoiser and the VAE decoder, each calibrated on what it sees while the
+    pipeline samples; the text encoder is kept byte for byte."""
+    from export.quantize_onnx import count_ops
+
+    out = tmp_path / "q"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "quantize", built["sd"]["onnx"], "--calibration-samples", 4,
+        "--components", '["denoiser", "vae_decoder"]',
+        "--gate", "{ samples = 4, seeds = [0], threshold = 1.0 }",
+        "--out", out, "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code == 0, err
+    src = built["sd"]["onnx"]
+    assert (out / "text_encoder.onnx").read_bytes() == (src / "text_encoder.onnx").read_bytes()
+    for file in ("model.onnx", "vae_decoder.onnx"):
+        assert count_ops(out / file)["QuantizeLinear"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["info"]["quantized_components"] == ["denoiser", "vae_decoder"]
+    code, _, err = run_cli(
+        monkeypatch, capsys, "quantize", src, "--components", '["unet"]', "--out", tmp_path / "x"
+    )
+    assert code != 0 and "components" in err and "Traceback" not in err
