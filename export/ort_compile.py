@@ -174,7 +174,8 @@ def run(ctx: StageContext) -> None:
     precision = "fp16" if fp16 else "fp32"
     component_reports = {}
     if plan.components:  # a pipeline: the text encoder and VAE decoder too, each with parity
-        from export.pipeline_export import component_feeds, copy_pipeline_files
+        from accel.runtime.pipeline import copy_pipeline_files
+        from export.pipeline_export import component_feeds
 
         copy_pipeline_files(ctx.input.path, ctx.out, plan, [] if cpu else None)
         feeds_of = component_feeds(ctx.input.path, plan, batches)

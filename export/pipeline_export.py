@@ -297,24 +297,6 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     )
 
 
-def copy_pipeline_files(
-    src: Path, dst: Path, plan: SamplerPlan, roles: list[str] | None = None
-) -> None:
-    """A pipeline's files besides the denoiser's graph and the plan, from ``src`` to ``dst``: the
-    tokenizer folders, the conditioning file and the component graphs of ``roles`` (default:
-    all) with their external data."""
-    import shutil
-
-    for tok in plan.tokenizers:
-        shutil.copytree(src / tok["folder"], dst / tok["folder"])
-    if plan.conditioning_file:
-        shutil.copy(src / plan.conditioning_file, dst / plan.conditioning_file)
-    for role, file in plan.components.items():
-        if roles is None or role in roles:
-            for part in src.glob(file + "*"):
-                shutil.copy(part, dst / part.name)
-
-
 def component_feeds(root: Path, plan: SamplerPlan, batches: list[int], seed: int = 0) -> dict:
     """Parity feeds of each component graph of the pipeline in ``root``: the prompts' token ids
     (``tokenizer.json`` files, as the runtime tokenizes) and Gaussian latents, per batch size."""

@@ -250,7 +250,7 @@ def run(ctx: StageContext) -> None:
         parent, plan, config.calibration_samples, config.calibration_seed
     )
     if plan.components:
-        from export.pipeline_export import copy_pipeline_files
+        from accel.runtime.pipeline import copy_pipeline_files
 
         keep = [r for r in plan.components if r not in config.components]
         copy_pipeline_files(ctx.input.path, ctx.out, plan, keep)

@@ -257,7 +257,8 @@ def fake_pb_utils(repo: Path):
         def exec(self):
             if self.model_name not in session:
                 config = parse(repo / self.model_name / "config.pbtxt")
-                ort = OrtRuntime(repo / self.model_name / "1" / "model.onnx")
+                file = config.default_model_filename or "model.onnx"
+                ort = OrtRuntime(repo / self.model_name / "1" / file)
                 session[self.model_name] = (config, ort)
             config, ort = session[self.model_name]
             feeds = {}

@@ -200,3 +200,59 @@ def test_quantize_picks_components(built, tmp_path, monkeypatch, capsys):
         monkeypatch, capsys, "quantize", src, "--components", '["unet"]', "--out", tmp_path / "x"
     )
     assert code != 0 and "components" in err and "Traceback" not in err
+
+
+def test_triton_pipeline_repository(built, tmp_path, monkeypatch, capsys):
+    """Four models: text encoder, denoiser and VAE decoder engines, and the Python-backend model
+    that tokenizes and runs the loop through BLS; configs parse with Triton's schema, and the BLS
+    model (with a stand-in of Triton's Python backend) draws what the bundle draws."""
+    import importlib.util
+    import types
+
+    from google.protobuf import json_format
+    from test_bundle import FakeTensor, fake_pb_utils, parse
+
+    from accel.runtime import Bundle
+
+    repo = tmp_path / "repo"
+    code, _, err = run_cli(monkeypatch, capsys, "deploy", "triton", built["sdxl"]["bundle"],
+                           "--out", repo)  # fmt: skip
+    assert code == 0, err
+    name = "accel-model"
+    configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
+    assert set(configs) == {
+        name,
+        *(f"{name}_{r}" for r in ("text_encoder", "denoiser", "vae_decoder")),
+    }
+    text = configs[f"{name}_text_encoder"]
+    assert [i.name for i in text.input] == ["input_ids", "input_ids_2"]
+    assert [o.name for o in text.output] == ["encoder_hidden_states", "text_embeds"]
+    assert text.default_model_filename == "text_encoder.onnx" and text.max_batch_size == 64
+    assert configs[f"{name}_denoiser"].max_batch_size == 128  # the guided batch, doubled
+    bls = configs[name]
+    assert [i.name for i in bls.input][:2] == ["noise", "prompt"]
+    assert bls.input[1].data_type == 13  # TYPE_STRING
+    assert (repo / name / "1" / "tokenizer_2" / "tokenizer.json").is_file()
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(repo))
+    spec = importlib.util.spec_from_file_location("bls_model", repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = json_format.MessageToJson(bls, preserving_proto_field_name=True)
+    model.initialize({"model_repository": str(repo / name), "model_version": "1",
+                      "model_config": config})  # fmt: skip
+    bundle = Bundle(built["sdxl"]["bundle"])
+    noise = np.random.default_rng(5).standard_normal((2, *bundle.plan.sample_shape))
+    noise = noise.astype(np.float32)
+    prompts = np.array([p.encode() for p in PROMPTS], dtype=object)
+    request = types.SimpleNamespace(
+        inputs=[FakeTensor("noise", noise), FakeTensor("prompt", prompts)]
+    )
+    (response,) = model.execute([request])
+    assert response.error is None, response.error
+    np.testing.assert_allclose(
+        response.output_tensors[0].as_numpy(), bundle.sample(noise, prompts=PROMPTS), atol=1e-6
+    )
+    no_prompt = types.SimpleNamespace(inputs=[FakeTensor("noise", noise)])
+    assert "prompt" in model.execute([no_prompt])[0].error

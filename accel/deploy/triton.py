@@ -5,7 +5,11 @@ and model_configuration.md):
 - a fused-sampler bundle becomes one model: noise (+ labels, + step noise) in, images out;
 - a per-step bundle becomes two: ``<name>_denoiser``, the engine, with dynamic batching, and
   ``<name>``, a Python-backend model (``accel/deploy/triton_bls.py``) that runs the sampler loop over it
-  through business-logic scripting.
+  through business-logic scripting;
+- a text-to-image pipeline bundle becomes four: ``<name>_text_encoder``, ``<name>_denoiser`` and
+  ``<name>_vae_decoder``, each an engine with dynamic batching, and ``<name>``, the Python-backend
+  model that tokenizes the prompts (the bundle's ``tokenizer.json`` files beside it) and runs text
+  encoder, sampler loop and VAE decoder through BLS: prompt and noise in, images out.
 
 The engine model uses the onnxruntime backend for ONNX bundles and ``tensorrt_plan`` (with
 ``cc_model_filenames`` naming the plan per compute capability) for TensorRT bundles. Batch limits
@@ -24,7 +28,7 @@ from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.runtime.backends import backend
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
-                "int32": "TYPE_INT32", "bfloat16": "TYPE_BF16"}  # fmt: skip
+                "int32": "TYPE_INT32", "bfloat16": "TYPE_BF16", "string": "TYPE_STRING"}  # fmt: skip
 BLS_FILE = Path(__file__).with_name("triton_bls.py")
 MARKER = ".accel-triton-repository"
 """Written into every repository this module fills: `accel deploy triton` replaces only those."""
@@ -52,7 +56,9 @@ def _instances(info: dict, count: int) -> str:
     return f"instance_group [ {{ count: {count} kind: {kind} }} ]"
 
 
-def _engine_config(name: str, info: dict, batch_factor: int, count: int, delay_us: int) -> str:
+def _engine_config(
+    name: str, info: dict, batch_factor: int, count: int, delay_us: int, file: str | None = None
+) -> str:
     b = info["target"]["batch"]
     lines = [f'name: "{name}"']
     triton = backend(info["backend"]).triton
@@ -61,7 +67,7 @@ def _engine_config(name: str, info: dict, batch_factor: int, count: int, delay_u
             f"Triton has no backend for {info['backend']} bundles; bundle an onnxruntime or "
             "TensorRT engine (`accel compile --backend ort|tensorrt`)"
         )
-    file = "model" + backend(info["backend"]).suffix
+    file = file or "model" + backend(info["backend"]).suffix
     if triton == "tensorrt_plan":  # a platform, with one plan per compute capability
         cc = info["target"]["compute_capability"]
         lines += [
@@ -93,10 +99,29 @@ def _engine_config(name: str, info: dict, batch_factor: int, count: int, delay_u
 
 
 def _bls_config(
-    name: str, denoiser: str, info: dict, plan: SamplerPlan, count: int, max_batch: int
+    name: str,
+    denoiser: str,
+    info: dict,
+    plan: SamplerPlan,
+    count: int,
+    max_batch: int,
+    components: dict[str, str] | None = None,
 ) -> str:
-    image = ["batch", *plan.sample_shape]
-    inputs = [_tensor({"name": "noise", "dtype": "float32", "shape": image}, batched=False)]
+    noise = ["batch", *plan.sample_shape]
+    image = noise
+    inputs = [_tensor({"name": "noise", "dtype": "float32", "shape": noise}, batched=False)]
+    params = []
+    if components:  # a pipeline: prompts in, decoded images out
+        inputs.append(_tensor({"name": "prompt", "dtype": "string", "shape": ["batch"]}, False))
+        image = info["components"]["vae_decoder"]["outputs"][0]["shape"]
+        params = [
+            f'parameters {{ key: "{role}_model" value: {{ string_value: "{model}" }} }}'
+            for role, model in components.items()
+        ]
+        params.append(
+            f'parameters {{ key: "component_max_batch" value: '
+            f'{{ string_value: "{info["target"]["batch"]["max"]}" }} }}'
+        )
     if plan.num_classes:
         spec = {"name": "class_labels", "dtype": "int64", "shape": ["batch"]}
         inputs.append(_tensor(spec, batched=False))
@@ -118,6 +143,7 @@ def _bls_config(
                 f'parameters {{ key: "denoiser_model" value: {{ string_value: "{denoiser}" }} }}',
                 f'parameters {{ key: "denoiser_inputs" value: {{ string_value: "{graph_inputs}" }} }}',
                 f'parameters {{ key: "denoiser_max_batch" value: {{ string_value: "{max_batch}" }} }}',
+                *params,
             ]
         )
         + "\n"
@@ -154,12 +180,26 @@ def triton_repository(
     )
     if info["fused"]:
         return [engine_name]
+    components: dict[str, str] = {}
+    for role, file in plan.components.items():  # a pipeline's other engines
+        model = components[role] = f"{name}_{role}"
+        (out / model / "1").mkdir(parents=True)
+        for f in bundle.path.glob(file + "*"):  # names kept: the graph names its external data
+            shutil.copy(f, out / model / "1" / f.name)
+        io = info["components"][role]
+        (out / model / "config.pbtxt").write_text(
+            _engine_config(model, dict(info, **io), 1, instances, max_queue_delay_us, file)
+        )
     bls = out / name / "1"
     bls.mkdir(parents=True)
     shutil.copy(BLS_FILE, bls / "model.py")
     shutil.copy(bundle.path / PLAN_FILE, bls / PLAN_FILE)
+    if plan.components:  # the BLS model tokenizes and adds the stored conditioning itself
+        from accel.runtime.pipeline import copy_pipeline_files
+
+        copy_pipeline_files(bundle.path, bls, plan, roles=[])
     max_batch = info["target"]["batch"]["max"] * factor
     (out / name / "config.pbtxt").write_text(
-        _bls_config(name, engine_name, info, plan, instances, max_batch)
+        _bls_config(name, engine_name, info, plan, instances, max_batch, components)
     )
-    return [name, engine_name]
+    return [name, engine_name, *components.values()]
