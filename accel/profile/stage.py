@@ -8,6 +8,7 @@ the teacher's own DDIM at the student's step count.
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime
 from typing import Literal
@@ -21,8 +22,10 @@ from accel.core.stage import Stage, StageConfig, StageContext
 Scenario = Literal["single_stream", "offline", "server"]
 SCHEMA = "accel.report/2"
 PROFILE_PROMPT = "a photograph of an astronaut riding a horse"
-"""The prompt of every query to a text-to-image model: the profile measures the pipeline, not
-the prompt (text encoders pad to a fixed length)."""
+"""The prompt of the queries to a text-to-image model, numbered so that every query is a new one:
+the profile measures the pipeline on prompts it has not seen (a bundle caches the text encoder's
+output per prompt; a cache hit would hide the encoder), not the prompt (text encoders pad to a
+fixed length)."""
 
 
 class ProfileConfig(StageConfig):
@@ -89,8 +92,18 @@ def profile_runtimes(
         labels = (np.arange(n) % plan.num_classes).astype(np.int64) if plan.num_classes else None
         if not plan.decode:  # pixel models (the digits path)
             return lambda: sample(runtime, plan, noise, labels, np.random.default_rng(0))
-        prompts = [PROFILE_PROMPT] * n if plan.conditioning_kind == "text" else None
-        return lambda: run_pipeline(runtime, plan, noise, prompts, labels, np.random.default_rng(0))
+        if plan.conditioning_kind != "text":
+            return lambda: run_pipeline(
+                runtime, plan, noise, None, labels, np.random.default_rng(0)
+            )
+        queries = itertools.count()
+
+        def query():
+            q = next(queries)
+            prompts = [f"{PROFILE_PROMPT} {q} {i}" for i in range(n)]
+            return run_pipeline(runtime, plan, noise, prompts, labels, np.random.default_rng(0))
+
+        return query
 
     report: dict = {
         "schema": SCHEMA,
