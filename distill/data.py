@@ -6,7 +6,9 @@ named tensors (the family adapter's conditioning, batch first), or None for unco
 The names:
 
 - ``digits``: the shipped demo's set (scikit-learn's digits at 16x16, with labels), from the table
-  ``DATASETS`` of "module:function" strings imported when a stage loads its data;
+  ``DATASETS`` of "module:function" strings imported when a stage loads its data; for a
+  text-to-image teacher, the same digits at its resolution with captions ("a handwritten seven"
+  and the other phrasings of ``accel.demo.digits.TEMPLATES``), encoded like an imagefolder;
 - ``imagefolder:PATH``: images with captions in the Hugging Face ``imagefolder`` layout
   (``PATH/metadata.jsonl``, one JSON object per line with ``file_name`` and ``text``), encoded
   once by the teacher's VAE and text encoders and cached under ``cache_dir``;
@@ -95,10 +97,21 @@ def load_dataset(
     adapter = getattr(denoiser, "adapter", None)
     if kind not in KINDS:
         if adapter is not None and adapter.conditioning == "text":
-            raise RecipeError(
-                f"dataset {name!r} is the digits models' labelled images, and the teacher is a "
-                f"{adapter.family} model: give --dataset imagefolder:DIR (images with captions) "
-                "or prompts:FILE (one prompt per line)"
+            if name != "digits":
+                raise RecipeError(
+                    f"dataset {name!r} holds labelled images, and the teacher is a "
+                    f"{adapter.family} model: give --dataset imagefolder:DIR (images with "
+                    "captions) or prompts:FILE (one prompt per line)"
+                )
+            from accel.demo.digits import captioned_digits
+
+            size = adapter.default_resolution()
+            channels = adapter.modules["vae"].config.in_channels
+            images, captions = captioned_digits(size, channels)
+            return _cached(
+                cache_dir,
+                ("digits", str(adapter.root), list(size), channels),
+                lambda: _encode_images(adapter, images, captions),
             )
         module, fn = DATASETS[check].split(":")
         return getattr(importlib.import_module(module), fn)()

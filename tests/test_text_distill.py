@@ -169,7 +169,6 @@ def test_bad_prompt_files_and_dataset_names_are_one_line(teachers, tmp_path, mon
     _refused(monkeypatch, capsys, teachers, tmp_path, f"prompts:{tmp_path / 'nope.txt'}",
              "prompt file not found")  # fmt: skip
     _refused(monkeypatch, capsys, teachers, tmp_path, "laion", "unknown dataset 'laion'")
-    _refused(monkeypatch, capsys, teachers, tmp_path, "digits", "teacher is a sd model")
 
 
 def test_imagefolder_latents_are_cached_once(teachers, tmp_path):
@@ -188,3 +187,18 @@ def test_imagefolder_latents_are_cached_once(teachers, tmp_path):
     # the latents decode back near the images: the VAE's encode is decode's inverse in scale
     images = den.adapter.decode(x0)
     assert images.shape == (6, 3, 32, 32)
+
+
+def test_digits_with_captions_train_text_to_image_teachers(teachers, tmp_path):
+    """``dataset = "digits"`` for a text-to-image teacher: the digits at its resolution and VAE
+    channels, captioned in the text teacher's phrasings, VAE-encoded once."""
+    from accel.demo.digits import caption, captioned_digits
+    from distill.data import load_dataset
+    from distill.denoiser import load_denoiser
+
+    images, captions = captioned_digits((32, 32), 3)
+    assert images.shape == (1797, 3, 32, 32) and captions[7] == caption(7, 7)
+    den, _ = load_denoiser(teachers["sd"])
+    x0, cond = load_dataset("digits", den, tmp_path / "cache")
+    assert x0.shape == (1797, 4, 16, 16) and cond["encoder_hidden_states"].shape[0] == 1797
+    assert len(list((tmp_path / "cache").iterdir())) == 1

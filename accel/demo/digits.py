@@ -52,6 +52,15 @@ def digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     return x * 2 - 1, torch.tensor(d.target, dtype=torch.int64)
 
 
+def captioned_digits(size: tuple[int, int], channels: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """The digits resized bilinearly to ``size`` (H, W), ``channels`` copies of the gray channel,
+    in [-1, 1], with captions cycling through ``TEMPLATES`` (the text-to-image data)."""
+    x, y = digits_dataset()
+    x = nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    captions = [caption(int(label), i) for i, label in enumerate(y)]
+    return x.repeat(1, channels, 1, 1), captions
+
+
 class DigitsClassifier(nn.Module):
     """A small CNN; ``features`` (64-d, penultimate layer) feed FD-digits."""
 
