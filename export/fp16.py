@@ -105,7 +105,13 @@ def run(ctx: StageContext) -> None:
     report = compare(reference, [half], plan_feeds(plan, reference.inputs(), [1, 3]), "fp16")
     if not report["passed"]:
         raise StageError("fp16", "the fp16 graph disagrees with fp32: " + describe_failure(report))
-    gate = quality_gate("fp16", config.gate, (reference, plan), (half, plan), ctx.progress)
+    from accel.runtime.pipeline import copy_pipeline_files, open_pipeline
+
+    copy_pipeline_files(ctx.input.path, ctx.out, plan)  # a pipeline's other graphs: fp32 kept
+    src_dir, out_dir = ctx.input.path, ctx.out
+    ref_rt = open_pipeline(src_dir, plan, reference, lambda f: OrtRuntime(src_dir / f))
+    half_rt = open_pipeline(out_dir, plan, half, lambda f: OrtRuntime(out_dir / f))
+    gate = quality_gate("fp16", config.gate, (ref_rt, plan), (half_rt, plan), ctx.progress)
     types = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}
     for t in converted.graph.initializer:
         if t.data_type in types:

@@ -46,6 +46,9 @@ def run(ctx: StageContext) -> None:
         if not value.type.tensor_type.shape.dim[0].dim_param:
             raise StageError("optimize", f"onnxslim made the batch axis of {value.name!r} static")
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
+    from accel.runtime.pipeline import copy_pipeline_files
+
+    copy_pipeline_files(ctx.input.path, ctx.out, plan)  # a pipeline's other graphs, as they are
     try:
         original = OrtRuntime(src, optimize=False)
         rewritten = OrtRuntime(ctx.out / MODEL_FILE, optimize=False)

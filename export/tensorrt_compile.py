@@ -229,6 +229,12 @@ def run(ctx: StageContext) -> None:
     quantized = ctx.input.info.get("precision") in ("int8", "fp8")
     strongly_typed = quantized if config.strongly_typed is None else config.strongly_typed
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
+    if plan.components:
+        raise StageError(
+            "tensorrt",
+            "this is a text-to-image pipeline (text encoder, UNet, VAE decoder graphs); the "
+            "TensorRT stage builds single-graph engines so far: compile it with --backend ort",
+        )
     dims = onnx_input_dims(src)
     factor = batch_factor(plan, dims)
     shapes = profile_shapes(target, dims, factor)

@@ -256,3 +256,20 @@ def test_triton_pipeline_repository(built, tmp_path, monkeypatch, capsys):
     )
     no_prompt = types.SimpleNamespace(inputs=[FakeTensor("noise", noise)])
     assert "prompt" in model.execute([no_prompt])[0].error
+
+
+def test_graph_passes_keep_the_pipeline(built, tmp_path, monkeypatch, capsys):
+    """optimize (onnxslim) rewrites the denoiser and carries the other components, tokenizers and
+    stored conditioning along; TensorRT refuses a pipeline in one line."""
+    out = tmp_path / "slim"
+    code, _, err = run_cli(monkeypatch, capsys, "export", "optimize", built["sd"]["onnx"],
+                           "--out", out, "--store", tmp_path / "store")  # fmt: skip
+    assert code == 0, err
+    for name in ("text_encoder.onnx", "vae_decoder.onnx", "conditioning.safetensors",
+                 "tokenizer/tokenizer.json"):  # fmt: skip
+        assert (out / name).read_bytes() == (built["sd"]["onnx"] / name).read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "compile", built["sd"]["onnx"], "--backend",
+                           "tensorrt", "--target", "h100-sxm", "--out", tmp_path / "trt",
+                           "--store", tmp_path / "store")  # fmt: skip
+    assert code != 0 and "Traceback" not in err
+    assert "pipeline" in err or "GPU" in err, err
