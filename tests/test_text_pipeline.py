@@ -273,3 +273,62 @@ def test_graph_passes_keep_the_pipeline(built, tmp_path, monkeypatch, capsys):
                            "--store", tmp_path / "store")  # fmt: skip
     assert code != 0 and "Traceback" not in err
     assert "pipeline" in err or "GPU" in err, err
+
+
+TEXT_RECIPE = """name = "tiny-text"
+source = "teacher"
+target = "cpu"
+
+[[stages]]
+stage = "consistency"
+solver_steps = 10
+num_inference_steps = 2
+iterations = {iterations}
+batch_size = 4
+guidance_scale = 2.0
+dataset = "digits"
+
+[[stages]]
+stage = "onnx"
+
+[[stages]]
+stage = "ort"
+gate = {{ samples = 4, seeds = [0] }}
+
+[[stages]]
+stage = "profile"
+teacher_steps = 3
+quality_samples = 20
+quality_seeds = [0]
+warmup_iterations = 1
+warmup_ms = 0
+iterations = 2
+breakdown_repeats = 1
+"""
+
+
+def test_a_text_recipe_profiles_the_pipeline_and_keeps_the_teachers_reference(tmp_path):
+    """consistency on the captioned digits -> onnx -> ort -> profile: the profile has the
+    pipeline's stages (text encoding, steps, VAE decode) and the teacher's quality is stored once
+    per teacher: a second student reads it back instead of sampling the teacher again."""
+    from accel.core.recipe import load_recipe
+    from accel.pipeline import default_store, run_recipe
+    from accel.report import load_report
+
+    families.write_pipeline("sd15", tmp_path / "teacher")
+    store = default_store(tmp_path / "store")
+    reports = []
+    for iterations in (2, 3):
+        path = tmp_path / f"r{iterations}.toml"
+        path.write_text(TEXT_RECIPE.format(iterations=iterations))
+        messages: list[str] = []
+        artifacts = run_recipe(load_recipe(path), store, progress=messages.append)
+        reports.append(load_report(artifacts[-1].path))
+        from_store = [m for m in messages if "from the store" in m]
+        assert len(from_store) == (0 if iterations == 2 else 2), messages
+    assert len(list((store.root / "cache").glob("reference-*.safetensors"))) == 2
+    first, second = reports
+    teacher = "teacher eager, 3 steps, cfg"
+    assert first["quality"][teacher] == second["quality"][teacher]
+    for stages in first["breakdown"].values():  # teacher, student and engine alike
+        assert list(stages)[0] == "text encoding" and list(stages)[-1] == "vae decode"

@@ -98,12 +98,13 @@ def load_classifier() -> DigitsClassifier:
 @torch.no_grad()
 def features_and_predictions(images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Classifier features (float64) and predicted labels of images in [-1, 1], N x 1 x 16 x 16
-    (larger one-channel images, the text-to-image teacher's 32 x 32, are area-resized to 16)."""
+    (larger images, the text-to-image teacher's 32 x 32, are area-resized to 16; RGB images are
+    averaged to gray first)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)).clamp(-1, 1)
     if x.shape[1:] != (1, 16, 16):
-        if x.shape[1] != 1:
-            raise ValueError(f"FD-digits needs one-channel digit images, got {tuple(x.shape[1:])}")
-        x = nn.functional.interpolate(x, size=16, mode="area")
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"FD-digits needs gray or RGB digit images, got {tuple(x.shape[1:])}")
+        x = nn.functional.interpolate(x.mean(1, keepdim=True), size=16, mode="area")
     clf = load_classifier()
     feats, preds = [], []
     for chunk in x.split(1024):

@@ -216,15 +216,31 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads() if torch is not None else None
 
 
-def measure_quality(subjects: dict, samples: int, seeds: list[int], progress=print):
+def measure_quality(
+    subjects: dict, samples: int, seeds: list[int], progress=print, cache: dict | None = None
+):
     """FD-digits and class accuracy per subject, means over seeds; and the first seed's images
-    (for sample grids)."""
+    (for sample grids). A subject with a file in ``cache`` (the teacher's reference quality, in
+    the store's ``cache/``) is measured once: later calls read its figures and images back."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
     from accel.demo.digits import evaluate_images, generate
 
     quality: dict[str, dict] = {}
     grids: dict[str, np.ndarray] = {}
     for name, (rt, plan) in subjects.items():
         t0 = time.perf_counter()
+        file = (cache or {}).get(name)
+        if file is not None and file.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(file), "numpy") as f:
+                quality[name] = json.loads(f.metadata()["quality"])
+            grids[name] = load_file(str(file))["images"]
+            progress(f"profile: quality of {name} from the store ({file.name})")
+            continue
         per_seed = []
         for seed in seeds:
             images, lab = generate(rt, plan, samples, seed, plan.num_classes)
@@ -240,11 +256,32 @@ def measure_quality(subjects: dict, samples: int, seeds: list[int], progress=pri
             f"profile: quality of {name}: FD-digits {quality[name]['fd_digits']:.3f}, "
             f"accuracy {quality[name]['class_accuracy']:.3f} ({time.perf_counter() - t0:.0f}s)"
         )
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(file.name + ".tmp")
+            images = np.ascontiguousarray(grids[name], dtype=np.float32)
+            save_file({"images": images}, str(tmp), {"quality": json.dumps(quality[name])})
+            tmp.replace(file)
     return quality, grids
 
 
+def reference_file(store, teacher, plan, samples: int, seeds: list[int]):
+    """Where the store keeps a teacher's reference quality for one sampler plan, sample count
+    and seeds: ``cache/reference-<hash>.safetensors`` (the key names the teacher artifact)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    key = json.dumps([teacher.key, asdict(plan), samples, list(seeds)], sort_keys=True)
+    return (
+        store.root
+        / "cache"
+        / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    )
+
+
 def _lineage(ctx: StageContext):
-    """(student checkpoint dir, teacher checkpoint dir) of the engine, from the store."""
+    """(student checkpoint, teacher checkpoint) artifacts of the engine, from the store."""
     chain = ctx.store.lineage(ctx.input)
     checkpoints = [a for a in chain if a.kind == "checkpoint"]
     if len(checkpoints) < 2:
@@ -255,18 +292,17 @@ def _lineage(ctx: StageContext):
             "profile engines produced by `accel run` on the same store, or use "
             "`accel profile ENGINE` for latency alone",
         )
-    return checkpoints[0].path, checkpoints[-1].path
+    return checkpoints[0], checkpoints[-1]
 
 
 def run(ctx: StageContext) -> None:
     config: ProfileConfig = ctx.config  # type: ignore[assignment]
+    from accel.core.model_info import ModelInfo
     from accel.demo.digits import fd_floor
     from accel.profile.harness import Harness
     from accel.report import write_report
     from accel.runtime import open_engine
-    from distill.denoiser import DenoiserGraph, load_denoiser
-    from distill.samplers import sampler_plan
-    from export.torch_runtime import TorchRuntime
+    from export.torch_runtime import open_model
 
     target = ctx.target
     harness = Harness.of(
@@ -276,16 +312,17 @@ def run(ctx: StageContext) -> None:
         iterations=config.iterations,
         duration_ms=config.duration_ms,
     )
-    student_dir, teacher_dir = _lineage(ctx)
-    student, s_info = load_denoiser(student_dir)
-    w = float(s_info.distilled_guidance_scale or 1.0)
-    teacher, t_info = load_denoiser(teacher_dir, guidance_scale=w)
-    num_classes = t_info.num_classes
+    student_ckpt, teacher_ckpt = _lineage(ctx)
+    s_info = ModelInfo.read(student_ckpt.path)
+    # the teacher samples at the student's w: baked in, or the w its embedding is sampled with
+    w = float(s_info.distilled_guidance_scale or s_info.guidance_scale or 1.0)
     engine, engine_plan = open_engine(ctx.input.path, target, spin=config.engine_spinning)
     steps = len(engine_plan.steps)
     device = "cuda" if target.device == "cuda" else "cpu"
-    teacher_rt = TorchRuntime(DenoiserGraph.of(teacher), device=device)
-    teacher_plan = sampler_plan(teacher, config.teacher_steps, num_classes)
+    teacher_rt, teacher_plan = open_model(teacher_ckpt.path, config.teacher_steps, w, device)
+    few_rt, few_plan = open_model(teacher_ckpt.path, steps, w, device)
+    student_rt, student_plan = open_model(student_ckpt.path, steps, None, device)
+    num_classes = teacher_plan.num_classes
     cfg = ", cfg" if teacher_plan.guidance_scale != 1 else ""
     names = {
         "teacher": f"teacher eager, {config.teacher_steps} steps{cfg}",
@@ -294,10 +331,7 @@ def run(ctx: StageContext) -> None:
     }
     subjects = {
         names["teacher"]: (teacher_rt, teacher_plan),
-        names["student"]: (
-            TorchRuntime(DenoiserGraph.of(student), device=device),
-            sampler_plan(student, steps, num_classes),
-        ),
+        names["student"]: (student_rt, student_plan),
         names["engine"]: (engine, engine_plan),
     }
     report = profile_runtimes(
@@ -309,14 +343,19 @@ def run(ctx: StageContext) -> None:
         breakdown_repeats=config.breakdown_repeats,
         progress=ctx.progress,
     )
+    few = f"teacher DDIM, {steps} steps"
     quality_subjects = {
         names["teacher"]: (teacher_rt, teacher_plan),
-        f"teacher DDIM, {steps} steps": (teacher_rt, sampler_plan(teacher, steps, num_classes)),
+        few: (few_rt, few_plan),
         names["engine"]: (engine, engine_plan),
     }
-    quality, grids = measure_quality(
-        quality_subjects, config.quality_samples, config.quality_seeds, ctx.progress
-    )
+    n, seeds = config.quality_samples, config.quality_seeds
+    cache = {  # the teacher's figures: computed once per teacher, plan, samples and seeds
+        name: reference_file(ctx.store, teacher_ckpt, plan, n, seeds)
+        for name, (_, plan) in quality_subjects.items()
+        if name != names["engine"]
+    }
+    quality, grids = measure_quality(quality_subjects, n, seeds, ctx.progress, cache)
     # from a scenario without queueing: SingleStream, else Offline (None for Server alone)
     timed = report["scenarios"].get("single_stream") or report["scenarios"].get("offline")
     speedup = None
