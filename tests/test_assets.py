@@ -38,3 +38,32 @@ def test_classifier_recognises_real_digits():
     assert (pred == y.numpy()).mean() >= 0.98
     assert x.min() >= -1 and x.max() <= 1 and tuple(x.shape[1:]) == (1, 16, 16)
     assert np.isfinite(evaluate_images(x[:500].numpy(), y[:500].numpy())["fd_digits"])
+
+
+def test_text_teacher_is_a_small_stock_stable_diffusion_pipeline():
+    from accel.assets.make_text_teacher import TEXT_TEACHER_DIR
+
+    size = sum(p.stat().st_size for p in TEXT_TEACHER_DIR.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+    for folder in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (TEXT_TEACHER_DIR / folder).is_dir()
+    assert not list(TEXT_TEACHER_DIR.rglob("*.bin"))  # safetensors only
+
+
+def test_stock_pipeline_draws_the_prompted_digit():
+    """``StableDiffusionPipeline.from_pretrained(dir)("a handwritten seven")``, at its defaults
+    (50 steps, guidance 7.5) but for the seed, draws a seven (the digits classifier says so)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from accel.assets.make_text_teacher import TEXT_TEACHER_DIR
+    from accel.demo.digits import caption
+
+    pipe = StableDiffusionPipeline.from_pretrained(TEXT_TEACHER_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    digits = [7, 3, 0]
+    prompts = [caption(d) for d in digits]
+    out = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = out.transpose(0, 3, 1, 2) * 2 - 1  # N x 1 x 32 x 32 in [-1, 1]
+    _, predicted = features_and_predictions(images)
+    assert list(predicted) == digits
