@@ -189,6 +189,20 @@ def test_missing_component_folder(pipeline_dir, tmp_path, monkeypatch, capsys):
     _one_line_error(code, err, "text_encoder_2/ is missing")
 
 
+@pytest.mark.parametrize("command", [["export", "onnx"], ["distill", "consistency"]])
+def test_a_pipeline_without_its_vae_is_one_line(
+    command, pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    path = _copy(pipeline_dir, "sd15", tmp_path)
+    shutil.rmtree(path / "vae")
+    capsys.readouterr()  # building the pipeline may print save_pretrained's progress
+    store, out = tmp_path / "store", tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, *command, path, "--store", store, "--out", out)
+    _one_line_error(code, err, "vae/ is missing")
+    assert not out.exists()
+    assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
+
+
 def test_tokenizer_that_does_not_match_its_text_encoder(
     pipeline_dir, tmp_path, monkeypatch, capsys
 ):
