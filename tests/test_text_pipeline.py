@@ -307,6 +307,27 @@ breakdown_repeats = 1
 """
 
 
+def test_accel_profile_breaks_the_pipeline_down(built, tmp_path, monkeypatch, capsys):
+    """`accel profile` of the SDXL bundle and its torch teacher: per-stage breakdown from the text
+    encoders to the VAE decode."""
+    from accel.report import load_report
+
+    out = tmp_path / "prof"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "profile", built["sdxl"]["bundle"], built["sdxl"]["model"],
+        "--steps", 2, "--target", "cpu", "--scenario", "single_stream", "--iterations", 2,
+        "--warmup-iterations", 1, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    report = load_report(out)
+    assert len(report["breakdown"]) == 2
+    for stages in report["breakdown"].values():
+        names = list(stages)
+        assert names[0] == "text encoding" and names[-1] == "vae decode"
+        assert [n for n in names if n.startswith("step ")] == ["step 1 (t=999)", "step 2 (t=499)"]
+
+
+@pytest.mark.slow
 def test_a_text_recipe_profiles_the_pipeline_and_keeps_the_teachers_reference(tmp_path):
     """consistency on the captioned digits -> onnx -> ort -> profile: the profile has the
     pipeline's stages (text encoding, steps, VAE decode) and the teacher's quality is stored once
