@@ -103,3 +103,17 @@ def test_recipe_runs_then_hits_the_cache_then_fails_cleanly(tmp_path):
     assert "stage 'ort' failed" in str(exc.value)
     assert "completed stages: progressive, onnx" in str(exc.value)
     assert sorted(p.name for p in store.artifacts.iterdir()) == before
+
+
+def test_shipped_recipes_load():
+    """Every recipe in accel/recipes names real stages with valid configs and an existing source."""
+    from pathlib import Path
+
+    import accel
+    from accel.core.recipe import load_recipe
+
+    paths = sorted((Path(accel.__file__).parent / "recipes").glob("*.toml"))
+    assert {p.stem for p in paths} >= {"demo", "text-digits"}
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.stages

@@ -1,6 +1,7 @@
 """Train the shipped text-to-image teacher; writes accel/assets/text_teacher/ (a diffusers directory).
 
-    python -m accel.assets.make_text_teacher [--vae-steps 1000] [--steps 8000] [--threads 1]
+    python -m accel.assets.make_text_teacher [--vae-steps 1000] [--steps 8000] [--stop-at 6000]
+        [--threads 1]
 
 A Stable Diffusion 1.x pipeline in miniature: ``StableDiffusionPipeline`` with an
 ``AutoencoderKL`` (1 channel, 32x32 pixels to 4x8x8 latents), a ``CLIPTextModel`` (2 layers,
@@ -261,6 +262,12 @@ def main() -> None:
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step (the schedule keeps --steps)",
+    )
     p.add_argument("--out", type=Path, default=TEXT_TEACHER_DIR)
     args = p.parse_args()
     if args.threads:
@@ -311,6 +318,7 @@ def main() -> None:
             "vae_steps": args.vae_steps,
             "vae_loss_log": vae_log,
             "steps": args.steps,
+            "stopped_at": args.stop_at,
             "batch": args.batch,
             "lr": args.lr,
             "seed": args.seed,
@@ -347,8 +355,11 @@ def main() -> None:
             log.append({"step": step, "loss": running / 100})
             print(f"step {step} loss {running / 100:.4f} {time.time() - t0:.0f}s", flush=True)
             running = 0.0
-        if step % 2000 == 0 or step == args.steps:
+        last = step == (args.stop_at or args.steps)
+        if step % 2000 == 0 or last:
             save(args.out, vae, ema_text.eval(), tokenizer, ema_unet.eval(), info())
+        if last:
+            break
     (args.out / "training.json").write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
 
 
