@@ -21,11 +21,11 @@ from accel.core.stage import Stage, StageConfig, StageContext
 
 Scenario = Literal["single_stream", "offline", "server"]
 SCHEMA = "accel.report/2"
-PROFILE_PROMPT = "a photograph of an astronaut riding a horse"
+PROFILE_PROMPT = "a photo"
 """The prompt of the queries to a text-to-image model, numbered so that every query is a new one:
 the profile measures the pipeline on prompts it has not seen (a bundle caches the text encoder's
 output per prompt; a cache hit would hide the encoder), not the prompt (text encoders pad to a
-fixed length)."""
+fixed length; short, so that a small encoder's limit truncates nothing)."""
 
 
 class ProfileConfig(StageConfig):
