@@ -115,6 +115,7 @@ def build_engines(name: str, module, feeds: dict, tmp: Path, skip: list[str]) ->
             return module(**{k: torch.from_numpy(v) for k, v in f.items()}).numpy()
 
     engines["torch eager fp32"] = (eager, 0.0)
+    print(f"  {name}: ONNX export (TorchScript exporter)", flush=True)
     t0 = time.perf_counter()
     graph = tmp / f"{name}.onnx"
     onnx_from_torch(module, graph, inputs=feeds, output="out", dynamo=False)
@@ -128,6 +129,7 @@ def build_engines(name: str, module, feeds: dict, tmp: Path, skip: list[str]) ->
             export_s + time.perf_counter() - t0,
         )
     if "int8" not in skip:
+        print(f"  {name}: onnxruntime static INT8 (calibration, then the engine)", flush=True)
         t0 = time.perf_counter()
         rng = np.random.default_rng(2)
         calib = [{k: (rng.standard_normal(v.shape).astype(v.dtype) if v.dtype == np.float32 else v)
@@ -141,6 +143,7 @@ def build_engines(name: str, module, feeds: dict, tmp: Path, skip: list[str]) ->
             export_s + time.perf_counter() - t0,
         )
     if "aoti" not in skip:
+        print(f"  {name}: torch.export and AOTInductor compile", flush=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
             program = torch.export.export(module, args=(), kwargs=args)
