@@ -138,61 +138,11 @@ def _printable() -> list[str]:
 
 
 def clip_tokenizer():
-    """CLIP byte-level BPE: 256 byte symbols, their end-of-word forms, BOS, EOS (514 tokens)."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
-    from transformers import CLIPTokenizerFast
+    """CLIP byte-level BPE: 256 byte symbols, their end-of-word forms, BOS, EOS (514 tokens), no
+    merges (the text teacher's builder, ``accel.assets.make_text_teacher.clip_tokenizer``)."""
+    from accel.assets.make_text_teacher import clip_tokenizer as build
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=[],
-            continuing_subword_prefix="",
-            end_of_word_suffix="</w>",
-            fuse_unk=False,
-            unk_token="<|endoftext|>",
-        )
-    )
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(
-                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-                ),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.RobertaProcessing(
-        ("<|endoftext|>", vocab["<|endoftext|>"]),
-        ("<|startoftext|>", vocab["<|startoftext|>"]),
-        trim_offsets=False,
-        add_prefix_space=False,
-    )
-    return CLIPTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=CLIP_MAX_LENGTH,
-    )
+    return build(words=(), model_max_length=CLIP_MAX_LENGTH)
 
 
 def t5_tokenizer():
