@@ -96,28 +96,19 @@ class PipelineEngines:
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The denoiser's conditioning for ``prompts``: the text engine's outputs (computed once
         per distinct prompt and cached), then the stored prompt-independent inputs."""
-        with self._lock:
+        with self._lock:  # the text encoder is cheap beside the loop: one caller at a time
             new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if new:
-            out = self.text.infer(self.tokenize(new))
-            with self._lock:
+            if new:
+                out = self.text.infer(self.tokenize(new))
                 for i, prompt in enumerate(new):
                     self._cache[prompt] = {k: out[k][i : i + 1] for k in self.plan.text_outputs}
-                while len(self._cache) > CACHE_PROMPTS:
-                    self._cache.popitem(last=False)
-        with self._lock:
-            rows = [self._cache.get(p) for p in prompts]
+            rows = [self._cache[p] for p in prompts]
             for p in prompts:
-                if p in self._cache:
-                    self._cache.move_to_end(p)
-        if any(r is None for r in rows):  # evicted meanwhile by another caller: recompute
-            return self._encode_uncached(prompts)
-        cond = {k: np.concatenate([r[k] for r in rows]) for k in self.plan.text_outputs}  # type: ignore[index]
+                self._cache.move_to_end(p)
+            while len(self._cache) > CACHE_PROMPTS:
+                self._cache.popitem(last=False)
+        cond = {k: np.concatenate([r[k] for r in rows]) for k in self.plan.text_outputs}
         return self._with_static(cond, len(prompts))
-
-    def _encode_uncached(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        out = self.text.infer(self.tokenize(prompts))
-        return self._with_static({k: out[k] for k in self.plan.text_outputs}, len(prompts))
 
     def _with_static(self, cond: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         for name, value in self.static.items():
