@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accel.cli import DEMO_RECIPE
+from accel.cli import demo_recipe
 from accel.core.artifact import Store
 from accel.core.errors import StageError
 from accel.core.model_info import ModelInfo
@@ -165,7 +165,7 @@ def main() -> None:
     from export.torch_runtime import TorchRuntime
 
     store = Store(args.store)
-    recipe = load_recipe(DEMO_RECIPE)
+    recipe = load_recipe(demo_recipe("digits-pixel"))
     target = recipe.target
     recipe = dataclasses.replace(recipe, stages=recipe.stages[:1])  # progressive only
     (student,) = run_recipe(recipe, store)

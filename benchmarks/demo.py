@@ -1,7 +1,8 @@
 """The demo as a benchmark: run the shipped recipe on a fresh store, time every stage, and write
 the figures the README and docs/BENCHMARKS.md quote, as JSON.
 
-    python benchmarks/demo.py [--out benchmarks/results/demo.json]
+    python benchmarks/demo.py [--recipe text-digits|digits-pixel]
+        [--out benchmarks/results/demo-<recipe>.json]
 
 The report's figures come from the profile stage (accel.profile.stage, the harness in
 accel.profile): FD-digits and class accuracy as means over two seeds of 1000 samples, latencies
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from accel.cli import DEMO_RECIPE
+from accel.cli import DEMO_RECIPES, demo_recipe
 from accel.core.artifact import Store
 from accel.core.recipe import load_recipe
 from accel.pipeline import run_recipe
@@ -24,8 +25,11 @@ from accel.pipeline import run_recipe
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/demo.json"))
+    p.add_argument("--recipe", choices=DEMO_RECIPES, default=DEMO_RECIPES[0])
+    p.add_argument("--out", type=Path, default=None, help="default: results/demo-RECIPE.json")
     args = p.parse_args()
+    args.out = args.out or Path(f"benchmarks/results/demo-{args.recipe}.json")
+    recipe = demo_recipe(args.recipe)
     with tempfile.TemporaryDirectory(prefix="accel-bench-") as tmp:
         store = Store(tmp)
         stage_times: list[tuple[str, float]] = []
@@ -39,17 +43,17 @@ def main() -> None:
                 last[0] = time.perf_counter()
 
         t0 = time.perf_counter()
-        artifacts = run_recipe(load_recipe(DEMO_RECIPE), store, progress)
+        artifacts = run_recipe(load_recipe(recipe), store, progress)
         wall = time.perf_counter() - t0
         cold = [(msg, s) for msg, s in stage_times]
         t1 = time.perf_counter()
-        run_recipe(load_recipe(DEMO_RECIPE), store, lambda m: None)
+        run_recipe(load_recipe(recipe), store, lambda m: None)
         rerun = time.perf_counter() - t1
         report = json.loads((artifacts[-1].path / "report.json").read_text())
     q = report["quality"]
     teacher, teacher_ddim, student = q.values()
     summary = {
-        "command": "python benchmarks/demo.py",
+        "command": f"python benchmarks/demo.py --recipe {args.recipe}",
         "demo_wall_seconds": wall,
         "rerun_wall_seconds": rerun,
         "stage_seconds": dict(cold),

@@ -3,6 +3,11 @@ distillation method on the shipped teacher, against the teacher's own DDIM at th
 and the teacher at 50 steps (all at guidance 1.5).
 
     python benchmarks/frontier.py [--methods ...] [--seeds 0 1] [--n 1000] [--store DIR] [--merge]
+    python benchmarks/frontier.py --teacher text   # -> results/frontier-text.json, .png
+
+``--teacher text`` runs the shipped text-to-image teacher's methods (its class accuracy is the
+prompt accuracy): the text-digits recipe's LCM stage, sampled at every step count, and a 1-step
+DMD2 student, against issue #14's bars.
 
 Each method is a recipe run through the store (a rerun reuses every trained student), timed per
 stage; students are sampled in eager torch on the noise `accel sample` uses. Writes
@@ -15,10 +20,12 @@ import argparse
 import json
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 
+from accel.cli import demo_recipe
 from accel.core.recipe import load_recipe
 from accel.demo.digits import TEACHER_DIR, evaluate_images, fd_floor, generate
 from accel.pipeline import default_store, run_recipe
@@ -103,6 +110,16 @@ METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
     ),  # fmt: skip
 }
 REFERENCES = ("teacher DDIM", GUIDED)  # rows outside the acceptance bars
+TEXT_TEACHER_DIR = TEACHER_DIR.parent / "text_teacher"
+# the text-digits recipe's own training stage (the demo's student: a store hit after `accel demo`)
+_TEXT_LCM = dict(tomllib.loads(demo_recipe("text-digits").read_text())["stages"][0])
+TEXT_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
+    "lcm": (
+        [_stage(_TEXT_LCM.pop("stage"), **_TEXT_LCM)],
+        {0: [("LCM, w embedded (text-digits recipe)", STEPS)]},
+    ),
+    "dmd2-1step": ([_dmd(1, dataset="digits")], {0: [("dmd2", [1])]}),
+}
 
 
 def evaluate(path: Path, steps: int, seeds: list[int], n: int, guidance: float | None = None):
@@ -114,6 +131,22 @@ def evaluate(path: Path, steps: int, seeds: list[int], n: int, guidance: float |
         "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
         "per_seed": per_seed,
     }
+
+
+def text_acceptance(rows: list[dict], teacher50: float) -> dict:
+    """Issue #14's bars: the best 4-step student <= 1.5x the teacher's 50-step FD with prompt
+    accuracy >= 95%; the best 1-step student <= 2.0x."""
+    checks = {}
+    for k, bar in ((4, 1.5), (1, 2.0)):
+        rows_k = [r for r in rows if r["method"] not in REFERENCES and r["steps"] == k]
+        best = min(rows_k, key=lambda r: r["fd_digits"])
+        checks[f"best {k}-step ({best['method']}) FD / teacher-50 FD <= {bar}"] = (
+            best["fd_digits"] / teacher50,
+            best["fd_digits"] / teacher50 <= bar,
+        )
+        acc = best["class_accuracy"]
+        checks[f"best {k}-step ({best['method']}) prompt accuracy >= 0.95"] = (acc, acc >= 0.95)
+    return {k: {"value": v, "passed": bool(ok)} for k, (v, ok) in checks.items()}
 
 
 def acceptance(rows: list[dict], teacher50: float) -> dict:
@@ -144,7 +177,7 @@ def acceptance(rows: list[dict], teacher50: float) -> dict:
     return {k: {"value": v, "passed": bool(ok)} for k, (v, ok) in checks.items()}
 
 
-def plot(rows: list[dict], teacher50: float, floor: float, path: Path) -> None:
+def plot(rows: list[dict], teacher50: float, floor: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +195,7 @@ def plot(rows: list[dict], teacher50: float, floor: float, path: Path) -> None:
     ax.set_xticks(STEPS, [str(s) for s in STEPS])
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FD-digits (lower is better)")
-    ax.set_title(f"Quality vs steps, shipped digits teacher, guidance {GUIDANCE}")
+    ax.set_title(f"Quality vs steps, {title}, guidance {GUIDANCE}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -170,17 +203,26 @@ def plot(rows: list[dict], teacher50: float, floor: float, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--teacher", choices=["digits", "text"], default="digits")
+    p.add_argument("--methods", nargs="+", choices=list(dict.fromkeys([*METHODS, *TEXT_METHODS])))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--store", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier.json"))
+    p.add_argument("--out", type=Path, help="default: results/frontier[-text].json")
     p.add_argument(
         "--merge",
         action="store_true",
         help="Keep --out's rows of the methods not run now, and its teacher rows (same seeds, n).",
     )
     args = p.parse_args()
+    text = args.teacher == "text"
+    methods = TEXT_METHODS if text else METHODS
+    teacher_dir = TEXT_TEACHER_DIR if text else TEACHER_DIR
+    args.methods = args.methods or list(methods)
+    if unknown := [m for m in args.methods if m not in methods]:
+        p.error(f"--teacher {args.teacher} has no method {', '.join(unknown)}")
+    name = "frontier-text" if text else "frontier"
+    args.out = args.out or Path(f"benchmarks/results/{name}.json")
     store = default_store(args.store)
     rows: list[dict] = []
     training = {}
@@ -189,7 +231,7 @@ def main() -> None:
         rerun = {
             (label, k)
             for m in args.methods
-            for ls in METHODS[m][1].values()
+            for ls in methods[m][1].values()
             for label, ks in ls
             for k in ks
         }
@@ -201,18 +243,18 @@ def main() -> None:
             rows.append(
                 {
                     "method": "teacher DDIM",
-                    **evaluate(TEACHER_DIR, steps, args.seeds, args.n, GUIDANCE),
+                    **evaluate(teacher_dir, steps, args.seeds, args.n, GUIDANCE),
                 }
             )
             print(f"teacher DDIM @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
-        teacher50 = evaluate(TEACHER_DIR, 50, args.seeds, args.n, GUIDANCE)
+        teacher50 = evaluate(teacher_dir, 50, args.seeds, args.n, GUIDANCE)
         print(f"teacher @ 50: {teacher50['fd_digits']:.2f}", flush=True)
     for method in args.methods:
-        stages, evals = METHODS[method]
+        stages, evals = methods[method]
         with tempfile.TemporaryDirectory() as tmp:
             recipe = Path(tmp) / "recipe.toml"
             recipe.write_text(
-                f'name = "frontier"\nsource = "{TEACHER_DIR}"\ntarget = "cpu"\n' + "".join(stages)
+                f'name = "frontier"\nsource = "{teacher_dir}"\ntarget = "cpu"\n' + "".join(stages)
             )
             t0 = time.perf_counter()
             artifacts = run_recipe(
@@ -238,13 +280,15 @@ def main() -> None:
                         flush=True,
                     )
     floor = float(np.mean([fd_floor(s) for s in args.seeds]))
-    checks = acceptance(rows, teacher50["fd_digits"])
+    checks = (text_acceptance if text else acceptance)(rows, teacher50["fd_digits"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, teacher50["fd_digits"], floor, args.out.with_suffix(".png"))
+    title = "shipped text-to-image teacher" if text else "shipped digits teacher"
+    plot(rows, teacher50["fd_digits"], floor, args.out.with_suffix(".png"), title)
     args.out.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/frontier.py",
+                "command": "python benchmarks/frontier.py" + (" --teacher text" if text else ""),
+                "teacher": str(teacher_dir),
                 "guidance_scale": GUIDANCE,
                 "n": args.n,
                 "seeds": args.seeds,

@@ -11,10 +11,15 @@ graph with Cast nodes at the precision boundaries. What stays fp32:
 - the sampler arithmetic: every node outside the diffusers backbone, i.e. the alpha/sigma tables
   and the x0 conversion of ``DenoiserGraph`` and, in a fused sampler, the per-step updates and
   guidance. The dynamo exporter records each node's module scope
-  (``pkg.torch.onnx.name_scopes``), which is how those nodes are found.
+  (``pkg.torch.onnx.name_scopes``), the TorchScript exporter names nodes by module path: that is
+  how those nodes are found.
 
-The pass proves parity against its fp32 parent with the fp16 row of the tolerance table, and passes
-the quality gate. fp16 brings no speed on CPU (../shared/FACTS.md); it is meant for CUDA targets.
+A pipeline's text encoder and VAE decoder (``components``) are converted whole (but for the same
+op types) and kept in fp16 only where the quality gate allows; otherwise they stay fp32.
+
+Each converted graph proves parity against its fp32 parent with the fp16 row of the tolerance
+table, and the pipeline passes the quality gate. fp16 brings no speed on CPU
+(../shared/FACTS.md); it is meant for CUDA targets.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import ast
 import re
 import shutil
 import time
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -39,18 +46,59 @@ class Fp16Config(StageConfig):
     keep_fp32_ops: list[str] = Field(
         ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax"]
     )
+    components: list[Literal["denoiser", "text_encoder", "vae_decoder"]] = Field(
+        ["denoiser"], min_length=1
+    )
+    """A pipeline's graphs to convert, in order. The denoiser must pass parity and the gate (or
+    the stage fails); a text encoder or VAE decoder is kept in fp16 only if the gate, sampled
+    with it and the components accepted before it, passes, and otherwise stays fp32."""
     gate: GateConfig = GateConfig()
 
 
 def outside_backbone(model) -> list[str]:
-    """Names of the nodes that the exporter did not place inside a ``backbone`` module."""
-    names = []
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        scopes = ast.literal_eval(meta.get(SCOPES, "[]"))
-        if not any(s.split(".")[-1] == "backbone" for s in scopes):
-            names.append(node.name)
-    return names
+    """Names of the nodes that the exporter did not place inside a ``backbone`` module. The
+    dynamo exporter records module scopes in each node's metadata; the TorchScript exporter names
+    nodes by module path (``/graph/backbone/conv_in/Conv``). A graph with neither (a pass such as
+    onnxslim dropped them) is refused."""
+    nodes = [n for n in model.graph.node if n.name]
+    if any(p.key == SCOPES for n in nodes for p in n.metadata_props):
+
+        def inside(node) -> bool:
+            meta = {p.key: p.value for p in node.metadata_props}
+            scopes = ast.literal_eval(meta.get(SCOPES, "[]"))
+            return any(s.split(".")[-1] == "backbone" for s in scopes)
+
+    elif any("/backbone/" in n.name for n in nodes):
+
+        def inside(node) -> bool:
+            return "/backbone/" in node.name
+
+    else:
+        raise StageError(
+            "fp16",
+            "the graph carries no module scopes (a pass such as onnxslim dropped them), so the "
+            "sampler arithmetic cannot be kept in fp32; run fp16 directly after the onnx stage",
+        )
+    return [n.name for n in nodes if not inside(n)]
+
+
+def convert(src: Path, dst: Path, keep_nodes: list[str], keep_ops: list[str]):
+    """``src`` converted to fp16 by AutoCast, IO fp32, into ``dst``; the converted model."""
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    exclude = ["^(" + "|".join(map(re.escape, keep_nodes)) + ")$"] if keep_nodes else None
+    converted = convert_to_mixed_precision(
+        str(src),
+        "fp16",
+        nodes_to_exclude=exclude,
+        op_types_to_exclude=keep_ops,
+        keep_io_types=True,
+    )
+    # AutoCast's value_info carries the example batch's shapes, which onnxruntime's fusions then
+    # trust over the dynamic batch: let the runtime infer shapes itself
+    del converted.graph.value_info[:]
+    save_graph(converted, dst)
+    return converted
 
 
 def run(ctx: StageContext) -> None:
@@ -58,10 +106,11 @@ def run(ctx: StageContext) -> None:
     import logging
 
     import onnx
-    from modelopt.onnx.autocast import convert_to_mixed_precision
 
     from accel.runtime import OrtRuntime
+    from accel.runtime.pipeline import copy_pipeline_files, open_pipeline
     from export.parity import compare, describe_failure, plan_feeds
+    from export.pipeline_export import component_feeds
 
     logging.getLogger("modelopt").setLevel(logging.ERROR)
     if ctx.input.info.get("precision") in ("int8", "fp8"):
@@ -70,72 +119,111 @@ def run(ctx: StageContext) -> None:
             "the graph is already quantized; convert to fp16 first, or quantize with "
             'high_precision_dtype = "fp16"',
         )
-    src = ctx.input.path / MODEL_FILE
-    model = onnx.load(str(src), load_external_data=False)
-    if not any(p.key == SCOPES for n in model.graph.node for p in n.metadata_props):
+    src_dir, out_dir = ctx.input.path, ctx.out
+    plan = SamplerPlan.load(src_dir / PLAN_FILE)
+    files = {"denoiser": MODEL_FILE, **plan.components}
+    unknown = [c for c in config.components if c not in files]
+    if unknown:
         raise StageError(
             "fp16",
-            "the graph carries no module scopes (it was not made by the dynamo exporter, or a "
-            "pass dropped them), so the sampler arithmetic cannot be kept in fp32; run fp16 "
-            "directly after the onnx stage",
+            f"this graph has no {', '.join(unknown)} (it has {', '.join(files)}); "
+            "set components accordingly",
         )
-    keep = outside_backbone(model)
-    t0 = time.perf_counter()
-    ctx.progress(f"fp16: converting; {len(keep)} nodes outside the backbone stay fp32")
-    converted = convert_to_mixed_precision(
-        str(src),
-        "fp16",
-        nodes_to_exclude=["^(" + "|".join(map(re.escape, keep)) + ")$"] if keep else None,
-        op_types_to_exclude=config.keep_fp32_ops,
-        keep_io_types=True,
-    )
-    # AutoCast's value_info carries the example batch's shapes, which onnxruntime's fusions then
-    # trust over the dynamic batch: let the runtime infer shapes itself
-    del converted.graph.value_info[:]
-    save_graph(converted, ctx.out / MODEL_FILE)
-    seconds = time.perf_counter() - t0
-    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
-    plan = SamplerPlan.load(ctx.out / PLAN_FILE)
-    try:
-        reference = OrtRuntime(src, optimize=False)
-        half = OrtRuntime(ctx.out / MODEL_FILE, optimize=False)
-    except CheckpointError as e:
-        raise StageError("fp16", str(e)) from None
-    half.name += ":fp16"
-    report = compare(reference, [half], plan_feeds(plan, reference.inputs(), [1, 3]), "fp16")
-    if not report["passed"]:
-        raise StageError("fp16", "the fp16 graph disagrees with fp32: " + describe_failure(report))
-    from accel.runtime.pipeline import copy_pipeline_files, open_pipeline
+    shutil.copy(src_dir / PLAN_FILE, out_dir / PLAN_FILE)
+    copy_pipeline_files(src_dir, out_dir, plan)  # fp32 until a component is converted
+    if "denoiser" not in config.components:
+        for part in src_dir.glob(MODEL_FILE + "*"):
+            shutil.copy(part, out_dir / part.name)
 
-    copy_pipeline_files(ctx.input.path, ctx.out, plan)  # a pipeline's other graphs: fp32 kept
-    src_dir, out_dir = ctx.input.path, ctx.out
-    ref_rt = open_pipeline(src_dir, plan, reference, lambda f: OrtRuntime(src_dir / f))
-    half_rt = open_pipeline(out_dir, plan, half, lambda f: OrtRuntime(out_dir / f))
-    gate = quality_gate("fp16", config.gate, (ref_rt, plan), (half_rt, plan), ctx.progress)
-    types = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}
-    for t in converted.graph.initializer:
-        if t.data_type in types:
-            types[t.data_type] += 1
-    ctx.metrics.update(
-        convert_seconds=seconds,
-        parity=report,
-        quality_gate=gate,
-        fp32_nodes_kept=len(keep),
-        initializers={
-            "fp16": types[onnx.TensorProto.FLOAT16],
-            "fp32": types[onnx.TensorProto.FLOAT],
-        },
-    )
+    def pipeline(root: Path) -> tuple:
+        try:
+            return open_pipeline(
+                root, plan, OrtRuntime(root / MODEL_FILE), lambda f: OrtRuntime(root / f)
+            ), plan
+        except CheckpointError as e:
+            raise StageError("fp16", str(e)) from None
+
+    parent = pipeline(src_dir)
+    feeds_of = component_feeds(src_dir, plan, [1, 3]) if plan.components else {}
+    results: dict[str, dict] = {}
+    gate: dict = {}
+    for component in config.components:
+        file = files[component]
+        model = onnx.load(str(src_dir / file), load_external_data=False)
+        # the denoiser graph's sampler arithmetic (alpha/sigma tables, the x0 conversion, a fused
+        # sampler's updates) stays fp32; a text encoder or VAE decoder is all backbone
+        keep = outside_backbone(model) if component == "denoiser" else []
+        t0 = time.perf_counter()
+        ctx.progress(f"fp16: converting the {component}; {len(keep)} nodes stay fp32")
+        converted = convert(src_dir / file, out_dir / file, keep, config.keep_fp32_ops)
+        seconds = time.perf_counter() - t0
+        try:
+            reference = OrtRuntime(src_dir / file, optimize=False)
+            half = OrtRuntime(out_dir / file, optimize=False)
+        except CheckpointError as e:
+            raise StageError("fp16", str(e)) from None
+        half.name += ":fp16"
+        feeds = (
+            plan_feeds(plan, reference.inputs(), [1, 3])
+            if component == "denoiser"
+            else feeds_of[component]
+        )
+        report = compare(reference, [half], feeds, "fp16")
+        try:
+            if not report["passed"]:
+                raise StageError(
+                    "fp16", f"the fp16 {component} disagrees with fp32: " + describe_failure(report)
+                )
+            gate = quality_gate("fp16", config.gate, parent, pipeline(out_dir), ctx.progress)
+        except StageError as e:
+            if component == "denoiser":
+                raise
+            ctx.progress(f"fp16: the {component} stays fp32 ({e.message})")
+            for part in out_dir.glob(file + "*"):
+                part.unlink()
+            for part in src_dir.glob(file + "*"):
+                shutil.copy(part, out_dir / part.name)
+            results[component] = {"precision": "fp32", "refused": e.message, "parity": report}
+            continue
+        types = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}
+        for t in converted.graph.initializer:
+            if t.data_type in types:
+                types[t.data_type] += 1
+        results[component] = {
+            "precision": "fp16",
+            "convert_seconds": seconds,
+            "parity": report,
+            "fp32_nodes_kept": len(keep),
+            "initializers": {
+                "fp16": types[onnx.TensorProto.FLOAT16],
+                "fp32": types[onnx.TensorProto.FLOAT],
+            },
+        }
+    if not any(r["precision"] == "fp16" for r in results.values()):
+        raise StageError(
+            "fp16",
+            "the gate refused fp16 for every component ("
+            + "; ".join(f"{c}: {r['refused']}" for c, r in results.items())
+            + "); no artifact was written",
+        )
+    ctx.metrics.update(quality_gate=gate, components=results)
+    if "denoiser" in results:  # the single-graph figures, where they were before
+        ctx.metrics.update({k: v for k, v in results["denoiser"].items() if k != "precision"})
     ctx.info.update(precision="fp16")
+    if plan.components:
+        ctx.info["component_precision"] = {
+            c: results[c]["precision"] if c in results else ctx.input.info.get("precision", "fp32")
+            for c in files
+        }
 
 
 STAGE = Stage(
     name="fp16",
-    version=1,
+    version=2,
     config=Fp16Config,
     consumes="onnx",
     produces="onnx",
     run=run,
-    description="convert the ONNX graph to fp16, keeping IO, normalisations and sampler "
-    "arithmetic in fp32",
+    description="convert the ONNX graph (a pipeline's components where the gate allows) to "
+    "fp16, keeping IO, normalisations and sampler arithmetic in fp32",
 )

@@ -7,8 +7,9 @@ commits an artifact only after its stage returns, no engine is written.
 
 Metrics: ``fd_digits`` (Fréchet distance on the digits classifier's features, ``accel.demo.digits``;
 the threshold is the largest relative increase over the parent) for models that sample 1x16x16
-digits, and ``image_rmse`` for any model (RMS difference between the stage's and the parent's
-images from the same noise, images in [-1, 1]; the threshold is that RMS). The default metric
+digits or pipelines that draw digits (the text-to-image teacher's students: set it in the recipe),
+and ``image_rmse`` for any model (RMS difference between the stage's and the parent's images from
+the same noise, images in [-1, 1]; the threshold is that RMS). The default metric
 comes from the model (``default_metric``): FD-digits for the digits models, image RMSE otherwise.
 """
 
@@ -59,7 +60,8 @@ def quality_gate(
     metric = gate.metric or default_metric(plan)
     if metric == "off":
         return {"metric": "off", "passed": True}
-    if metric == "fd_digits" and list(plan.sample_shape) != DIGITS_SHAPE:
+    # a pipeline's VAE decodes images that the digits classifier reads (gray or RGB, resized)
+    if metric == "fd_digits" and list(plan.sample_shape) != DIGITS_SHAPE and not plan.components:
         raise StageError(
             stage,
             f"the quality gate's FD-digits needs 1x16x16 digit images, but this model samples "
@@ -77,7 +79,12 @@ def quality_gate(
             if not np.isfinite(images[who]).all():
                 raise StageError(stage, f"the {who} sampled NaN or Inf images")
             if metric == "fd_digits":
-                scores[who].append(evaluate_images(images[who], labels))
+                try:
+                    scores[who].append(evaluate_images(images[who], labels))
+                except ValueError as e:  # images the classifier cannot read
+                    raise StageError(
+                        stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
+                    ) from None
         sq_err += float(((images["candidate"] - images["parent"]) ** 2).sum())
         count += images["parent"].size
     result: dict = {

@@ -113,7 +113,7 @@ def test_shipped_recipes_load():
     from accel.core.recipe import load_recipe
 
     paths = sorted((Path(accel.__file__).parent / "recipes").glob("*.toml"))
-    assert {p.stem for p in paths} >= {"demo", "text-digits"}
+    assert {p.stem for p in paths} >= {"digits-pixel", "text-digits"}
     for path in paths:
         recipe = load_recipe(path)
         assert recipe.stages

@@ -202,6 +202,73 @@ def test_quantize_picks_components(built, tmp_path, monkeypatch, capsys):
     assert code != 0 and "components" in err and "Traceback" not in err
 
 
+def _float16_initializers(path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def test_fp16_converts_each_component_the_gate_allows(built, tmp_path, monkeypatch, capsys):
+    """fp16 of all three graphs of the SD pipeline (its UNet came from the TorchScript exporter,
+    whose node names locate the sampler arithmetic), behind an FD-digits gate on the decoded
+    images."""
+    src, out = built["sd"]["onnx"], tmp_path / "half"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", "fp16", src,
+        "--components", '["denoiser", "text_encoder", "vae_decoder"]',
+        "--gate", '{ metric = "fd_digits", samples = 100, seeds = [0], threshold = 1.0 }',
+        "--out", out, "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    components = manifest["metrics"]["components"]
+    assert {c: r["precision"] for c, r in components.items()} == dict.fromkeys(
+        ("denoiser", "text_encoder", "vae_decoder"), "fp16"
+    )
+    assert components["denoiser"]["fp32_nodes_kept"] > 0  # alpha/sigma tables, x0 conversion
+    for file in ("model.onnx", "text_encoder.onnx", "vae_decoder.onnx"):
+        assert _float16_initializers(out / file) > 0, file
+    assert manifest["info"]["component_precision"] == dict.fromkeys(
+        ("denoiser", "text_encoder", "vae_decoder"), "fp16"
+    )
+    gate = manifest["metrics"]["quality_gate"]  # FD-digits reads the decoded RGB images
+    assert gate["passed"] and gate["metric"] == "fd_digits" and "candidate" in gate
+
+
+def test_fp16_keeps_a_component_the_gate_refuses_in_fp32(built, tmp_path, monkeypatch, capsys):
+    """A text encoder or VAE decoder the gate refuses stays fp32 (byte for byte) and the stage
+    goes on; when the gate refuses every component, the stage fails and writes nothing."""
+    import export.fp16
+    from accel.core.errors import StageError
+
+    gate, calls = export.fp16.quality_gate, []
+
+    def refuse_all_but_the_first(stage, config, parent, candidate, progress):
+        calls.append(stage)  # the first is the denoiser's (components are gated in order)
+        if len(calls) > 1:
+            raise StageError("fp16", "quality gate failed: image RMS difference too large")
+        return gate(stage, config, parent, candidate, progress)
+
+    monkeypatch.setattr(export.fp16, "quality_gate", refuse_all_but_the_first)
+    src, out, store = built["sd"]["onnx"], tmp_path / "half", tmp_path / "store"
+    gate_option = ("--gate", "{ samples = 4, seeds = [0] }", "--store", store)
+    code, _, err = run_cli(monkeypatch, capsys, "export", "fp16", src, "--components",
+                           '["denoiser", "vae_decoder"]', *gate_option, "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert (out / "vae_decoder.onnx").read_bytes() == (src / "vae_decoder.onnx").read_bytes()
+    assert _float16_initializers(out / "model.onnx") > 0
+    components = json.loads((out / "manifest.json").read_text())["metrics"]["components"]
+    assert components["vae_decoder"]["precision"] == "fp32"
+    assert "quality gate failed" in components["vae_decoder"]["refused"]
+    artifacts = sorted((store / "artifacts").iterdir())
+    code, _, err = run_cli(monkeypatch, capsys, "export", "fp16", src, "--components",
+                           '["vae_decoder"]', *gate_option, "--out", tmp_path / "x")  # fmt: skip
+    assert code != 0 and "Traceback" not in err
+    assert "every component" in err.strip().splitlines()[-1]
+    assert sorted((store / "artifacts").iterdir()) == artifacts and not (tmp_path / "x").exists()
+
+
 def test_triton_pipeline_repository(built, tmp_path, monkeypatch, capsys):
     """Four models: text encoder, denoiser and VAE decoder engines, and the Python-backend model
     that tokenizes and runs the loop through BLS; configs parse with Triton's schema, and the BLS

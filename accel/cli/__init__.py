@@ -14,7 +14,8 @@ import click
 
 from accel.core.errors import AccelError, RecipeError
 
-DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "demo.toml"
+RECIPES = Path(__file__).parents[1] / "recipes"
+DEMO_RECIPES = ("text-digits", "digits-pixel")  # the first is `accel demo`'s default
 store_option = click.option(
     "--store",
     type=click.Path(file_okay=False, path_type=Path),
@@ -125,44 +126,67 @@ def plan(recipe: Path, store: Path | None) -> None:
         )
 
 
+def demo_recipe(name: str) -> Path:
+    """The shipped recipe ``name`` (``accel/recipes/<name>.toml``)."""
+    return RECIPES / f"{name}.toml"
+
+
 @cli.command()
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("demo-out"),
     show_default=True,
-    help="Where student/, engine/ and the report go.",
+    help="Where student/, engine/, bundle/ and the report go.",
+)
+@click.option(
+    "--recipe",
+    type=click.Choice(DEMO_RECIPES),
+    default=DEMO_RECIPES[0],
+    show_default=True,
+    help="text-digits: prompt -> image with the shipped text-to-image teacher; digits-pixel: "
+    "the class-conditional pixel-space digits teacher, with an INT8 branch.",
 )
 @store_option
-def demo(out: Path, store: Path | None) -> None:
-    """Distil the shipped digits teacher to 4 steps, compile it with onnxruntime, profile it."""
+def demo(out: Path, recipe: str, store: Path | None) -> None:
+    """Distil a shipped teacher to a few steps, compile its engines with onnxruntime, bundle
+    them and profile them against the teacher (default: prompt -> image, text-digits)."""
     from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
 
-    artifacts = run_recipe(load_recipe(DEMO_RECIPE), default_store(store))
-    by_stage = {a.stage: a for a in artifacts}
-    fp32, int8 = (a for a in artifacts if a.stage == "ort")
+    artifacts = run_recipe(load_recipe(demo_recipe(recipe)), default_store(store))
+    by_key = {a.key: a for a in artifacts}
+
+    def place(a) -> str | None:
+        """Where an artifact of the recipe goes in ``out`` (None: the report's files)."""
+        if a.stage == "ort":
+            parent = by_key.get(a.parent)
+            return "engine-int8" if parent is not None and parent.stage == "quantize" else "engine"
+        return {"checkpoint": "student", "bundle": "bundle"}.get(a.kind)
+
+    placed = {name: a for a in artifacts if (name := place(a))}
+    profile = next(a for a in artifacts if a.stage == "profile")
 
     def fill(tmp: Path) -> None:
-        shutil.copytree(by_stage["progressive"].path, tmp / "student")
-        shutil.copytree(fp32.path, tmp / "engine")
-        shutil.copytree(int8.path, tmp / "engine-int8")
-        shutil.copytree(by_stage["bundle"].path, tmp / "bundle")
-        for f in by_stage["profile"].path.iterdir():
+        for name, a in placed.items():
+            shutil.copytree(a.path, tmp / name)
+        for f in profile.path.iterdir():
             if f.suffix in (".json", ".md", ".png") and f.name != "manifest.json":
                 shutil.copy(f, tmp / f.name)
 
     _publish(out, fill)
     click.echo((out / "report.md").read_text())
-    gate = by_stage["quantize"].metrics["quality_gate"]
-    before, after = gate["parent"]["fd_digits"], gate["candidate"]["fd_digits"]
+    quantize = next((a for a in artifacts if a.stage == "quantize"), None)
+    if quantize is not None and "fd_digits" in quantize.metrics["quality_gate"].get("parent", {}):
+        gate = quantize.metrics["quality_gate"]
+        before, after = gate["parent"]["fd_digits"], gate["candidate"]["fd_digits"]
+        click.echo(
+            f"INT8 engine (onnxruntime static INT8, in engine-int8/): FD-digits {after:.3f} "
+            f"against {before:.3f} for the fp32 graph ({gate['value']:+.1%}; gate: at most "
+            f"+{gate['threshold']:.0%}), {gate['samples']} samples, seed {gate['seeds'][0]}"
+        )
     click.echo(
-        f"INT8 engine (onnxruntime static INT8, in engine-int8/): FD-digits {after:.3f} against "
-        f"{before:.3f} for the fp32 graph ({gate['value']:+.1%}; gate: at most "
-        f"+{gate['threshold']:.0%}), {gate['samples']} samples, seed {gate['seeds'][0]}"
-    )
-    click.echo(
-        f"wrote {out}/: student/, engine/, engine-int8/, bundle/ (deployable: "
+        f"wrote {out}/: {', '.join(f'{n}/' for n in sorted(placed))} (the bundle is deployable: "
         "examples/serve_bundle.py), report.json, report.md, plots"
     )
 
