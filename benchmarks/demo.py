@@ -23,6 +23,18 @@ from accel.core.recipe import load_recipe
 from accel.pipeline import run_recipe
 
 
+def shares(breakdown: dict) -> dict[str, float]:
+    """Each component's share of one image's latency, from the per-stage breakdown's medians:
+    the denoiser is every step together; "other" is conditioning and the sampler updates."""
+    total: dict[str, float] = {}
+    for stage, t in breakdown.items():
+        part = "denoiser" if stage.startswith("step ") else stage
+        part = part if part in ("denoiser", "text encoding", "vae decode") else "other"
+        total[part] = total.get(part, 0.0) + t["p50"]
+    whole = sum(total.values())
+    return {part: ms / whole for part, ms in total.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", choices=DEMO_RECIPES, default=DEMO_RECIPES[0])
@@ -49,7 +61,8 @@ def main() -> None:
         t1 = time.perf_counter()
         run_recipe(load_recipe(recipe), store, lambda m: None)
         rerun = time.perf_counter() - t1
-        report = json.loads((artifacts[-1].path / "report.json").read_text())
+        profile = next(a for a in artifacts if a.stage == "profile")
+        report = json.loads((profile.path / "report.json").read_text())
     q = report["quality"]
     teacher, teacher_ddim, student = q.values()
     summary = {
@@ -70,6 +83,7 @@ def main() -> None:
             for scenario, s in report["scenarios"].items()
         },
         "ratios": {scenario: s["ratios"] for scenario, s in report["scenarios"].items()},
+        "component_share": {name: shares(b) for name, b in report["breakdown"].items()},
         "environment": report["environment"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
