@@ -326,19 +326,24 @@ def load_denoiser(
 
 
 def load_teacher(
-    path: str | Path, stage: str, guidance_scale: float, students: tuple[str, ...] = ()
+    path: str | Path,
+    stage: str,
+    guidance_scale: float,
+    students: tuple[str, ...] = (),
+    flow: bool = False,
 ) -> tuple[Denoiser, ModelInfo]:
-    """A teacher for a step-distillation stage: a discrete-time model that is not itself a
-    distilled student (distillation needs the teacher's own ODE), unless it is a student of one of
-    the ``students`` methods (a progressive student is a deterministic DDIM sampler of the ODE)."""
+    """A teacher for a step-distillation stage: a discrete-time model (or a flow-matching one where
+    the stage has its flow form, ``flow``) that is not itself a distilled student (distillation
+    needs the teacher's own ODE), unless it is a student of one of the ``students`` methods (a
+    progressive student is a deterministic DDIM sampler of the ODE)."""
     from accel.core.errors import StageError
 
     teacher, info = load_denoiser(path, guidance_scale=guidance_scale)
-    if teacher.schedule.kind != "discrete":
+    if teacher.schedule.kind != "discrete" and not flow:
         raise StageError(
             stage,
-            "flow-matching teachers are not supported yet: the students "
-            "here step a discrete VP schedule",
+            f"flow-matching teachers are not supported by {stage} yet (its students step a "
+            "discrete VP schedule); progressive distillation takes them",
         )
     if info.is_student and info.method not in students:
         raise StageError(

@@ -16,6 +16,16 @@ config (guidance is baked in: the student takes one unguided pass; Meng et al. 2
 students are a separate stage). Steps follow diffusers' trailing DDIM grid, t -> t - T // N, so the
 student's ``DDIMScheduler`` (written beside it) reproduces accel's sampler in a plain diffusers loop.
 As in the paper the learning rate decays linearly to zero within each round.
+
+Flow-matching teachers (rectified flow, Liu et al. 2022; SD3/Flux, Esser et al. 2024): with
+z_s = (1 - s) x + s eps, a DDIM step from (x0_hat, eps_hat) is exactly an Euler step of the flow
+ODE dz/ds = v = eps - x0, so the same target applies with the teacher's two Euler steps
+s -> (s + s'') / 2 -> s'' and the x_tilde above (alpha = 1 - s, sigma = s). The student's grid
+s -> s'' is the one its stock ``FlowMatchEulerDiscreteScheduler`` visits at N steps (shift,
+and the dynamic shift at the model's default resolution, included), as FLUX.1-schnell is
+sampled; the teacher's midpoint is the middle in sigma (the 2N-step stock grid, whose points do
+not nest with the N-step one's, is not needed: Algorithm 2 only asks that one student step match
+two teacher steps). The weight max(SNR, 1) uses the flow SNR ((1 - s) / s)^2.
 """
 
 from __future__ import annotations
@@ -77,18 +87,13 @@ def progressive_target(
     teacher: Denoiser,
     z_t: torch.Tensor,
     t: torch.Tensor,
-    student_steps: int,
+    t_mid: torch.Tensor,
+    t_end: torch.Tensor,
     labels: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x_tilde for a student taking ``student_steps`` steps: two teacher DDIM steps
-    t -> t - T // (2N) -> t - T // N, then the x0 a single DDIM step would need to land there.
-
-    The end point t - T // N is where diffusers' N-step DDIM goes next, so the student's stock
-    scheduler reproduces it; the midpoint equals diffusers' own 2N-step grid when 2N divides T
-    (it is one timestep off for 16 steps at T = 1000: 937 -> 874 rather than 875)."""
+    """x_tilde: two teacher DDIM (for flow: Euler) steps t -> t_mid -> t_end, then the x0 a single
+    step from t would need to land there (``student_grid`` gives the three timesteps)."""
     sched = teacher.schedule
-    T = sched.num_train_timesteps
-    t_mid, t_end = t - T // (2 * student_steps), t - T // student_steps
 
     def ab(tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(_bcast(v, z_t) for v in sched.alpha_sigma(tt))  # type: ignore[return-value]
@@ -102,6 +107,41 @@ def progressive_target(
     a_t, s_t = ab(t)
     ratio = s_end / s_t
     return (z_end - ratio * z_t) / (a_end - ratio * a_t)
+
+
+def flow_grid(denoiser: Denoiser, steps: int) -> list[float]:
+    """The ``steps + 1`` flow timesteps (sigma * T, the last 0) the model's stock scheduler visits
+    at its default resolution (a bare backbone: ``FlowMatchEulerDiscreteScheduler`` with the
+    schedule's shift)."""
+    if denoiser.adapter is not None:
+        return denoiser.adapter.timestep_grid(steps, *denoiser.adapter.default_resolution())
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    T = denoiser.schedule.num_train_timesteps
+    config = denoiser.scheduler_config or {
+        "num_train_timesteps": T,
+        "shift": denoiser.schedule.shift,
+    }
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    return [float(v) * T for v in sched.sigmas.double().tolist()]
+
+
+def student_grid(teacher: Denoiser, student_steps: int) -> torch.Tensor:
+    """(t, t_mid, t_end) per student step, shape (N, 3). Discrete: diffusers' trailing DDIM grid,
+    t -> t - T // (2N) -> t - T // N; the end point is where an N-step DDIMScheduler goes next, and
+    the midpoint equals its 2N-step grid when 2N divides T (one timestep off for 16 steps at T =
+    1000: 937 -> 874 rather than 875). Flow: the stock N-step grid, the midpoint in sigma."""
+    sched = teacher.schedule
+    if sched.kind == "flow":
+        g = flow_grid(teacher, student_steps)
+        rows = [(t, (t + t_end) / 2, t_end) for t, t_end in zip(g[:-1], g[1:], strict=True)]
+        return torch.tensor(rows, dtype=torch.float64)
+    T = sched.num_train_timesteps
+    rows = [
+        (t, t - T // (2 * student_steps), t_end) for t, t_end in sched.ddim_timesteps(student_steps)
+    ]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def distill_round(
@@ -135,7 +175,7 @@ def distill_round(
     backbone, opt, lr_decay = trainer.prepare(backbone, opt, lr_decay)
     teacher.to(trainer.device)
     student = teacher.student_of(backbone)
-    grid = torch.tensor([t for t, _ in sched.ddim_timesteps(student_steps)]).to(trainer.device)
+    grid = student_grid(teacher, student_steps).to(trainer.device)
     x_data, y_data = to_device(data, trainer.device)
 
     def step() -> dict[str, torch.Tensor]:
@@ -143,10 +183,10 @@ def distill_round(
         x0, labels = x_data[idx], take(y_data, idx)
         if isinstance(labels, torch.Tensor):
             labels = teacher.training_labels(labels, trainer.randint)
-        t = grid[trainer.randint(student_steps, config.batch_size)]
+        t, t_mid, t_end = grid[trainer.randint(student_steps, config.batch_size)].unbind(1)
         z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
         with torch.no_grad():
-            target = progressive_target(teacher, z_t, t, student_steps, labels)
+            target = progressive_target(teacher, z_t, t, t_mid, t_end, labels)
         x_hat = student.predict(z_t, t, labels)[0]
         weight = _bcast(sched.snr(t).clamp(min=1.0), x0)
         loss = (weight * (target - x_hat) ** 2).mean()
@@ -161,8 +201,11 @@ def distill_round(
     return teacher.student_of(backbone), log
 
 
-def student_scheduler_config(teacher_scheduler: dict) -> dict:
-    """A stock DDIMScheduler whose loop (set_timesteps, step) is exactly accel's DDIM sampler."""
+def student_scheduler_config(teacher_scheduler: dict, flow: bool = False) -> dict:
+    """A stock DDIMScheduler whose loop (set_timesteps, step) is exactly accel's DDIM sampler; for
+    flow teachers their own FlowMatchEulerDiscreteScheduler (its N-step grid is the student's)."""
+    if flow:
+        return dict(teacher_scheduler, _class_name="FlowMatchEulerDiscreteScheduler")
     return dict(
         process_config(teacher_scheduler),
         _class_name="DDIMScheduler",
@@ -181,8 +224,9 @@ def run(ctx: StageContext) -> None:
     from distill.data import stage_data
 
     teacher, info = load_teacher(
-        ctx.input.path, "progressive", config.guidance_scale, students=("progressive",)
+        ctx.input.path, "progressive", config.guidance_scale, students=("progressive",), flow=True
     )
+    flow = teacher.schedule.kind == "flow"
     if info.num_inference_steps not in (None, config.teacher_steps):
         raise StageError(
             "progressive",
@@ -191,7 +235,11 @@ def run(ctx: StageContext) -> None:
         )
     T = teacher.schedule.num_train_timesteps
     alpha_T, sigma_T = (float(v) for v in teacher.schedule.alpha_sigma(torch.tensor([T - 1])))
-    if teacher.prediction_type == "epsilon" and alpha_T / sigma_T < MIN_EPSILON_ALPHA_RATIO:
+    if (
+        not flow
+        and teacher.prediction_type == "epsilon"
+        and alpha_T / sigma_T < MIN_EPSILON_ALPHA_RATIO
+    ):
         raise StageError(
             "progressive",
             "the teacher predicts epsilon and its schedule ends near SNR 0 (alpha/sigma = "
@@ -237,7 +285,7 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         teacher.backbone,
-        student_scheduler_config(teacher.scheduler_config),
+        student_scheduler_config(teacher.scheduler_config, flow),
         ModelInfo(
             method="progressive",
             num_inference_steps=config.student_steps,
@@ -257,7 +305,8 @@ STAGE = Stage(
     consumes="checkpoint",
     produces="checkpoint",
     run=run,
-    description="progressive distillation (Salimans & Ho 2022): halve the DDIM step count per round",
+    description="progressive distillation (Salimans & Ho 2022): halve the DDIM (flow: Euler) step "
+    "count per round",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl"),
+    families=("unet2d", "sd", "sdxl", "sd3"),
 )

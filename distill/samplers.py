@@ -248,12 +248,16 @@ TEACHER_SAMPLE_STEPS = 25
 def teacher_samples(
     teacher: Denoiser, prompts: list[str], steps: int, seed: int, chunk: int = 16
 ) -> torch.Tensor:
-    """x0 of a text-conditioned teacher at ``prompts``: its ``steps``-step DDIM run with its
+    """x0 of a text-conditioned teacher at ``prompts``: its ``steps``-step DDIM (flow: Euler) run with its
     guidance, from noise seeded by ``seed`` (the data of data-free distillation, ``prompts:``)."""
     adapter = teacher.adapter
     h, w = adapter.default_resolution()
     gen = torch.Generator().manual_seed(seed)
-    grid = teacher.schedule.ddim_timesteps(steps)
+    if teacher.schedule.kind == "flow":  # DDIM on a flow schedule is the Euler step
+        g = adapter.timestep_grid(steps, h, w)
+        grid = list(zip(g[:-1], g[1:], strict=True))
+    else:
+        grid = teacher.schedule.ddim_timesteps(steps)
     out = []
     for i in range(0, len(prompts), chunk):
         part = prompts[i : i + chunk]

@@ -234,8 +234,9 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
 @pytest.mark.parametrize(
     ("command", "family"),
     [
-        # progressive, consistency, adversarial and guidance take sd and sdxl (test_text_distill)
-        (["distill", "progressive"], "sd3"),
+        # progressive, consistency, adversarial and guidance take sd and sdxl (test_text_distill);
+        # progressive takes sd3 too (test_flow_distill)
+        (["distill", "progressive"], "flux"),
         (["distill", "consistency"], "flux"),
         (["distill", "guidance"], "sana"),
         (["export", "onnx"], "sd3"),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distill.denoiser import Denoiser, from_x0_eps
-from distill.progressive import ProgressiveConfig, distill_round, progressive_target
+from distill.progressive import ProgressiveConfig, distill_round, progressive_target, student_grid
 from distill.samplers import sample_ddim
 from distill.schedule import Schedule, _bcast
 
@@ -20,12 +20,14 @@ class PerfectStudent(nn.Module):
 
     def __init__(self, teacher: Denoiser, student_steps: int):
         super().__init__()
-        self.teacher, self.steps = teacher, student_steps
+        self.teacher, self.rows = teacher, student_grid(teacher, student_steps)
 
     def forward(self, x, t, class_labels=None):
         sched = self.teacher.schedule
         t = torch.as_tensor(t).expand(len(x))
-        x0 = progressive_target(self.teacher, x, t, self.steps, class_labels)
+        (row,) = self.rows[self.rows[:, 0] == t[0]]  # sampled on the student's grid only
+        t_mid, t_end = (row[i].expand(len(x)) for i in (1, 2))
+        x0 = progressive_target(self.teacher, x, t, t_mid, t_end, class_labels)
         alpha, sigma = (_bcast(v, x) for v in sched.alpha_sigma(t))
         return SimpleNamespace(
             sample=from_x0_eps(x0, (x - alpha * x0) / sigma, alpha, sigma, "v_prediction")

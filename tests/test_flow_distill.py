@@ -1,0 +1,165 @@
+"""Flow-matching teachers through progressive distillation: the Gaussian-mixture flow teacher
+(closed-form velocity, exact Euler endpoints) and tiny SD3 pipelines whose students the stock
+``StableDiffusion3Pipeline`` runs with its ``FlowMatchEulerDiscreteScheduler``."""
+
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from accel.core.model_info import ModelInfo
+from distill.denoiser import Denoiser, from_x0_eps
+from distill.progressive import (
+    ProgressiveConfig,
+    distill_round,
+    flow_grid,
+    progressive_target,
+    student_grid,
+)
+from distill.samplers import sample_ddim
+from distill.schedule import Schedule, _bcast
+
+import families
+from gmm import TimeResidual, two_class_gmm
+from tiny import run_cli
+
+FLOW = Schedule(kind="flow", num_train_timesteps=1000, shift=3.0)  # SD3's shift
+# accel's Euler (float32 numpy) against the stock FlowMatchEulerDiscreteScheduler: measured at
+# most 2e-7 on the tiny SD3 pipeline; 1e-4 leaves room for BLAS differences between machines.
+TOLERANCE = 1e-4
+PROMPT = "a red circle"
+
+
+class PerfectFlowStudent(nn.Module):
+    """A flow student that outputs exactly its progressive target on its own grid."""
+
+    def __init__(self, teacher: Denoiser, steps: int):
+        super().__init__()
+        self.teacher, self.rows = teacher, student_grid(teacher, steps)
+
+    def forward(self, x, t, class_labels=None):
+        t = torch.as_tensor(t, dtype=torch.float64).expand(len(x))
+        row = self.rows[(self.rows[:, 0] - t[0]).abs().argmin()]
+        # float32 timesteps (the stock scheduler's) are within 1e-4 of the grid's
+        assert abs(float(row[0] - t[0])) < 1e-3, "sampled off the student's grid"
+        t_mid, t_end = (row[i].expand(len(x)) for i in (1, 2))
+        x0 = progressive_target(self.teacher, x, t, t_mid, t_end, class_labels)
+        alpha, sigma = (_bcast(v, x) for v in FLOW.alpha_sigma(t))
+        return SimpleNamespace(
+            sample=from_x0_eps(x0, (x - alpha * x0) / sigma, alpha, sigma, "flow")
+        )
+
+
+def _setup(guidance):
+    teacher = Denoiser(
+        two_class_gmm(FLOW, "flow"), FLOW, "flow", guidance_scale=guidance, null_label=2
+    )
+    x_T = torch.randn(32, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return teacher, x_T, torch.arange(32) % 2
+
+
+def _pairs(grid):
+    return list(zip(grid[:-1], grid[1:], strict=True))
+
+
+def test_flow_grid_is_the_stock_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    teacher, _, _ = _setup(1.0)
+    stock = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    stock.set_timesteps(4)
+    assert flow_grid(teacher, 4) == pytest.approx([float(s) * 1000 for s in stock.sigmas])
+    rows = student_grid(teacher, 4)
+    assert rows[-1, 2] == 0 and torch.allclose(rows[:, 1], (rows[:, 0] + rows[:, 2]) / 2)
+
+
+def test_flow_student_at_half_the_steps_matches_the_teachers_euler_per_sample():
+    """The student's N Euler steps on its stock grid land exactly where the teacher's 2N Euler
+    steps (each student interval halved in sigma) land, with and without guidance; the teacher's
+    own N steps do not (so the bound is not met by chance)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for guidance in (1.0, 2.5):
+        teacher, x_T, labels = _setup(guidance)
+        rows = student_grid(teacher, 4).tolist()
+        fine = [pair for t, m, e in rows for pair in ((t, m), (m, e))]
+        ref = sample_ddim(teacher, x_T, fine, labels)
+        student = Denoiser(PerfectFlowStudent(teacher, 4), FLOW, "flow")
+        out = sample_ddim(student, x_T, _pairs(flow_grid(teacher, 4)), labels)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        coarse = sample_ddim(teacher, x_T, _pairs(flow_grid(teacher, 4)), labels)
+        assert (coarse - ref).abs().max() > 1e-2
+        # the stock scheduler's loop (set_timesteps, step on the velocity) draws the same, up to
+        # its float32 timesteps and arithmetic
+        stock = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        stock.set_timesteps(4)
+        x = x_T.clone()
+        for t in stock.timesteps:
+            v = student.raw(x, torch.tensor(float(t), dtype=torch.float64), labels)
+            x = stock.step(v, t, x).prev_sample
+        torch.testing.assert_close(x.double(), ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_one_round_of_flow_training_closes_the_gap_to_the_teacher():
+    gmm_teacher, x_T, labels = _setup(1.0)
+    teacher = Denoiser(TimeResidual(gmm_teacher.backbone), FLOW, "flow")
+    rows = student_grid(teacher, 1).tolist()
+    ref = sample_ddim(teacher, x_T, [(t, m) for t, m, _ in rows] + [(rows[0][1], 0.0)], labels)
+    one_step = _pairs(flow_grid(teacher, 1))
+    before = (sample_ddim(teacher, x_T, one_step, labels) - ref).pow(2).mean()
+    g = torch.Generator().manual_seed(0)
+    comp = torch.randint(0, 4, (4096,), generator=g)
+    gmm = gmm_teacher.backbone
+    x0 = gmm.means[comp] + gmm.stds[comp, None] * torch.randn(
+        4096, 4, generator=g, dtype=torch.float64
+    )
+    config = ProgressiveConfig(
+        teacher_steps=2, student_steps=1, iterations_per_round=300, batch_size=128,
+        learning_rate=3e-3,
+    )  # fmt: skip
+    student, log = distill_round(copy.deepcopy(teacher), (x0, gmm.classes[comp]), 1, config)
+    losses = [r["loss"] for r in log]
+    after = (sample_ddim(student, x_T, one_step, labels) - ref).pow(2).mean()
+    assert sum(losses[-30:]) < sum(losses[:30])
+    assert after < before / 3, (before, after)
+
+
+def test_flow_progressive_students_are_stock_pipelines(tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    student = tmp_path / "student"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "distill", "progressive", teacher, "--teacher-steps", 4,
+        "--student-steps", 2, "--iterations-per-round", 2, "--batch-size", 2,
+        "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'prompts.txt'}",
+        "--out", student, "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code == 0, err
+    info = ModelInfo.read(student)
+    assert info.method == "progressive" and info.num_inference_steps == 2
+    assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == 2.0  # CFG baked in
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    out = tmp_path / "s.npz"
+    code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
+                           "--seed", 0, "--out", out)  # fmt: skip
+    assert code == 0, err
+    ours = np.load(out)
+    pipe = families.load_pipeline("sd3", student)
+    assert type(pipe) is diffusers.StableDiffusion3Pipeline
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    stock = pipe(
+        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
+        guidance_scale=1.0, output_type="np", height=32, width=32,
+    ).images  # fmt: skip
+    assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
+    weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
+    assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
