@@ -24,7 +24,16 @@ LAION, or data-free on the teacher's own samples at a prompt list (``prompts:``)
 only needs points x0 to noise, and the teacher's samples lie where its ODE goes. The guidance is
 baked in (the student takes one unguided pass), so the SD student runs in the stock
 ``LatentConsistencyModelPipeline`` and the SDXL student in ``StableDiffusionXLPipeline`` with
-``LCMScheduler``, both at guidance 1. LCM's w-embedding (``time_cond_proj_dim``) is not added.
+``LCMScheduler``, both at guidance 1; with the family's w input (SD/SDXL: LCM's
+``time_cond_proj_dim`` embedding, added to the student) the student takes w instead.
+
+Flow-matching teachers (SD3; rectified flow, z_s = (1 - s) x0 + s eps): the consistency function
+is the flow student's own x0, f(z, s) = z - s v(z, s), which meets the boundary f(z, 0) = z by
+its parameterisation (no c_skip/c_out; it is the x0 of diffusers' ``FlowMatchLCMScheduler``, as
+in the flow form of LCM used by SANA-Sprint's and FLUX LCM students). The skipping grid is the
+teacher's stock ``FlowMatchEulerDiscreteScheduler`` grid at ``solver_steps`` (shift included),
+x_hat one guided Euler step of the teacher s_n -> s_{n+1}, the same distance; the student samples
+with ``FlowMatchLCMScheduler`` (x0, then re-noise to the next sigma with fresh noise).
 """
 
 from __future__ import annotations
@@ -45,12 +54,13 @@ from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
     Denoiser,
+    FlowConsistencyDenoiser,
     guidance_info,
     load_teacher,
     save_pipeline,
     takes_w,
 )
-from distill.samplers import ddim_step
+from distill.samplers import ddim_step, flow_grid
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -59,6 +69,17 @@ def consistency_grid(num_train_timesteps: int, solver_steps: int) -> list[int]:
     """The skipping-step grid t_n = (n + 1) k - 1, k = T / N: LCMScheduler's origin timesteps."""
     k = num_train_timesteps // solver_steps
     return [(n + 1) * k - 1 for n in range(solver_steps)]
+
+
+def consistency_pairs(teacher: Denoiser, solver_steps: int) -> torch.Tensor:
+    """(t_n, t_n - k) per grid point, shape (N, 2): the discrete skipping grid (t - k clamped at
+    0), or for flow teachers consecutive points of the stock ``solver_steps``-step flow grid."""
+    if teacher.schedule.kind == "flow":
+        g = flow_grid(teacher, solver_steps)
+        return torch.tensor(list(zip(g[:-1], g[1:], strict=True)), dtype=torch.float64)
+    k = teacher.schedule.num_train_timesteps // solver_steps
+    grid = consistency_grid(teacher.schedule.num_train_timesteps, solver_steps)
+    return torch.tensor([(t, max(t - k, 0)) for t in grid], dtype=torch.long)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: Literal["l2", "huber"]) -> torch.Tensor:
@@ -77,21 +98,22 @@ def consistency_loss(
     teacher: Denoiser,
     x0: torch.Tensor,
     labels: torch.Tensor | None,
-    grid: torch.Tensor,
-    skip: int,
+    pairs: torch.Tensor,
     kind: Literal["l2", "huber"],
     rng: Trainer,
 ) -> torch.Tensor:
-    """One batch of the consistency distillation objective (Algorithm 2's loss term)."""
+    """One batch of the consistency distillation objective (Algorithm 2's loss term) over the
+    (t, t_prev) ``pairs`` of ``consistency_pairs``."""
     sched = teacher.schedule
-    t = grid[rng.randint(len(grid), len(x0))]
-    t_prev = (t - skip).clamp(min=0)
+    t, t_prev = pairs[rng.randint(len(pairs), len(x0))].unbind(1)
     x_t = sched.add_noise(x0, rng.randn(x0.shape, x0.dtype), t)
     with torch.no_grad():
         x0_teacher, eps_teacher = teacher.predict(x_t, t, labels)
         a_prev, s_prev = (_bcast(v, x0) for v in sched.alpha_sigma(t_prev))
-        x_prev = a_prev * x0_teacher + s_prev * eps_teacher  # one DDIM step t -> t_prev
+        x_prev = a_prev * x0_teacher + s_prev * eps_teacher  # one DDIM (flow: Euler) step
         goal = target.predict(x_prev, t_prev, labels)[0]
+        if sched.kind == "flow":  # the boundary itself: f(z, 0) = z (not 0 * v of a net at s = 0)
+            goal = torch.where((t_prev == 0).reshape(-1, *[1] * (x0.dim() - 1)), x_prev, goal)
     return distance(student.predict(x_t, t, labels)[0], goal, kind).mean()
 
 
@@ -122,15 +144,13 @@ def distill(
     trainer.ema(ema, backbone, config.ema_decay)
     teacher.to(trainer.device)
 
+    kind = FlowConsistencyDenoiser if sched.kind == "flow" else ConsistencyDenoiser
+
     def consistency(net: torch.nn.Module) -> ConsistencyDenoiser:
-        return teacher.student_of(  # type: ignore[return-value]
-            net, ConsistencyDenoiser, solver_steps=config.solver_steps
-        )
+        return teacher.student_of(net, kind, solver_steps=config.solver_steps)  # type: ignore[return-value]
 
     student, target = consistency(backbone), consistency(ema)
-    grid = torch.tensor(consistency_grid(sched.num_train_timesteps, config.solver_steps))
-    grid = grid.to(trainer.device)
-    skip = sched.num_train_timesteps // config.solver_steps
+    pairs = consistency_pairs(teacher, config.solver_steps).to(trainer.device)
     x_data, y_data = to_device(data, trainer.device)
     # a student with a w input (LCM's embedding) learns the teacher guided at w, given w
     w_inputs = {
@@ -151,7 +171,7 @@ def distill(
                 **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()},
             }
         loss = consistency_loss(
-            student, target, teacher, x_data[idx], labels, grid, skip, config.loss, trainer
+            student, target, teacher, x_data[idx], labels, pairs, config.loss, trainer
         )
         trainer.backward(loss)
         opt.step()
@@ -207,8 +227,18 @@ class ConsistencyConfig(TrainingConfig):
         return self
 
 
-def student_scheduler_config(teacher_scheduler: dict, solver_steps: int) -> dict:
-    """A stock LCMScheduler whose set_timesteps/step loop is ``sample_consistency``."""
+def student_scheduler_config(
+    teacher_scheduler: dict, solver_steps: int, flow: bool = False
+) -> dict:
+    """A stock LCMScheduler whose set_timesteps/step loop is ``sample_consistency``; for flow
+    teachers a FlowMatchLCMScheduler with the teacher's shift settings."""
+    if flow:
+        from diffusers import FlowMatchLCMScheduler
+
+        config = dict(FlowMatchLCMScheduler.from_config(teacher_scheduler).config)  # its own keys
+        return {k: v for k, v in config.items() if not k.startswith("_")} | {
+            "_class_name": "FlowMatchLCMScheduler"
+        }
     return dict(
         process_config(teacher_scheduler),
         _class_name="LCMScheduler",
@@ -225,9 +255,10 @@ def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
 
-    teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale)
+    teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale, flow=True)
+    flow = teacher.schedule.kind == "flow"
     T = teacher.schedule.num_train_timesteps
-    if T % config.solver_steps:
+    if not flow and T % config.solver_steps:
         raise StageError(
             "consistency", f"solver_steps={config.solver_steps} must divide the {T} timesteps"
         )
@@ -236,7 +267,7 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         student.backbone,
-        student_scheduler_config(teacher.scheduler_config, config.solver_steps),
+        student_scheduler_config(teacher.scheduler_config, config.solver_steps, flow),
         ModelInfo(
             method="consistency",
             num_inference_steps=config.num_inference_steps,
@@ -246,7 +277,10 @@ def run(ctx: StageContext) -> None:
                 else guidance_info(info, config.guidance_scale)
             ),
             num_classes=info.num_classes,
-            consistency=ConsistencySpec(config.solver_steps, 0.5, TIMESTEP_SCALING),
+            # flow students: no boundary scalings (f = z - s v), recorded as zeros
+            consistency=ConsistencySpec(
+                config.solver_steps, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING))
+            ),
         ),
         teacher,
     )
@@ -263,5 +297,5 @@ STAGE = Stage(
     run=run,
     description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl"),
+    families=("unet2d", "sd", "sdxl", "sd3"),
 )

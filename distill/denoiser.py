@@ -265,6 +265,19 @@ class ConsistencyDenoiser(Denoiser):
         return x0, (x - alpha * x0) / sigma.clamp(min=1e-12)
 
 
+class FlowConsistencyDenoiser(Denoiser):
+    """A flow-matching consistency student (``distill.consistency``'s flow form): its x0 is the
+    consistency function itself, f(x, s) = x - s v(x, s), whose boundary f(x, 0) = x holds by the
+    flow parameterisation (it is the x0 ``FlowMatchLCMScheduler.step`` computes), so no
+    c_skip/c_out scalings (its ConsistencySpec records sigma_data = timestep_scaling = 0)."""
+
+    consistency = True
+
+    def __init__(self, *args, solver_steps: int = 50, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.solver_steps = solver_steps
+
+
 def takes_w(backbone: nn.Module) -> bool:
     """The backbone takes w as an input (an LCM-form UNet's ``time_cond_proj_dim``)."""
     cfg = getattr(backbone, "config", None)
@@ -310,15 +323,17 @@ def load_denoiser(
         kwargs = {"guidance_scale": w, "null_label": null}
         if embedding is not None:
             kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
-    if info.consistency is not None:
+    if info.consistency is not None and adapter.schedule.kind == "flow":
+        denoiser: Denoiser = FlowConsistencyDenoiser(
+            *args, solver_steps=info.consistency.solver_steps, **kwargs
+        )
+    elif info.consistency is not None:
         if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
             raise CheckpointError(
                 f"{root}: timestep_scaling other than {TIMESTEP_SCALING} is not "
                 "supported for consistency students"
             )
-        denoiser: Denoiser = ConsistencyDenoiser(
-            *args, solver_steps=info.consistency.solver_steps, **kwargs
-        )
+        denoiser = ConsistencyDenoiser(*args, solver_steps=info.consistency.solver_steps, **kwargs)
     else:
         denoiser = Denoiser(*args, **kwargs)
     denoiser.scheduler_config = sched_cfg

@@ -44,6 +44,7 @@ from accel.core.model_info import ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
 from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline
+from distill.samplers import flow_grid
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
 
@@ -107,24 +108,6 @@ def progressive_target(
     a_t, s_t = ab(t)
     ratio = s_end / s_t
     return (z_end - ratio * z_t) / (a_end - ratio * a_t)
-
-
-def flow_grid(denoiser: Denoiser, steps: int) -> list[float]:
-    """The ``steps + 1`` flow timesteps (sigma * T, the last 0) the model's stock scheduler visits
-    at its default resolution (a bare backbone: ``FlowMatchEulerDiscreteScheduler`` with the
-    schedule's shift)."""
-    if denoiser.adapter is not None:
-        return denoiser.adapter.timestep_grid(steps, *denoiser.adapter.default_resolution())
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    T = denoiser.schedule.num_train_timesteps
-    config = denoiser.scheduler_config or {
-        "num_train_timesteps": T,
-        "shift": denoiser.schedule.shift,
-    }
-    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
-    sched.set_timesteps(steps)
-    return [float(v) * T for v in sched.sigmas.double().tolist()]
 
 
 def student_grid(teacher: Denoiser, student_steps: int) -> torch.Tensor:

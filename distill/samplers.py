@@ -149,6 +149,24 @@ def flow_coefficients(grid: list[float], num_train_timesteps: int) -> list[dict[
     return plan
 
 
+def flow_grid(denoiser: Denoiser, steps: int) -> list[float]:
+    """The ``steps + 1`` flow timesteps (sigma * T, the last 0) the model's stock scheduler visits
+    at its default resolution (a bare backbone: ``FlowMatchEulerDiscreteScheduler`` with the
+    schedule's shift)."""
+    if denoiser.adapter is not None:
+        return denoiser.adapter.timestep_grid(steps, *denoiser.adapter.default_resolution())
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    T = denoiser.schedule.num_train_timesteps
+    config = denoiser.scheduler_config or {
+        "num_train_timesteps": T,
+        "shift": denoiser.schedule.shift,
+    }
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    return [float(v) * T for v in sched.sigmas.double().tolist()]
+
+
 def consistency_timesteps(num_train_timesteps: int, solver_steps: int, steps: int) -> list[int]:
     """The timesteps of ``steps``-step consistency sampling, as LCMScheduler.set_timesteps picks
     them: evenly spaced (floored) indices into the reversed skipping-step grid (n + 1) k - 1."""
@@ -159,9 +177,12 @@ def consistency_timesteps(num_train_timesteps: int, solver_steps: int, steps: in
     return [grid[int(i)] for i in torch.linspace(0, solver_steps, steps + 1)[:-1].floor().tolist()]
 
 
-def consistency_coefficients(schedule: Schedule, timesteps: list[int]) -> list[dict[str, float]]:
+def consistency_coefficients(
+    schedule: Schedule, timesteps: list[int] | list[float]
+) -> list[dict[str, float]]:
     """Multistep consistency sampling as x_next = a x + b x0_hat + c z: a = 0, b = alpha(t_next),
-    c = sigma(t_next) (fresh noise z), and x0_hat itself after the last step."""
+    c = sigma(t_next) (fresh noise z), and x0_hat itself after the last step (flow schedules:
+    b = 1 - s', c = s', FlowMatchLCMScheduler.step)."""
     plan = []
     for i, t in enumerate(timesteps):
         if i + 1 < len(timesteps):
@@ -217,7 +238,10 @@ def _adapter_plan(
     h, w = resolution or adapter.default_resolution()
     adapter.check_resolution(h, w)
     schedule = denoiser.schedule
-    if schedule.kind == "flow":
+    if schedule.kind == "flow" and denoiser.consistency:  # FlowMatchLCMScheduler's loop
+        grid = adapter.timestep_grid(steps, h, w)
+        coefficients, sampler = consistency_coefficients(schedule, grid[:-1]), "consistency"
+    elif schedule.kind == "flow":
         grid = adapter.timestep_grid(steps, h, w)
         coefficients, sampler = flow_coefficients(grid, schedule.num_train_timesteps), "flow_euler"
     else:

@@ -20,7 +20,11 @@ import torch
 from accel.core.errors import CheckpointError, RecipeError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+FLOW_SCHEDULERS = (
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
+    "FlowMatchLCMScheduler",
+)
 
 
 def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:

@@ -127,6 +127,15 @@ def count_ops(path: Path) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
+def uses_external_data(path: Path) -> bool:
+    """The ONNX file at ``path`` keeps some initializer in an external data file."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data as external
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(external(t) for t in model.graph.initializer)
+
+
 def quantize_ort_int8(
     src: Path,
     dst: Path,
@@ -154,6 +163,9 @@ def quantize_ort_int8(
         str(src),
         str(dst),
         Reader(),
+        # graphs over protobuf's 2 GB (an SD UNet) keep their weights, and the calibrator's
+        # augmented copy, in external data
+        use_external_data_format=uses_external_data(src),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=op_types,
         activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,

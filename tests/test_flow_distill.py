@@ -1,6 +1,7 @@
-"""Flow-matching teachers through progressive distillation: the Gaussian-mixture flow teacher
-(closed-form velocity, exact Euler endpoints) and tiny SD3 pipelines whose students the stock
-``StableDiffusion3Pipeline`` runs with its ``FlowMatchEulerDiscreteScheduler``."""
+"""Flow-matching teachers through progressive and consistency distillation: the Gaussian-mixture
+flow teacher (closed-form velocity, exact Euler endpoints) and tiny SD3 pipelines whose students
+the stock ``StableDiffusion3Pipeline`` runs with ``FlowMatchEulerDiscreteScheduler`` (progressive)
+or ``FlowMatchLCMScheduler`` (consistency)."""
 
 import copy
 import json
@@ -12,15 +13,10 @@ import torch
 from torch import nn
 
 from accel.core.model_info import ModelInfo
-from distill.denoiser import Denoiser, from_x0_eps
-from distill.progressive import (
-    ProgressiveConfig,
-    distill_round,
-    flow_grid,
-    progressive_target,
-    student_grid,
-)
-from distill.samplers import sample_ddim
+from distill.consistency import consistency_loss, consistency_pairs
+from distill.denoiser import Denoiser, FlowConsistencyDenoiser, from_x0_eps
+from distill.progressive import ProgressiveConfig, distill_round, progressive_target, student_grid
+from distill.samplers import flow_grid, sample_ddim
 from distill.schedule import Schedule, _bcast
 
 import families
@@ -156,6 +152,114 @@ def test_flow_progressive_students_are_stock_pipelines(tmp_path, monkeypatch, ca
     pipe = families.load_pipeline("sd3", student)
     assert type(pipe) is diffusers.StableDiffusion3Pipeline
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    stock = pipe(
+        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
+        guidance_scale=1.0, output_type="np", height=32, width=32,
+    ).images  # fmt: skip
+    assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
+    weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
+    assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
+
+
+class ChainStudent(nn.Module):
+    """The exact consistency function of the teacher's Euler solver on the skipping grid: from
+    (z, s_n), the teacher's Euler steps down the grid to 0; as a flow output v = (z - f) / s
+    (at s = 0 any v gives f = z)."""
+
+    def __init__(self, teacher: Denoiser, pairs: torch.Tensor):
+        super().__init__()
+        self.teacher, self.pairs = teacher, pairs
+
+    def forward(self, x, t, class_labels=None):
+        t = torch.as_tensor(t, dtype=torch.float64).expand(len(x))
+        out = torch.empty_like(x)
+        for value in t.unique():
+            rows = t == value
+            if value == 0:  # f(z, 0) = z whatever v is
+                out[rows] = 0
+                continue
+            (n,) = torch.nonzero((self.pairs[:, 0] - value).abs() < 1e-9)[0].tolist()
+            labels = None if class_labels is None else class_labels[rows]
+            f = sample_ddim(self.teacher, x[rows], self.pairs[n:].tolist(), labels)
+            out[rows] = (x[rows] - f) / (value / 1000)
+        return SimpleNamespace(sample=out)
+
+
+class Draws:
+    """The trainer's random draws (``Trainer.randint``/``randn``), seeded."""
+
+    def __init__(self, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randint(self, high, n):
+        return torch.randint(0, high, (n,), generator=self.g)
+
+    def randn(self, shape, dtype):
+        return torch.randn(shape, generator=self.g, dtype=dtype)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_flow_consistency_loss_vanishes_at_the_teachers_exact_consistency_function(guidance):
+    """The solver's own consistency function (Euler down the stock grid) has loss 0 (to 1e-12)
+    on every pair, and one step of it draws the teacher's N-step Euler endpoint exactly; the
+    teacher taken as its own consistency function (x0 = z - s v) has a loss over 1e-3."""
+    teacher, x_T, labels = _setup(guidance)
+    pairs = consistency_pairs(teacher, 8)
+    assert pairs[-1, 1] == 0 and torch.equal(pairs[1:, 0], pairs[:-1, 1])
+    g = torch.Generator().manual_seed(1)
+    comp = torch.randint(0, 4, (64,), generator=g)
+    gmm = teacher.backbone
+    x0 = gmm.means[comp] + gmm.stds[comp, None] * torch.randn(
+        64, 4, generator=g, dtype=torch.float64
+    )
+    y = gmm.classes[comp]
+
+    def flow_student(backbone, **guidance):
+        return FlowConsistencyDenoiser(backbone, FLOW, "flow", solver_steps=8, **guidance)
+
+    exact = flow_student(ChainStudent(teacher, pairs))
+    loss = consistency_loss(exact, exact, teacher, x0, y, pairs, "l2", Draws())
+    assert loss < 1e-12  # float64 round-off of v = (z - f) / s and back
+    naive = flow_student(teacher.backbone, guidance_scale=guidance, null_label=2)
+    assert consistency_loss(naive, naive, teacher, x0, y, pairs, "l2", Draws()) > 1e-3
+    one_step = exact.predict(x_T, torch.tensor(float(pairs[0, 0])), labels)[0]
+    torch.testing.assert_close(
+        one_step, sample_ddim(teacher, x_T, pairs.tolist(), labels), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_flow_consistency_students_are_stock_pipelines(tmp_path, monkeypatch, capsys):
+    import diffusers
+    import diffusers.schedulers.scheduling_flow_match_lcm as flow_lcm
+
+    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    student = tmp_path / "student"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "distill", "consistency", teacher, "--solver-steps", 10,
+        "--num-inference-steps", 2, "--iterations", 2, "--batch-size", 2,
+        "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'prompts.txt'}",
+        "--out", student, "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code == 0, err
+    info = ModelInfo.read(student)
+    assert info.method == "consistency" and info.num_inference_steps == 2
+    assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == 2.0
+    assert info.consistency.sigma_data == 0 and info.consistency.timestep_scaling == 0
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "FlowMatchLCMScheduler"]
+    out = tmp_path / "s.npz"
+    code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
+                           "--seed", 0, "--out", out)  # fmt: skip
+    assert code == 0, err
+    ours = np.load(out)
+    pipe = families.load_pipeline("sd3", student)
+    assert type(pipe) is diffusers.StableDiffusion3Pipeline
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    # FlowMatchLCMScheduler.step re-noises with fresh noise: hand it the draws accel sample made
+    rng = np.random.default_rng([0, 1])
+    monkeypatch.setattr(flow_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
+        rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
     stock = pipe(
         [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
         guidance_scale=1.0, output_type="np", height=32, width=32,

@@ -50,7 +50,8 @@ class GuidanceEmbedding:
 
 @dataclass(frozen=True)
 class ConsistencySpec:
-    """A consistency student's boundary condition (Song et al. 2023, LCM's c_skip/c_out)."""
+    """A consistency student's boundary condition (Song et al. 2023, LCM's c_skip/c_out); flow
+    students record sigma_data = timestep_scaling = 0: their x0 = z - s v meets it unscaled."""
 
     solver_steps: int
     sigma_data: float = 0.5
