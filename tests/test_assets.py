@@ -1,6 +1,8 @@
 """The shipped demo assets: the teacher is a stock diffusers pipeline that draws the digit it is
 asked for, and the classifier behind FD-digits recognises real digits."""
 
+import json
+
 import numpy as np
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -60,6 +62,41 @@ def test_stock_pipeline_draws_the_prompted_digit():
     from accel.demo.digits import caption
 
     pipe = StableDiffusionPipeline.from_pretrained(TEXT_TEACHER_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    digits = [7, 3, 0]
+    prompts = [caption(d) for d in digits]
+    out = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = out.transpose(0, 3, 1, 2) * 2 - 1  # N x 1 x 32 x 32 in [-1, 1]
+    _, predicted = features_and_predictions(images)
+    assert list(predicted) == digits
+
+
+def test_flow_teacher_is_a_small_stock_sd3_pipeline():
+    from accel.assets.make_flow_teacher import FLOW_TEACHER_DIR
+
+    size = sum(p.stat().st_size for p in FLOW_TEACHER_DIR.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+    index = json.loads((FLOW_TEACHER_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["text_encoder_3"] == [None, None]  # T5 left out
+    assert not list(FLOW_TEACHER_DIR.rglob("*.bin"))  # safetensors only
+
+
+def test_stock_sd3_pipeline_draws_the_prompted_digit():
+    """``StableDiffusion3Pipeline.from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)``
+    ("a handwritten seven"), at its defaults (28 steps, guidance 7.0, 256 zero T5 tokens) but for
+    the seed, draws a seven. (diffusers 0.42 loads a T5-less SD3 directory only with those two
+    arguments, its documented way; without them from_pretrained refuses the directory.)"""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from accel.assets.make_flow_teacher import FLOW_TEACHER_DIR
+    from accel.demo.digits import caption
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        FLOW_TEACHER_DIR, text_encoder_3=None, tokenizer_3=None
+    )
     pipe.set_progress_bar_config(disable=True)
     digits = [7, 3, 0]
     prompts = [caption(d) for d in digits]
