@@ -233,10 +233,14 @@ def student_scheduler_config(
     """A stock LCMScheduler whose set_timesteps/step loop is ``sample_consistency``; for flow
     teachers a FlowMatchLCMScheduler with the teacher's shift settings."""
     if flow:
+        import inspect
+
         from diffusers import FlowMatchLCMScheduler
 
-        config = dict(FlowMatchLCMScheduler.from_config(teacher_scheduler).config)  # its own keys
-        return {k: v for k, v in config.items() if not k.startswith("_")} | {
+        keys = inspect.signature(FlowMatchLCMScheduler.__init__).parameters  # its own keys only
+        config = {k: v for k, v in teacher_scheduler.items() if k in keys and k != "self"}
+        full = FlowMatchLCMScheduler(**config).config
+        return {k: v for k, v in full.items() if not k.startswith("_")} | {
             "_class_name": "FlowMatchLCMScheduler"
         }
     return dict(
