@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from accel.assets.make_text_teacher import TEXT_TEACHER_DIR
 from accel.cli import demo_recipe
 from accel.core.recipe import load_recipe
 from accel.demo.digits import TEACHER_DIR, evaluate_images, fd_floor, generate
@@ -110,7 +111,6 @@ METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
     ),  # fmt: skip
 }
 REFERENCES = ("teacher DDIM", GUIDED)  # rows outside the acceptance bars
-TEXT_TEACHER_DIR = TEACHER_DIR.parent / "text_teacher"
 # the text-digits recipe's own training stage (the demo's student: a store hit after `accel demo`)
 _TEXT_LCM = dict(tomllib.loads(demo_recipe("text-digits").read_text())["stages"][0])
 TEXT_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {

@@ -86,6 +86,9 @@ def convert(src: Path, dst: Path, keep_nodes: list[str], keep_ops: list[str]):
     """``src`` converted to fp16 by AutoCast, IO fp32, into ``dst``; the converted model."""
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
+    from export.quantize_onnx import quiet_modelopt
+
+    quiet_modelopt()
     exclude = ["^(" + "|".join(map(re.escape, keep_nodes)) + ")$"] if keep_nodes else None
     converted = convert_to_mixed_precision(
         str(src),
@@ -103,8 +106,6 @@ def convert(src: Path, dst: Path, keep_nodes: list[str], keep_ops: list[str]):
 
 def run(ctx: StageContext) -> None:
     config: Fp16Config = ctx.config  # type: ignore[assignment]
-    import logging
-
     import onnx
 
     from accel.runtime import OrtRuntime
@@ -112,7 +113,6 @@ def run(ctx: StageContext) -> None:
     from export.parity import compare, describe_failure, plan_feeds
     from export.pipeline_export import component_feeds
 
-    logging.getLogger("modelopt").setLevel(logging.ERROR)
     if ctx.input.info.get("precision") in ("int8", "fp8"):
         raise StageError(
             "fp16",
@@ -149,10 +149,13 @@ def run(ctx: StageContext) -> None:
     gate: dict = {}
     for component in config.components:
         file = files[component]
-        model = onnx.load(str(src_dir / file), load_external_data=False)
         # the denoiser graph's sampler arithmetic (alpha/sigma tables, the x0 conversion, a fused
         # sampler's updates) stays fp32; a text encoder or VAE decoder is all backbone
-        keep = outside_backbone(model) if component == "denoiser" else []
+        keep = (
+            outside_backbone(onnx.load(str(src_dir / file), load_external_data=False))
+            if component == "denoiser"
+            else []
+        )
         t0 = time.perf_counter()
         ctx.progress(f"fp16: converting the {component}; {len(keep)} nodes stay fp32")
         converted = convert(src_dir / file, out_dir / file, keep, config.keep_fp32_ops)

@@ -127,6 +127,17 @@ def count_ops(path: Path) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
+def quiet_modelopt() -> None:
+    """Model Optimizer's loggers at ERROR: its ONNX packages set each of their loggers to INFO,
+    with a handler on the stdout of the moment, when they are imported, so the parent logger's
+    level alone does not silence them. Call after importing them."""
+    import logging
+
+    for name in ["modelopt", *logging.root.manager.loggerDict]:
+        if name.split(".")[0] == "modelopt":
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def uses_external_data(path: Path) -> bool:
     """The ONNX file at ``path`` keeps some initializer in an external data file."""
     import onnx
@@ -208,11 +219,9 @@ def _modelopt_onnx_ptq(
     dtype: str,
     calibration: str | None,
 ) -> None:
-    import logging
-
     import modelopt.onnx.quantization as moq
 
-    logging.getLogger("modelopt").setLevel(logging.ERROR)
+    quiet_modelopt()
     moq.quantize(
         str(src),
         quantize_mode=mode,

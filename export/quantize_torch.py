@@ -69,13 +69,12 @@ def quantized_op_counts(path) -> Counter:
 
 def run(ctx: StageContext) -> None:
     config: TorchQuantizeConfig = ctx.config  # type: ignore[assignment]
-    import logging
 
     import torch
 
     from accel.runtime import OrtRuntime
     from export.onnx_export import graph_and_plan, onnx_from_torch
-    from export.quantize_onnx import calibration_feeds
+    from export.quantize_onnx import calibration_feeds, quiet_modelopt
     from export.torch_runtime import TorchRuntime
 
     try:
@@ -85,7 +84,7 @@ def run(ctx: StageContext) -> None:
             "quantize_torch",
             f"NVIDIA Model Optimizer is not installed ({e}): pip install nvidia-modelopt",
         ) from None
-    logging.getLogger("modelopt").setLevel(logging.ERROR)
+    quiet_modelopt()
 
     graph, plan = graph_and_plan(
         "quantize_torch", ctx.input.path, config.num_inference_steps, config.guidance_scale

@@ -135,3 +135,28 @@ class TimeResidual(nn.Module):
         )
         base = self.base(x, t, class_labels % 3).sample
         return SimpleNamespace(sample=base + self.net(feats))
+
+
+class PerfectProgressiveStudent(nn.Module):
+    """A student that outputs exactly its progressive regression target on its own grid
+    (``distill.progressive.student_grid``), in ``prediction_type``."""
+
+    def __init__(self, teacher, student_steps: int, prediction_type: str):
+        from distill.progressive import student_grid
+
+        super().__init__()
+        self.teacher, self.rows = teacher, student_grid(teacher, student_steps)
+        self.prediction_type = prediction_type
+
+    def forward(self, x, t, class_labels=None):
+        from distill.progressive import progressive_target
+
+        t = torch.as_tensor(t).expand(len(x))
+        row = self.rows[(self.rows[:, 0] - t[0]).abs().argmin()]
+        # flow: float32 timesteps (the stock scheduler's) are within 1e-4 of the grid's
+        assert abs(float(row[0] - t[0])) < 1e-3, "sampled off the student's grid"
+        t_mid, t_end = (row[i].expand(len(x)) for i in (1, 2))
+        x0 = progressive_target(self.teacher, x, t, t_mid, t_end, class_labels)
+        alpha, sigma = (_bcast(v, x) for v in self.teacher.schedule.alpha_sigma(t))
+        eps = (x - alpha * x0) / sigma
+        return SimpleNamespace(sample=from_x0_eps(x0, eps, alpha, sigma, self.prediction_type))

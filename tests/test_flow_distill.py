@@ -14,40 +14,20 @@ from torch import nn
 
 from accel.core.model_info import ModelInfo
 from distill.consistency import consistency_loss, consistency_pairs
-from distill.denoiser import Denoiser, FlowConsistencyDenoiser, from_x0_eps
-from distill.progressive import ProgressiveConfig, distill_round, progressive_target, student_grid
+from distill.denoiser import Denoiser, FlowConsistencyDenoiser
+from distill.progressive import ProgressiveConfig, distill_round, student_grid
 from distill.samplers import flow_grid, sample_ddim
-from distill.schedule import Schedule, _bcast
+from distill.schedule import Schedule
 
 import families
-from gmm import TimeResidual, two_class_gmm
+from gmm import PerfectProgressiveStudent, TimeResidual, two_class_gmm
 from tiny import run_cli
 
 FLOW = Schedule(kind="flow", num_train_timesteps=1000, shift=3.0)  # SD3's shift
-# accel's Euler (float32 numpy) against the stock FlowMatchEulerDiscreteScheduler: measured at
-# most 2e-7 on the tiny SD3 pipeline; 1e-4 leaves room for BLAS differences between machines.
+# accel sample (float32 numpy loop) against the stock pipeline and scheduler: measured at
+# most 9e-7 on the tiny SD3 pipeline; 1e-4 leaves room for BLAS differences between machines.
 TOLERANCE = 1e-4
 PROMPT = "a red circle"
-
-
-class PerfectFlowStudent(nn.Module):
-    """A flow student that outputs exactly its progressive target on its own grid."""
-
-    def __init__(self, teacher: Denoiser, steps: int):
-        super().__init__()
-        self.teacher, self.rows = teacher, student_grid(teacher, steps)
-
-    def forward(self, x, t, class_labels=None):
-        t = torch.as_tensor(t, dtype=torch.float64).expand(len(x))
-        row = self.rows[(self.rows[:, 0] - t[0]).abs().argmin()]
-        # float32 timesteps (the stock scheduler's) are within 1e-4 of the grid's
-        assert abs(float(row[0] - t[0])) < 1e-3, "sampled off the student's grid"
-        t_mid, t_end = (row[i].expand(len(x)) for i in (1, 2))
-        x0 = progressive_target(self.teacher, x, t, t_mid, t_end, class_labels)
-        alpha, sigma = (_bcast(v, x) for v in FLOW.alpha_sigma(t))
-        return SimpleNamespace(
-            sample=from_x0_eps(x0, (x - alpha * x0) / sigma, alpha, sigma, "flow")
-        )
 
 
 def _setup(guidance):
@@ -84,7 +64,7 @@ def test_flow_student_at_half_the_steps_matches_the_teachers_euler_per_sample():
         rows = student_grid(teacher, 4).tolist()
         fine = [pair for t, m, e in rows for pair in ((t, m), (m, e))]
         ref = sample_ddim(teacher, x_T, fine, labels)
-        student = Denoiser(PerfectFlowStudent(teacher, 4), FLOW, "flow")
+        student = Denoiser(PerfectProgressiveStudent(teacher, 4, "flow"), FLOW, "flow")
         out = sample_ddim(student, x_T, _pairs(flow_grid(teacher, 4)), labels)
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         coarse = sample_ddim(teacher, x_T, _pairs(flow_grid(teacher, 4)), labels)
@@ -123,42 +103,6 @@ def test_one_round_of_flow_training_closes_the_gap_to_the_teacher():
     after = (sample_ddim(student, x_T, one_step, labels) - ref).pow(2).mean()
     assert sum(losses[-30:]) < sum(losses[:30])
     assert after < before / 3, (before, after)
-
-
-def test_flow_progressive_students_are_stock_pipelines(tmp_path, monkeypatch, capsys):
-    import diffusers
-
-    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
-    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
-    student = tmp_path / "student"
-    code, _, err = run_cli(
-        monkeypatch, capsys, "distill", "progressive", teacher, "--teacher-steps", 4,
-        "--student-steps", 2, "--iterations-per-round", 2, "--batch-size", 2,
-        "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'prompts.txt'}",
-        "--out", student, "--store", tmp_path / "store",
-    )  # fmt: skip
-    assert code == 0, err
-    info = ModelInfo.read(student)
-    assert info.method == "progressive" and info.num_inference_steps == 2
-    assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == 2.0  # CFG baked in
-    index = json.loads((student / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusion3Pipeline"
-    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    out = tmp_path / "s.npz"
-    code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
-                           "--seed", 0, "--out", out)  # fmt: skip
-    assert code == 0, err
-    ours = np.load(out)
-    pipe = families.load_pipeline("sd3", student)
-    assert type(pipe) is diffusers.StableDiffusion3Pipeline
-    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    stock = pipe(
-        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", height=32, width=32,
-    ).images  # fmt: skip
-    assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
-    weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
-    assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
 
 
 class ChainStudent(nn.Module):
@@ -228,47 +172,6 @@ def test_flow_consistency_loss_vanishes_at_the_teachers_exact_consistency_functi
     )
 
 
-def test_flow_consistency_students_are_stock_pipelines(tmp_path, monkeypatch, capsys):
-    import diffusers
-    import diffusers.schedulers.scheduling_flow_match_lcm as flow_lcm
-
-    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
-    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
-    student = tmp_path / "student"
-    code, _, err = run_cli(
-        monkeypatch, capsys, "distill", "consistency", teacher, "--solver-steps", 10,
-        "--num-inference-steps", 2, "--iterations", 2, "--batch-size", 2,
-        "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'prompts.txt'}",
-        "--out", student, "--store", tmp_path / "store",
-    )  # fmt: skip
-    assert code == 0, err
-    info = ModelInfo.read(student)
-    assert info.method == "consistency" and info.num_inference_steps == 2
-    assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == 2.0
-    assert info.consistency.sigma_data == 0 and info.consistency.timestep_scaling == 0
-    index = json.loads((student / "model_index.json").read_text())
-    assert index["scheduler"] == ["diffusers", "FlowMatchLCMScheduler"]
-    out = tmp_path / "s.npz"
-    code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
-                           "--seed", 0, "--out", out)  # fmt: skip
-    assert code == 0, err
-    ours = np.load(out)
-    pipe = families.load_pipeline("sd3", student)
-    assert type(pipe) is diffusers.StableDiffusion3Pipeline
-    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
-    # FlowMatchLCMScheduler.step re-noises with fresh noise: hand it the draws accel sample made
-    rng = np.random.default_rng([0, 1])
-    monkeypatch.setattr(flow_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
-        rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
-    stock = pipe(
-        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", height=32, width=32,
-    ).images  # fmt: skip
-    assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
-    weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
-    assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
-
-
 @pytest.mark.slow
 def test_flow_consistency_training_closes_the_gap_to_the_teachers_ode():
     """300 iterations on the Gaussian mixture: the student's 1-step sample moves to within a
@@ -296,3 +199,59 @@ def test_flow_consistency_training_closes_the_gap_to_the_teachers_ode():
     losses = [r["loss"] for r in log]
     assert sum(losses[-30:]) < sum(losses[:30])
     assert after < before / 3, (before, after)
+
+
+METHODS = {  # a few-iteration run's options, and the student's stock scheduler
+    "progressive": (
+        ["--teacher-steps", 4, "--student-steps", 2, "--iterations-per-round", 2],
+        "FlowMatchEulerDiscreteScheduler",
+    ),
+    "consistency": (
+        ["--solver-steps", 10, "--num-inference-steps", 2, "--iterations", 2],
+        "FlowMatchLCMScheduler",
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_flow_students_are_stock_pipelines(method, tmp_path, monkeypatch, capsys):
+    import diffusers
+    import diffusers.schedulers.scheduling_flow_match_lcm as flow_lcm
+
+    options, scheduler = METHODS[method]
+    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    student = tmp_path / "student"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "distill", method, teacher, *options, "--batch-size", 2,
+        "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'prompts.txt'}",
+        "--out", student, "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code == 0, err
+    info = ModelInfo.read(student)
+    assert info.method == method and info.num_inference_steps == 2
+    assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == 2.0  # CFG baked in
+    if method == "consistency":  # no boundary scalings: x0 = z - s v
+        assert info.consistency.sigma_data == 0 and info.consistency.timestep_scaling == 0
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["scheduler"] == ["diffusers", scheduler]
+    out = tmp_path / "s.npz"
+    code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
+                           "--seed", 0, "--out", out)  # fmt: skip
+    assert code == 0, err
+    ours = np.load(out)
+    pipe = families.load_pipeline("sd3", student)
+    assert type(pipe) is diffusers.StableDiffusion3Pipeline
+    assert type(pipe.scheduler).__name__ == scheduler
+    # FlowMatchLCMScheduler.step re-noises with fresh noise: hand it the draws accel sample made
+    rng = np.random.default_rng([0, 1])
+    monkeypatch.setattr(flow_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
+        rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
+    stock = pipe(
+        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
+        guidance_scale=1.0, output_type="np", height=32, width=32,
+    ).images  # fmt: skip
+    assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
+    weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
+    assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights

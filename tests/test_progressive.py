@@ -1,37 +1,16 @@
 """Progressive distillation against the exact Gaussian-mixture teacher."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from distill.denoiser import Denoiser, from_x0_eps
-from distill.progressive import ProgressiveConfig, distill_round, progressive_target, student_grid
+from distill.denoiser import Denoiser
+from distill.progressive import ProgressiveConfig, distill_round
 from distill.samplers import sample_ddim
-from distill.schedule import Schedule, _bcast
+from distill.schedule import Schedule
 
-from gmm import Residual, two_class_gmm
-
-
-class PerfectStudent(nn.Module):
-    """A student that outputs exactly its progressive regression target."""
-
-    def __init__(self, teacher: Denoiser, student_steps: int):
-        super().__init__()
-        self.teacher, self.rows = teacher, student_grid(teacher, student_steps)
-
-    def forward(self, x, t, class_labels=None):
-        sched = self.teacher.schedule
-        t = torch.as_tensor(t).expand(len(x))
-        (row,) = self.rows[self.rows[:, 0] == t[0]]  # sampled on the student's grid only
-        t_mid, t_end = (row[i].expand(len(x)) for i in (1, 2))
-        x0 = progressive_target(self.teacher, x, t, t_mid, t_end, class_labels)
-        alpha, sigma = (_bcast(v, x) for v in sched.alpha_sigma(t))
-        return SimpleNamespace(
-            sample=from_x0_eps(x0, (x - alpha * x0) / sigma, alpha, sigma, "v_prediction")
-        )
+from gmm import PerfectProgressiveStudent, Residual, two_class_gmm
 
 
 def setup(guidance):
@@ -48,11 +27,15 @@ def test_student_at_half_the_steps_matches_teacher_per_sample():
     for guidance in (1.0, 2.5):
         sched, teacher, x_T, labels = setup(guidance)
         ref = sample_ddim(teacher, x_T, sched.ddim_timesteps(8), labels)
-        student = Denoiser(PerfectStudent(teacher, 4), sched, "v_prediction")
+        student = Denoiser(
+            PerfectProgressiveStudent(teacher, 4, "v_prediction"), sched, "v_prediction"
+        )
         out = sample_ddim(student, x_T, sched.ddim_timesteps(4), labels)
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         # a second round: a student of the student, 2 steps for the teacher's 8
-        student2 = Denoiser(PerfectStudent(student, 2), sched, "v_prediction")
+        student2 = Denoiser(
+            PerfectProgressiveStudent(student, 2, "v_prediction"), sched, "v_prediction"
+        )
         torch.testing.assert_close(
             sample_ddim(student2, x_T, sched.ddim_timesteps(2), labels), ref, rtol=1e-6, atol=1e-6
         )

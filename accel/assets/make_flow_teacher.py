@@ -30,20 +30,25 @@ training starts.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from accel.assets.make_text_teacher import TEXT_TEACHER_DIR, cosine_lr, images
-from accel.core.model_info import ModelInfo
+from accel.assets.make_text_teacher import (
+    TEXT_TEACHER_DIR,
+    cosine_lr,
+    ema_update,
+    images,
+    sample_latents,
+    training_arguments,
+    write_pipeline,
+)
 from accel.demo.digits import ASSETS, TEMPLATES, caption
 
 FLOW_TEACHER_DIR = ASSETS / "flow_teacher"
@@ -171,30 +176,11 @@ def save(out: Path, vae, tokenizer, encoders, transformer, info: dict) -> None:
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    tmp = out.with_name(out.name + ".incomplete")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    ModelInfo(training=info).write(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    write_pipeline(pipe, out, info)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--p-uncond", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument(
-        "--stop-at",
-        type=int,
-        default=None,
-        help="stop after this step (the schedule keeps --steps)",
-    )
-    p.add_argument("--out", type=Path, default=FLOW_TEACHER_DIR)
+    p = training_arguments(__doc__.splitlines()[0], FLOW_TEACHER_DIR)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,8 +232,7 @@ def main() -> None:
 
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(x), (args.batch,))
-        mean, logvar = posterior[idx].chunk(2, dim=1)
-        x0 = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scaling
+        x0 = sample_latents(posterior, idx, scaling)
         templates = torch.tensor([rng.randrange(len(TEMPLATES)) for _ in range(args.batch)])
         h, pl = hidden[y[idx], templates], pooled[:, y[idx], templates]
         drop = torch.rand(args.batch) < args.p_uncond
@@ -269,11 +254,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, model in ((ema_transformer, transformer), (ema_projections, projections)):
-                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - decay)
+        ema_update(((ema_transformer, transformer), (ema_projections, projections)), step, args.ema)
         running += loss.item()
         if step % 100 == 0:
             log.append({"step": step, "loss": running / 100})

@@ -244,6 +244,12 @@ def save(out: Path, vae, text_encoder, tokenizer, unet, info: dict) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    write_pipeline(pipe, out, info)
+
+
+def write_pipeline(pipe, out: Path, info: dict) -> None:
+    """``pipe`` saved (safetensors) with its training record into ``out``, which is replaced only
+    once the whole directory is written (``out.incomplete`` first, then a rename)."""
     tmp = out.with_name(out.name + ".incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -252,10 +258,25 @@ def save(out: Path, vae, text_encoder, tokenizer, unet, info: dict) -> None:
     tmp.rename(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vae-steps", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=8000)
+def sample_latents(posterior: torch.Tensor, idx: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled samples of the cached VAE posteriors (mean and log-variance stacked) at ``idx``."""
+    mean, logvar = posterior[idx].chunk(2, dim=1)
+    return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scaling
+
+
+@torch.no_grad()
+def ema_update(pairs, step: int, decay: float) -> None:
+    """EMA of each (ema, model) pair's parameters, with the usual warm-up of the decay."""
+    d = min(decay, (1 + step) / (10 + step))
+    for ema, model in pairs:
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - d)
+
+
+def training_arguments(description: str, out: Path, steps: int = 8000) -> argparse.ArgumentParser:
+    """The options the latent teachers' training scripts share."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
@@ -268,7 +289,13 @@ def main() -> None:
         default=None,
         help="stop after this step (the schedule keeps --steps)",
     )
-    p.add_argument("--out", type=Path, default=TEXT_TEACHER_DIR)
+    p.add_argument("--out", type=Path, default=out)
+    return p
+
+
+def main() -> None:
+    p = training_arguments(__doc__.splitlines()[0], TEXT_TEACHER_DIR)
+    p.add_argument("--vae-steps", type=int, default=1000)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -329,8 +356,7 @@ def main() -> None:
 
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(x), (args.batch,))
-        mean, logvar = posterior[idx].chunk(2, dim=1)
-        z0 = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scaling
+        z0 = sample_latents(posterior, idx, scaling)
         templates = torch.tensor([rng.randrange(len(TEMPLATES)) for _ in range(args.batch)])
         tokens = ids[y[idx], templates]
         tokens[torch.rand(args.batch) < args.p_uncond] = null_ids[0]
@@ -345,11 +371,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - decay)
+        ema_update(((ema_unet, unet), (ema_text, text_encoder)), step, args.ema)
         running += loss.item()
         if step % 100 == 0:
             log.append({"step": step, "loss": running / 100})
