@@ -7,7 +7,11 @@ and the teacher at 50 steps (all at guidance 1.5).
 
 ``--teacher text`` runs the shipped text-to-image teacher's methods (its class accuracy is the
 prompt accuracy): the text-digits recipe's LCM stage, sampled at every step count, and a 1-step
-DMD2 student, against issue #14's bars.
+DMD2 student, against issue #14's bars. ``--teacher flow`` runs every flow method on the shipped
+flow-matching (SD3-architecture) teacher: progressive rounds 16 -> 1 (Euler flow steps), flow
+consistency sampled at every step count, DMD2 at 1 and 4 steps, against the teacher at its 28
+default steps (issue #15's bars; Euler rows for the teacher at 1-8 steps). Guidance distillation
+does not apply to it (SD3 has no w input the stock pipeline feeds).
 
 Each method is a recipe run through the store (a rerun reuses every trained student), timed per
 stage; students are sampled in eager torch on the noise `accel sample` uses. Writes
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from accel.assets.make_flow_teacher import FLOW_TEACHER_DIR
 from accel.assets.make_text_teacher import TEXT_TEACHER_DIR
 from accel.cli import demo_recipe
 from accel.core.recipe import load_recipe
@@ -110,7 +115,7 @@ METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
         {0: [(GUIDED, [4, 8])], 1: [("guidance -> consistency (w-conditioned)", STEPS)]},
     ),  # fmt: skip
 }
-REFERENCES = ("teacher DDIM", GUIDED)  # rows outside the acceptance bars
+REFERENCES = ("teacher DDIM", "teacher Euler", GUIDED)  # rows outside the acceptance bars
 # the text-digits recipe's own training stage (the demo's student: a store hit after `accel demo`)
 _TEXT_LCM = dict(tomllib.loads(demo_recipe("text-digits").read_text())["stages"][0])
 TEXT_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
@@ -119,6 +124,45 @@ TEXT_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
         {0: [("LCM, w embedded (text-digits recipe)", STEPS)]},
     ),
     "dmd2-1step": ([_dmd(1, dataset="digits")], {0: [("dmd2", [1])]}),
+}
+
+
+FLOW_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
+    "progressive": (
+        [
+            _stage(
+                "progressive",
+                teacher_steps=k,
+                student_steps=k // 2,
+                dataset="digits",
+                guidance_scale=GUIDANCE if k == 16 else 1.0,
+                iterations_per_round=600,
+            )
+            for k in (16, 8, 4, 2)
+        ],
+        {i: [("progressive (Euler)", [8 >> i])] for i in range(4)},
+    ),  # fmt: skip
+    "consistency": (
+        [
+            _stage(
+                "consistency",
+                solver_steps=50,
+                num_inference_steps=4,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                batch_size=64,
+                learning_rate=1e-4,
+                dataset="digits",
+            )
+        ],
+        {0: [("consistency (FlowMatchLCM)", STEPS)]},
+    ),  # fmt: skip
+    **{f"dmd2-{k}step": ([_dmd(k, dataset="digits")], {0: [("dmd2", [k])]}) for k in (1, 4)},
+}
+TEACHERS = {  # --teacher: (directory, methods, reference steps, its sampler's row label)
+    "digits": (TEACHER_DIR, METHODS, 50, "teacher DDIM"),
+    "text": (TEXT_TEACHER_DIR, TEXT_METHODS, 50, "teacher DDIM"),
+    "flow": (FLOW_TEACHER_DIR, FLOW_METHODS, 28, "teacher Euler"),
 }
 
 
@@ -134,13 +178,14 @@ def evaluate(path: Path, steps: int, seeds: list[int], n: int, guidance: float |
 
 
 def text_acceptance(rows: list[dict], teacher50: float) -> dict:
-    """Issue #14's bars: the best 4-step student <= 1.5x the teacher's 50-step FD with prompt
-    accuracy >= 95%; the best 1-step student <= 2.0x."""
+    """Issue #14's bars (and #15's for the flow teacher, against its 28 steps): the best 4-step
+    student <= 1.5x the teacher's reference FD with prompt accuracy >= 95%; the best 1-step
+    student <= 2.0x."""
     checks = {}
     for k, bar in ((4, 1.5), (1, 2.0)):
         rows_k = [r for r in rows if r["method"] not in REFERENCES and r["steps"] == k]
         best = min(rows_k, key=lambda r: r["fd_digits"])
-        checks[f"best {k}-step ({best['method']}) FD / teacher-50 FD <= {bar}"] = (
+        checks[f"best {k}-step ({best['method']}) FD / teacher reference FD <= {bar}"] = (
             best["fd_digits"] / teacher50,
             best["fd_digits"] / teacher50 <= bar,
         )
@@ -177,7 +222,9 @@ def acceptance(rows: list[dict], teacher50: float) -> dict:
     return {k: {"value": v, "passed": bool(ok)} for k, (v, ok) in checks.items()}
 
 
-def plot(rows: list[dict], teacher50: float, floor: float, path: Path, title: str) -> None:
+def plot(
+    rows: list[dict], teacher50: float, floor: float, path: Path, title: str, ref_steps: int = 50
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,9 +233,9 @@ def plot(rows: list[dict], teacher50: float, floor: float, path: Path, title: st
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["steps"], r["fd_digits"]) for r in rows if r["method"] == method)
-        style = "k--o" if method == "teacher DDIM" else (":x" if method in REFERENCES else "-o")
+        style = "k--o" if method.startswith("teacher") else (":x" if method in REFERENCES else "-o")
         ax.plot(*zip(*pts, strict=True), style, label=method)
-    ax.axhline(teacher50, color="gray", ls=":", label="teacher, 50 steps")
+    ax.axhline(teacher50, color="gray", ls=":", label=f"teacher, {ref_steps} steps")
     ax.axhline(floor, color="green", ls=":", label="FD floor (real vs real)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -203,8 +250,12 @@ def plot(rows: list[dict], teacher50: float, floor: float, path: Path, title: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", choices=["digits", "text"], default="digits")
-    p.add_argument("--methods", nargs="+", choices=list(dict.fromkeys([*METHODS, *TEXT_METHODS])))
+    p.add_argument("--teacher", choices=list(TEACHERS), default="digits")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(dict.fromkeys(m for t in TEACHERS.values() for m in t[1])),
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--store", type=Path, default=None)
@@ -215,13 +266,12 @@ def main() -> None:
         help="Keep --out's rows of the methods not run now, and its teacher rows (same seeds, n).",
     )
     args = p.parse_args()
-    text = args.teacher == "text"
-    methods = TEXT_METHODS if text else METHODS
-    teacher_dir = TEXT_TEACHER_DIR if text else TEACHER_DIR
+    text = args.teacher != "digits"  # prompt-conditioned: issue #14's and #15's bars
+    teacher_dir, methods, ref_steps, teacher_row = TEACHERS[args.teacher]
     args.methods = args.methods or list(methods)
     if unknown := [m for m in args.methods if m not in methods]:
         p.error(f"--teacher {args.teacher} has no method {', '.join(unknown)}")
-    name = "frontier-text" if text else "frontier"
+    name = "frontier" if args.teacher == "digits" else f"frontier-{args.teacher}"
     args.out = args.out or Path(f"benchmarks/results/{name}.json")
     store = default_store(args.store)
     rows: list[dict] = []
@@ -242,13 +292,13 @@ def main() -> None:
         for steps in STEPS:
             rows.append(
                 {
-                    "method": "teacher DDIM",
+                    "method": teacher_row,
                     **evaluate(teacher_dir, steps, args.seeds, args.n, GUIDANCE),
                 }
             )
-            print(f"teacher DDIM @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
-        teacher50 = evaluate(teacher_dir, 50, args.seeds, args.n, GUIDANCE)
-        print(f"teacher @ 50: {teacher50['fd_digits']:.2f}", flush=True)
+            print(f"{teacher_row} @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
+        teacher50 = evaluate(teacher_dir, ref_steps, args.seeds, args.n, GUIDANCE)
+        print(f"teacher @ {ref_steps}: {teacher50['fd_digits']:.2f}", flush=True)
     for method in args.methods:
         stages, evals = methods[method]
         with tempfile.TemporaryDirectory() as tmp:
@@ -282,12 +332,18 @@ def main() -> None:
     floor = float(np.mean([fd_floor(s) for s in args.seeds]))
     checks = (text_acceptance if text else acceptance)(rows, teacher50["fd_digits"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    title = "shipped text-to-image teacher" if text else "shipped digits teacher"
-    plot(rows, teacher50["fd_digits"], floor, args.out.with_suffix(".png"), title)
+    title = {
+        "digits": "shipped digits teacher",
+        "text": "shipped text-to-image teacher",
+        "flow": "shipped flow-matching teacher",
+    }[args.teacher]
+    plot(rows, teacher50["fd_digits"], floor, args.out.with_suffix(".png"), title, ref_steps)
     args.out.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/frontier.py" + (" --teacher text" if text else ""),
+                "command": "python benchmarks/frontier.py"
+                + ("" if args.teacher == "digits" else f" --teacher {args.teacher}"),
+                "reference_steps": ref_steps,
                 "teacher": str(teacher_dir),
                 "guidance_scale": GUIDANCE,
                 "n": args.n,

@@ -301,5 +301,5 @@ STAGE = Stage(
     run=run,
     description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
 )

@@ -262,7 +262,7 @@ def _cached(cache_dir: Path | None, key: Any, compute: Callable[[], TrainingData
 def _encode_text(adapter: Any, captions: list[str], chunk: int = 64) -> dict[str, torch.Tensor]:
     h, w = adapter.default_resolution()
     parts = [
-        adapter.encode(captions[i : i + chunk], height=h, width=w)
+        adapter.training_conditioning(adapter.encode(captions[i : i + chunk], height=h, width=w))
         for i in range(0, len(captions), chunk)
     ]
     return {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}

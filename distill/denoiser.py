@@ -279,9 +279,10 @@ class FlowConsistencyDenoiser(Denoiser):
 
 
 def takes_w(backbone: nn.Module) -> bool:
-    """The backbone takes w as an input (an LCM-form UNet's ``time_cond_proj_dim``)."""
+    """The backbone takes w as an input (an LCM-form UNet's ``time_cond_proj_dim``, FLUX.1-dev's
+    ``guidance_embeds``)."""
     cfg = getattr(backbone, "config", None)
-    return bool(cfg and cfg.get("time_cond_proj_dim"))
+    return bool(cfg and (cfg.get("time_cond_proj_dim") or cfg.get("guidance_embeds")))
 
 
 def load_denoiser(
@@ -369,9 +370,14 @@ def load_teacher(
     return teacher, info
 
 
-def guidance_info(teacher_info: ModelInfo, guidance_scale: float) -> dict[str, Any]:
+def guidance_info(
+    teacher_info: ModelInfo, guidance_scale: float, w_input: bool = False
+) -> dict[str, Any]:
     """accel.json guidance fields of a step-distilled student: guidance baked in at
-    ``guidance_scale`` (sample with 1), or, from a guidance-distilled teacher, the same w input."""
+    ``guidance_scale`` (sample with 1), or, from a guidance-distilled teacher (or one whose
+    backbone takes w, ``w_input``: FLUX.1-dev), the same w input."""
+    if w_input:
+        return {"guidance_scale": guidance_scale}
     embedding = teacher_info.guidance_embedding
     if embedding is None:
         if guidance_scale == 1.0:  # a student of a student: the guidance its teacher baked in

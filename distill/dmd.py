@@ -39,6 +39,18 @@ logits on real images come from one forward pass (one pass per backward, as DDP 
 generator's GAN term goes through the unwrapped critic. ADD (Sauer et al. 2023) is the other
 adversarial method, in ``distill/add.py`` (``accel distill adversarial --method add``).
 
+Flow-matching teachers (SD3, Flux; z_s = (1 - s) x0 + s eps, the backbone's output the velocity
+v = eps - x0): x0 = z_s - s v and, for the real and fake scores, mu(z_s, s) = z_s - s v(z_s, s),
+so the gradient above is unchanged in x0 space (the score of the noised distribution is
+-(z_s - (1 - s) mu) / s^2 for either network, and their difference is proportional to
+mu_fake - mu_real, which DMD's normalised direction keeps). s is drawn uniform on
+[``min_timestep``, ``max_timestep``] (flow time, unshifted); the generator starts at s = 1 and a
+multi-step student steps the stock ``FlowMatchLCMScheduler`` grid (the teacher's shift
+included), re-noising z = (1 - s') x0 + s' eps in between; the critic regresses the velocity
+eps - x0, the flow teacher's own training loss. The student is a ``FlowMatchLCMScheduler``
+checkpoint whose x0 is z - s v. The discriminator reads the middle transformer block's
+image-token MLP (``ModelAdapter.feature_module``), averaged over tokens.
+
 Text-to-image teachers (SD, SDXL): the generator is given LCM's w input (``time_cond_proj_dim``,
 zero-initialised, fed ``guidance_scale``) so that the stock ``LatentConsistencyModelPipeline`` (SD)
 or ``StableDiffusionXLPipeline`` with ``LCMScheduler`` (SDXL) runs the student, as DMD2's released
@@ -69,13 +81,14 @@ from distill.denoiser import (
     TIMESTEP_SCALING,
     ConsistencyDenoiser,
     Denoiser,
+    FlowConsistencyDenoiser,
     from_x0_eps,
     load_denoiser,
     load_teacher,
     save_pipeline,
     takes_w,
 )
-from distill.samplers import consistency_timesteps
+from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -98,8 +111,9 @@ class AdversarialConfig(TrainingConfig):
     min_timestep: float = Field(0.02, ge=0, lt=1)
     max_timestep: float = Field(0.98, gt=0, le=1)
     """DMD's timestep range for the distribution-matching gradient, as fractions of T."""
-    feature_module: str = "mid_block"
-    """Submodule of the fake score whose output feeds the discriminator head."""
+    feature_module: str | None = None
+    """Submodule of the fake score whose output feeds the discriminator head (default: the
+    family's bottleneck: a UNet's ``mid_block``, a transformer's middle block's MLP)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     """AdamW settings of both players; DMD2's official code keeps PyTorch's defaults."""
@@ -115,7 +129,8 @@ class AdversarialConfig(TrainingConfig):
 
 class Discriminator(nn.Module):
     """DMD2's classification branch: a small head on the critic's bottleneck features, built for
-    their shape (B x C x H x W feature maps or B x F vectors); one logit per sample."""
+    their shape (B x C x H x W feature maps, B x N x C token features, or B x F vectors); one
+    logit per sample."""
 
     def __init__(self, feature_shape: torch.Size) -> None:
         super().__init__()
@@ -130,9 +145,12 @@ class Discriminator(nn.Module):
                 nn.Linear(c, 1),
             )
         else:
+            c = feature_shape[-1]
             self.net = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() == 3:  # tokens: the per-token head, averaged over tokens
+            return self.net(features).mean(1).squeeze(-1)
         return self.net(features).squeeze(-1)
 
 
@@ -175,6 +193,8 @@ def distill(
     trainer = Trainer("adversarial", config, config.iterations, work, resume, progress=progress)
     sched, ptype = teacher.schedule, teacher.prediction_type
     T, N = sched.num_train_timesteps, config.student_steps
+    flow = sched.kind == "flow"
+    student_kind = FlowConsistencyDenoiser if flow else ConsistencyDenoiser
     x_data, y_data = to_device(data, trainer.device)
     teacher.to(trainer.device)
     adapter = teacher.adapter
@@ -198,10 +218,10 @@ def distill(
         return {**y, **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()}}
 
     f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
-    tap = FeatureTap(f_net, config.feature_module)
+    tap = FeatureTap(f_net, config.feature_module or feature_module(f_net))
     with torch.no_grad():
         probe = torch.arange(2, device=trainer.device)
-        make(f_net).raw(x_data[:2], torch.full((2,), T - 1), take(y_data, probe))
+        make(f_net).raw(x_data[:2], torch.full((2,), float(T - 1)), take(y_data, probe))
     assert tap.value is not None
     disc = Discriminator(tap.value.shape).to(x_data.dtype)
     betas = config.adam_betas
@@ -216,15 +236,18 @@ def distill(
         weight_decay=decay,
     )
     g_net, f_net, disc, opt_g, opt_c = trainer.prepare(g_net, f_net, disc, opt_g, opt_c)
-    generator = make(g_net, ConsistencyDenoiser, solver_steps=N)
+    generator = make(g_net, student_kind, solver_steps=N)
     fake = make(f_net)
-    timesteps = consistency_timesteps(T, N, N)
-    t_lo, t_hi = int(config.min_timestep * T), int(config.max_timestep * T)
+    # the student's own sampling grid: LCMScheduler's, or FlowMatchLCMScheduler's (flow time)
+    timesteps = flow_grid(teacher, N)[:-1] if flow else consistency_timesteps(T, N, N)
+    t_lo, t_hi = config.min_timestep * T, config.max_timestep * T
     use_gan = config.gan_weight_critic > 0 or config.gan_weight_generator > 0
     state: dict[str, float] = {}
 
     def draw_t(n: int) -> torch.Tensor:
-        return t_lo + trainer.randint(t_hi - t_lo, n)
+        if flow:  # continuous flow time
+            return t_lo + (t_hi - t_lo) * trainer.rand(n, torch.float64).to(trainer.device)
+        return int(t_lo) + trainer.randint(int(t_hi) - int(t_lo), n)
 
     def generator_inputs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x at t_k for a random depth k: k steps of the current generator from pure noise
@@ -311,7 +334,22 @@ def distill(
 
     log = trainer.run(step)
     g_net = trainer.accelerator.unwrap_model(g_net).eval().requires_grad_(False)
-    return make(g_net, ConsistencyDenoiser, solver_steps=N), log  # type: ignore[return-value]
+    return make(g_net, student_kind, solver_steps=N), log  # type: ignore[return-value]
+
+
+def feature_module(backbone: nn.Module) -> str:
+    """The default discriminator tap: a UNet's ``mid_block``, or the image-token MLP (``ff``) of
+    a transformer's middle block (its output is one tensor of B x N x C token features)."""
+    if hasattr(backbone, "mid_block"):
+        return "mid_block"
+    blocks = getattr(backbone, "transformer_blocks", None)
+    if blocks is not None and len(blocks) and hasattr(blocks[0], "ff"):
+        return f"transformer_blocks.{len(blocks) // 2}.ff"
+    raise StageError(
+        "adversarial",
+        f"{type(backbone).__name__} has neither a mid_block nor transformer_blocks[i].ff; set "
+        "feature_module to the submodule whose output the discriminator should read",
+    )
 
 
 def find_teacher(
@@ -324,12 +362,12 @@ def find_teacher(
         return ModelInfo.read(path).is_student
 
     if not is_student(ctx.input.path):
-        teacher, info = load_teacher(ctx.input.path, stage, guidance_scale)
+        teacher, info = load_teacher(ctx.input.path, stage, guidance_scale, flow=True)
         return teacher, teacher.backbone, info
     for artifact in ctx.store.lineage(ctx.input)[1:]:
         if artifact.kind == "checkpoint" and not is_student(artifact.path):
             student, _ = load_denoiser(ctx.input.path, guidance_scale=1.0)
-            teacher, info = load_teacher(artifact.path, stage, guidance_scale)
+            teacher, info = load_teacher(artifact.path, stage, guidance_scale, flow=True)
             return teacher, student.backbone, info
     raise StageError(
         stage,
@@ -351,10 +389,11 @@ def save_student(
     """Write an adversarially distilled student (DMD2 or ADD) as an LCMScheduler checkpoint, with
     its final losses and loss log."""
     N = student.solver_steps
+    flow = teacher.schedule.kind == "flow"
     save_pipeline(
         ctx.out,
         student.backbone,
-        student_scheduler_config(teacher.scheduler_config, N),
+        student_scheduler_config(teacher.scheduler_config, N, flow),
         ModelInfo(
             method=method,
             num_inference_steps=N,
@@ -365,7 +404,8 @@ def save_student(
                 else {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
             ),
             num_classes=info.num_classes,
-            consistency=ConsistencySpec(N, 0.5, TIMESTEP_SCALING),
+            # flow students: x0 = z - s v, no boundary scalings (recorded as zeros)
+            consistency=ConsistencySpec(N, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING))),
         ),
         teacher,
     )
@@ -392,5 +432,5 @@ STAGE = Stage(
     run=run,
     description="DMD2 (Yin et al. 2024): distribution matching + GAN, 1-step or multi-step",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
 )

@@ -19,6 +19,21 @@ a stock ``UNet2DModel``; ``accel.json`` records the grid (``guidance_embedding``
 graph takes ``guidance_scale`` as an input and maps it to the nearest grid point. Deviation from the
 paper: w is discrete (a grid) rather than continuous.
 
+Flow-matching teachers (rectified flow, z_s = (1 - s) x0 + s eps, the backbone's output the
+velocity v): the same objective in the flow model's own terms, the velocity regression of flow
+matching (Lipman et al. 2023) against the guided teacher,
+
+    L = E_{w, s, x ~ D, eps} || v_eta(z_s, c, w) - v^w(z_s, c) ||^2,
+    v^w = v(z_s, null) + w (v(z_s, c) - v(z_s, null)),
+
+s uniform on (0, 1]. In x0 space this is the loss above weighted by 1 / s^2 (x0 = z_s - s v),
+which replaces the truncated-SNR weight (it is infinite at s = 0, where every x0 is exact). w
+enters Flux through its guidance embedding (FLUX.1-dev's ``guidance_embeds``: a schnell-style
+teacher gets the embedding, its last layer zero-initialised so the student starts as the teacher;
+the stock ``FluxPipeline`` feeds ``guidance_scale`` to it in one pass). SD3's transformer has no
+input the stock pipeline would feed w to, so SD3 teachers are refused: their guidance is baked
+into a step-distilled student instead (``progressive``/``consistency`` ``guidance_scale``).
+
 Stage two of the paper (step distillation of the w-conditioned model, w sampled per example) is what
 the ``progressive`` and ``consistency`` stages do when their input is this stage's student.
 
@@ -49,7 +64,7 @@ from distill.data import Dataset, TrainingData, take, to_device
 from distill.denoiser import Denoiser, load_teacher, save_pipeline, takes_w, to_x0_eps
 from distill.models import concat_conditioning
 from distill.progressive import student_scheduler_config as ddim_scheduler_config
-from distill.schedule import _bcast
+from distill.schedule import Schedule, _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 
@@ -117,6 +132,17 @@ def guided_x0(
     return to_x0_eps(guided, x, alpha, sigma, teacher.prediction_type)[0]
 
 
+def draw_time(sched: Schedule, rng: Trainer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t and the per-example weight of the x0-space loss: t uniform over the training timesteps
+    with max(SNR, 1) (discrete), or flow time uniform on (0, T] with 1 / s^2 (the velocity loss)."""
+    T = sched.num_train_timesteps
+    if sched.kind == "flow":
+        s = 1 - rng.rand(n, torch.float64)  # (0, 1]
+        return s * T, s.pow(-2)
+    t = rng.randint(T, n)
+    return t, sched.snr(t).clamp(min=1.0)
+
+
 def distill(
     teacher: Denoiser,
     student_backbone: nn.Module,
@@ -142,18 +168,17 @@ def distill(
     student.labels_carry_guidance = True
     grid = torch.tensor(scales, device=trainer.device)
     x_data, y_data = (d.to(trainer.device) for d in data)
-    T = sched.num_train_timesteps
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
         x0, y = x_data[idx], y_data[idx]
         j = trainer.randint(len(scales), len(idx))
-        t = trainer.randint(T, len(idx))
+        t, weight = draw_time(sched, trainer, len(idx))
         z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
         with torch.no_grad():
             target = guided_x0(teacher, z_t, t, y, grid[j].to(x0.dtype))
         x_hat = student.predict(z_t, t, y + num_labels * j)[0]
-        weight = _bcast(sched.snr(t).clamp(min=1.0), x0)
+        weight = _bcast(weight, x0)
         loss = (weight * (target - x_hat) ** 2).mean()
         trainer.backward(loss)
         opt.step()
@@ -181,7 +206,12 @@ def distill_w_input(
     sched, ptype = teacher.schedule, teacher.prediction_type
     backbone = adapter.with_guidance_input(copy.deepcopy(teacher.backbone))
     if backbone is None:
-        raise StageError("guidance", f"{adapter.family} models have no w input to distil into")
+        raise StageError(
+            "guidance",
+            f"{adapter.family} models have no w input that the stock pipeline feeds; bake the "
+            "guidance into a step-distilled student instead (progressive or consistency with "
+            "guidance_scale)",
+        )
     backbone = backbone.requires_grad_(True).train()
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     backbone, opt = trainer.prepare(backbone, opt)
@@ -190,14 +220,13 @@ def distill_w_input(
     spec = adapter.conditioning_spec()
     null = adapter.null_conditioning(*adapter.default_resolution())
     x_data, y_data = to_device(data, trainer.device)
-    T = sched.num_train_timesteps
     lo, hi = config.guidance_min, config.guidance_max
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
         x0, y = x_data[idx], take(y_data, idx)
         w = lo + (hi - lo) * trainer.rand(len(idx))
-        t = trainer.randint(T, len(idx))
+        t, weight = draw_time(sched, trainer, len(idx))
         z_t = sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), t)
         alpha, sigma = (_bcast(v, x0) for v in sched.alpha_sigma(t))
         with torch.no_grad():
@@ -210,7 +239,7 @@ def distill_w_input(
             k: v.to(x0.device) for k, v in adapter.guidance_inputs(backbone, w, len(idx)).items()
         }
         x_hat = student.predict(z_t, t, {**y, **w_in})[0]
-        weight = _bcast(sched.snr(t).clamp(min=1.0), x0)
+        weight = _bcast(weight, x0)
         loss = (weight * (target - x_hat) ** 2).mean()
         trainer.backward(loss)
         opt.step()
@@ -226,9 +255,11 @@ def run(ctx: StageContext) -> None:
     config: GuidanceConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
 
-    teacher, info = load_teacher(ctx.input.path, "guidance", 1.0)
+    teacher, info = load_teacher(ctx.input.path, "guidance", 1.0, flow=True)
     if info.guidance_embedding is not None or takes_w(teacher.backbone):
-        raise StageError("guidance", "the input is already guidance-distilled")
+        raise StageError(
+            "guidance", "the input is already guidance-distilled (it takes w as an input)"
+        )
     if teacher.adapter is None and teacher.null_label is None:
         raise StageError(
             "guidance",
@@ -236,7 +267,7 @@ def run(ctx: StageContext) -> None:
             "needs a teacher trained for classifier-free guidance",
         )
     data = stage_data(ctx, teacher, config.dataset, config.seed)
-    if teacher.adapter is not None:  # the family's own w input (SD, SDXL: time_cond_proj_dim)
+    if teacher.adapter is not None:  # the family's w input (SD, SDXL: LCM's; Flux: guidance)
         student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
         student_info = ModelInfo(method="guidance", guidance_scale=config.guidance_scale)
     else:  # a class-label UNet2DModel: w on a grid of label-table rows
@@ -256,7 +287,7 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         student.backbone,
-        ddim_scheduler_config(teacher.scheduler_config),
+        ddim_scheduler_config(teacher.scheduler_config, teacher.schedule.kind == "flow"),
         student_info,
         teacher,
     )
@@ -273,5 +304,5 @@ STAGE = Stage(
     run=run,
     description="guidance distillation (Meng et al. 2023): a w-conditioned one-pass student",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
 )

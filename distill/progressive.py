@@ -43,7 +43,7 @@ from accel.core.errors import StageError
 from accel.core.model_info import ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
-from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline
+from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline, takes_w
 from distill.samplers import flow_grid
 from distill.schedule import _bcast, process_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
@@ -272,7 +272,7 @@ def run(ctx: StageContext) -> None:
         ModelInfo(
             method="progressive",
             num_inference_steps=config.student_steps,
-            **guidance_info(info, config.guidance_scale),
+            **guidance_info(info, config.guidance_scale, takes_w(teacher.backbone)),
             num_classes=info.num_classes,
         ),
         teacher,
@@ -291,5 +291,5 @@ STAGE = Stage(
     description="progressive distillation (Salimans & Ho 2022): halve the DDIM (flow: Euler) step "
     "count per round",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
 )

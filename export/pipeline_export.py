@@ -57,8 +57,13 @@ class TextGraph(nn.Module):
         ]
         self.encoders = nn.ModuleList(encoders)  # registered, so the exporter sees the weights
 
-    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None):
-        ids = [input_ids] if input_ids_2 is None else [input_ids, input_ids_2]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_ids_2: torch.Tensor | None = None,
+        input_ids_3: torch.Tensor | None = None,
+    ):
+        ids = [i for i in (input_ids, input_ids_2, input_ids_3) if i is not None]
         out = self.adapter.encode_tokens(ids)
         return tuple(out[n] for n in self.names)
 
@@ -92,12 +97,12 @@ class ModuleRuntime:
 
 
 def tokenizer_entries(adapter) -> list[dict]:
-    inputs = ["input_ids", "input_ids_2"]
+    inputs = ["input_ids", "input_ids_2", "input_ids_3"]
     return [
         {
             "folder": name,
             "input": inputs[i],
-            "max_length": int(adapter.modules[name].model_max_length),
+            "max_length": adapter.token_length(name),
             "pad_id": int(adapter.modules[name].pad_token_id),
         }
         for i, name in enumerate(adapter.tokenizer_names)
@@ -247,7 +252,7 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
         r = np.random.default_rng(seed)
         x = r.standard_normal((n, *plan.sample_shape)).astype(np.float32)
         prompts = [PROMPTS[i % 2] for i in range(n)]
-        t = np.array([s.timestep for s in plan.steps], np.int64)
+        t = np.array([s.timestep for s in plan.steps], plan.timestep_dtype)
         return step_feeds(plan, x, np.resize(t, n), torch_rt.encode(prompts), null)
 
     null = torch_rt.null_conditioning()

@@ -201,6 +201,83 @@ def test_flow_consistency_training_closes_the_gap_to_the_teachers_ode():
     assert after < before / 3, (before, after)
 
 
+def _mixture(gmm, n, g):
+    comp = torch.randint(0, 4, (n,), generator=g)
+    x = gmm.means[comp] + gmm.stds[comp, None] * torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return x, gmm.classes[comp]
+
+
+@pytest.mark.slow
+def test_flow_dmd2_one_step_student_matches_the_mixture():
+    """DMD2 in flow form on the closed-form flow teacher: the 1-step student (x0 = z - v at s = 1)
+    starts at the class means (sliced W1 ~0.75 from the data) and ends within 0.15 of the
+    mixture, every component holding its share of its class (two true sample sets: ~0.05)."""
+    from distill.consistency import sample_consistency
+    from distill.dmd import AdversarialConfig, distill
+
+    from test_dmd import sliced_wasserstein
+
+    torch.manual_seed(0)  # the critic's and the discriminator head's init
+    gmm = two_class_gmm(FLOW, "flow")
+    teacher = Denoiser(TimeResidual(gmm), FLOW, "flow")  # zero correction: exact
+    g = torch.Generator().manual_seed(0)
+    data = _mixture(gmm, 4096, g)
+    n = 2000
+    labels = torch.arange(n) % 2
+    x_T = torch.randn(n, 4, generator=g, dtype=torch.float64)
+
+    def score(model):
+        x = sample_consistency(model, x_T, [1000.0], labels)
+        sw = []
+        for c in (0, 1):
+            ref = data[0][data[1] == c][: n // 2]
+            sw.append(sliced_wasserstein(x[labels == c][: len(ref)], ref))
+        nearest = torch.cdist(x, gmm.means).argmin(1)
+        shares = [(nearest[labels == gmm.classes[k]] == k).double().mean().item() for k in range(4)]
+        return sum(sw) / 2, shares
+
+    before, _ = score(FlowConsistencyDenoiser(teacher.backbone, FLOW, "flow", solver_steps=1))
+    config = AdversarialConfig(
+        student_steps=1, iterations=2000, batch_size=128, learning_rate=2e-3,
+        feature_module="net.3", adam_betas=(0.0, 0.99), weight_decay=0.0, checkpoint_every=0,
+    )  # fmt: skip
+    student, log = distill(teacher, teacher.backbone, data, config)
+    assert isinstance(student, FlowConsistencyDenoiser)
+    after, shares = score(student)
+    assert after < 0.15 and after < before / 4, (before, after)
+    assert min(shares) > 0.4, shares
+
+
+@pytest.mark.slow
+def test_flow_guidance_student_matches_the_guided_flow_teacher():
+    """Guidance distillation's velocity loss on the closed-form flow teacher: the one-pass
+    w-conditioned student's 20-step Euler samples land within a tenth (in squared error) of the
+    unguided teacher's distance from the guided teacher's, at every w of the grid (measured with
+    this seed: 1/39 at w 2, 1/32 at w 3; 1/13 to 1/35 over init seeds 0-2)."""
+    from distill.guidance import GuidanceConfig, distill
+
+    gmm = two_class_gmm(FLOW, "flow")
+    g = torch.Generator().manual_seed(0)
+    data = _mixture(gmm, 4096, g)
+    config = GuidanceConfig(
+        guidance_min=1.0, guidance_max=3.0, guidance_step=1.0, guidance_scale=2.0,
+        iterations=3000, batch_size=256, learning_rate=1e-3, checkpoint_every=0,
+    )  # fmt: skip
+    scales = config.scales()
+    teacher = Denoiser(gmm, FLOW, "flow", null_label=2)
+    torch.manual_seed(0)  # the correction's init
+    student, _ = distill(teacher, TimeResidual(gmm, labels=3 * len(scales)), 3, data, config)
+    x_T = torch.randn(512, 4, generator=g, dtype=torch.float64)
+    labels = torch.arange(512) % 2
+    steps = _pairs(flow_grid(teacher, 20))
+    for w in scales[1:]:
+        ref = sample_ddim(Denoiser(gmm, FLOW, "flow", w, 2), x_T, steps, labels)
+        before = (sample_ddim(Denoiser(gmm, FLOW, "flow"), x_T, steps, labels) - ref).pow(2)
+        one_pass = Denoiser(student.backbone, FLOW, "flow", w, None, scales, 3)
+        after = (sample_ddim(one_pass, x_T, steps, labels) - ref).pow(2)
+        assert after.mean() < before.mean() / 10, (w, before.mean(), after.mean())
+
+
 METHODS = {  # a few-iteration run's options, and the student's stock scheduler
     "progressive": (
         ["--teacher-steps", 4, "--student-steps", 2, "--iterations-per-round", 2],
@@ -210,48 +287,98 @@ METHODS = {  # a few-iteration run's options, and the student's stock scheduler
         ["--solver-steps", 10, "--num-inference-steps", 2, "--iterations", 2],
         "FlowMatchLCMScheduler",
     ),
+    "adversarial": (["--student-steps", 2, "--iterations", 3], "FlowMatchLCMScheduler"),
+    "guidance": (["--iterations", 2, "--guidance-scale", 2.0], "FlowMatchEulerDiscreteScheduler"),
 }
+CASES = [("sd3", m) for m in METHODS if m != "guidance"] + [("flux", m) for m in METHODS]
+W = 2.0  # the guidance every student learns
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_flow_students_are_stock_pipelines(method, tmp_path, monkeypatch, capsys):
+def _flux_schnell(path):
+    """The tiny Flux pipeline without the guidance embedding (FLUX.1-schnell's form): the
+    guidance stage's teacher."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = families.build_pipeline("flux", 0)
+    dev = pipe.transformer
+    pipe.transformer = FluxTransformer2DModel.from_config({**dev.config, "guidance_embeds": False})
+    state = {k: v for k, v in dev.state_dict().items() if "guidance_embedder" not in k}
+    pipe.transformer.load_state_dict(state)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch, capsys):
+    """Each flow method's student of the tiny SD3 and Flux (FLUX.1-dev form: w an input)
+    pipelines loads in the stock pipeline with the method's scheduler and draws what
+    ``accel sample`` draws from the same latents (and, for consistency/DMD2 students, the same
+    re-noising draws)."""
     import diffusers
     import diffusers.schedulers.scheduling_flow_match_lcm as flow_lcm
 
     options, scheduler = METHODS[method]
-    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
+    if method == "guidance":
+        teacher = _flux_schnell(tmp_path / "teacher")
+    else:
+        teacher = families.write_pipeline(family, tmp_path / "teacher")
+        options = [*options, "--guidance-scale", W]
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     student = tmp_path / "student"
     code, _, err = run_cli(
         monkeypatch, capsys, "distill", method, teacher, *options, "--batch-size", 2,
-        "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'prompts.txt'}",
-        "--out", student, "--store", tmp_path / "store",
+        "--dataset", f"prompts:{tmp_path / 'prompts.txt'}", "--out", student,
+        "--store", tmp_path / "store",
     )  # fmt: skip
     assert code == 0, err
     info = ModelInfo.read(student)
-    assert info.method == method and info.num_inference_steps == 2
-    assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == 2.0  # CFG baked in
-    if method == "consistency":  # no boundary scalings: x0 = z - s v
+    assert info.method == {"adversarial": "dmd2"}.get(method, method)
+    w_input = family == "flux"  # Flux-dev and guidance students take w; SD3 bakes CFG in
+    if w_input:
+        assert info.guidance_scale == W and info.distilled_guidance_scale is None
+    else:
+        assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == W
+    if info.consistency is not None:  # no boundary scalings: x0 = z - s v
         assert info.consistency.sigma_data == 0 and info.consistency.timestep_scaling == 0
     index = json.loads((student / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    stock_class = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
+    assert index["_class_name"] == stock_class
     assert index["scheduler"] == ["diffusers", scheduler]
+    steps = 2
     out = tmp_path / "s.npz"
+    h, w = families.RESOLUTION[family]
     code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
-                           "--seed", 0, "--out", out)  # fmt: skip
+                           "--steps", steps, "--seed", 0, "--height", h, "--width", w,
+                           "--out", out)  # fmt: skip
     assert code == 0, err
     ours = np.load(out)
-    pipe = families.load_pipeline("sd3", student)
-    assert type(pipe) is diffusers.StableDiffusion3Pipeline
+    pipe = families.load_pipeline(family, student)
+    assert type(pipe) is getattr(diffusers, stock_class)
     assert type(pipe.scheduler).__name__ == scheduler
+    if method == "guidance":
+        assert pipe.transformer.config.guidance_embeds  # w through FLUX.1-dev's embedding
     # FlowMatchLCMScheduler.step re-noises with fresh noise: hand it the draws accel sample made
     rng = np.random.default_rng([0, 1])
     monkeypatch.setattr(flow_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
         rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
     stock = pipe(
-        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=2,
-        guidance_scale=1.0, output_type="np", height=32, width=32,
+        [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=steps,
+        guidance_scale=W if w_input else 1.0, output_type="np", height=h, width=w,
     ).images  # fmt: skip
     assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
     weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
     assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
+
+
+def test_guidance_refuses_sd3_in_one_line(tmp_path, monkeypatch, capsys):
+    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    capsys.readouterr()
+    code, _, err = run_cli(
+        monkeypatch, capsys, "distill", "guidance", teacher, "--iterations", 1,
+        "--dataset", f"prompts:{tmp_path / 'prompts.txt'}", "--out", tmp_path / "out",
+        "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "no w input that the stock pipeline feeds" in err and "progressive" in err
+    assert not (tmp_path / "out").exists()

@@ -38,8 +38,8 @@ def built(tmp_path_factory):
         assert code == 0, err
 
     out = {}
-    for family in ("sd", "sdxl"):
-        teacher = families.write_pipeline({"sd": "sd15", "sdxl": "sdxl"}[family], root / family)
+    for family in ("sd", "sdxl", "sd3"):
+        teacher = families.write_pipeline({"sd": "sd15"}.get(family, family), root / family)
         model, options = teacher, ["--num-inference-steps", 2, "--guidance-scale", 2.0]
         if family == "sd":  # an LCM student: w embedded (timestep_cond), one pass per step
             (root / "p.txt").write_text("a red circle\na blue square\n")
@@ -66,7 +66,14 @@ def _sample(monkeypatch, capsys, model, out, *extra):
     return np.load(out)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+TEXT = {  # tokenizer inputs and text-encoder outputs per family
+    "sd": (["input_ids"], ["encoder_hidden_states"]),
+    "sdxl": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "text_embeds"]),
+    "sd3": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
+}
+
+
+@pytest.mark.parametrize("family", list(TEXT))
 def test_each_component_is_a_graph_and_an_engine(family, built):
     plan = SamplerPlan.load(built[family]["bundle"] / "sampler_plan.json")
     assert plan.components == {
@@ -74,11 +81,7 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
         "vae_decoder": "vae_decoder.onnx",
     }
     inputs = [t["input"] for t in plan.tokenizers]
-    assert inputs == (["input_ids", "input_ids_2"] if family == "sdxl" else ["input_ids"])
-    expected = (
-        ["encoder_hidden_states", "text_embeds"] if family == "sdxl" else ["encoder_hidden_states"]
-    )
-    assert plan.text_outputs == expected
+    assert (inputs, plan.text_outputs) == TEXT[family]
     manifest = json.loads((built[family]["onnx"] / "manifest.json").read_text())
     components = manifest["metrics"]["components"]
     assert set(components) == {"text_encoder", "denoiser", "vae_decoder"}
@@ -97,12 +100,15 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
     if family == "sdxl":
         assert stored["static.time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
         assert not stored["null.encoder_hidden_states"].any()  # force_zeros_for_empty_prompt
+    elif family == "sd3":  # a flow model: float timesteps; the empty prompt's null branch
+        assert plan.timestep_dtype == "float32" and plan.sampler == "flow_euler"
+        assert set(stored) == {"null.encoder_hidden_states", "null.pooled_projections"}
     else:
         assert stored["static.timestep_cond"].shape == (1, 256)
         assert not any(k.startswith("null.") for k in stored)  # w embedded: no unconditional pass
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", list(TEXT))
 def test_bundle_draws_what_the_torch_model_draws(family, built, tmp_path, monkeypatch, capsys):
     ref = _sample(monkeypatch, capsys, built[family]["model"], tmp_path / "t.npz",
                   *([] if family == "sd" else ["--steps", 2, "--guidance", 2.0]))  # fmt: skip

@@ -92,6 +92,7 @@ class ModelAdapter:
     optional_components: ClassVar[tuple[str, ...]] = ()
     conditioning: ClassVar[str] = "text"  # "text", "class" or "none": what encode() takes
     guidance_in_model: ClassVar[bool] = False  # w is a model input (Flux-dev), not two passes
+    w_inputs: ClassVar[tuple[str, ...]] = ()  # conditioning that carries w, not the prompt
     resolution: tuple[int, int] | None = None  # (H, W) being sampled, set by the runtime
 
     def __init__(
@@ -249,6 +250,11 @@ class ModelAdapter:
     tokenizer_names: ClassVar[tuple[str, ...]] = ()
     """The tokenizers whose ids ``encode_tokens`` takes, in order (empty: no text export yet)."""
 
+    def token_length(self, name: str) -> int:
+        """The length the pipeline pads tokenizer ``name``'s ids to (its ``model_max_length``;
+        T5 and Gemma: the pipeline's ``max_sequence_length``)."""
+        return int(self.modules[name].model_max_length)
+
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids of ``prompts``, one tensor per tokenizer of ``tokenizer_names``."""
         raise NotImplementedError
@@ -257,6 +263,17 @@ class ModelAdapter:
         """The prompt-dependent conditioning from ``tokenize``'s ids: what a text-encoder graph
         computes."""
         raise NotImplementedError
+
+    def training_conditioning(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-example text conditioning of ``encode``'s output, as training data keeps it:
+        inputs shared by the batch (Flux's position ids) and w inputs are dropped (``forward``
+        derives them, as the stock pipeline does)."""
+        spec = self.conditioning_spec()
+        return {
+            k: v
+            for k, v in cond.items()
+            if (k not in spec or spec[k].batched) and k not in self.w_inputs
+        }
 
     def static_conditioning(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """The conditioning that does not depend on the prompt (SDXL's size micro-conditions, an
@@ -325,14 +342,15 @@ def warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
             )
 
 
-def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """``prompts`` as the CLIP-conditioned pipelines tokenize them: padded to the tokenizer's
-    ``model_max_length``, longer prompts truncated (with a warning)."""
-    warn_truncated(tokenizer, prompts, tokenizer.model_max_length)
+def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """``prompts`` as the CLIP-conditioned pipelines tokenize them: padded to ``max_length``
+    (default: the tokenizer's ``model_max_length``), longer prompts truncated (with a warning)."""
+    max_length = max_length or tokenizer.model_max_length
+    warn_truncated(tokenizer, prompts, max_length)
     return tokenizer(
         prompts,
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids

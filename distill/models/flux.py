@@ -21,6 +21,14 @@ from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
 from distill.models.sd3 import calculate_shift
 
 
+def image_ids(gh: int, gw: int) -> torch.Tensor:
+    """``img_ids`` of a gh x gw packed grid: rows (0, row, col), as FluxPipeline builds them."""
+    ids = torch.zeros(gh, gw, 3)
+    ids[..., 1] += torch.arange(gh)[:, None]
+    ids[..., 2] += torch.arange(gw)[None, :]
+    return ids.reshape(gh * gw, 3)
+
+
 class FluxAdapter(ModelAdapter):
     family = "flux"
     components = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -87,15 +95,11 @@ class FluxAdapter(ModelAdapter):
         ).input_ids  # fmt: skip
         hidden = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
         h, w = (height, width) if height else self.default_resolution()
-        gh, gw = self._grid(h, w)
-        img_ids = torch.zeros(gh, gw, 3)
-        img_ids[..., 1] += torch.arange(gh)[:, None]
-        img_ids[..., 2] += torch.arange(gw)[None, :]
         cond = {
             "encoder_hidden_states": hidden.float(),
             "pooled_projections": pooled.pooler_output.float(),
             "txt_ids": torch.zeros(hidden.shape[1], 3),
-            "img_ids": img_ids.reshape(gh * gw, 3),
+            "img_ids": image_ids(*self._grid(h, w)),
         }
         if self.guidance_in_model:
             w_ = self.default_guidance if self.guidance_scale is None else self.guidance_scale
@@ -118,16 +122,59 @@ class FluxAdapter(ModelAdapter):
         T = self.schedule.num_train_timesteps
         return [float(s) * T for s in sched.sigmas.double().tolist()]
 
+    w_inputs = ("guidance",)
+
+    def with_guidance_input(self, backbone: nn.Module) -> nn.Module:
+        """FLUX.1-dev's form of a schnell-style backbone: ``guidance_embeds`` on, the guidance
+        embedder's last layer zero-initialised (the student starts as the teacher at every w)."""
+        from diffusers import FluxTransformer2DModel
+
+        student = FluxTransformer2DModel.from_config({**backbone.config, "guidance_embeds": True})
+        missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
+        assert not unexpected and all("guidance_embedder" in k for k in missing), missing
+        last = student.time_text_embed.guidance_embedder.linear_2
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return student.to(next(backbone.parameters()).dtype)
+
+    def guidance_inputs(self, backbone, w, n):
+        if not backbone.config.get("guidance_embeds"):
+            return {}
+        return {"guidance": torch.as_tensor(w, dtype=torch.float32).cpu().expand(n)}
+
     def forward(self, backbone: nn.Module, x, t, cond):
+        """The backbone call; inputs the stock pipeline derives (the position ids from the
+        shapes, w from the guidance scale) are filled in where ``cond`` lacks them (training
+        data keeps only the per-example text conditioning)."""
+        guidance = cond.get("guidance")
+        if guidance is None and backbone.config.get("guidance_embeds"):
+            w = self.default_guidance if self.guidance_scale is None else self.guidance_scale
+            guidance = torch.full((len(x),), float(w), device=x.device)
+        img_ids = cond.get("img_ids")
+        if img_ids is None:
+            gh, gw = self._grid(*(self.resolution or self.default_resolution()))
+            if gh * gw != x.shape[1]:
+                gh = gw = int(round(x.shape[1] ** 0.5))
+            img_ids = image_ids(gh, gw).to(x.device)
+        hidden = cond["encoder_hidden_states"]
+        txt_ids = cond.get("txt_ids")
+        if txt_ids is None:
+            txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device)
         return backbone(
             hidden_states=x,
             timestep=t.float() / 1000,
-            guidance=cond.get("guidance"),
+            guidance=guidance,
             pooled_projections=cond["pooled_projections"],
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            txt_ids=cond["txt_ids"],
-            img_ids=cond["img_ids"],
+            encoder_hidden_states=hidden,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
         ).sample
+
+    def encode_images(self, images):
+        z = super().encode_images(images)  # N x C x H x W
+        n, c, h, w = z.shape
+        z = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return z.reshape(n, (h // 2) * (w // 2), c * 4)
 
     def decode(self, latents):
         n, seq, ch = latents.shape

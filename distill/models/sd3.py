@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, text_hidden
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, token_ids
 
 
 def calculate_shift(seq_len: int, config: dict, max_shift_default: float) -> float:
@@ -43,34 +43,46 @@ class SD3Adapter(ModelAdapter):
             "pooled_projections": TensorSpec(("batch", self.config.pooled_projection_dim)),
         }
 
-    def encode(self, prompts=None, labels=None, height=None, width=None):
-        if prompts is None:
-            raise CheckpointError("SD3 models are conditioned on prompts: give --prompt")
+    @property
+    def tokenizer_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        t5 = self.modules.get("text_encoder_3") is not None
+        return ("tokenizer", "tokenizer_2", *(("tokenizer_3",) if t5 else ()))
+
+    def token_length(self, name: str) -> int:
+        if name == "tokenizer_3":
+            return self.max_sequence_length
+        return super().token_length(name)
+
+    def tokenize(self, prompts):
+        return [
+            token_ids(self.modules[name], prompts, self.token_length(name))
+            for name in self.tokenizer_names
+        ]
+
+    def encode_tokens(self, ids):
         hidden, pooled = [], []
-        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            out = text_hidden(self.modules[enc], self.modules[tok], prompts)
+        for enc, i in zip(("text_encoder", "text_encoder_2"), ids[:2], strict=True):
+            encoder = self.modules[enc]
+            out = encoder(i.to(next(encoder.parameters()).device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
         clip = torch.cat(hidden, dim=-1)
         joint = self.config.joint_attention_dim
         clip = F.pad(clip, (0, joint - clip.shape[-1]))
-        t5_enc, t5_tok = self.modules.get("text_encoder_3"), self.modules.get("tokenizer_3")
-        if t5_enc is None:
-            t5 = torch.zeros(len(prompts), self.max_sequence_length, joint, dtype=clip.dtype)
-        else:
-            ids = t5_tok(
-                prompts,
-                padding="max_length",
-                max_length=self.max_sequence_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_tensors="pt",
-            ).input_ids
-            t5 = t5_enc(ids.to(next(t5_enc.parameters()).device))[0]
+        if len(ids) == 3:
+            t5_enc = self.modules["text_encoder_3"]
+            t5 = t5_enc(ids[2].to(next(t5_enc.parameters()).device))[0].to(clip.dtype)
+        else:  # no T5: the pipeline's zeros in its place
+            t5 = clip.new_zeros(clip.shape[0], self.max_sequence_length, joint)
         return {
-            "encoder_hidden_states": torch.cat([clip, t5.to(clip.device)], dim=-2).float(),
+            "encoder_hidden_states": torch.cat([clip, t5], dim=-2).float(),
             "pooled_projections": torch.cat(pooled, dim=-1).float(),
         }
+
+    def encode(self, prompts=None, labels=None, height=None, width=None):
+        if prompts is None:
+            raise CheckpointError("SD3 models are conditioned on prompts: give --prompt")
+        return self.encode_tokens(self.tokenize(prompts))
 
     def timestep_kwargs(self, steps, height, width):
         if not self.scheduler_config.get("use_dynamic_shifting"):
