@@ -276,6 +276,7 @@ def main() -> None:
     store = default_store(args.store)
     rows: list[dict] = []
     training = {}
+    teacher50 = None
     old = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else None
     if old is not None and (old["seeds"], old["n"]) == (args.seeds, args.n):
         rerun = {
@@ -288,17 +289,32 @@ def main() -> None:
         rows = [r for r in old["rows"] if (r["method"], r["steps"]) not in rerun]
         teacher50 = old["teacher_50"]
         training = {k: v for k, v in old["training"].items() if k not in args.methods}
-    else:
-        for steps in STEPS:
-            rows.append(
-                {
-                    "method": teacher_row,
-                    **evaluate(teacher_dir, steps, args.seeds, args.n, GUIDANCE),
-                }
-            )
-            print(f"{teacher_row} @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
+    # every figure is kept in PARTIAL as it is computed: a rerun after a crash resumes there
+    partial = args.out.with_suffix(".partial.json")
+    key = {"teacher": args.teacher, "seeds": args.seeds, "n": args.n}
+    saved = json.loads(partial.read_text()) if partial.is_file() else {}
+    if saved.get("key") == key:
+        done = {(r["method"], r["steps"]): r for r in saved["rows"]}
+        rows += [r for k, r in done.items() if k not in {(r["method"], r["steps"]) for r in rows}]
+        teacher50 = teacher50 or saved.get("teacher_50")
+    have = {(r["method"], r["steps"]) for r in rows}
+
+    def keep() -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"key": key, "rows": rows, "teacher_50": teacher50}))
+
+    for steps in STEPS:
+        if (teacher_row, steps) in have:
+            continue
+        rows.append(
+            {"method": teacher_row, **evaluate(teacher_dir, steps, args.seeds, args.n, GUIDANCE)}
+        )
+        print(f"{teacher_row} @ {steps}: {rows[-1]['fd_digits']:.2f}", flush=True)
+        keep()
+    if teacher50 is None:
         teacher50 = evaluate(teacher_dir, ref_steps, args.seeds, args.n, GUIDANCE)
         print(f"teacher @ {ref_steps}: {teacher50['fd_digits']:.2f}", flush=True)
+        keep()
     for method in args.methods:
         stages, evals = methods[method]
         with tempfile.TemporaryDirectory() as tmp:
@@ -319,11 +335,14 @@ def main() -> None:
         for i, labelled in evals.items():
             for label, counts in labelled:
                 for steps in counts:
+                    if (label, steps) in have:
+                        continue
                     row = {
                         "method": label,
                         **evaluate(artifacts[i].path, steps, args.seeds, args.n),
                     }
                     rows.append(row)
+                    keep()
                     print(
                         f"{label} @ {steps}: FD {row['fd_digits']:.2f}, "
                         f"accuracy {row['class_accuracy']:.4f}",
@@ -358,6 +377,7 @@ def main() -> None:
         )
         + "\n"
     )
+    partial.unlink(missing_ok=True)
     for name, c in checks.items():
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {name}: {c['value']:.3f}")
 

@@ -13,6 +13,7 @@ import inspect
 import logging
 import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +33,9 @@ class OnnxConfig(StageConfig):
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
     """Guidance of the sampler plan; default: the checkpoint's (1 for students with it baked in)."""
+    resolution: list[Annotated[int, Field(ge=8)]] | None = Field(None, min_length=2, max_length=2)
+    """[height, width] in pixels a text-to-image pipeline's graphs are exported for (its plan's
+    latents, Flux's position ids); default: the pipeline's own (its stock pipeline's default)."""
     parity_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 3], min_length=1)
     fused_sampler: bool = False
     """Export the whole sampler (every step, guidance, coefficients) as one graph:
@@ -62,6 +66,23 @@ def example_inputs(
     return feeds
 
 
+def _by_name(graph, names: list[str]):
+    """``graph`` called by keyword from positional inputs in ``names`` order (graphs with
+    conditioning by name take it as keywords; the TorchScript exporter passes inputs by
+    position, and torch.export takes static shapes only outside ``**kwargs``)."""
+    import torch
+
+    class ByName(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wrapped = graph  # not ``graph``: torch.export's modules have an fx ``graph``
+
+        def forward(self, *args):
+            return self.wrapped(**dict(zip(names, args, strict=True)))
+
+    return ByName().eval()
+
+
 def onnx_from_torch(
     graph,
     path: Path,
@@ -70,10 +91,12 @@ def onnx_from_torch(
     inputs: dict[str, np.ndarray] | None = None,
     output: str | list[str] = "x0",
     spatial: tuple[int, int, int] | None = None,
+    unbatched: Collection[str] = (),
 ) -> None:
     """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input
-    and, with ``spatial`` = (min, max, multiple), dynamic height and width (the last two axes of
-    every image input) in [min, max], multiples of ``multiple``. ``inputs`` are example feeds
+    but the ``unbatched`` ones (inputs shared by the batch: Flux's position ids) and, with
+    ``spatial`` = (min, max, multiple), dynamic height and width (the last two axes of every
+    image input) in [min, max], multiples of ``multiple``. ``inputs`` are example feeds
     (default: a DenoiserGraph's). ``dynamo=False`` takes the TorchScript exporter, the one that
     exports Model Optimizer's quantized modules (the dynamo exporter trips on their
     data-dependent guards); it supports the dynamic batch only."""
@@ -92,7 +115,9 @@ def onnx_from_torch(
         warnings.simplefilter("ignore")  # exporter chatter about pytree internals and axis names
         if dynamo:
             batch = torch.export.Dim("batch", min=1, max=1024)
-            dims: dict[str, dict] = {name: {0: batch} for name in feeds}
+            dims: dict[str, dict | None] = {
+                name: None if name in unbatched else {0: batch} for name in feeds
+            }
             if spatial:
                 lo, hi, k = spatial
                 h = torch.export.Dim(f"h{k}", min=lo // k, max=hi // k)
@@ -103,12 +128,16 @@ def onnx_from_torch(
             params = inspect.signature(graph.forward).parameters
             var_kw = [n for n, p in params.items() if p.kind is p.VAR_KEYWORD]
             extra = [k for k in dims if k not in params]
-            if var_kw and extra:  # inputs that land in **kwargs: their shapes nest under it
+            module, args, kwargs = graph, (), feeds
+            if unbatched:  # torch.export cannot take a static shape nested in **kwargs: positional
+                module, args, kwargs = _by_name(graph, list(feeds)), tuple(feeds.values()), {}
+                dims = {"args": tuple(dims.values())}  # type: ignore[dict-item]
+            elif var_kw and extra:  # inputs that land in **kwargs: their shapes nest under it
                 dims[var_kw[0]] = {k: dims.pop(k) for k in extra}
             program = torch.onnx.export(
-                graph,
-                args=(),
-                kwargs=feeds,
+                module,
+                args=args,
+                kwargs=kwargs,
                 dynamo=True,
                 opset_version=opset,
                 verbose=False,
@@ -118,25 +147,16 @@ def onnx_from_torch(
             )
             program.save(str(path))
         else:
-            axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in [*feeds, *outputs]}
+            axes: dict[str, dict[int, str]] = {
+                name: {0: "batch"} for name in [*feeds, *outputs] if name not in unbatched
+            }
             if spatial:
                 for name in images:
                     n = feeds[name].dim()
                     axes[name].update({n - 2: "height", n - 1: "width"})
 
-            class ByName(torch.nn.Module):
-                """The graph called by keyword from the positional inputs this exporter passes
-                (graphs with conditioning by name take it as keywords)."""
-
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.graph = graph
-
-                def forward(self, *args):
-                    return self.graph(**dict(zip(feeds, args, strict=True)))
-
             torch.onnx.export(
-                ByName().eval(),
+                _by_name(graph, list(feeds)),
                 args=tuple(feeds.values()),
                 f=str(path),
                 dynamo=False,
@@ -147,6 +167,8 @@ def onnx_from_torch(
             )
     model = onnx.load(str(path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
+        if value.name in unbatched:
+            continue
         dims = value.type.tensor_type.shape.dim
         wanted = {0: "batch"}
         if spatial and len(dims) >= 4:
@@ -177,9 +199,16 @@ def save_graph(model, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def graph_and_plan(stage: str, path: Path, steps: int | None, guidance: float | None):
+def graph_and_plan(
+    stage: str,
+    path: Path,
+    steps: int | None,
+    guidance: float | None,
+    resolution: list[int] | None = None,
+):
     """The checkpoint's DenoiserGraph and its sampler plan for ``steps`` (default: a student's own
-    step count) and ``guidance`` (default: the checkpoint's)."""
+    step count), ``guidance`` (default: the checkpoint's) and a pipeline's ``resolution``
+    ([height, width]; default: its own)."""
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
 
@@ -191,7 +220,10 @@ def graph_and_plan(stage: str, path: Path, steps: int | None, guidance: float | 
             f"{path} names no num_inference_steps (not a distilled student): "
             f"set num_inference_steps in the {stage} stage config",
         )
-    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info.num_classes)
+    if resolution is not None and denoiser.adapter is None:
+        raise StageError(stage, "resolution applies to text-to-image pipelines only")
+    size = None if resolution is None else (resolution[0], resolution[1])
+    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info.num_classes, size)
 
 
 class _Replay:
@@ -308,8 +340,9 @@ def run(ctx: StageContext) -> None:
     from export.torch_runtime import TorchRuntime
 
     graph, plan = graph_and_plan(
-        "onnx", ctx.input.path, config.num_inference_steps, config.guidance_scale
-    )
+        "onnx", ctx.input.path, config.num_inference_steps, config.guidance_scale,
+        config.resolution,
+    )  # fmt: skip
     spatial = spatial_range(ctx.target, graph)
     resolutions = [None] if spatial is None else [spatial[0], spatial[1]]
     if spatial:
@@ -352,5 +385,5 @@ STAGE = Stage(
     target_specific=True,  # its dynamic axes come from the target's shape profile
     description="export the denoiser graph (and a pipeline's text encoder and VAE decoder) to "
     "ONNX, check it, and prove parity with torch",
-    families=("unet2d", "sd", "sdxl", "sd3"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
 )

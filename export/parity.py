@@ -102,7 +102,9 @@ def plan_feeds(
         labels = labels if "class_labels" in inputs else None
         if plan.conditioning_kind == "text":  # Gaussian stand-ins of the encoders' outputs
             labels = {
-                name: rng.standard_normal(_fixed(inputs[name][0], b)).astype(np.float32)
+                name: rng.standard_normal(
+                    _fixed(inputs[name][0], b if plan.is_batched(name) else None)
+                ).astype(np.float32)
                 for name in plan.conditioning
             }
         x = rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)
@@ -114,6 +116,9 @@ def plan_feeds(
     return feeds
 
 
-def _fixed(shape: list, batch: int) -> list[int]:
-    """A graph input's shape with its symbolic batch axis set to ``batch``."""
+def _fixed(shape: list, batch: int | None) -> list[int]:
+    """A graph input's shape with its symbolic batch axis set to ``batch`` (None: an input shared
+    by the batch, its own shape)."""
+    if batch is None:
+        return [d if isinstance(d, int) else 1 for d in shape]
     return [batch, *(d if isinstance(d, int) else 1 for d in shape[1:])]

@@ -163,6 +163,7 @@ def export_component(
     opset: int,
     spatial,
     parity_feeds: list[dict[str, np.ndarray]],
+    unbatched: list[str] | None = None,
 ) -> dict:
     """Export ``module`` to ``ctx.out / file`` with the dynamo exporter, else the TorchScript one,
     and prove parity; the figures for the stage's metrics."""
@@ -182,6 +183,7 @@ def export_component(
                 inputs=feeds,
                 output=outputs,
                 spatial=spatial,
+                unbatched=unbatched or (),
             )
             break
         except Exception as e:  # each exporter fails in its own exception types
@@ -260,6 +262,7 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     metrics["denoiser"] = export_component(
         ctx, f"denoiser ({type(graph.backbone).__name__})", graph, MODEL_FILE,
         denoiser_feeds(2, 7), ["x0"], config.opset, spatial, den_feeds,
+        [k for k in plan.conditioning if not plan.is_batched(k)],
     )  # fmt: skip
 
     # the VAE decoder
@@ -267,11 +270,11 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     vae_spatial = None if spatial is None else (spatial[0], spatial[1], spatial[2])
     latents = [
         {"latents": rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)}
-        for b in config.parity_batch_sizes
-    ]
+        for b in [2, *config.parity_batch_sizes]
+    ]  # exported at batch 2 (torch.export specialises a batch of 1)
     metrics["vae_decoder"] = export_component(
         ctx, "VAE decoder", vae, VAE_FILE, latents[0], ["images"], config.opset, vae_spatial,
-        latents,
+        latents[1:],
     )  # fmt: skip
 
     # prompt-independent conditioning and the null branch

@@ -38,7 +38,7 @@ def built(tmp_path_factory):
         assert code == 0, err
 
     out = {}
-    for family in ("sd", "sdxl", "sd3"):
+    for family in ("sd", "sdxl", "sd3", "flux"):
         teacher = families.write_pipeline({"sd": "sd15"}.get(family, family), root / family)
         model, options = teacher, ["--num-inference-steps", 2, "--guidance-scale", 2.0]
         if family == "sd":  # an LCM student: w embedded (timestep_cond), one pass per step
@@ -49,6 +49,8 @@ def built(tmp_path_factory):
                   "--guidance-scale", 2.0, "--dataset", f"prompts:{root / 'p.txt'}",
                   "--out", model)  # fmt: skip
         paths = {k: root / f"{family}-{k}" for k in ("onnx", "engine", "bundle")}
+        if family == "flux":  # FluxPipeline draws 256 px here by default
+            options += ["--resolution", "[32, 32]"]
         accel("export", "onnx", model, *options, "--out", paths["onnx"])
         accel("compile", paths["onnx"], "--gate", "{ samples = 4, seeds = [0] }",
               "--out", paths["engine"])  # fmt: skip
@@ -70,6 +72,7 @@ TEXT = {  # tokenizer inputs and text-encoder outputs per family
     "sd": (["input_ids"], ["encoder_hidden_states"]),
     "sdxl": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "text_embeds"]),
     "sd3": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
+    "flux": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
 }
 
 
@@ -100,6 +103,12 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
     if family == "sdxl":
         assert stored["static.time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
         assert not stored["null.encoder_hidden_states"].any()  # force_zeros_for_empty_prompt
+    elif family == "flux":  # shared position ids (no batch axis) and FLUX.1-dev's w, stored
+        assert plan.timestep_dtype == "float32" and not plan.is_batched("img_ids")
+        assert stored["static.img_ids"].shape == (64, 3)  # the 8 x 8 packed grid of 32 px
+        assert stored["static.txt_ids"].shape == (512, 3)
+        assert stored["static.guidance"].tolist() == [2.0]
+        assert not any(k.startswith("null.") for k in stored)  # w embedded: one pass
     elif family == "sd3":  # a flow model: float timesteps; the empty prompt's null branch
         assert plan.timestep_dtype == "float32" and plan.sampler == "flow_euler"
         assert set(stored) == {"null.encoder_hidden_states", "null.pooled_projections"}
@@ -110,8 +119,10 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
 
 @pytest.mark.parametrize("family", list(TEXT))
 def test_bundle_draws_what_the_torch_model_draws(family, built, tmp_path, monkeypatch, capsys):
-    ref = _sample(monkeypatch, capsys, built[family]["model"], tmp_path / "t.npz",
-                  *([] if family == "sd" else ["--steps", 2, "--guidance", 2.0]))  # fmt: skip
+    extra = [] if family == "sd" else ["--steps", 2, "--guidance", 2.0]
+    if family == "flux":  # the size its graphs were exported for
+        extra += ["--height", 32, "--width", 32]
+    ref = _sample(monkeypatch, capsys, built[family]["model"], tmp_path / "t.npz", *extra)
     for kind in ("engine", "bundle"):
         got = _sample(monkeypatch, capsys, built[family][kind], tmp_path / f"{kind}.npz")
         assert np.array_equal(got["latents"], ref["latents"])

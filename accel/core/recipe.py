@@ -22,7 +22,8 @@ from accel.core.target import Target, load_target
 from accel.stages import get_stage
 
 SOURCE_KIND = "checkpoint"
-PIPELINE_FILES = ("unet/config.json", "scheduler/scheduler_config.json")
+DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")
+PIPELINE_FILES = ("scheduler/scheduler_config.json",)
 TOP_LEVEL: dict[str, type] = {"name": str, "source": str, "target": str, "stages": list}
 
 
@@ -56,10 +57,13 @@ def _check_source(raw: str, recipe_dir: Path, problems: list[str]) -> Path:
         )
     elif not source.is_dir():
         problems.append(f"source: {source} is a file; 'source' must be a diffusers directory")
-    elif not all((source / f).is_file() for f in PIPELINE_FILES):
+    elif not all((source / f).is_file() for f in PIPELINE_FILES) or not any(
+        (source / f).is_file() for f in DENOISER_CONFIGS
+    ):
         problems.append(
             f"source: {source} is not a diffusers pipeline directory (it needs "
-            f"{' and '.join(PIPELINE_FILES)}, as save_pretrained writes them)"
+            f"{' or '.join(DENOISER_CONFIGS)} and {' and '.join(PIPELINE_FILES)}, as "
+            "save_pretrained writes them)"
         )
     return source
 

@@ -112,7 +112,9 @@ class PipelineEngines:
 
     def _with_static(self, cond: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         for name, value in self.static.items():
-            cond[name] = np.ascontiguousarray(np.broadcast_to(value, (n, *value.shape[1:])))
+            if self.plan.is_batched(name):
+                value = np.broadcast_to(value, (n, *value.shape[1:]))
+            cond[name] = np.ascontiguousarray(value)
         return cond
 
     def null_conditioning(self) -> dict[str, np.ndarray] | None:

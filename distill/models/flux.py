@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, token_ids
 from distill.models.sd3 import calculate_shift
 
 
@@ -79,32 +79,45 @@ class FluxAdapter(ModelAdapter):
 
     guidance_scale: float | None = None  # set by the loader: the embedded guidance to sample with
 
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+
+    def token_length(self, name: str) -> int:
+        return self.max_sequence_length if name == "tokenizer_2" else super().token_length(name)
+
+    def tokenize(self, prompts):
+        return [
+            token_ids(self.modules[name], prompts, self.token_length(name))
+            for name in self.tokenizer_names
+        ]
+
+    def encode_tokens(self, ids):
+        clip, t5 = self.modules["text_encoder"], self.modules["text_encoder_2"]
+        pooled = clip(ids[0].to(next(clip.parameters()).device), output_hidden_states=False)
+        hidden = t5(ids[1].to(next(t5.parameters()).device), output_hidden_states=False)[0]
+        return {
+            "encoder_hidden_states": hidden.float(),
+            "pooled_projections": pooled.pooler_output.float(),
+        }
+
+    def static_conditioning(self, n, height, width):
+        """The position ids (shared by the batch) and, for FLUX.1-dev, w (``guidance``)."""
+        out = {
+            "txt_ids": torch.zeros(self.max_sequence_length, 3),
+            "img_ids": image_ids(*self._grid(height, width)),
+        }
+        if self.guidance_in_model:
+            w = self.default_guidance if self.guidance_scale is None else self.guidance_scale
+            out["guidance"] = torch.full((n,), float(w))
+        return out
+
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
             raise CheckpointError("flux models are conditioned on prompts: give --prompt")
-        clip, clip_tok = self.modules["text_encoder"], self.modules["tokenizer"]
-        ids = clip_tok(
-            prompts, padding="max_length", max_length=clip_tok.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids  # fmt: skip
-        pooled = clip(ids.to(next(clip.parameters()).device), output_hidden_states=False)
-        t5, t5_tok = self.modules["text_encoder_2"], self.modules["tokenizer_2"]
-        ids = t5_tok(
-            prompts, padding="max_length", max_length=self.max_sequence_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids  # fmt: skip
-        hidden = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
         h, w = (height, width) if height else self.default_resolution()
-        cond = {
-            "encoder_hidden_states": hidden.float(),
-            "pooled_projections": pooled.pooler_output.float(),
-            "txt_ids": torch.zeros(hidden.shape[1], 3),
-            "img_ids": image_ids(*self._grid(h, w)),
+        return {
+            **self.encode_tokens(self.tokenize(prompts)),
+            **self.static_conditioning(len(prompts), h, w),
         }
-        if self.guidance_in_model:
-            w_ = self.default_guidance if self.guidance_scale is None else self.guidance_scale
-            cond["guidance"] = torch.full((len(prompts),), float(w_))
-        return cond
 
     def null_conditioning(self, height, width):
         return None if self.guidance_in_model else super().null_conditioning(height, width)
@@ -178,9 +191,10 @@ class FluxAdapter(ModelAdapter):
 
     def decode(self, latents):
         n, seq, ch = latents.shape
-        gh = gw = int(round(seq**0.5))
         if self.resolution is not None:
             gh, gw = self._grid(*self.resolution)
+        else:  # a square grid
+            gh = gw = int(round(seq**0.5))
         c = ch // 4
         x = latents.view(n, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * 2, gw * 2)
         return super().decode(x)
