@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field
@@ -128,12 +128,17 @@ def onnx_from_torch(
             params = inspect.signature(graph.forward).parameters
             var_kw = [n for n, p in params.items() if p.kind is p.VAR_KEYWORD]
             extra = [k for k in dims if k not in params]
-            module, args, kwargs = graph, (), feeds
-            if unbatched:  # torch.export cannot take a static shape nested in **kwargs: positional
-                module, args, kwargs = _by_name(graph, list(feeds)), tuple(feeds.values()), {}
-                dims = {"args": tuple(dims.values())}  # type: ignore[dict-item]
-            elif var_kw and extra:  # inputs that land in **kwargs: their shapes nest under it
-                dims[var_kw[0]] = {k: dims.pop(k) for k in extra}
+            module: Any = graph
+            args: tuple = ()
+            kwargs: dict | None = feeds
+            if var_kw and extra:  # conditioning by name: captured by torch.export ourselves,
+                # by position (its shape specs nested under **kwargs fail on static shapes, and
+                # torch.onnx's own capture of PixArt's graph mis-infers the batch of a reshape)
+                args = tuple(feeds.values())
+                module = torch.export.export(
+                    _by_name(graph, list(feeds)), args, dynamic_shapes=(tuple(dims.values()),)
+                )
+                kwargs, dims = None, None  # type: ignore[assignment]
             program = torch.onnx.export(
                 module,
                 args=args,
@@ -385,5 +390,5 @@ STAGE = Stage(
     target_specific=True,  # its dynamic axes come from the target's shape profile
     description="export the denoiser graph (and a pipeline's text encoder and VAE decoder) to "
     "ONNX, check it, and prove parity with torch",
-    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart"),
 )

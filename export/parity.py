@@ -101,12 +101,13 @@ def plan_feeds(
         labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
         labels = labels if "class_labels" in inputs else None
         if plan.conditioning_kind == "text":  # Gaussian stand-ins of the encoders' outputs
-            labels = {
-                name: rng.standard_normal(
-                    _fixed(inputs[name][0], b if plan.is_batched(name) else None)
-                ).astype(np.float32)
-                for name in plan.conditioning
-            }
+            labels = {}
+            for name, spec in plan.conditioning.items():
+                shape = _fixed(inputs[name][0], b if plan.is_batched(name) else None)
+                if spec.get("dtype", "float32").startswith("int"):  # masks: every token on
+                    labels[name] = np.ones(shape, np.dtype(spec["dtype"]))
+                else:
+                    labels[name] = rng.standard_normal(shape).astype(np.float32)
         x = rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)
         if plan.fused:
             feeds.append(fused_feeds(plan, x, labels, rng))

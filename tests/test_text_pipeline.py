@@ -21,6 +21,15 @@ TOLERANCE = 1e-4
 PROMPTS = ["a red circle", "a blue square on a long table in a quiet room"]
 
 
+TEXT = {  # tokenizer inputs and text-encoder outputs per family
+    "sd": (["input_ids"], ["encoder_hidden_states"]),
+    "sdxl": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "text_embeds"]),
+    "sd3": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
+    "flux": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
+    "pixart": (["input_ids"], ["encoder_hidden_states", "encoder_attention_mask"]),
+}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Per family: the model exported (2 steps, guidance 2 for the SDXL teacher; an LCM student
@@ -38,8 +47,9 @@ def built(tmp_path_factory):
         assert code == 0, err
 
     out = {}
-    for family in ("sd", "sdxl", "sd3", "flux"):
-        teacher = families.write_pipeline({"sd": "sd15"}.get(family, family), root / family)
+    for family in TEXT:
+        name = {"sd": "sd15", "pixart": "pixart_sigma"}.get(family, family)
+        teacher = families.write_pipeline(name, root / family)
         model, options = teacher, ["--num-inference-steps", 2, "--guidance-scale", 2.0]
         if family == "sd":  # an LCM student: w embedded (timestep_cond), one pass per step
             (root / "p.txt").write_text("a red circle\na blue square\n")
@@ -66,14 +76,6 @@ def _sample(monkeypatch, capsys, model, out, *extra):
                            "--out", out, *extra)  # fmt: skip
     assert code == 0, err
     return np.load(out)
-
-
-TEXT = {  # tokenizer inputs and text-encoder outputs per family
-    "sd": (["input_ids"], ["encoder_hidden_states"]),
-    "sdxl": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "text_embeds"]),
-    "sd3": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
-    "flux": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
-}
 
 
 @pytest.mark.parametrize("family", list(TEXT))
@@ -109,6 +111,9 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
         assert stored["static.txt_ids"].shape == (512, 3)
         assert stored["static.guidance"].tolist() == [2.0]
         assert not any(k.startswith("null.") for k in stored)  # w embedded: one pass
+    elif family == "pixart":  # the empty prompt's T5 states and mask; no static inputs
+        assert set(stored) == {"null.encoder_hidden_states", "null.encoder_attention_mask"}
+        assert stored["null.encoder_attention_mask"].sum() == 1  # EOS only
     elif family == "sd3":  # a flow model: float timesteps; the empty prompt's null branch
         assert plan.timestep_dtype == "float32" and plan.sampler == "flow_euler"
         assert set(stored) == {"null.encoder_hidden_states", "null.pooled_projections"}

@@ -250,6 +250,13 @@ class ModelAdapter:
     tokenizer_names: ClassVar[tuple[str, ...]] = ()
     """The tokenizers whose ids ``encode_tokens`` takes, in order (empty: no text export yet)."""
 
+    normalize_prompts: ClassVar[bool] = False
+    """``tokenize`` lower-cases and strips prompts (PixArt, as its pipeline does without bs4):
+    the exported ``tokenizer.json`` does the same."""
+
+    def prepare_export(self, backbone: nn.Module) -> None:
+        """Make ``backbone`` exportable without changing what it computes (PixArt's squeeze)."""
+
     def token_length(self, name: str) -> int:
         """The length the pipeline pads tokenizer ``name``'s ids to (its ``model_max_length``;
         T5 and Gemma: the pipeline's ``max_sequence_length``)."""

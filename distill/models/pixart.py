@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, masked_encode
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, warn_truncated
 
 
 class PixArtAdapter(ModelAdapter):
@@ -29,16 +29,44 @@ class PixArtAdapter(ModelAdapter):
             "encoder_attention_mask": TensorSpec(("batch", "sequence"), "int64"),
         }
 
+    tokenizer_names = ("tokenizer",)
+    normalize_prompts = True  # lower-cased and stripped, in the exported tokenizer.json too
+
+    def token_length(self, name: str) -> int:
+        return self.max_sequence_length
+
+    def tokenize(self, prompts):
+        tok = self.modules["tokenizer"]
+        prompts = [p.lower().strip() for p in prompts]
+        warn_truncated(tok, prompts, self.max_sequence_length)
+        ids = tok(
+            prompts, padding="max_length", max_length=self.max_sequence_length,
+            truncation=True, add_special_tokens=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return [ids]
+
+    def encode_tokens(self, ids):
+        """T5's last hidden state with the attention mask of the real tokens (EOS included; the
+        tokenizer's mask is the ids that are not padding)."""
+        encoder = self.modules["text_encoder"]
+        ids = ids[0].to(next(encoder.parameters()).device)
+        mask = (ids != self.modules["tokenizer"].pad_token_id).long()
+        hidden = encoder(ids, attention_mask=mask)[0].float()
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
             raise CheckpointError("PixArt models are conditioned on prompts: give --prompt")
-        hidden, mask = masked_encode(
-            self.modules["text_encoder"],
-            self.modules["tokenizer"],
-            [p.lower().strip() for p in prompts],
-            self.max_sequence_length,
-        )
-        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def prepare_export(self, backbone: nn.Module) -> None:
+        """diffusers' ``PixArtTransformer2DModel`` ends with ``proj_out(h).squeeze(1)``, a no-op
+        on (B, N, C) tokens that both ONNX exporters turn into a real Squeeze of axis 1 (size N),
+        which onnxruntime refuses at load. A forward hook makes ``proj_out`` return (B, 1, N, C),
+        so the squeeze removes a real unit axis: the same numbers, a valid graph."""
+        if not getattr(backbone.proj_out, "_accel_unit_axis", False):
+            backbone.proj_out.register_forward_hook(lambda m, i, out: out.unsqueeze(1))
+            backbone.proj_out._accel_unit_axis = True
 
     def forward(self, backbone: nn.Module, x, t, cond):
         out = backbone(
