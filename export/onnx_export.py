@@ -92,6 +92,7 @@ def onnx_from_torch(
     output: str | list[str] = "x0",
     spatial: tuple[int, int, int] | None = None,
     unbatched: Collection[str] = (),
+    optimize: bool = True,
 ) -> None:
     """Export ``graph`` to ``path`` (plus external data) with a dynamic batch axis on every input
     but the ``unbatched`` ones (inputs shared by the batch: Flux's position ids) and, with
@@ -99,7 +100,9 @@ def onnx_from_torch(
     image input) in [min, max], multiples of ``multiple``. ``inputs`` are example feeds
     (default: a DenoiserGraph's). ``dynamo=False`` takes the TorchScript exporter, the one that
     exports Model Optimizer's quantized modules (the dynamo exporter trips on their
-    data-dependent guards); it supports the dynamic batch only."""
+    data-dependent guards); it supports the dynamic batch only. ``optimize=False`` skips the
+    dynamo exporter's onnxscript optimiser (it drops DC-AE's ``+ 1e-15`` before a division
+    that is 0 / 0 without it: NaN in onnxruntime)."""
     import onnx
     import torch
 
@@ -149,6 +152,7 @@ def onnx_from_torch(
                 input_names=list(feeds),
                 output_names=outputs,
                 dynamic_shapes=dims,
+                optimize=optimize,
             )
             program.save(str(path))
         else:
@@ -390,5 +394,5 @@ STAGE = Stage(
     target_specific=True,  # its dynamic axes come from the target's shape profile
     description="export the denoiser graph (and a pipeline's text encoder and VAE decoder) to "
     "ONNX, check it, and prove parity with torch",
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from accel.core.plan import SamplerPlan
+from export.pipeline_export import EXPORTERS
 
 import families
 from tiny import run_cli
@@ -27,6 +28,7 @@ TEXT = {  # tokenizer inputs and text-encoder outputs per family
     "sd3": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
     "flux": (["input_ids", "input_ids_2"], ["encoder_hidden_states", "pooled_projections"]),
     "pixart": (["input_ids"], ["encoder_hidden_states", "encoder_attention_mask"]),
+    "sana": (["input_ids"], ["encoder_hidden_states", "encoder_attention_mask"]),
 }
 
 
@@ -91,8 +93,8 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
     components = manifest["metrics"]["components"]
     assert set(components) == {"text_encoder", "denoiser", "vae_decoder"}
     for report in components.values():  # torch vs onnxruntime, optimisations off and on
-        assert report["parity"]["passed"] and report["exporter"] in ("dynamo", "legacy")
-        if report["exporter"] == "legacy":  # the fallback says why dynamo failed
+        assert report["parity"]["passed"] and report["exporter"] in EXPORTERS
+        if report["exporter"] != "dynamo":  # the fallback says why dynamo failed
             assert report["failed_exporters"]["dynamo"]
     bundle = json.loads((built[family]["bundle"] / "manifest.json").read_text())
     io = bundle["info"]["components"]
@@ -111,7 +113,7 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
         assert stored["static.txt_ids"].shape == (512, 3)
         assert stored["static.guidance"].tolist() == [2.0]
         assert not any(k.startswith("null.") for k in stored)  # w embedded: one pass
-    elif family == "pixart":  # the empty prompt's T5 states and mask; no static inputs
+    elif family in ("pixart", "sana"):  # the empty prompt's states and mask; no static inputs
         assert set(stored) == {"null.encoder_hidden_states", "null.encoder_attention_mask"}
         assert stored["null.encoder_attention_mask"].sum() == 1  # EOS only
     elif family == "sd3":  # a flow model: float timesteps; the empty prompt's null branch

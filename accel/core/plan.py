@@ -18,6 +18,7 @@ PLAN_FORMAT = "accel.plan/3"
 READ_FORMATS = ("accel.plan/2", PLAN_FORMAT)  # /3 added the pipeline fields, all optional
 COMPONENTS = ("text_encoder", "vae_decoder")
 TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
+TOKENIZER_OPTIONAL = {"lowercase", "prefix"}  # the prompt clean-up before tokenizing (PixArt, Sana)
 SAMPLERS = ("ddim", "consistency", "flow_euler")
 
 
@@ -99,8 +100,13 @@ class SamplerPlan:
                 raise ValueError(f"component {role!r} is not one of {', '.join(COMPONENTS)}")
             _file_name(file, f"component {role}")
         for tok in self.tokenizers:
-            if not isinstance(tok, dict) or set(tok) != TOKENIZER_KEYS:
-                raise ValueError(f"each tokenizer needs exactly {sorted(TOKENIZER_KEYS)}: {tok!r}")
+            if not isinstance(tok, dict) or not (
+                TOKENIZER_KEYS <= set(tok) <= TOKENIZER_KEYS | TOKENIZER_OPTIONAL
+            ):
+                raise ValueError(
+                    f"each tokenizer needs exactly {sorted(TOKENIZER_KEYS)} (optional: "
+                    f"{sorted(TOKENIZER_OPTIONAL)}): {tok!r}"
+                )
             _file_name(tok["folder"], "tokenizer folder")
         if self.conditioning_file is not None:
             _file_name(self.conditioning_file, "conditioning_file")

@@ -26,7 +26,14 @@ class PromptTokenizer:
     ``max_length`` ids, as the stock pipelines tokenize (``padding="max_length"``,
     ``truncation=True``); a prompt that loses tokens is named in a warning."""
 
-    def __init__(self, folder: Path, max_length: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        max_length: int,
+        pad_id: int,
+        lowercase: bool = False,
+        prefix: str = "",
+    ) -> None:
         from tokenizers import Tokenizer
 
         file = folder / "tokenizer.json"
@@ -39,11 +46,22 @@ class PromptTokenizer:
         tok.enable_truncation(max_length)
         tok.enable_padding(length=max_length, pad_id=pad_id)
         self.tokenizer, self.max_length = tok, max_length
+        self.lowercase, self.prefix = lowercase, prefix
+
+    @classmethod
+    def of(cls, root: Path, entry: dict) -> PromptTokenizer:
+        """The tokenizer a sampler plan's ``tokenizers`` entry names, under ``root``."""
+        return cls(
+            root / entry["folder"], entry["max_length"], entry["pad_id"],
+            entry.get("lowercase", False), entry.get("prefix", ""),
+        )  # fmt: skip
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         from accel.core.stage import say
 
-        encodings = self.tokenizer.encode_batch(prompts)
+        if self.lowercase:  # the pipeline's clean-up without bs4/ftfy (PixArt, Sana)
+            prompts = [p.lower().strip() for p in prompts]
+        encodings = self.tokenizer.encode_batch([self.prefix + p for p in prompts])
         for prompt, enc in zip(prompts, encodings, strict=True):
             if enc.overflowing:
                 shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
@@ -68,10 +86,7 @@ class PipelineEngines:
                 f"{', '.join(missing) or 'tokenizers'}; re-export it"
             )
         self.plan, self.denoiser = plan, denoiser
-        self.tokenizers = [
-            (t["input"], PromptTokenizer(root / t["folder"], t["max_length"], t["pad_id"]))
-            for t in plan.tokenizers
-        ]
+        self.tokenizers = [(t["input"], PromptTokenizer.of(root, t)) for t in plan.tokenizers]
         self.static: dict[str, np.ndarray] = {}
         self.null: dict[str, np.ndarray] = {}
         if plan.conditioning_file:

@@ -251,8 +251,10 @@ class ModelAdapter:
     """The tokenizers whose ids ``encode_tokens`` takes, in order (empty: no text export yet)."""
 
     normalize_prompts: ClassVar[bool] = False
-    """``tokenize`` lower-cases and strips prompts (PixArt, as its pipeline does without bs4):
-    the exported ``tokenizer.json`` does the same."""
+    """``tokenize`` lower-cases and strips prompts (PixArt, Sana, as their pipelines do without
+    bs4), then prepends ``prompt_prefix`` (Sana's instruction); the exported plan's tokenizer
+    entries say so (``lowercase``, ``prefix``) and the runtime does the same."""
+    prompt_prefix: str = ""
 
     def prepare_export(self, backbone: nn.Module) -> None:
         """Make ``backbone`` exportable without changing what it computes (PixArt's squeeze)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, masked_encode
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, warn_truncated
 
 
 def default_instruction() -> list[str] | None:
@@ -47,28 +47,55 @@ class SanaAdapter(ModelAdapter):
             "encoder_attention_mask": TensorSpec(("batch", "sequence"), "int64"),
         }
 
-    def _encode(self, prompts: list[str], instruction: bool) -> dict[str, torch.Tensor]:
-        enc, tok = self.modules["text_encoder"], self.modules["tokenizer"]
+    tokenizer_names = ("tokenizer",)
+    normalize_prompts = True  # lower-cased and stripped, then the instruction prepended
+
+    @property
+    def prompt_prefix(self) -> str:  # type: ignore[override]
+        return "\n".join(self.instruction) if self.instruction else ""
+
+    def token_length(self, name: str) -> int:
+        if not self.prompt_prefix:
+            return self.max_sequence_length
+        tok = self.modules["tokenizer"]
+        return len(tok.encode(self.prompt_prefix)) + self.max_sequence_length - 2
+
+    def _ids(self, prompts: list[str], instruction: bool) -> torch.Tensor:
+        tok = self.modules["tokenizer"]
         tok.padding_side = "right"
         prompts = [p.lower().strip() for p in prompts]
         max_length = self.max_sequence_length
-        if instruction and self.instruction:
-            chi = "\n".join(self.instruction)
-            prompts = [chi + p for p in prompts]
-            max_length = len(tok.encode(chi)) + self.max_sequence_length - 2
-        hidden, mask = masked_encode(enc, tok, prompts, max_length)
-        if instruction and self.instruction:
-            keep = [0, *range(-self.max_sequence_length + 1, 0)]
+        if instruction and self.prompt_prefix:
+            prompts = [self.prompt_prefix + p for p in prompts]
+            max_length = self.token_length("tokenizer")
+        warn_truncated(tok, prompts, max_length)
+        return tok(
+            prompts, padding="max_length", max_length=max_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+
+    def tokenize(self, prompts):
+        return [self._ids(prompts, instruction=True)]
+
+    def encode_tokens(self, ids):
+        """Gemma's last hidden states and the mask of the non-padding ids; with the instruction,
+        its first token and the last 299 kept (300), as the pipeline keeps them."""
+        enc = self.modules["text_encoder"]
+        ids = ids[0].to(next(enc.parameters()).device)
+        mask = (ids != self.modules["tokenizer"].pad_token_id).long()
+        hidden = enc(ids, attention_mask=mask)[0].float()
+        if ids.shape[1] > self.max_sequence_length:  # the instruction's tokens dropped
+            keep = [0, *range(ids.shape[1] - self.max_sequence_length + 1, ids.shape[1])]
             hidden, mask = hidden[:, keep], mask[:, keep]
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
 
     def encode(self, prompts=None, labels=None, height=None, width=None):
         if prompts is None:
             raise CheckpointError("Sana models are conditioned on prompts: give --prompt")
-        return self._encode(prompts, instruction=True)
+        return self.encode_tokens(self.tokenize(prompts))
 
     def null_conditioning(self, height, width):
-        return self._encode([""], instruction=False)
+        return self.encode_tokens([self._ids([""], instruction=False)])
 
     def forward(self, backbone: nn.Module, x, t, cond):
         scale = self.config.get("timestep_scale", 1.0) or 1.0
