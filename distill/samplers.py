@@ -247,10 +247,14 @@ def _adapter_plan(
     else:
         coefficients, sampler = _discrete_steps(denoiser, steps)
     num_classes = getattr(adapter, "num_classes", None) if adapter.conditioning == "class" else None
+    null_label = None
+    if num_classes is not None:  # the null class of guidance (DiT: the table's extra row)
+        null_label = int(adapter.null_conditioning(h, w)["class_labels"][0])
     return SamplerPlan(
         steps=coefficients,
         sample_shape=adapter.latent_shape(h, w),
         guidance_scale=denoiser.guidance_scale,
+        null_label=null_label,
         num_classes=num_classes,
         sampler=sampler,
         prediction_type=denoiser.prediction_type,

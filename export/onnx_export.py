@@ -394,5 +394,5 @@ STAGE = Stage(
     target_specific=True,  # its dynamic axes come from the target's shape profile
     description="export the denoiser graph (and a pipeline's text encoder and VAE decoder) to "
     "ONNX, check it, and prove parity with torch",
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana", "dit"),
 )

@@ -1,4 +1,5 @@
-"""ONNX export of a text-to-image pipeline, one graph per component (Stable Diffusion, SDXL):
+"""ONNX export of a latent pipeline, one graph per component (SD, SDXL, SD3, Flux, PixArt, Sana;
+DiT has no text encoder):
 
 - ``text_encoder.onnx``: token ids of each tokenizer (``input_ids``, SDXL's ``input_ids_2``) ->
   the prompt-dependent conditioning the family's adapter computes (``encode_tokens``: SD's last
@@ -232,7 +233,8 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     from export.torch_runtime import PipelineRuntime
 
     adapter = graph.adapter
-    if not adapter.tokenizer_names or "vae" not in adapter.modules:
+    text = adapter.conditioning == "text"
+    if (text and not adapter.tokenizer_names) or "vae" not in adapter.modules:
         raise StageError(
             "onnx", f"{adapter.family} pipelines do not export yet (text encoder or VAE missing)"
         )
@@ -246,32 +248,37 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     rng = np.random.default_rng(0)
     metrics: dict[str, dict] = {}
 
-    # the text encoder
-    entries = write_tokenizers(adapter, ctx.out)
-    names = list(adapter.encode_tokens(adapter.tokenize([""])))
-    text = TextGraph(adapter, names)
+    # the text encoder (class-conditional latent models, DiT: none)
+    entries: list[dict] = []
+    names: list[str] = []
+    if text:
+        entries = write_tokenizers(adapter, ctx.out)
+        names = list(adapter.encode_tokens(adapter.tokenize([""])))
 
-    def tokens(prompts: list[str]) -> dict[str, np.ndarray]:
-        ids = adapter.tokenize(prompts)
-        return {e["input"]: i.numpy() for e, i in zip(entries, ids, strict=True)}
+        def tokens(prompts: list[str]) -> dict[str, np.ndarray]:
+            ids = adapter.tokenize(prompts)
+            return {e["input"]: i.numpy() for e, i in zip(entries, ids, strict=True)}
 
-    import contextlib
-    import io
+        import contextlib
+        import io
 
-    with contextlib.redirect_stderr(io.StringIO()):
-        text_feeds = [tokens(PROMPTS[:1]), tokens(PROMPTS[1:])]
-    metrics["text_encoder"] = export_component(
-        ctx, "text encoder", text, TEXT_FILE, tokens(PROMPTS[:2]), names, config.opset, None,
-        text_feeds,
-    )  # fmt: skip
+        with contextlib.redirect_stderr(io.StringIO()):
+            text_feeds = [tokens(PROMPTS[:1]), tokens(PROMPTS[1:])]
+        metrics["text_encoder"] = export_component(
+            ctx, "text encoder", TextGraph(adapter, names), TEXT_FILE, tokens(PROMPTS[:2]),
+            names, config.opset, None, text_feeds,
+        )  # fmt: skip
 
     # the denoiser
     def denoiser_feeds(n: int, seed: int) -> dict[str, np.ndarray]:
         r = np.random.default_rng(seed)
         x = r.standard_normal((n, *plan.sample_shape)).astype(np.float32)
-        prompts = [PROMPTS[i % 2] for i in range(n)]
         t = np.array([s.timestep for s in plan.steps], plan.timestep_dtype)
-        return step_feeds(plan, x, np.resize(t, n), torch_rt.encode(prompts), null)
+        if text:
+            cond = torch_rt.encode([PROMPTS[i % 2] for i in range(n)])
+        else:
+            cond = torch_rt.encode(labels=np.arange(n) % (plan.num_classes or 1))
+        return step_feeds(plan, x, np.resize(t, n), cond, null)
 
     null = torch_rt.null_conditioning()
     adapter.prepare_export(graph.backbone)
@@ -303,7 +310,7 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(ctx.out / COND_FILE))
     plan = replace(
         plan,
-        components={"text_encoder": TEXT_FILE, "vae_decoder": VAE_FILE},
+        components={**({"text_encoder": TEXT_FILE} if text else {}), "vae_decoder": VAE_FILE},
         tokenizers=entries,
         text_outputs=names,
         conditioning_file=COND_FILE if arrays else None,
@@ -334,7 +341,9 @@ def component_feeds(root: Path, plan: SamplerPlan, batches: list[int], seed: int
         "text_encoder": [
             {name: tok([prompts[i % 3] for i in range(b)]) for name, tok in tokenizers}
             for b in batches
-        ],
+        ]
+        if tokenizers
+        else [],
         "vae_decoder": [
             {"latents": rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)}
             for b in batches

@@ -239,7 +239,6 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
         (["distill", "progressive"], "dit"),
         (["distill", "consistency"], "sana"),
         (["distill", "guidance"], "sana"),
-        (["export", "onnx"], "dit"),
         (["compile", "--backend", "aoti"], "sdxl"),
         (["quantize"], "sdxl"),
     ],

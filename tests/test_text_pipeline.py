@@ -444,3 +444,42 @@ def test_a_text_recipe_profiles_the_pipeline_and_keeps_the_teachers_reference(tm
     assert first["quality"][teacher] == second["quality"][teacher]
     for stages in first["breakdown"].values():  # teacher, student and engine alike
         assert list(stages)[0] == "text encoding" and list(stages)[-1] == "vae decode"
+
+
+def test_a_class_conditional_latent_pipeline_exports_without_a_text_encoder(
+    tmp_path, monkeypatch, capsys
+):
+    """DiT: the denoiser (learned variance split off in the graph) and the VAE decoder, no text
+    graph; the null class stored for guidance; the bundle draws what torch draws for a label."""
+    teacher = families.write_pipeline("dit", tmp_path / "dit")
+    store = tmp_path / "store"
+    paths = {k: tmp_path / k for k in ("onnx", "engine", "bundle")}
+
+    def accel(*args):
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--store", store)
+        assert code == 0, err
+
+    accel("export", "onnx", teacher, "--num-inference-steps", 2, "--guidance-scale", 2.0,
+          "--out", paths["onnx"])  # fmt: skip
+    accel("compile", paths["onnx"], "--gate", "{ samples = 4, seeds = [0] }",
+          "--out", paths["engine"])  # fmt: skip
+    accel("bundle", paths["engine"], "--out", paths["bundle"])
+    plan = SamplerPlan.load(paths["bundle"] / "sampler_plan.json")
+    assert plan.components == {"vae_decoder": "vae_decoder.onnx"} and not plan.tokenizers
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(paths["bundle"] / "conditioning.safetensors"))
+    assert {k: v.tolist() for k, v in stored.items()} == {"null.class_labels": [1000]}
+    assert plan.null_label == 1000 and plan.num_classes == 1000
+
+    def draw(model, *extra):
+        out = tmp_path / "s.npz"
+        code, _, err = run_cli(monkeypatch, capsys, "sample", model, "--label", 1, "--label", 3,
+                               "--seed", 3, "--out", out, *extra)  # fmt: skip
+        assert code == 0, err
+        return np.load(out)
+
+    ref = draw(teacher, "--steps", 2, "--guidance", 2.0)
+    got = draw(paths["bundle"])
+    assert np.array_equal(got["latents"], ref["latents"])
+    assert np.abs(got["images"] - ref["images"]).max() <= TOLERANCE

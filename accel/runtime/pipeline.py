@@ -79,10 +79,12 @@ class PipelineEngines:
     def __init__(
         self, root: Path, plan: SamplerPlan, denoiser: Runtime, open_component: Callable
     ) -> None:
-        missing = [r for r in ("text_encoder", "vae_decoder") if r not in plan.components]
-        if missing or not plan.tokenizers:
+        text = plan.conditioning_kind == "text"
+        roles = ("text_encoder", "vae_decoder") if text else ("vae_decoder",)
+        missing = [r for r in roles if r not in plan.components]
+        if missing or (text and not plan.tokenizers):
             raise CheckpointError(
-                f"{root}: the sampler plan of this text-to-image pipeline names no "
+                f"{root}: the sampler plan of this latent pipeline names no "
                 f"{', '.join(missing) or 'tokenizers'}; re-export it"
             )
         self.plan, self.denoiser = plan, denoiser
@@ -93,7 +95,9 @@ class PipelineEngines:
             for key, value in _load_arrays(root / plan.conditioning_file).items():
                 kind, _, name = key.partition(".")
                 {"static": self.static, "null": self.null}[kind][name] = value
-        self.text: Runtime = open_component(plan.components["text_encoder"])
+        self.text: Runtime | None = (
+            open_component(plan.components["text_encoder"]) if text else None
+        )
         self.vae: Runtime = open_component(plan.components["vae_decoder"])
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
@@ -114,6 +118,10 @@ class PipelineEngines:
         with self._lock:  # the text encoder is cheap beside the loop: one caller at a time
             new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
             if new:
+                if self.text is None:
+                    raise CheckpointError(
+                        f"this {self.plan.family} pipeline is class-conditional: give labels"
+                    )
                 out = self.text.infer(self.tokenize(new))
                 for i, prompt in enumerate(new):
                     self._cache[prompt] = {k: out[k][i : i + 1] for k in self.plan.text_outputs}
