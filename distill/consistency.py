@@ -237,7 +237,10 @@ def student_scheduler_config(
 
         from diffusers import FlowMatchLCMScheduler
 
+        from distill.progressive import flow_match_config
+
         keys = inspect.signature(FlowMatchLCMScheduler.__init__).parameters  # its own keys only
+        teacher_scheduler = flow_match_config(teacher_scheduler)
         config = {k: v for k, v in teacher_scheduler.items() if k in keys and k != "self"}
         full = FlowMatchLCMScheduler(**config).config
         return {k: v for k, v in full.items() if not k.startswith("_")} | {
@@ -301,5 +304,5 @@ STAGE = Stage(
     run=run,
     description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

@@ -432,5 +432,5 @@ STAGE = Stage(
     run=run,
     description="DMD2 (Yin et al. 2024): distribution matching + GAN, 1-step or multi-step",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

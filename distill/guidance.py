@@ -132,6 +132,12 @@ def guided_x0(
     return to_x0_eps(guided, x, alpha, sigma, teacher.prediction_type)[0]
 
 
+_NO_W_INPUT = (
+    "{family} models have no w input that the stock pipeline feeds; bake the guidance into a "
+    "step-distilled student instead (progressive or consistency with guidance_scale)"
+)
+
+
 def draw_time(sched: Schedule, rng: Trainer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """t and the per-example weight of the x0-space loss: t uniform over the training timesteps
     with max(SNR, 1) (discrete), or flow time uniform on (0, T] with 1 / s^2 (the velocity loss)."""
@@ -206,12 +212,7 @@ def distill_w_input(
     sched, ptype = teacher.schedule, teacher.prediction_type
     backbone = adapter.with_guidance_input(copy.deepcopy(teacher.backbone))
     if backbone is None:
-        raise StageError(
-            "guidance",
-            f"{adapter.family} models have no w input that the stock pipeline feeds; bake the "
-            "guidance into a step-distilled student instead (progressive or consistency with "
-            "guidance_scale)",
-        )
+        raise StageError("guidance", _NO_W_INPUT.format(family=adapter.family))
     backbone = backbone.requires_grad_(True).train()
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     backbone, opt = trainer.prepare(backbone, opt)
@@ -266,6 +267,11 @@ def run(ctx: StageContext) -> None:
             f"{ctx.input.path} has no null_class_label in accel.json: guidance distillation "
             "needs a teacher trained for classifier-free guidance",
         )
+    if teacher.adapter is not None:
+        from distill.models.base import ModelAdapter
+
+        if type(teacher.adapter).with_guidance_input is ModelAdapter.with_guidance_input:
+            raise StageError("guidance", _NO_W_INPUT.format(family=teacher.adapter.family))
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     if teacher.adapter is not None:  # the family's w input (SD, SDXL: LCM's; Flux: guidance)
         student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
@@ -304,5 +310,5 @@ STAGE = Stage(
     run=run,
     description="guidance distillation (Meng et al. 2023): a w-conditioned one-pass student",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

@@ -184,11 +184,22 @@ def distill_round(
     return teacher.student_of(backbone), log
 
 
+def flow_match_config(teacher_scheduler: dict) -> dict:
+    """A flow teacher's scheduler config in FlowMatch*Scheduler keys: Sana's
+    DPMSolverMultistepScheduler (``use_flow_sigmas``) names its shift ``flow_shift``."""
+    config = dict(teacher_scheduler)
+    if "flow_shift" in config and "shift" not in config:
+        config["shift"] = config.pop("flow_shift")
+    return config
+
+
 def student_scheduler_config(teacher_scheduler: dict, flow: bool = False) -> dict:
     """A stock DDIMScheduler whose loop (set_timesteps, step) is exactly accel's DDIM sampler; for
     flow teachers their own FlowMatchEulerDiscreteScheduler (its N-step grid is the student's)."""
     if flow:
-        return dict(teacher_scheduler, _class_name="FlowMatchEulerDiscreteScheduler")
+        return dict(
+            flow_match_config(teacher_scheduler), _class_name="FlowMatchEulerDiscreteScheduler"
+        )
     return dict(
         process_config(teacher_scheduler),
         _class_name="DDIMScheduler",
@@ -291,5 +302,5 @@ STAGE = Stage(
     description="progressive distillation (Salimans & Ho 2022): halve the DDIM (flow: Euler) step "
     "count per round",
     data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux"),
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

@@ -237,8 +237,8 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
         # progressive, consistency, adversarial and guidance take sd and sdxl (test_text_distill),
         # sd3 and flux (test_flow_distill; guidance refuses sd3 itself: no w input)
         (["distill", "progressive"], "dit"),
-        (["distill", "consistency"], "sana"),
-        (["distill", "guidance"], "sana"),
+        (["distill", "adversarial"], "dit"),
+        (["distill", "guidance"], "dit"),
         (["compile", "--backend", "aoti"], "sdxl"),
         (["quantize"], "sdxl"),
     ],

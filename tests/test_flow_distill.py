@@ -291,6 +291,20 @@ METHODS = {  # a few-iteration run's options, and the student's stock scheduler
     "guidance": (["--iterations", 2, "--guidance-scale", 2.0], "FlowMatchEulerDiscreteScheduler"),
 }
 CASES = [("sd3", m) for m in METHODS if m != "guidance"] + [("flux", m) for m in METHODS]
+# PixArt-Sigma: a DDPM (epsilon, learned variance) transformer: LCM-form students (progressive
+# refuses epsilon teachers whose schedule ends near SNR 0, as for SD 1.5)
+CASES += [("pixart_sigma", m) for m in ("consistency", "adversarial")]
+CASES += [("sana", m) for m in METHODS if m != "guidance"]  # a flow model, as SD3
+DISCRETE_SCHEDULERS = {
+    "FlowMatchEulerDiscreteScheduler": "DDIMScheduler",
+    "FlowMatchLCMScheduler": "LCMScheduler",
+}
+STOCK_CLASSES = {
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "pixart_sigma": "PixArtSigmaPipeline",
+    "sana": "SanaPipeline",
+}
 W = 2.0  # the guidance every student learns
 
 
@@ -316,8 +330,11 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
     re-noising draws)."""
     import diffusers
     import diffusers.schedulers.scheduling_flow_match_lcm as flow_lcm
+    import diffusers.schedulers.scheduling_lcm as lcm
 
     options, scheduler = METHODS[method]
+    if family == "pixart_sigma":
+        scheduler = DISCRETE_SCHEDULERS[scheduler]
     if method == "guidance":
         teacher = _flux_schnell(tmp_path / "teacher")
     else:
@@ -338,10 +355,10 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
         assert info.guidance_scale == W and info.distilled_guidance_scale is None
     else:
         assert info.guidance_scale == 1.0 and info.distilled_guidance_scale == W
-    if info.consistency is not None:  # no boundary scalings: x0 = z - s v
+    if info.consistency is not None and family != "pixart_sigma":  # flow: x0 = z - s v
         assert info.consistency.sigma_data == 0 and info.consistency.timestep_scaling == 0
     index = json.loads((student / "model_index.json").read_text())
-    stock_class = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
+    stock_class = STOCK_CLASSES[family]
     assert index["_class_name"] == stock_class
     assert index["scheduler"] == ["diffusers", scheduler]
     steps = 2
@@ -359,19 +376,26 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
         assert pipe.transformer.config.guidance_embeds  # w through FLUX.1-dev's embedding
     # FlowMatchLCMScheduler.step re-noises with fresh noise: hand it the draws accel sample made
     rng = np.random.default_rng([0, 1])
-    monkeypatch.setattr(flow_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
-        rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
+    for module in (flow_lcm, lcm):
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(
+            rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
+    extra = families.stock_kwargs(family)  # accel runs the stock defaults (T5/Gemma lengths,
+    extra.pop("max_sequence_length", None)  # Sana's instruction)
+    extra.pop("complex_human_instruction", None)
     stock = pipe(
         [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=steps,
-        guidance_scale=W if w_input else 1.0, output_type="np", height=h, width=w,
+        guidance_scale=W if w_input else 1.0, output_type="np", **extra,
     ).images  # fmt: skip
     assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
     weights = next((teacher / "transformer").glob("*.safetensors")).read_bytes()
     assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
 
 
-def test_guidance_refuses_sd3_in_one_line(tmp_path, monkeypatch, capsys):
-    teacher = families.write_pipeline("sd3", tmp_path / "teacher")
+@pytest.mark.parametrize("family", ["sd3", "pixart_sigma", "sana"])
+def test_guidance_refuses_families_without_a_w_input_in_one_line(
+    family, tmp_path, monkeypatch, capsys
+):
+    teacher = families.write_pipeline(family, tmp_path / "teacher")
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     capsys.readouterr()
     code, _, err = run_cli(
