@@ -186,7 +186,11 @@ def export_component(
     tried: dict[str, str] = {}
     t0 = time.perf_counter()
     report: dict = {}
+    captured = False  # the last exporter wrote a graph (its failure, if any, came after)
     for exporter in EXPORTERS:
+        if exporter == "dynamo-unoptimized" and "dynamo" in tried and not captured:
+            continue  # torch.export itself failed: the optimiser is not the problem
+        captured = False
         ctx.progress(f"onnx: exporting the {name} ({exporter} exporter, opset {opset})")
         try:
             onnx_from_torch(
@@ -200,6 +204,7 @@ def export_component(
                 spatial=spatial,
                 unbatched=unbatched or (),
             )
+            captured = True
             seconds = time.perf_counter() - t0
             # a graph that onnxruntime cannot load or that disagrees with torch counts as a
             # failed export: the other exporter gets its turn
