@@ -295,7 +295,8 @@ def main() -> None:
     saved = json.loads(partial.read_text()) if partial.is_file() else {}
     if saved.get("key") == key:
         done = {(r["method"], r["steps"]): r for r in saved["rows"]}
-        rows += [r for k, r in done.items() if k not in {(r["method"], r["steps"]) for r in rows}]
+        merged = {(r["method"], r["steps"]) for r in rows}
+        rows += [r for k, r in done.items() if k not in merged]
         teacher50 = teacher50 or saved.get("teacher_50")
     have = {(r["method"], r["steps"]) for r in rows}
 

@@ -246,7 +246,7 @@ def distill(
 
     def draw_t(n: int) -> torch.Tensor:
         if flow:  # continuous flow time
-            return t_lo + (t_hi - t_lo) * trainer.rand(n, torch.float64).to(trainer.device)
+            return t_lo + (t_hi - t_lo) * trainer.rand(n, torch.float64)
         return int(t_lo) + trainer.randint(int(t_hi) - int(t_lo), n)
 
     def generator_inputs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

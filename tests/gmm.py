@@ -160,3 +160,36 @@ class PerfectProgressiveStudent(nn.Module):
         alpha, sigma = (_bcast(v, x) for v in self.teacher.schedule.alpha_sigma(t))
         eps = (x - alpha * x0) / sigma
         return SimpleNamespace(sample=from_x0_eps(x0, eps, alpha, sigma, self.prediction_type))
+
+
+def mixture(gmm: GMMBackbone, n: int, g: torch.Generator):
+    """n samples of the mixture and their class labels."""
+    comp = torch.randint(0, 4, (n,), generator=g)
+    x = gmm.means[comp] + gmm.stds[comp, None] * torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return x, gmm.classes[comp]
+
+
+def sliced_wasserstein(a, b, projections=64, seed=0):
+    """Mean over random directions of the 1-D W1 distance between the projected samples."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=a.dtype)
+    dirs = dirs / dirs.norm(dim=0)
+    pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
+    return (pa - pb).abs().mean().item()
+
+
+def one_step_score(model, x_T, labels, data, gmm: GMMBackbone, t) -> tuple[float, list[float]]:
+    """A 1-step student's samples from x_T at timestep t against the mixture: the mean over the
+    two classes of the sliced W1 distance to the class's data, and the share of each class's
+    samples nearest to each of its components."""
+    from distill.consistency import sample_consistency
+
+    x = sample_consistency(model, x_T, [t], labels)
+    n = len(x_T)
+    sw = []
+    for c in (0, 1):
+        ref = data[0][data[1] == c][: n // 2]
+        sw.append(sliced_wasserstein(x[labels == c][: len(ref)], ref))
+    nearest = torch.cdist(x, gmm.means).argmin(1)
+    shares = [(nearest[labels == gmm.classes[k]] == k).double().mean().item() for k in range(4)]
+    return sum(sw) / 2, shares

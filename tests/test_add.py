@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from distill.add import AddConfig, distill
-from distill.consistency import sample_consistency
 from distill.denoiser import ConsistencyDenoiser, Denoiser
 from distill.schedule import Schedule
 
-from gmm import TimeResidual, two_class_gmm
-from test_dmd import mixture, sliced_wasserstein
+from gmm import TimeResidual, mixture, one_step_score, two_class_gmm
 from tiny import SCHEDULER
 
 
@@ -27,14 +25,7 @@ def test_add_one_step_student_covers_every_component():
     x_T = torch.randn(n, 4, generator=g, dtype=torch.float64)
 
     def score(model):
-        x = sample_consistency(model, x_T, [999], labels)
-        sw = []
-        for c in (0, 1):
-            ref = data[0][data[1] == c][: n // 2]
-            sw.append(sliced_wasserstein(x[labels == c][: len(ref)], ref))
-        nearest = torch.cdist(x, gmm.means).argmin(1)
-        shares = [(nearest[labels == gmm.classes[k]] == k).double().mean().item() for k in range(4)]
-        return sum(sw) / 2, shares
+        return one_step_score(model, x_T, labels, data, gmm, 999)
 
     before, _ = score(ConsistencyDenoiser(teacher.backbone, sched, "v_prediction", solver_steps=1))
     config = AddConfig(

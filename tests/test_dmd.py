@@ -4,28 +4,12 @@ samples approach the mixture in sliced-Wasserstein distance."""
 import pytest
 import torch
 
-from distill.consistency import sample_consistency
 from distill.denoiser import ConsistencyDenoiser, Denoiser
 from distill.dmd import AdversarialConfig, distill
 from distill.schedule import Schedule
 
-from gmm import TimeResidual, two_class_gmm
+from gmm import TimeResidual, mixture, one_step_score, sliced_wasserstein, two_class_gmm
 from tiny import SCHEDULER
-
-
-def sliced_wasserstein(a, b, projections=64, seed=0):
-    """Mean over random directions of the 1-D W1 distance between the projected samples."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=a.dtype)
-    dirs = dirs / dirs.norm(dim=0)
-    pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
-    return (pa - pb).abs().mean().item()
-
-
-def mixture(gmm, n, g):
-    comp = torch.randint(0, 4, (n,), generator=g)
-    x = gmm.means[comp] + gmm.stds[comp, None] * torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return x, gmm.classes[comp]
 
 
 @pytest.mark.slow
@@ -40,14 +24,7 @@ def test_dmd2_one_step_student_covers_every_component():
     x_T = torch.randn(n, 4, generator=g, dtype=torch.float64)
 
     def score(model):
-        x = sample_consistency(model, x_T, [999], labels)
-        sw = []
-        for c in (0, 1):
-            ref = data[0][data[1] == c][: n // 2]
-            sw.append(sliced_wasserstein(x[labels == c][: len(ref)], ref))
-        nearest = torch.cdist(x, gmm.means).argmin(1)
-        shares = [(nearest[labels == gmm.classes[k]] == k).double().mean().item() for k in range(4)]
-        return sum(sw) / 2, shares
+        return one_step_score(model, x_T, labels, data, gmm, 999)
 
     before, _ = score(ConsistencyDenoiser(teacher.backbone, sched, "v_prediction", solver_steps=1))
     config = AdversarialConfig(

@@ -20,7 +20,7 @@ from distill.samplers import flow_grid, sample_ddim
 from distill.schedule import Schedule
 
 import families
-from gmm import PerfectProgressiveStudent, TimeResidual, two_class_gmm
+from gmm import PerfectProgressiveStudent, TimeResidual, mixture, one_step_score, two_class_gmm
 from tiny import run_cli
 
 FLOW = Schedule(kind="flow", num_train_timesteps=1000, shift=3.0)  # SD3's shift
@@ -201,40 +201,24 @@ def test_flow_consistency_training_closes_the_gap_to_the_teachers_ode():
     assert after < before / 3, (before, after)
 
 
-def _mixture(gmm, n, g):
-    comp = torch.randint(0, 4, (n,), generator=g)
-    x = gmm.means[comp] + gmm.stds[comp, None] * torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return x, gmm.classes[comp]
-
-
 @pytest.mark.slow
-def test_flow_dmd2_one_step_student_matches_the_mixture():
+def test_flow_dmd2_one_step_student_matches_themixture():
     """DMD2 in flow form on the closed-form flow teacher: the 1-step student (x0 = z - v at s = 1)
     starts at the class means (sliced W1 ~0.75 from the data) and ends within 0.15 of the
     mixture, every component holding its share of its class (two true sample sets: ~0.05)."""
-    from distill.consistency import sample_consistency
     from distill.dmd import AdversarialConfig, distill
-
-    from test_dmd import sliced_wasserstein
 
     torch.manual_seed(0)  # the critic's and the discriminator head's init
     gmm = two_class_gmm(FLOW, "flow")
     teacher = Denoiser(TimeResidual(gmm), FLOW, "flow")  # zero correction: exact
     g = torch.Generator().manual_seed(0)
-    data = _mixture(gmm, 4096, g)
+    data = mixture(gmm, 4096, g)
     n = 2000
     labels = torch.arange(n) % 2
     x_T = torch.randn(n, 4, generator=g, dtype=torch.float64)
 
     def score(model):
-        x = sample_consistency(model, x_T, [1000.0], labels)
-        sw = []
-        for c in (0, 1):
-            ref = data[0][data[1] == c][: n // 2]
-            sw.append(sliced_wasserstein(x[labels == c][: len(ref)], ref))
-        nearest = torch.cdist(x, gmm.means).argmin(1)
-        shares = [(nearest[labels == gmm.classes[k]] == k).double().mean().item() for k in range(4)]
-        return sum(sw) / 2, shares
+        return one_step_score(model, x_T, labels, data, gmm, 1000.0)
 
     before, _ = score(FlowConsistencyDenoiser(teacher.backbone, FLOW, "flow", solver_steps=1))
     config = AdversarialConfig(
@@ -258,7 +242,7 @@ def test_flow_guidance_student_matches_the_guided_flow_teacher():
 
     gmm = two_class_gmm(FLOW, "flow")
     g = torch.Generator().manual_seed(0)
-    data = _mixture(gmm, 4096, g)
+    data = mixture(gmm, 4096, g)
     config = GuidanceConfig(
         guidance_min=1.0, guidance_max=3.0, guidance_step=1.0, guidance_scale=2.0,
         iterations=3000, batch_size=256, learning_rate=1e-3, checkpoint_every=0,

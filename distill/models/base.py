@@ -243,7 +243,17 @@ class ModelAdapter:
         height: int | None = None,
         width: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The denoiser's conditioning: for text models the text path (``tokenize``, then
+        ``encode_tokens``) and the prompt-independent inputs at ``height`` x ``width``."""
+        if not self.tokenizer_names:
+            raise NotImplementedError
+        if prompts is None:
+            raise CheckpointError(f"{self.family} models are conditioned on prompts: give --prompt")
+        h, w = (height, width) if height else self.default_resolution()
+        return {
+            **self.encode_tokens(self.tokenize(prompts)),
+            **self.static_conditioning(len(prompts), h, w),
+        }
 
     # The text path as the exporters see it (``export.pipeline_export``): tokenizers, then a
     # graph from token ids to the prompt-dependent conditioning, then prompt-independent inputs.
@@ -265,8 +275,12 @@ class ModelAdapter:
         return int(self.modules[name].model_max_length)
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Token ids of ``prompts``, one tensor per tokenizer of ``tokenizer_names``."""
-        raise NotImplementedError
+        """Token ids of ``prompts``, one tensor per tokenizer of ``tokenizer_names``, padded to
+        ``token_length`` (longer prompts truncated, with a warning)."""
+        return [
+            token_ids(self.modules[name], prompts, self.token_length(name))
+            for name in self.tokenizer_names
+        ]
 
     def encode_tokens(self, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prompt-dependent conditioning from ``tokenize``'s ids: what a text-encoder graph

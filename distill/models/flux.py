@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, token_ids
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
 from distill.models.sd3 import calculate_shift
 
 
@@ -84,12 +84,6 @@ class FluxAdapter(ModelAdapter):
     def token_length(self, name: str) -> int:
         return self.max_sequence_length if name == "tokenizer_2" else super().token_length(name)
 
-    def tokenize(self, prompts):
-        return [
-            token_ids(self.modules[name], prompts, self.token_length(name))
-            for name in self.tokenizer_names
-        ]
-
     def encode_tokens(self, ids):
         clip, t5 = self.modules["text_encoder"], self.modules["text_encoder_2"]
         pooled = clip(ids[0].to(next(clip.parameters()).device), output_hidden_states=False)
@@ -109,15 +103,6 @@ class FluxAdapter(ModelAdapter):
             w = self.default_guidance if self.guidance_scale is None else self.guidance_scale
             out["guidance"] = torch.full((n,), float(w))
         return out
-
-    def encode(self, prompts=None, labels=None, height=None, width=None):
-        if prompts is None:
-            raise CheckpointError("flux models are conditioned on prompts: give --prompt")
-        h, w = (height, width) if height else self.default_resolution()
-        return {
-            **self.encode_tokens(self.tokenize(prompts)),
-            **self.static_conditioning(len(prompts), h, w),
-        }
 
     def null_conditioning(self, height, width):
         return None if self.guidance_in_model else super().null_conditioning(height, width)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from accel.core.errors import CheckpointError
 from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, warn_truncated
 
 
@@ -53,11 +52,6 @@ class PixArtAdapter(ModelAdapter):
         mask = (ids != self.modules["tokenizer"].pad_token_id).long()
         hidden = encoder(ids, attention_mask=mask)[0].float()
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
-
-    def encode(self, prompts=None, labels=None, height=None, width=None):
-        if prompts is None:
-            raise CheckpointError("PixArt models are conditioned on prompts: give --prompt")
-        return self.encode_tokens(self.tokenize(prompts))
 
     def prepare_export(self, backbone: nn.Module) -> None:
         """diffusers' ``PixArtTransformer2DModel`` ends with ``proj_out(h).squeeze(1)``, a no-op

@@ -15,7 +15,6 @@ import inspect
 import torch
 from torch import nn
 
-from accel.core.errors import CheckpointError
 from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, warn_truncated
 
 
@@ -88,11 +87,6 @@ class SanaAdapter(ModelAdapter):
             keep = [0, *range(ids.shape[1] - self.max_sequence_length + 1, ids.shape[1])]
             hidden, mask = hidden[:, keep], mask[:, keep]
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
-
-    def encode(self, prompts=None, labels=None, height=None, width=None):
-        if prompts is None:
-            raise CheckpointError("Sana models are conditioned on prompts: give --prompt")
-        return self.encode_tokens(self.tokenize(prompts))
 
     def null_conditioning(self, height, width):
         return self.encode_tokens([self._ids([""], instruction=False)])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, token_ids
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
 
 
 class StableDiffusionAdapter(ModelAdapter):
@@ -85,9 +85,6 @@ class StableDiffusionAdapter(ModelAdapter):
     def tokenizer_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("tokenizer", "tokenizer_2") if self.xl else ("tokenizer",)
 
-    def tokenize(self, prompts):
-        return [token_ids(self.modules[name], prompts) for name in self.tokenizer_names]
-
     def encode_tokens(self, ids):
         encoders = [
             self.modules["text_encoder" + n[len("tokenizer") :]] for n in self.tokenizer_names
@@ -110,15 +107,6 @@ class StableDiffusionAdapter(ModelAdapter):
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
             out["time_ids"] = time_ids.expand(n, 6)
         return out
-
-    def encode(self, prompts=None, labels=None, height=None, width=None):
-        if prompts is None:
-            raise CheckpointError(f"{self.family} models are conditioned on prompts: give --prompt")
-        h, w = (height, width) if height else self.default_resolution()
-        return {
-            **self.encode_tokens(self.tokenize(prompts)),
-            **self.static_conditioning(len(prompts), h, w),
-        }
 
     def null_conditioning(self, height, width):
         if self.guidance_in_model:

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, token_ids
+from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
 
 
 def calculate_shift(seq_len: int, config: dict, max_shift_default: float) -> float:
@@ -53,12 +52,6 @@ class SD3Adapter(ModelAdapter):
             return self.max_sequence_length
         return super().token_length(name)
 
-    def tokenize(self, prompts):
-        return [
-            token_ids(self.modules[name], prompts, self.token_length(name))
-            for name in self.tokenizer_names
-        ]
-
     def encode_tokens(self, ids):
         hidden, pooled = [], []
         for enc, i in zip(("text_encoder", "text_encoder_2"), ids[:2], strict=True):
@@ -78,11 +71,6 @@ class SD3Adapter(ModelAdapter):
             "encoder_hidden_states": torch.cat([clip, t5], dim=-2).float(),
             "pooled_projections": torch.cat(pooled, dim=-1).float(),
         }
-
-    def encode(self, prompts=None, labels=None, height=None, width=None):
-        if prompts is None:
-            raise CheckpointError("SD3 models are conditioned on prompts: give --prompt")
-        return self.encode_tokens(self.tokenize(prompts))
 
     def timestep_kwargs(self, steps, height, width):
         if not self.scheduler_config.get("use_dynamic_shifting"):
