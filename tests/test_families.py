@@ -278,3 +278,61 @@ def test_denoiser_guidance_is_the_mix_of_two_graph_calls(family, pipeline_dir):
         c = graph(x, t, **cond)
         u = graph(x, t, **{k: v.expand(2, *v.shape[1:]) for k, v in null.items()})
     torch.testing.assert_close(guided, u + 3.0 * (c - u), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sd35", [False, True], ids=["sd3", "sd3.5 (qk rms_norm, dual attention)"])
+def test_sd3_folds_the_zero_t5_block_into_one_token_exactly(sd35):
+    """Without T5, the eager SD3 forward gives the transformer one of the 256 identical zero
+    tokens with log 256 on its key: the same output as the stock forward over all of them (and
+    the same gradients), the stock processors back afterwards; a context whose tail is not zero
+    in every row, and a graph being exported, take the stock forward."""
+    from diffusers import SD3Transformer2DModel
+
+    from distill.models.sd3 import SD3Adapter, repeated_tail
+
+    torch.manual_seed(0)
+    extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
+    backbone = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=8, **extra,
+    )  # fmt: skip
+    stock = dict(backbone.attn_processors)
+    adapter = object.__new__(SD3Adapter)
+    x = torch.randn(3, 4, 8, 8, requires_grad=True)
+    t = torch.tensor([10.0, 500.0, 990.0])
+    context = torch.cat([torch.randn(3, 7, 32), torch.zeros(3, 256, 32)], 1)
+    cond = {"encoder_hidden_states": context, "pooled_projections": torch.randn(3, 24)}
+    assert repeated_tail(backbone, context) == 256
+
+    def stock_forward(context):
+        return backbone(hidden_states=x, timestep=t, encoder_hidden_states=context,
+                        pooled_projections=cond["pooled_projections"]).sample  # fmt: skip
+
+    ref = stock_forward(context)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    out = adapter.forward(backbone, x, t, cond)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert backbone.attn_processors == stock
+    # measured 1e-6 (float reordering); any error in the fold is O(1)
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert (grad - grad_ref).abs().max() < 1e-5 * grad_ref.abs().max()
+
+    t5 = context.clone()
+    t5[1, -1] = 1.0  # one row's last token is not zero: no fold, or only its zero run
+    assert repeated_tail(backbone, t5) == 0
+    t5[1, -1], t5[1, 100] = 0.0, 1.0
+    assert repeated_tail(backbone, t5) == context.shape[1] - 101
+    torch.testing.assert_close(
+        adapter.forward(backbone, x, t, {**cond, "encoder_hidden_states": t5}),
+        stock_forward(t5), rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
+    )  # fmt: skip
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, x, t, context, pooled):
+            cond = {"encoder_hidden_states": context, "pooled_projections": pooled}
+            return adapter.forward(backbone, x, t, cond)
+
+    exported = torch.export.export(Wrapped(), (x.detach(), t, context, cond["pooled_projections"]))
+    ops = [n for n in exported.graph.nodes if n.op == "call_function"]
+    assert not any("nonzero" in str(n.target) for n in ops)  # the stock graph, no data checks

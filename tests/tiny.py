@@ -85,6 +85,7 @@ def run_cli(monkeypatch, capsys, *args):
     from accel.cli import main
 
     monkeypatch.setattr(sys, "argv", ["accel", *map(str, args)])
+    capsys.readouterr()  # only the command's output (not a fixture's progress bars before it)
     try:
         main()
         code = 0

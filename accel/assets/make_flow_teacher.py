@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from accel.assets.make_text_teacher import (
     write_pipeline,
 )
 from accel.demo.digits import ASSETS, TEMPLATES, caption
+from distill.models.sd3 import RepeatedTokenAttention
 
 FLOW_TEACHER_DIR = ASSETS / "flow_teacher"
 FLOW_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -72,36 +72,6 @@ def build_transformer():
         pooled_projection_dim=128,  # both projected pooled outputs (64 + 64)
         pos_embed_max_size=8,
     )
-
-
-class RepeatedTokenAttention:
-    """diffusers' ``JointAttnProcessor2_0`` (SD3's joint attention, no q/k norms) for a context
-    whose last token stands for ``copies`` identical tokens: its key's logits are raised by
-    log(copies), which is the attention over all the copies."""
-
-    def __init__(self, copies: int) -> None:
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        b, n = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q = heads(attn.to_q(hidden_states))
-        k = heads(attn.to_k(hidden_states))
-        v = heads(attn.to_v(hidden_states))
-        q = torch.cat([q, heads(attn.add_q_proj(encoder_hidden_states))], 2)
-        k = torch.cat([k, heads(attn.add_k_proj(encoder_hidden_states))], 2)
-        v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states))], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype)
-        bias[-1] = self.log_copies
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1])
-        image, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](image)), context
 
 
 def check_repeated_token_attention(transformer, clip_tokens: int) -> float:

@@ -6,9 +6,17 @@ encoders' penultimate hidden states concatenated on the feature axis, zero-padde
 transformer's ``joint_attention_dim``, followed on the sequence axis by T5's last hidden state (all
 zeros, 256 tokens, without T5); ``pooled_projections`` = both encoders' projected pooled outputs.
 The null conditioning is the empty prompt's. The backbone's timestep is the flow timestep sigma * T.
+
+Without T5 the 256 zero tokens are one and the same token through every joint block (each context
+token's norm, attention query and MLP see the same inputs), so eager forwards (training, sampling)
+give the transformer one of them and raise its key's attention logit by log 256
+(``RepeatedTokenAttention``): the same numbers up to float rounding, 3-4x cheaper at small sizes.
+Exported and compiled graphs keep the stock forward, so bundles compute what the stock pipeline does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +34,62 @@ def calculate_shift(seq_len: int, config: dict, max_shift_default: float) -> flo
     max_shift = config.get("max_shift", max_shift_default)
     m = (max_shift - base_shift) / (max_len - base_len)
     return seq_len * m + base_shift - m * base_len
+
+
+class RepeatedTokenAttention:
+    """diffusers' ``JointAttnProcessor2_0`` (SD3's joint attention, q/k norms included) for a
+    context whose last token stands for ``copies`` identical tokens: that token's key logit is
+    raised by log(copies), which is softmax attention over all the copies (their values are
+    equal too). Without a context (SD3.5's image-only ``attn2``) it is the stock processor."""
+
+    def __init__(self, copies: int) -> None:
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):  # fmt: skip
+        b, n = hidden_states.shape[:2]
+
+        def heads(x, norm):
+            x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return x if norm is None else norm(x)
+
+        q = heads(attn.to_q(hidden_states), attn.norm_q)
+        k = heads(attn.to_k(hidden_states), attn.norm_k)
+        v = heads(attn.to_v(hidden_states), None)
+        bias = None
+        if encoder_hidden_states is not None:
+            q = torch.cat([q, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], 2)
+            k = torch.cat([k, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], 2)
+            v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states), None)], 2)
+            bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+            bias[-1] = self.log_copies
+            bias = bias.view(1, 1, 1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        image = attn.to_out[1](attn.to_out[0](out[:, :n]))
+        if encoder_hidden_states is None:
+            return image
+        context = out[:, n:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return image, context
+
+
+def repeated_tail(backbone: nn.Module, context: torch.Tensor) -> int:
+    """How many trailing context tokens are zero in every row (T5's place without T5), when the
+    eager forward may fold them into one (stock joint processors, not exporting or compiling);
+    0 when it may not."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or context.shape[1] < 2:
+        return 0
+    processors = backbone.attn_processors.values()
+    if not all(type(p) is JointAttnProcessor2_0 for p in processors):
+        return 0
+    nonzero = torch.nonzero(context.detach().abs().amax(dim=(0, 2)))
+    last = int(nonzero[-1]) if len(nonzero) else -1
+    tail = context.shape[1] - 1 - last
+    return tail if tail > 1 else 0
 
 
 class SD3Adapter(ModelAdapter):
@@ -79,9 +143,22 @@ class SD3Adapter(ModelAdapter):
         return {"mu": calculate_shift((height // k) * (width // k), self.scheduler_config, 1.16)}
 
     def forward(self, backbone: nn.Module, x, t, cond):
-        return backbone(
-            hidden_states=x,
-            timestep=t,
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"],
-        ).sample
+        context = cond["encoder_hidden_states"]
+        tail = repeated_tail(backbone, context)
+
+        def call(context):
+            return backbone(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=context,
+                pooled_projections=cond["pooled_projections"],
+            ).sample
+
+        if not tail:
+            return call(context)
+        stock = backbone.attn_processors
+        backbone.set_attn_processor(RepeatedTokenAttention(tail))
+        try:
+            return call(context[:, : context.shape[1] - tail + 1])
+        finally:
+            backbone.set_attn_processor(stock)
