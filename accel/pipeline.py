@@ -176,6 +176,7 @@ def run_or_reuse(
 ) -> Artifact:
     """One stage on ``parent`` outside a recipe: its stored artifact (hashes verified) when the
     key is in the store, else a run."""
+    config = config.for_target(target)
     key = stage_key(stage, config, parent.key, target)
     hit = store.has(key)
     procs = Processes()

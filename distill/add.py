@@ -164,7 +164,7 @@ def distill(
         return {**losses, "discriminator": loss_d.detach()}
 
     log = trainer.run(step)
-    g_net = trainer.accelerator.unwrap_model(g_net).eval().requires_grad_(False)
+    g_net = trainer.unwrap(g_net).eval().requires_grad_(False)
     return ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N), log
 
 

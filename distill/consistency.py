@@ -179,7 +179,7 @@ def distill(
         return {"loss": loss.detach()}
 
     log = trainer.run(step)
-    student = consistency(trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False))
+    student = consistency(trainer.unwrap(backbone).eval().requires_grad_(False))
     student.labels_carry_guidance = False
     return student, log
 

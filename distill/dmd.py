@@ -333,7 +333,7 @@ def distill(
         return {"fake": loss_fake.detach(), **state}
 
     log = trainer.run(step)
-    g_net = trainer.accelerator.unwrap_model(g_net).eval().requires_grad_(False)
+    g_net = trainer.unwrap(g_net).eval().requires_grad_(False)
     return make(g_net, student_kind, solver_steps=N), log  # type: ignore[return-value]
 
 

@@ -192,7 +192,7 @@ def distill(
         return {"loss": loss.detach()}
 
     log = trainer.run(step)
-    backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
+    backbone = trainer.unwrap(backbone).eval().requires_grad_(False)
     w = config.guidance_scale
     return Denoiser(backbone, sched, ptype, w, None, scales, num_labels), log
 
@@ -248,7 +248,7 @@ def distill_w_input(
         return {"loss": loss.detach()}
 
     log = trainer.run(step)
-    backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
+    backbone = trainer.unwrap(backbone).eval().requires_grad_(False)
     return Denoiser(backbone, sched, ptype, adapter=adapter), log
 
 

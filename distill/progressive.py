@@ -180,7 +180,7 @@ def distill_round(
         return {"loss": loss.detach()}
 
     log = trainer.run(step)
-    backbone = trainer.accelerator.unwrap_model(backbone).eval().requires_grad_(False)
+    backbone = trainer.unwrap(backbone).eval().requires_grad_(False)
     return teacher.student_of(backbone), log
 
 

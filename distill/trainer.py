@@ -19,12 +19,30 @@ one-process run is unchanged), models are wrapped in DDP so gradients are averag
 batch is ``batch_size`` x processes, and the logged losses are means over processes. Checkpoints
 hold every process's generator state and resume only with the same number of processes.
 
+Models too big for one device (a 12B Flux student; DMD2 holds three such networks) train with
+``fsdp = true``: every trained model, and its EMA copy, is fully sharded over the processes with
+PyTorch's FSDP2 (``fully_shard``, the implementation Accelerate's ``fsdp_version = 2`` plugin calls):
+each block of the model's block lists (transformer blocks, UNet down/up blocks) is its own unit,
+then the root, so a process holds 1/N of the parameters, gradients and Adam state and all-gathers
+one block at a time (ZeRO-3). With ``mixed_precision = "bf16"`` the blocks compute in bf16 over fp32
+master weights and reduce gradients in fp32 (``MixedPrecisionPolicy``); ``"target"`` takes bf16 on
+a CUDA target that has it (compute capability 8.0 and up), fp16 below that, and fp32 on a CPU target.
+``gradient_checkpointing = true`` recomputes each block's activations in the backward pass
+(diffusers' ``enable_gradient_checkpointing``), with or without FSDP. Accelerate still launches the
+processes and reduces the losses; it does not shard here because Accelerate 1.16 turns its FSDP
+plugin on only for accelerator devices (``state.py``: a ``MULTI_CPU`` run never becomes ``FSDP``),
+so the trainer calls ``fully_shard`` itself and the path tested on CPU with gloo is the path that runs
+on GPUs. Sharded checkpoints are gathered to full safetensors (models, EMA copies, optimizer state)
+and resume bit-exactly with the same number of processes. A one-process run has nothing to shard.
+
 A method builds its modules and optimizers, calls ``prepare``, registers EMA pairs, then ``run``s a
-step function that computes its losses, calls ``backward`` and steps its (prepared) optimizers.
+step function that computes its losses, calls ``backward`` and steps its (prepared) optimizers;
+``unwrap`` gives a trained model back as a plain module.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -51,8 +69,28 @@ class TrainingConfig(StageConfig):
     checkpoint_every: int = Field(500, ge=0)
     """Optimizer steps between resumable checkpoints in the stage's work dir (0: none)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision (Accelerate); fp16 needs a GPU."""
+    mixed_precision: Literal["no", "fp16", "bf16", "target"] = "no"
+    """Autocast precision (Accelerate; FSDP's MixedPrecisionPolicy under ``fsdp``); fp16 needs a
+    GPU; "target": bf16 on a CUDA target with compute capability 8.0 and up, fp16 below, fp32 on
+    a CPU target."""
+    fsdp: bool = False
+    """Fully shard every trained model over the processes (FSDP2); see the module docstring."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+
+    def for_target(self, target) -> TrainingConfig:
+        if self.mixed_precision != "target":
+            return self
+        return self.model_copy(update={"mixed_precision": training_precision(target)})
+
+
+def training_precision(target) -> Literal["no", "fp16", "bf16"]:
+    """The mixed precision to train in for a deployment target: bf16 where the GPU has it
+    (compute capability 8.0 and up: Ampere, Ada, Hopper, Blackwell), fp16 on older GPUs, none
+    (fp32) on CPU targets."""
+    if target.device != "cuda":
+        return "no"
+    return "bf16" if float(target.compute_capability) >= 8.0 else "fp16"
 
 
 def process_seed(seed: int, rank: int) -> int:
@@ -110,12 +148,30 @@ class Trainer:
         self.stage, self.iterations, self.work = stage, iterations, work
         self.resume, self.desc, self.progress = resume, desc or stage, progress
         self.checkpoint_every = config.checkpoint_every if work is not None else 0
+        if config.mixed_precision == "target":
+            raise StageError(
+                stage, "mixed_precision = 'target' is resolved by a recipe's target; run the "
+                "stage from a recipe or name 'no', 'bf16' or 'fp16'",
+            )  # fmt: skip
         if config.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise StageError(stage, "mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16'")
+        if config.fsdp and config.mixed_precision == "fp16":
+            raise StageError(stage, "fsdp trains in 'bf16' or 'no' mixed precision, not 'fp16'")
+        if config.fsdp and config.gradient_accumulation_steps > 1:
+            raise StageError(
+                stage, "fsdp takes gradient_accumulation_steps = 1 here; raise batch_size or "
+                "the number of processes instead",
+            )  # fmt: skip
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
+        self.precision = config.mixed_precision
+        self.checkpointing = config.gradient_checkpointing
+        self.sharded = config.fsdp and self.accelerator.num_processes > 1
+        self._shards: dict[int, nn.Module] = {}  # id(sharded model) -> its unsharded twin (meta)
+        self._sharded_models: list[nn.Module] = []  # in prepare order: checkpoint names
+        self._sharded_optimizers: list[tuple[torch.optim.Optimizer, nn.Module]] = []
         set_seed(config.seed)
         # a caller's generator continues its stream (the rounds of one progressive stage)
         self.generator = generator or seeded_generator(config.seed)
@@ -129,16 +185,87 @@ class Trainer:
         return self.accelerator.device
 
     def prepare(self, *objects):
-        """Accelerate's prepare for models, optimizers and LR schedulers (same order back)."""
-        out = self.accelerator.prepare(*objects)
-        out = out if isinstance(out, tuple) else (out,)
-        self._models += [m for m in out if isinstance(m, nn.Module)]
+        """Accelerate's prepare for models, optimizers and LR schedulers (same order back); under
+        ``fsdp`` the models are sharded instead and the optimizers step their shards."""
+        models = [o for o in objects if isinstance(o, nn.Module)]
+        if self.checkpointing:
+            for m in models:
+                enable_gradient_checkpointing(m)
+        if not self.sharded:
+            out = self.accelerator.prepare(*objects)
+            out = out if isinstance(out, tuple) else (out,)
+            self._models += [m for m in out if isinstance(m, nn.Module)]
+            return out if len(out) > 1 else out[0]
+        owner = {id(p): (i, n) for i, m in enumerate(models) for n, p in m.named_parameters()}
+        for m in models:
+            self._shard(m)
+        self._models += models
+        self._sharded_models += models
+        for opt in (o for o in objects if isinstance(o, torch.optim.Optimizer)):
+            if opt.state:
+                raise ValueError("prepare optimizers before their first step")
+            used: set[int] = set()
+            for group in opt.param_groups:  # fully_shard made new (sharded) parameters
+                where = [owner[id(p)] for p in group["params"]]
+                used |= {i for i, _ in where}
+                group["params"] = [models[i].get_parameter(n) for i, n in where]
+            container = (
+                models[min(used)]
+                if len(used) == 1
+                else nn.ModuleList(models[i] for i in sorted(used))
+            )
+            self._sharded_optimizers.append((opt, container))
+        others = [
+            o for o in objects if not isinstance(o, nn.Module | torch.optim.Optimizer)
+        ]  # LR schedulers: Accelerate's, as without fsdp
+        prepared = iter(self.accelerator.prepare(*others) if len(others) > 1 else
+                        [self.accelerator.prepare(*others)] if others else [])  # fmt: skip
+        out = tuple(
+            o if isinstance(o, nn.Module | torch.optim.Optimizer) else next(prepared)
+            for o in objects
+        )
         return out if len(out) > 1 else out[0]
+
+    def _shard(self, model: nn.Module) -> None:
+        """FSDP2 full sharding of ``model`` in place: each block of its block lists, then the
+        root; an unsharded twin on the meta device is kept for ``unwrap``."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        meta = {
+            id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for p in model.parameters()
+        }
+        self._shards[id(model)] = copy.deepcopy(model, meta)  # no weights copied
+        mesh = init_device_mesh(self.device.type, (self.accelerator.num_processes,))
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
+        model.to(self.device)
+        for block in shard_units(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """A trained model as a plain module: Accelerate's unwrap, or under ``fsdp`` the
+        model's unsharded twin holding the gathered weights (on every process)."""
+        twin = self._shards.get(id(model))
+        if twin is None:
+            return self.accelerator.unwrap_model(model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        twin.load_state_dict(full, assign=True)
+        return twin.to(self.device)
 
     def ema(self, target: nn.Module, source: nn.Module, decay: float) -> nn.Module:
         """Keep ``target`` an exponential moving average of ``source``: after every optimizer
-        step, target <- decay * target + (1 - decay) * source."""
+        step, target <- decay * target + (1 - decay) * source (shard by shard under fsdp)."""
         target.to(self.device).requires_grad_(False)
+        if self.sharded:
+            self._shard(target)
         self._ema.append((target, self.accelerator.unwrap_model(source), decay))
         return target
 
@@ -211,6 +338,9 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         for target, source, decay in self._ema:
+            if self.sharded:  # a no-grad forward leaves the root unsharded until resharded
+                reshard(target)
+                reshard(source)
             for pt, ps in zip(target.parameters(), source.parameters(), strict=True):
                 pt.lerp_(ps.detach().to(pt.dtype), 1 - decay)
 
@@ -250,13 +380,16 @@ class Trainer:
             {"state": self.generator.get_state()},
             str(tmp / f"generator_{acc.process_index}.safetensors"),
         )
+        # every process takes part in gathering sharded weights; process 0 writes them
+        full = {f"ema_{i}": self._full_state(t) for i, (t, _, _) in enumerate(self._ema)}
+        full |= {f"fsdp_model_{i}": self._full_state(m) for i, m in enumerate(self._sharded_models)}
+        optimizers = [self._optimizer_state(o, c) for o, c in self._sharded_optimizers]
         acc.wait_for_everyone()
         if acc.is_main_process:
-            for i, (target, _, _) in enumerate(self._ema):
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items()},
-                    str(tmp / f"ema_{i}.safetensors"),
-                )
+            for name, state in full.items():
+                save_file(state, str(tmp / f"{name}.safetensors"))
+            for i, (tensors, meta) in enumerate(optimizers):
+                save_file(tensors, str(tmp / f"fsdp_optimizer_{i}.safetensors"), metadata=meta)
             loop = {"step": self.step, "log": self.log, "num_processes": acc.num_processes}
             (tmp / "loop.json").write_text(json.dumps(loop))
             os.replace(tmp, final)
@@ -281,10 +414,113 @@ class Trainer:
         # stage's own work dir in the store, never from a user-supplied path.
         acc.load_state(str(path))
         for i, (target, _, _) in enumerate(self._ema):
-            target.load_state_dict(load_file(str(path / f"ema_{i}.safetensors")))
+            self._load_full_state(target, load_file(str(path / f"ema_{i}.safetensors")))
+        for i, m in enumerate(self._sharded_models):
+            self._load_full_state(m, load_file(str(path / f"fsdp_model_{i}.safetensors")))
+        for i, (opt, container) in enumerate(self._sharded_optimizers):
+            self._load_optimizer_state(opt, container, path / f"fsdp_optimizer_{i}.safetensors")
         state = load_file(str(path / f"generator_{acc.process_index}.safetensors"))["state"]
         self.generator.set_state(state)
         self.step, self.log = int(loop["step"]), list(loop["log"])
+
+    # ------------------------------------------------------------------ sharded state
+
+    def _full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s whole state dict on the CPU (gathered from its shards under fsdp)."""
+        if id(module) not in self._shards:
+            return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {k: v.contiguous() for k, v in get_model_state_dict(module, options=options).items()}
+
+    def _load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if id(module) not in self._shards:
+            module.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+    def _optimizer_state(self, opt, container) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A sharded optimizer's whole state as safetensors: tensors keyed "<param>::<name>",
+        everything else (numbers, param groups) as JSON metadata."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(container, opt, options=options)
+        tensors, scalars = {}, {}
+        for param, entries in state.get("state", {}).items():
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{param}::{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{param}::{name}"] = value
+        groups = state.get("param_groups", [])
+        return tensors, {"scalars": json.dumps(scalars), "param_groups": json.dumps(groups)}
+
+    def _load_optimizer_state(self, opt, container, path: Path) -> None:
+        from safetensors import safe_open
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        state: dict[str, dict] = {}
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                param, name = key.rsplit("::", 1)
+                state.setdefault(param, {})[name] = f.get_tensor(key)
+        for key, value in json.loads(meta["scalars"]).items():
+            param, name = key.rsplit("::", 1)
+            state.setdefault(param, {})[name] = value
+        full = {"state": state, "param_groups": json.loads(meta["param_groups"])}
+        set_optimizer_state_dict(
+            container, opt, full, options=StateDictOptions(full_state_dict=True)
+        )
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one: the elements of every outermost ``nn.ModuleList``
+    (diffusers' ``transformer_blocks``, ``single_transformer_blocks``, ``down_blocks``,
+    ``up_blocks``) that hold parameters."""
+    units: list[nn.Module] = []
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                units.extend(b for b in child if any(True for _ in b.parameters()))
+            else:
+                walk(child)
+
+    walk(model)
+    return units
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit's gathered parameters in ``model``: its parameters are its shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> bool:
+    """diffusers' gradient checkpointing on every model in ``model`` that supports it (the
+    backbone inside a method's wrapper); False when none does."""
+    found = False
+    for m in model.modules():
+        if getattr(m, "_supports_gradient_checkpointing", False) and not getattr(
+            m, "gradient_checkpointing", False
+        ):
+            m.enable_gradient_checkpointing()
+            found = True
+    return found or any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def write_loss_log(out: Path, log: list[dict[str, float]] | dict) -> None:

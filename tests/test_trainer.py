@@ -82,6 +82,85 @@ def test_fp16_without_a_gpu_is_refused():
         Trainer("toy", TrainingConfig(mixed_precision="fp16"), 3)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mixed_precision": "target"}, "'target' is resolved by a recipe's target"),
+        ({"fsdp": True, "gradient_accumulation_steps": 2}, "fsdp takes gradient_accumulation"),
+    ],
+)
+def test_training_options_that_cannot_run_are_refused(options, message):
+    with pytest.raises(StageError, match=message):
+        Trainer("toy", TrainingConfig(**options), 3)
+
+
+def test_mixed_precision_target_is_the_targets_and_keys_the_artifact():
+    from accel.core.recipe import stage_key
+    from accel.core.target import load_target
+    from accel.stages import get_stage
+    from distill.trainer import training_precision
+
+    cpu, h200, t4 = load_target("cpu"), load_target("h200"), load_target("h200")
+    t4 = t4.model_copy(update={"compute_capability": "7.5", "gpu": "T4"})
+    assert [training_precision(t) for t in (cpu, h200, t4)] == ["no", "bf16", "fp16"]
+    stage = get_stage("consistency")
+    config = stage.config(mixed_precision="target")
+    assert config.for_target(h200).mixed_precision == "bf16"
+    assert stage.config(mixed_precision="no").for_target(h200).mixed_precision == "no"
+    # the key is the resolved config's: two bf16 GPUs share a student, a CPU target does not
+    keys = {t.name: stage_key(stage, config.for_target(t), "p", t) for t in (cpu, h200)}
+    assert keys["h200"] == stage_key(stage, stage.config(mixed_precision="bf16"), "p", cpu)
+    assert keys["cpu"] == stage_key(stage, stage.config(mixed_precision="no"), "p", cpu)
+
+
+def test_fsdp_units_are_the_blocks_of_every_block_list():
+    from distill.trainer import shard_units
+
+    import families
+
+    flux = families.build_pipeline("flux", 0).transformer
+    units = shard_units(flux)
+    assert units == [*flux.transformer_blocks, *flux.single_transformer_blocks]
+    unet = families.build_pipeline("sd15", 0).unet
+    mid = unet.mid_block  # not in a list: its own lists' blocks are the units
+    blocks = [*unet.down_blocks, *unet.up_blocks, *mid.attentions, *mid.resnets]
+    assert {id(u) for u in shard_units(unet)} == {id(b) for b in blocks}
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
+    """Recomputing each block's activations in the backward pass changes no number."""
+    from distill.trainer import enable_gradient_checkpointing
+
+    import families
+
+    def train(checkpointing):
+        torch.manual_seed(0)
+        model = families.build_pipeline("sd3", 0).transformer
+        config = TrainingConfig(seed=1, gradient_checkpointing=checkpointing)
+        trainer = Trainer("toy", config, 2, progress=lambda m: None)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model, opt = trainer.prepare(model, opt)
+        assert model.gradient_checkpointing == checkpointing
+
+        def step():
+            x = trainer.randn((2, 16, 16, 16))
+            out = model(x, timestep=torch.tensor([100.0, 700.0]),
+                        encoder_hidden_states=trainer.randn((2, 7, 96)),
+                        pooled_projections=trainer.randn((2, 64))).sample  # fmt: skip
+            loss = (out - x).pow(2).mean()
+            trainer.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            return {"loss": loss}
+
+        trainer.run(step)
+        return model.state_dict()
+
+    plain, recomputed = train(False), train(True)
+    assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
+    assert not enable_gradient_checkpointing(nn.Linear(2, 2))
+
+
 @pytest.mark.slow
 def test_killed_distillation_resumes_to_the_same_student(tmp_path):
     """SIGKILL an `accel distill consistency` run after its first checkpoint; `--resume` finishes

@@ -9,7 +9,7 @@ rather than after an hour of training."""
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,7 @@ def load_recipe(path: str | Path) -> Recipe:
             f"recipe {path} is invalid ({count}):\n" + "\n".join(f"  {p}" for p in problems)
         )
     assert source is not None and target is not None
+    plans = [replace(p, config=p.config.for_target(target)) for p in plans]
     return Recipe(name=ok["name"], path=path, source=source, target=target, stages=plans)
 
 

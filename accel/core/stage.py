@@ -24,6 +24,11 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def for_target(self, target: Target) -> StageConfig:
+        """The config with any value that defers to the target resolved (a training stage's
+        ``mixed_precision = "target"``); artifact keys are computed from it."""
+        return self
+
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
