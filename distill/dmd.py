@@ -253,7 +253,7 @@ def distill(
         """x at t_k for a random depth k: k steps of the current generator from pure noise
         (backward simulation), or noised real images."""
         y = conditioning(idx)
-        k = int(trainer.randint(N, 1).item())
+        k = trainer.same_on_every_process(int(trainer.randint(N, 1).item()))
         shape = x_data[idx].shape
         if not config.backward_simulation and k > 0:
             t = torch.full((len(idx),), timesteps[k], device=trainer.device)
@@ -287,11 +287,14 @@ def distill(
                 grad = dmd_gradient(x, teacher.predict(x_t, t, y)[0], fake.predict(x_t, t, y)[0])
             loss_dmd = 0.5 * F.mse_loss(x, (x - grad).detach())
             loss_g = loss_dmd
-            if config.gan_weight_generator > 0:
-                gan_g = F.softplus(-logits(x, y, draw_t(len(x)))).mean()
-                loss_g = loss_g + config.gan_weight_generator * gan_g
-                state["gan_generator"] = float(gan_g.detach())
-            trainer.backward(loss_g)
+            # the GAN term's backward enters the critic at the tap, inside a block, not through
+            # the block's output: a sharded critic keeps its blocks gathered until it is done
+            with trainer.gathered(f_net if config.gan_weight_generator > 0 else None):
+                if config.gan_weight_generator > 0:
+                    gan_g = F.softplus(-logits(x, y, draw_t(len(x)))).mean()
+                    loss_g = loss_g + config.gan_weight_generator * gan_g
+                    state["gan_generator"] = float(gan_g.detach())
+                trainer.backward(loss_g)
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             opt_c.zero_grad(set_to_none=True)  # the GAN term reached the critic: not its update

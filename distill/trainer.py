@@ -42,6 +42,7 @@ step function that computes its losses, calls ``backward`` and steps its (prepar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -256,6 +257,7 @@ class Trainer:
             return self.accelerator.unwrap_model(model)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        reshard(model)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         twin.load_state_dict(full, assign=True)
         return twin.to(self.device)
@@ -279,6 +281,37 @@ class Trainer:
 
     def rand(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, dtype=dtype).to(self.device)
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module | None):
+        """Under fsdp, ``model``'s blocks stay gathered from their first forward in the block
+        until the block is resharded on leaving: for a backward pass that enters a block
+        other than through its output (a feature tap inside it), which FSDP's pre-backward
+        hook, registered on block outputs, does not see. Otherwise nothing."""
+        if model is None or id(model) not in self._shards:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+        for u in units:
+            u.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for u in units:
+                u.set_reshard_after_forward(True, recurse=False)
+            reshard(model)
+
+    def same_on_every_process(self, value: int) -> int:
+        """Process 0's ``value`` under fsdp, where a draw that decides how many forward passes a
+        step makes (DMD2's backward-simulation depth) must agree: each forward of a sharded model
+        is a collective. Without fsdp, each process keeps its own draw."""
+        if not self.sharded:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return int(broadcast_object_list([value], from_process=0)[0])
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -432,6 +465,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        reshard(module)
         return {k: v.contiguous() for k, v in get_model_state_dict(module, options=options).items()}
 
     def _load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,8 @@ a tiny Flux transformer: two processes give the weights one process gives on the
 batch (with gradient checkpointing on in the sharded run: recomputation changes nothing), each
 process holds about half of the parameters, a resumed run equals an uninterrupted one bit for
 bit (weights, EMA, loss log), bf16 computes the blocks in bf16 over fp32 master weights, and a
-recipe's consistency stage trains a Flux student sharded and writes it once."""
+recipe's consistency stage trains a Flux student sharded and writes it once, and DMD2 (three
+networks, a random number of generator passes per step: process 0's number) fine-tunes it."""
 
 import json
 import os
@@ -157,6 +158,13 @@ def test_a_recipe_trains_a_flux_student_sharded(tmp_path):
             gradient_checkpointing = true
             mixed_precision = "target"
             dataset = "prompts:{tmp_path / "prompts.txt"}"
+            [[stages]]
+            stage = "adversarial"
+            student_steps = 2
+            iterations = 2
+            batch_size = 2
+            fsdp = true
+            dataset = "prompts:{tmp_path / "prompts.txt"}"
             """
         )
     )
@@ -164,6 +172,7 @@ def test_a_recipe_trains_a_flux_student_sharded(tmp_path):
     r = torchrun("-m", "accel.cli", "run", str(tmp_path / "recipe.toml"), "--store", str(store))
     assert r.returncode == 0, r.stderr[-3000:]
     manifests = [json.loads((d / "manifest.json").read_text()) for d in store.glob("artifacts/*")]
+    assert sorted(m["stage"] for m in manifests) == ["adversarial", "consistency", "source"]
     (student,) = (m for m in manifests if m["stage"] == "consistency")
     assert student["config"]["mixed_precision"] == "no"  # the cpu target: fp32
     out = store / "artifacts" / student["key"]
