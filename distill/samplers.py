@@ -265,6 +265,7 @@ def _adapter_plan(
         guidance_in_model=adapter.guidance_in_model,
         decode=adapter.family != "unet2d",
         resolution=[h, w],
+        flow_shift=adapter.flow_shift(steps, h, w),
     )
 
 

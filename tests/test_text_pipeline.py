@@ -113,15 +113,45 @@ def test_each_component_is_a_graph_and_an_engine(family, built):
         assert stored["static.txt_ids"].shape == (512, 3)
         assert stored["static.guidance"].tolist() == [2.0]
         assert not any(k.startswith("null.") for k in stored)  # w embedded: one pass
+        # the dynamic shift resolved for 64 image tokens, as FluxPipeline computes it
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = _scheduler_config(built[family]["model"])
+        mu = calculate_shift(64, cfg["base_image_seq_len"], cfg["max_image_seq_len"],
+                             cfg["base_shift"], cfg["max_shift"])  # fmt: skip
+        assert plan.flow_shift == {"mu": pytest.approx(mu)}
+        _assert_stock_timesteps(built[family]["model"], plan)
     elif family in ("pixart", "sana"):  # the empty prompt's states and mask; no static inputs
         assert set(stored) == {"null.encoder_hidden_states", "null.encoder_attention_mask"}
         assert stored["null.encoder_attention_mask"].sum() == 1  # EOS only
     elif family == "sd3":  # a flow model: float timesteps; the empty prompt's null branch
         assert plan.timestep_dtype == "float32" and plan.sampler == "flow_euler"
         assert set(stored) == {"null.encoder_hidden_states", "null.pooled_projections"}
+        assert plan.flow_shift == {"shift": _scheduler_config(built[family]["model"])["shift"]}
+        _assert_stock_timesteps(built[family]["model"], plan)
     else:
         assert stored["static.timestep_cond"].shape == (1, 256)
         assert not any(k.startswith("null.") for k in stored)  # w embedded: no unconditional pass
+
+
+def _scheduler_config(model) -> dict:
+    return json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+
+
+def _assert_stock_timesteps(model, plan) -> None:
+    """The plan's timesteps are the stock scheduler's for the shift it records."""
+    import diffusers
+
+    cfg = _scheduler_config(model)
+    sched = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    n = len(plan.steps)
+    if "mu" in plan.flow_shift:  # FluxPipeline's sigmas, shifted by mu
+        sched.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n), mu=plan.flow_shift["mu"])
+    else:
+        sched = sched.from_config(cfg, shift=plan.flow_shift["shift"])
+        sched.set_timesteps(n)
+    want = (sched.sigmas[:-1].double() * cfg["num_train_timesteps"]).tolist()
+    assert [s.timestep for s in plan.steps] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("family", list(TEXT))

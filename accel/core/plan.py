@@ -69,6 +69,10 @@ class SamplerPlan:
     decode: bool = False
     """The loop's result is latents that the runtime's ``decode`` turns into images."""
     resolution: list[int] | None = None  # H, W of the images
+    flow_shift: dict[str, float] | None = None
+    """Flow models: the shift the steps' timesteps were resolved with at ``resolution``:
+    {"shift": s} (static) or {"mu": m} (dynamic: diffusers' ``set_timesteps(mu=m)``, linear in
+    the image's token count); informational, the timesteps already carry it."""
     components: dict[str, str] = field(default_factory=dict)
     """A pipeline's graphs (engines) besides the denoiser's, by role (``COMPONENTS``) -> file
     beside the plan: the text encoder (token ids -> ``text_outputs``) and the VAE decoder
@@ -93,6 +97,14 @@ class SamplerPlan:
             raise ValueError(f"sample_shape must be positive integers, got {self.sample_shape}")
         if self.timestep_dtype not in ("int64", "float32"):
             raise ValueError(f"timestep_dtype must be int64 or float32, got {self.timestep_dtype}")
+        if self.flow_shift is not None and (
+            len(self.flow_shift) != 1
+            or set(self.flow_shift) - {"shift", "mu"}
+            or not all(isinstance(v, int | float) for v in self.flow_shift.values())
+        ):
+            raise ValueError(
+                f"flow_shift must be {{'shift': s}} or {{'mu': m}}, got {self.flow_shift}"
+            )
         if self.format != PLAN_FORMAT:
             raise ValueError(f"format {self.format!r} is not {PLAN_FORMAT}")
         for role, file in self.components.items():

@@ -232,7 +232,21 @@ class ModelAdapter:
         return [float(s) * T for s in sched.sigmas.double().tolist()]
 
     def timestep_kwargs(self, steps: int, height: int, width: int) -> dict[str, Any]:
+        """What the family's stock pipeline passes its scheduler's ``set_timesteps`` besides the
+        step count (Flux: its sigmas; a dynamic shift's ``mu``)."""
         return {}
+
+    def flow_shift(self, steps: int, height: int, width: int) -> dict[str, float] | None:
+        """The shift a flow model's timesteps at this resolution are resolved with, as the
+        sampler plan records it: {"mu": m} for a dynamic (resolution-dependent) shift, {"shift":
+        s} for a static one; None for discrete schedules."""
+        if self.schedule.kind != "flow":
+            return None
+        mu = self.timestep_kwargs(steps, height, width).get("mu")
+        if mu is not None:
+            return {"mu": float(mu)}
+        cfg = self.scheduler_config
+        return {"shift": float(cfg.get("shift", cfg.get("flow_shift", 1.0)))}
 
     # ------------------------------------------------------------------ conditioning
 

@@ -107,18 +107,12 @@ class FluxAdapter(ModelAdapter):
     def null_conditioning(self, height, width):
         return None if self.guidance_in_model else super().null_conditioning(height, width)
 
-    def timestep_grid(self, steps, height, width):
-        import diffusers
-
-        cls = getattr(diffusers, self.scheduler_config["_class_name"])
-        sched = cls.from_config(self.scheduler_config)
-        kwargs = {"sigmas": np.linspace(1.0, 1 / steps, steps)}
+    def timestep_kwargs(self, steps, height, width):
+        kwargs: dict = {"sigmas": np.linspace(1.0, 1 / steps, steps)}  # as FluxPipeline
         if self.scheduler_config.get("use_dynamic_shifting"):
             gh, gw = self._grid(height, width)
             kwargs["mu"] = calculate_shift(gh * gw, self.scheduler_config, 1.15)
-        sched.set_timesteps(steps, **kwargs)
-        T = self.schedule.num_train_timesteps
-        return [float(s) * T for s in sched.sigmas.double().tolist()]
+        return kwargs
 
     w_inputs = ("guidance",)
 
