@@ -13,6 +13,7 @@ from accel.core.stage import Stage, did_you_mean
 STAGES: dict[str, str] = {
     "progressive": "distill.progressive:STAGE",
     "consistency": "distill.consistency:STAGE",
+    "scm": "distill.scm:STAGE",
     "adversarial": "distill.dmd:STAGE",
     "add": "distill.add:STAGE",
     "guidance": "distill.guidance:STAGE",

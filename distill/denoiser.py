@@ -251,6 +251,8 @@ class ConsistencyDenoiser(Denoiser):
     (Song et al. 2023, eq. 5), trained on the ``solver_steps`` grid of ``distill.consistency``."""
 
     consistency = True
+    trigflow = False
+    """Sampled at sCM's TrigFlow grid (``distill.scm``) instead of its scheduler's."""
 
     def __init__(self, *args, solver_steps: int = 50, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -272,6 +274,8 @@ class FlowConsistencyDenoiser(Denoiser):
     c_skip/c_out scalings (its ConsistencySpec records sigma_data = timestep_scaling = 0)."""
 
     consistency = True
+    trigflow = False
+    """Sampled at sCM's TrigFlow grid (``distill.scm``) instead of its scheduler's."""
 
     def __init__(self, *args, solver_steps: int = 50, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -328,6 +332,7 @@ def load_denoiser(
         denoiser: Denoiser = FlowConsistencyDenoiser(
             *args, solver_steps=info.consistency.solver_steps, **kwargs
         )
+        denoiser.trigflow = info.consistency.grid == "trigflow"  # type: ignore[attr-defined]
     elif info.consistency is not None:
         if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
             raise CheckpointError(

@@ -239,7 +239,12 @@ def _adapter_plan(
     adapter.check_resolution(h, w)
     schedule = denoiser.schedule
     if schedule.kind == "flow" and denoiser.consistency:  # FlowMatchLCMScheduler's loop
-        grid = adapter.timestep_grid(steps, h, w)
+        if getattr(denoiser, "trigflow", False):  # an sCM student: SCMScheduler's grid
+            from distill.scm import scm_flow_grid
+
+            grid = scm_flow_grid(steps, schedule.num_train_timesteps)
+        else:
+            grid = adapter.timestep_grid(steps, h, w)
         coefficients, sampler = consistency_coefficients(schedule, grid[:-1]), "consistency"
     elif schedule.kind == "flow":
         grid = adapter.timestep_grid(steps, h, w)

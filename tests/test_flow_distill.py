@@ -272,6 +272,8 @@ METHODS = {  # a few-iteration run's options, and the student's stock scheduler
         "FlowMatchLCMScheduler",
     ),
     "adversarial": (["--student-steps", 2, "--iterations", 3], "FlowMatchLCMScheduler"),
+    # sCM: sampled at SCMScheduler's TrigFlow grid, handed to the stock pipeline as sigmas
+    "scm": (["--num-inference-steps", 2, "--iterations", 2], "FlowMatchLCMScheduler"),
     "guidance": (["--iterations", 2, "--guidance-scale", 2.0], "FlowMatchEulerDiscreteScheduler"),
 }
 CASES = [("sd3", m) for m in METHODS if m != "guidance"] + [("flux", m) for m in METHODS]
@@ -366,6 +368,10 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
     extra = families.stock_kwargs(family)  # accel runs the stock defaults (T5/Gemma lengths,
     extra.pop("max_sequence_length", None)  # Sana's instruction)
     extra.pop("complex_human_instruction", None)
+    if method == "scm":
+        from distill.scm import scm_flow_grid
+
+        extra["sigmas"] = [v / 1000 for v in scm_flow_grid(steps, 1000)[:-1]]
     stock = pipe(
         [PROMPT], latents=torch.from_numpy(ours["latents"]), num_inference_steps=steps,
         guidance_scale=W if w_input else 1.0, output_type="np", **extra,

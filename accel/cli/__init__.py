@@ -367,6 +367,14 @@ distill.add_command(
 )
 distill.add_command(
     StageCommand(
+        "scm",
+        "scm",
+        "Continuous-time consistency distillation (sCM, Lu & Song 2024) of the flow teacher at "
+        "INPUT.",
+    )
+)
+distill.add_command(
+    StageCommand(
         "adversarial",
         {"dmd2": "adversarial", "add": "add"},
         "Adversarial distillation of the teacher at INPUT, or a fine-tune of a student it "

@@ -17,7 +17,7 @@ from accel.core.errors import CheckpointError
 
 MODEL_INFO_FILE = "accel.json"
 MODEL_INFO_FORMAT = "accel.model/1"
-METHODS = ("progressive", "consistency", "dmd2", "add", "guidance")
+METHODS = ("progressive", "consistency", "scm", "dmd2", "add", "guidance")
 
 
 def _number(name: str, v: Any, minimum: float | None = None) -> None:
@@ -56,8 +56,15 @@ class ConsistencySpec:
     solver_steps: int
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
+    grid: str = "scheduler"
+    """The timesteps it samples at: its scheduler's, or "trigflow" (a continuous-time sCM
+    student: ``SCMScheduler``'s TrigFlow grid mapped to flow sigmas, passed as ``sigmas``)."""
 
     def __post_init__(self) -> None:
+        if self.grid not in ("scheduler", "trigflow"):
+            raise ValueError(
+                f"consistency.grid must be 'scheduler' or 'trigflow', got {self.grid!r}"
+            )
         _integer("consistency.solver_steps", self.solver_steps, 1)
         _number("consistency.sigma_data", self.sigma_data, 0.0)
         _number("consistency.timestep_scaling", self.timestep_scaling, 0.0)

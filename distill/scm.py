@@ -1,0 +1,316 @@
+"""Continuous-time consistency distillation, sCM (Lu & Song 2024, "Simplifying, Stabilizing and
+Scaling Continuous-time Consistency Models", ICLR 2025: sCD, their Algorithm 1), on flow teachers.
+
+TrigFlow. A state at TrigFlow time t in [0, pi/2] is x_t = cos(t) x0 + sin(t) z, in model units
+(the paper's x / sigma_d: the latents a flow model reads, noise of unit variance), with
+probability-flow velocity dx_t/dt = F(x_t, t) = E[cos(t) z - sin(t) x0 | x_t] and consistency
+function f(x_t, t) = cos(t) x_t - sin(t) F_theta(x_t, t), which meets f(x, 0) = x by its form.
+
+From a flow teacher (rectified flow, z_s = (1 - s) x0 + s z, velocity v = z - x0), as SANA-Sprint
+converts it (diffusers' ``SanaSprintPipeline`` applies the inverse map at sampling time): x_t is
+z_s scaled by (cos t + sin t) at s = sin t / (sin t + cos t), so with the flow model's
+(x0_hat, z_hat) = (z_s - s v, z_s + (1 - s) v) at z_s = x_t / (cos t + sin t),
+
+    F = cos(t) z_hat - sin(t) x0_hat,        f(x_t, t) = x0_hat.
+
+The student keeps the flow parameterisation (a stock flow transformer); its consistency function is
+its own flow x0 = z_s - s v, the ``FlowConsistencyDenoiser`` of the flow form of LCM, so it samples
+as ``FlowMatchLCMScheduler`` does: x0, then re-noise at the next sigma, at the TrigFlow grid of
+``SCMScheduler`` (pi/2, 1.3, 0 at two steps; uniform in t otherwise) mapped to flow sigmas.
+``SCMScheduler.step`` on the TrigFlow state computes the same numbers (its x0 is
+cos(s) x - sin(s) F, which the map above turns into z_s - s v).
+
+Objective (sCD, their eq. 8 and Algorithm 1). theta- = stopgrad(theta); the teacher's guided
+velocity dx_t/dt = F_teacher(x_t, t); the tangent of the consistency function along the teacher's
+ODE, weighted by cos(t),
+
+    g = -cos^2(t) (F_theta-(x_t, t) - dx_t/dt) - r cos(t) sin(t) (x_t + dF_theta-/dt),
+
+with cos(t) sin(t) dF_theta-/dt from one forward-mode JVP (``torch.func.jvp``) with tangents
+(cos(t) sin(t) dx_t/dt, cos(t) sin(t)) (their stable form), r warmed up linearly from 0 to 1 over
+``tangent_warmup`` iterations (tangent warm-up) and g normalised to g / (||g|| + c), c = 0.1
+(tangent normalisation); then
+
+    L = E[ exp(w(t)) / D ||F_theta(x_t, t) - F_theta-(x_t, t) - g||^2 - w(t) ],
+
+w a learned adaptive weight (a small MLP on Fourier features of t, trained jointly), D the
+dimension, and t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2) (their proposal;
+P_mean = -1.0, P_std = 1.4 are their CIFAR-10 values, Appendix G). The gradient of the squared
+term is the continuous-time consistency gradient -cos(t) dF/dtheta . df_theta-/dt.
+
+Deviations: sigma_d only shapes the time proposal (model units already put the data near unit
+scale: ``sigma_data`` is the data's standard deviation in those units, 1 by default); the JVP runs
+with the math SDPA kernel (the fused CPU attention kernels have no forward-mode derivative); the
+student is sampled from its EMA (``ema_decay``), as the paper evaluates EMA weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from accel.core.errors import StageError
+from accel.core.model_info import ConsistencySpec, ModelInfo
+from accel.core.stage import Stage, StageContext, say
+from distill.data import Dataset, take, to_device
+from distill.denoiser import (
+    Denoiser,
+    FlowConsistencyDenoiser,
+    guidance_info,
+    load_teacher,
+    save_pipeline,
+    takes_w,
+)
+from distill.schedule import _bcast
+from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+
+TANGENT_NORM = 0.1  # c of the tangent normalisation g / (||g|| + c)
+
+
+class SCMConfig(TrainingConfig):
+    num_inference_steps: int = Field(2, ge=1)
+    """The student's default step count (a consistency model samples at any count)."""
+    guidance_scale: float = Field(1.0, ge=0)
+    """Classifier-free guidance scale of the teacher's velocity, distilled into the student."""
+    iterations: int = Field(2000, ge=1)
+    p_mean: float = -1.0
+    p_std: float = Field(1.4, gt=0)
+    """The log-normal time proposal: t = arctan(exp(tau) / sigma_data), tau ~ N(p_mean, p_std^2)."""
+    sigma_data: float = Field(1.0, gt=0)
+    """The data's standard deviation in model units (the time proposal's sigma_d)."""
+    tangent_warmup: int = Field(500, ge=0)
+    """Iterations over which r of the tangent's second term rises from 0 to 1."""
+    adaptive_weighting: bool = True
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
+    dataset: Dataset = "digits"
+
+
+def flow_sigma(t: torch.Tensor) -> torch.Tensor:
+    """The flow sigma s of TrigFlow time t: sin t / (sin t + cos t)."""
+    return t.sin() / (t.sin() + t.cos())
+
+
+def trigflow_grid(steps: int) -> list[float]:
+    """``SCMScheduler``'s TrigFlow timesteps at ``steps`` (pi/2, 1.3, 0 at two; uniform else)."""
+    if steps == 2:
+        return [math.pi / 2, 1.3, 0.0]
+    return [math.pi / 2 * (1 - i / steps) for i in range(steps + 1)]
+
+
+def scm_flow_grid(steps: int, num_train_timesteps: int) -> list[float]:
+    """The student's flow timesteps (sigma * T) at ``steps``: ``trigflow_grid`` mapped to flow."""
+    t = torch.tensor(trigflow_grid(steps), dtype=torch.float64)
+    return (flow_sigma(t) * num_train_timesteps).tolist()
+
+
+def trig_velocity(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
+    """F(x_t, t) of a flow-parameterised ``denoiser`` at TrigFlow state ``x`` and time ``t``
+    (per example): cos(t) z_hat - sin(t) x0_hat at z_s = x / (cos t + sin t), s = flow_sigma(t).
+    Differentiable in x and t (forward and reverse mode)."""
+    c, n = _bcast(t.cos(), x), _bcast(t.sin(), x)
+    s = flow_sigma(t)
+    x0, z = denoiser.predict(x / (c + n), s * denoiser.schedule.num_train_timesteps, labels)
+    return c * z - n * x0
+
+
+class TimeWeight(nn.Module):
+    """sCM's adaptive weight w(t): a linear map of Fourier features of t, zero at the start."""
+
+    def __init__(self, features: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(features // 2).float(), persistent=False)
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angle = t.float()[:, None] * self.freqs
+        return self.linear(torch.cat([angle.sin(), angle.cos()], 1)).squeeze(1)
+
+
+def scm_tangent(
+    student: Denoiser, teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, labels, r: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_theta-(x_t, t), g): the student's TrigFlow velocity and the tangent
+    g = cos(t) df_theta-/dt along the teacher's ODE (second term scaled by r), unnormalised."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cs = t.cos() * t.sin()
+    dxdt = trig_velocity(teacher, x_t, t, labels)
+    with sdpa_kernel(SDPBackend.MATH):  # forward-mode AD through attention
+        F_minus, dF = torch.func.jvp(
+            lambda x, tt: trig_velocity(student, x, tt, labels),
+            (x_t, t),
+            (_bcast(cs, x_t) * dxdt, cs),
+        )
+    g = -_bcast(t.cos() ** 2, x_t) * (F_minus - dxdt) - r * (_bcast(cs, x_t) * x_t + dF)
+    return F_minus, g
+
+
+def scm_loss(
+    student: Denoiser,
+    teacher: Denoiser,
+    weight: nn.Module | None,
+    x0: torch.Tensor,
+    labels,
+    config: SCMConfig,
+    r: float,
+    rng,
+) -> torch.Tensor:
+    """One batch of the sCD objective (module docstring) at data ``x0``."""
+    n = len(x0)
+    tau = config.p_mean + config.p_std * rng.randn((n,), torch.float64).to(x0.device)
+    t = torch.atan(tau.exp() / config.sigma_data)
+    z = rng.randn(x0.shape, x0.dtype)
+    x_t = _bcast(t.cos(), x0) * x0 + _bcast(t.sin(), x0) * z
+    with torch.no_grad():
+        F_minus, g = scm_tangent(student, teacher, x_t, t, labels, r)
+        g = g / _bcast(g.flatten(1).norm(dim=1) + TANGENT_NORM, g)
+    F = trig_velocity(student, x_t, t, labels)
+    per = (F - F_minus - g).pow(2).flatten(1).mean(1)  # ||.||^2 / D
+    if weight is None:
+        return per.mean()
+    w = weight(t).to(per.dtype)
+    return (w.exp() * per - w).mean()
+
+
+def distill(
+    teacher: Denoiser,
+    data: tuple[torch.Tensor, object],
+    config: SCMConfig,
+    work: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] = say,
+) -> tuple[FlowConsistencyDenoiser, list[dict[str, float]]]:
+    """Train an sCM student initialised from the flow teacher's backbone; the teacher's guidance
+    is distilled in (or, for a backbone with a w input, given to it as w)."""
+    trainer = Trainer("scm", config, config.iterations, work, resume, progress=progress)
+    if teacher.schedule.kind != "flow":
+        raise StageError("scm", "sCM distils flow-matching teachers (SD3, Flux, Sana) only here")
+    adapter = teacher.adapter
+    backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+    weight = TimeWeight() if config.adaptive_weighting else None
+    ema = copy.deepcopy(backbone).requires_grad_(False) if config.ema_decay > 0 else None
+    params = [*backbone.parameters(), *(weight.parameters() if weight else [])]
+    opt = torch.optim.Adam(params, lr=config.learning_rate)
+    if weight is not None:
+        backbone, weight, opt = trainer.prepare(backbone, weight, opt)
+    else:
+        backbone, opt = trainer.prepare(backbone, opt)
+    if ema is not None:
+        trainer.ema(ema, backbone, config.ema_decay)
+    teacher.to(trainer.device)
+    student = teacher.student_of(backbone)
+    x_data, y_data = to_device(data, trainer.device)
+    w_inputs = {
+        k: v.to(trainer.device)
+        for k, v in (
+            adapter.guidance_inputs(backbone, config.guidance_scale, 1)
+            if adapter is not None and takes_w(backbone)
+            else {}
+        ).items()
+    }
+
+    def step() -> dict[str, torch.Tensor]:
+        idx = trainer.randint(len(x_data), config.batch_size)
+        labels = take(y_data, idx)
+        if w_inputs:
+            labels = {
+                **labels,
+                **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()},
+            }
+        warm = min(1.0, trainer.step / config.tangent_warmup) if config.tangent_warmup else 1.0
+        loss = scm_loss(student, teacher, weight, x_data[idx], labels, config, warm, trainer)
+        trainer.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    log = trainer.run(step)
+    final = trainer.unwrap(ema if ema is not None else backbone).eval().requires_grad_(False)
+    out = teacher.student_of(final, FlowConsistencyDenoiser, solver_steps=1000)
+    out.trigflow = True  # type: ignore[attr-defined]
+    return out, log  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def sample_scm(
+    student: Denoiser,
+    x: torch.Tensor,
+    steps: int,
+    labels=None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Multistep sampling on the TrigFlow grid in flow coordinates: x0 = f(z_s, s), then
+    z_s' = (1 - s') x0 + s' z with fresh z (``SCMScheduler``'s loop, mapped to flow)."""
+    grid = scm_flow_grid(steps, student.schedule.num_train_timesteps)
+    x0 = x
+    for i, t in enumerate(grid[:-1]):
+        x0 = student.predict(x, torch.tensor(t), labels)[0]
+        s_next = grid[i + 1] / student.schedule.num_train_timesteps
+        if i + 1 < len(grid) - 1:
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = (1 - s_next) * x0 + s_next * z
+    return x0
+
+
+def scm_scheduler_config(teacher_scheduler: dict) -> dict:
+    """The student's stock ``FlowMatchLCMScheduler``, unshifted (shift 1): its sigmas are the
+    TrigFlow grid's, which the sampler passes as ``sigmas`` (``scm_flow_grid``)."""
+    from distill.consistency import student_scheduler_config
+
+    config = student_scheduler_config(teacher_scheduler, 1000, flow=True)
+    return config | {"shift": 1.0, "use_dynamic_shifting": False}
+
+
+def run(ctx: StageContext) -> None:
+    config: SCMConfig = ctx.config  # type: ignore[assignment]
+    from distill.data import stage_data
+
+    teacher, info = load_teacher(ctx.input.path, "scm", config.guidance_scale, flow=True)
+    if teacher.schedule.kind != "flow":
+        raise StageError(
+            "scm", "sCM distils flow-matching teachers (SD3, Flux, Sana); use consistency for "
+            "this VP teacher",
+        )  # fmt: skip
+    data = stage_data(ctx, teacher, config.dataset, config.seed)
+    student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
+    save_pipeline(
+        ctx.out,
+        student.backbone,
+        scm_scheduler_config(teacher.scheduler_config),
+        ModelInfo(
+            method="scm",
+            num_inference_steps=config.num_inference_steps,
+            **(
+                {"guidance_scale": config.guidance_scale}
+                if takes_w(student.backbone)
+                else guidance_info(info, config.guidance_scale)
+            ),
+            num_classes=info.num_classes,
+            consistency=ConsistencySpec(1000, 0.0, 0.0, grid="trigflow"),
+        ),
+        teacher,
+    )
+    ctx.metrics["final_loss"] = mean_tail(log)
+    write_loss_log(ctx.out, log)
+
+
+STAGE = Stage(
+    name="scm",
+    version=1,
+    config=SCMConfig,
+    consumes="checkpoint",
+    produces="checkpoint",
+    run=run,
+    description="continuous-time consistency distillation (sCM; Lu & Song 2024)",
+    data_parallel=True,
+    families=("sd3", "flux", "sana"),
+)
