@@ -158,6 +158,21 @@ FLOW_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
         {0: [("consistency (FlowMatchLCM)", STEPS)]},
     ),  # fmt: skip
     **{f"dmd2-{k}step": ([_dmd(k, dataset="digits")], {0: [("dmd2", [k])]}) for k in (1, 4)},
+    # issue #16: continuous-time consistency (one student, TrigFlow grid at every step count)
+    "scm": (
+        [
+            _stage(
+                "scm",
+                num_inference_steps=2,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                batch_size=64,
+                learning_rate=1e-4,
+                dataset="digits",
+            )
+        ],
+        {0: [("sCM (TrigFlow grid)", STEPS)]},
+    ),  # fmt: skip
 }
 TEACHERS = {  # --teacher: (directory, methods, reference steps, its sampler's row label)
     "digits": (TEACHER_DIR, METHODS, 50, "teacher DDIM"),
