@@ -140,3 +140,24 @@ def test_an_engine_with_a_broken_description_is_one_line_from_the_cli(
     assert code != 0 and "Traceback" not in err
     assert "has no valid engine description (precision 'int3' is not one of" in err
     shutil.rmtree(tmp_path / "store")
+
+
+def test_files_of_the_previous_formats_read_as_the_current_one(tmp_path):
+    """accel.model/1 (no consistency.grid) and accel.plan/3 (no flow_shift) read unchanged;
+    a grid other than the two known ones is refused."""
+    from accel.core.plan import PLAN_FORMAT, SamplerPlan
+
+    (tmp_path / "accel.json").write_text(json.dumps({
+        "method": "consistency", "num_inference_steps": 4,
+        "consistency": {"solver_steps": 50, "sigma_data": 0.0, "timestep_scaling": 0.0},
+        "format": "accel.model/1",
+    }))  # fmt: skip
+    info = ModelInfo.read(tmp_path)
+    assert info.format == MODEL_INFO_FORMAT and info.consistency.grid == "scheduler"
+    plan = {"steps": [{"timestep": 999, "a": 0.0, "b": 1.0}], "sample_shape": [1, 4, 4],
+            "format": "accel.plan/3"}  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    loaded = SamplerPlan.load(tmp_path / "plan.json")
+    assert loaded.format == PLAN_FORMAT and loaded.flow_shift is None
+    with pytest.raises(ValueError, match="grid must be 'scheduler' or 'trigflow'"):
+        ConsistencySpec(4, grid="karras")

@@ -1,9 +1,10 @@
 """``accel.json``: what accel records beside a diffusers pipeline's ``model_index.json`` (format
-``accel.model/1``). A teacher's names its unconditional class; a distilled student's names the
-method, its step count and how guidance was distilled, so that ``accel sample``, the exporters and
-the next distillation stage read the student's own defaults. A typed, versioned contract: unknown
-keys, wrong types and impossible values are errors on load; files written before the format key
-existed (the same keys, no ``format``) are read as format 1. Stock diffusers ignores the file."""
+``accel.model/2``; /2 added ``consistency.grid``, and /1 files read as /2). A teacher's names its
+unconditional class; a distilled student's names the method, its step count and how guidance was
+distilled, so that ``accel sample``, the exporters and the next distillation stage read the
+student's own defaults. A typed, versioned contract: unknown keys, wrong types and impossible
+values are errors on load; files written before the format key existed (the same keys, no
+``format``) are read as format 1. Stock diffusers ignores the file."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 MODEL_INFO_FILE = "accel.json"
-MODEL_INFO_FORMAT = "accel.model/1"
+MODEL_INFO_FORMAT = "accel.model/2"
+READ_FORMATS = ("accel.model/1", MODEL_INFO_FORMAT)  # /1 lacks only the optional grid
 METHODS = ("progressive", "consistency", "scm", "dmd2", "add", "guidance")
 
 
@@ -105,8 +107,9 @@ class ModelInfo:
                 _integer(name, getattr(self, name), 0)
         if self.training is not None and not isinstance(self.training, dict):
             raise ValueError("training must be a JSON object")
-        if self.format != MODEL_INFO_FORMAT:
+        if self.format not in READ_FORMATS:
             raise ValueError(f"format {self.format!r} is not {MODEL_INFO_FORMAT}")
+        object.__setattr__(self, "format", MODEL_INFO_FORMAT)
 
     @property
     def is_student(self) -> bool:

@@ -1,5 +1,5 @@
 """The sampler plan: the numbers that drive a few-step loop, stored beside an engine as JSON
-(``sampler_plan.json``, format ``accel.plan/3``), read by every runtime, bundle and Triton model.
+(``sampler_plan.json``, format ``accel.plan/4``), read by every runtime, bundle and Triton model.
 A typed, versioned contract: unknown keys, missing fields and wrong types are errors on load, and
 plans of the first format (``notes`` flags) are read into the typed fields."""
 
@@ -14,8 +14,9 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 PLAN_FILE = "sampler_plan.json"
-PLAN_FORMAT = "accel.plan/3"
-READ_FORMATS = ("accel.plan/2", PLAN_FORMAT)  # /3 added the pipeline fields, all optional
+PLAN_FORMAT = "accel.plan/4"
+# /3 added the pipeline fields, /4 ``flow_shift``: all optional, so older plans read as /4
+READ_FORMATS = ("accel.plan/2", "accel.plan/3", PLAN_FORMAT)
 COMPONENTS = ("text_encoder", "vae_decoder")
 TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
 TOKENIZER_OPTIONAL = {"lowercase", "prefix"}  # the prompt clean-up before tokenizing (PixArt, Sana)
