@@ -219,8 +219,8 @@ class Trainer:
         others = [
             o for o in objects if not isinstance(o, nn.Module | torch.optim.Optimizer)
         ]  # LR schedulers: Accelerate's, as without fsdp
-        prepared = iter(self.accelerator.prepare(*others) if len(others) > 1 else
-                        [self.accelerator.prepare(*others)] if others else [])  # fmt: skip
+        done = self.accelerator.prepare(*others) if others else ()
+        prepared = iter(done if isinstance(done, tuple) else (done,))
         out = tuple(
             o if isinstance(o, nn.Module | torch.optim.Optimizer) else next(prepared)
             for o in objects

@@ -42,7 +42,8 @@ TOY = textwrap.dedent(
     )
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, opt = trainer.prepare(model, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)  # Accelerate's, beside shards
+    model, opt, sched = trainer.prepare(model, opt, sched)
     trainer.ema(ema, model, 0.5)
     # a one-process run draws every (virtual) process's batch: the same effective batch
     gens = [trainer.generator] + [
@@ -64,6 +65,7 @@ TOY = textwrap.dedent(
         loss = (v.float() - x.flip(-1)).pow(2).mean()
         trainer.backward(loss)
         opt.step()
+        sched.step()
         opt.zero_grad()
         return {"loss": loss.detach()}
 
