@@ -53,7 +53,25 @@ def cli() -> None:
 
 def main() -> None:
     try:
-        code = cli.main(standalone_mode=False)  # returns ctx.exit()'s code, if a command set one
+        code = _run()
+    finally:
+        _end_processes()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _end_processes() -> None:
+    """Leave a multi-process run's process group before exiting, as torch.distributed asks: a
+    gloo group left to interpreter shutdown can abort the process ("terminate called without an
+    active exception") after every stage succeeded. Imports nothing a plain run did not."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run():
+    try:
+        return cli.main(standalone_mode=False)  # ctx.exit()'s code, if a command set one
     except click.exceptions.Abort:  # click's form of Ctrl-C
         click.echo("interrupted; the store keeps only completed stages", err=True)
         sys.exit(130)
@@ -63,8 +81,6 @@ def main() -> None:
     except AccelError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    if isinstance(code, int) and code:
-        sys.exit(code)
 
 
 # ---------------------------------------------------------------- recipes
