@@ -278,11 +278,8 @@ def run(ctx: StageContext) -> None:
         ModelInfo(
             method="consistency",
             num_inference_steps=config.num_inference_steps,
-            **(
-                {"guidance_scale": config.guidance_scale}  # w is the student's input
-                if takes_w(student.backbone)
-                else guidance_info(info, config.guidance_scale)
-            ),
+            # w is an input of a student whose backbone takes it, else baked in
+            **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
             num_classes=info.num_classes,
             # flow students: no boundary scalings (f = z - s v), recorded as zeros
             consistency=ConsistencySpec(

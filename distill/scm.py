@@ -191,9 +191,12 @@ def distill(
 ) -> tuple[FlowConsistencyDenoiser, list[dict[str, float]]]:
     """Train an sCM student initialised from the flow teacher's backbone; the teacher's guidance
     is distilled in (or, for a backbone with a w input, given to it as w)."""
-    trainer = Trainer("scm", config, config.iterations, work, resume, progress=progress)
     if teacher.schedule.kind != "flow":
-        raise StageError("scm", "sCM distils flow-matching teachers (SD3, Flux, Sana) only here")
+        raise StageError(
+            "scm", "sCM distils flow-matching teachers (SD3, Flux, Sana); use consistency for "
+            "this VP teacher",
+        )  # fmt: skip
+    trainer = Trainer("scm", config, config.iterations, work, resume, progress=progress)
     adapter = teacher.adapter
     backbone = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
     weight = TimeWeight() if config.adaptive_weighting else None
@@ -275,11 +278,6 @@ def run(ctx: StageContext) -> None:
     from distill.data import stage_data
 
     teacher, info = load_teacher(ctx.input.path, "scm", config.guidance_scale, flow=True)
-    if teacher.schedule.kind != "flow":
-        raise StageError(
-            "scm", "sCM distils flow-matching teachers (SD3, Flux, Sana); use consistency for "
-            "this VP teacher",
-        )  # fmt: skip
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
     save_pipeline(
@@ -289,11 +287,8 @@ def run(ctx: StageContext) -> None:
         ModelInfo(
             method="scm",
             num_inference_steps=config.num_inference_steps,
-            **(
-                {"guidance_scale": config.guidance_scale}
-                if takes_w(student.backbone)
-                else guidance_info(info, config.guidance_scale)
-            ),
+            # w is an input of a student whose backbone takes it, else baked in
+            **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
             num_classes=info.num_classes,
             consistency=ConsistencySpec(1000, 0.0, 0.0, grid="trigflow"),
         ),
