@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "progressive": "distill.progressive:STAGE",
     "consistency": "distill.consistency:STAGE",
     "scm": "distill.scm:STAGE",
+    "meanflow": "distill.meanflow:STAGE",
     "adversarial": "distill.dmd:STAGE",
     "add": "distill.add:STAGE",
     "guidance": "distill.guidance:STAGE",

@@ -173,6 +173,36 @@ FLOW_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
         ],
         {0: [("sCM (TrigFlow grid)", STEPS)]},
     ),  # fmt: skip
+    # rCM: the same sCM run with the DMD regulariser on the student's own 2-step samples
+    "rcm": (
+        [
+            _stage(
+                "scm",
+                num_inference_steps=2,
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                batch_size=64,
+                learning_rate=1e-4,
+                dmd_weight=0.1,
+                dataset="digits",
+            )
+        ],
+        {0: [("rCM (sCM + DMD, TrigFlow grid)", STEPS)]},
+    ),  # fmt: skip
+    # MeanFlow: one flow-map checkpoint, FlowMapEulerDiscreteScheduler at every step count
+    "meanflow": (
+        [
+            _stage(
+                "meanflow",
+                guidance_scale=GUIDANCE,
+                iterations=1000,
+                batch_size=64,
+                learning_rate=1e-4,
+                dataset="digits",
+            )
+        ],
+        {0: [("MeanFlow (flow map)", STEPS)]},
+    ),  # fmt: skip
 }
 TEACHERS = {  # --teacher: (directory, methods, reference steps, its sampler's row label)
     "digits": (TEACHER_DIR, METHODS, 50, "teacher DDIM"),
@@ -207,6 +237,32 @@ def text_acceptance(rows: list[dict], teacher50: float) -> dict:
         acc = best["class_accuracy"]
         checks[f"best {k}-step ({best['method']}) prompt accuracy >= 0.95"] = (acc, acc >= 0.95)
     return {k: {"value": v, "passed": bool(ok)} for k, (v, ok) in checks.items()}
+
+
+def flow_acceptance(rows: list[dict], teacher28: float) -> dict:
+    """Issue #15's bars (``text_acceptance``) and #16's: the best 1-step student <= 1.2x and the
+    best 2-step <= 1.0x the teacher at 28 steps, with prompt accuracy >= 95%; the flow-map
+    checkpoint within 1.5x at every step count."""
+    checks = text_acceptance(rows, teacher28)
+    for k, bar in ((1, 1.2), (2, 1.0)):
+        best = min(
+            (r for r in rows if r["method"] not in REFERENCES and r["steps"] == k),
+            key=lambda r: r["fd_digits"],
+        )
+        ratio, acc = best["fd_digits"] / teacher28, best["class_accuracy"]
+        checks[f"#16: best {k}-step ({best['method']}) FD / teacher-28 FD <= {bar}"] = {
+            "value": ratio, "passed": ratio <= bar,
+        }  # fmt: skip
+        checks[f"#16: best {k}-step ({best['method']}) prompt accuracy >= 0.95"] = {
+            "value": acc, "passed": acc >= 0.95,
+        }  # fmt: skip
+    maps = [r for r in rows if r["method"].startswith("MeanFlow")]
+    if maps:
+        worst = max(r["fd_digits"] for r in maps) / teacher28
+        checks["#16: the flow map at 1, 2, 4 and 8 steps, worst FD / teacher-28 FD <= 1.5"] = {
+            "value": worst, "passed": worst <= 1.5 and len(maps) == len(STEPS),
+        }  # fmt: skip
+    return checks
 
 
 def acceptance(rows: list[dict], teacher50: float) -> dict:
@@ -281,7 +337,6 @@ def main() -> None:
         help="Keep --out's rows of the methods not run now, and its teacher rows (same seeds, n).",
     )
     args = p.parse_args()
-    text = args.teacher != "digits"  # prompt-conditioned: issue #14's and #15's bars
     teacher_dir, methods, ref_steps, teacher_row = TEACHERS[args.teacher]
     args.methods = args.methods or list(methods)
     if unknown := [m for m in args.methods if m not in methods]:
@@ -365,7 +420,8 @@ def main() -> None:
                         flush=True,
                     )
     floor = float(np.mean([fd_floor(s) for s in args.seeds]))
-    checks = (text_acceptance if text else acceptance)(rows, teacher50["fd_digits"])
+    judge = {"digits": acceptance, "text": text_acceptance, "flow": flow_acceptance}[args.teacher]
+    checks = judge(rows, teacher50["fd_digits"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = {
         "digits": "shipped digits teacher",

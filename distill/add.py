@@ -63,6 +63,8 @@ class AddConfig(TrainingConfig):
     """Of the discriminator head (default: ``learning_rate``)."""
     distillation_weight: float = Field(2.5, ge=0)
     """lambda in ADD eq. 5; 0 gives the adversarial term alone."""
+    adversarial_weight: float = Field(1.0, ge=0)
+    """Weight of the generator's adversarial term (ADD: 1); 0 gives the distillation term alone."""
     r1_weight: float = Field(1e-5, ge=0)
     """gamma of the R1 penalty on real data (ADD: 1e-5)."""
     min_timestep: float = Field(0.02, ge=0, lt=1)
@@ -134,7 +136,9 @@ def distill(
         x_d, t_d = noised(x)
         feature_net.raw(x_d, t_d, y)
         loss_adv = -disc(tap.value).mean()
-        trainer.backward(loss_adv + config.distillation_weight * loss_distill)
+        trainer.backward(
+            config.adversarial_weight * loss_adv + config.distillation_weight * loss_distill
+        )
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)  # the generator's loss reached D: not its update

@@ -153,6 +153,7 @@ class Denoiser(nn.Module):
                 )
 
     consistency = False  # True for students carrying the consistency boundary condition
+    flow_map = False  # True for flow-map students (``distill.meanflow``): their graphs take r
 
     def student_of(self, backbone: nn.Module, cls: type[Denoiser] | None = None, **kw) -> Denoiser:
         """A Denoiser on ``backbone`` with this one's schedule and prediction type, without CFG (a
@@ -328,8 +329,14 @@ def load_denoiser(
         kwargs = {"guidance_scale": w, "null_label": null}
         if embedding is not None:
             kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
-    if info.consistency is not None and adapter.schedule.kind == "flow":
-        denoiser: Denoiser = FlowConsistencyDenoiser(
+    if info.method == "meanflow":
+        from distill.meanflow import FlowMapDenoiser, load_interval
+
+        load_interval(adapter.backbone, root / adapter.denoiser_folder)
+        denoiser: Denoiser = FlowMapDenoiser(*args, **kwargs)
+        denoiser.flow_map_shift = float(sched_cfg.get("shift", 1.0))  # type: ignore[attr-defined]
+    elif info.consistency is not None and adapter.schedule.kind == "flow":
+        denoiser = FlowConsistencyDenoiser(
             *args, solver_steps=info.consistency.solver_steps, **kwargs
         )
         denoiser.trigflow = info.consistency.grid == "trigflow"  # type: ignore[attr-defined]
@@ -467,6 +474,7 @@ class DenoiserGraph(nn.Module):
         guidance_scales: list[float] | None = None,
         num_labels: int | None = None,
         adapter: Any = None,
+        flow_map: bool = False,
     ) -> None:
         super().__init__()
         if schedule.kind != "discrete" and adapter is None:
@@ -484,6 +492,7 @@ class DenoiserGraph(nn.Module):
         for name, table in tables.items():
             self.register_buffer(name, table.float(), persistent=False)
         self.consistency = consistency
+        self.flow_map = flow_map  # a flow-map student: r_timestep is an input
         cfg = getattr(backbone, "config", {})
         self.conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
         if adapter is not None:
@@ -502,10 +511,22 @@ class DenoiserGraph(nn.Module):
         timestep: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | None = None,
+        r_timestep: torch.Tensor | None = None,
         **conditioning: torch.Tensor,
     ) -> torch.Tensor:
         """x0 from the sample at ``timestep`` (integer DDPM timesteps; float sigma * T for flow
-        models) and the conditioning inputs of the family's spec."""
+        models) and the conditioning inputs of the family's spec. A flow-map student's x0 is
+        sample - sigma_t u(sample, r, t), u its average velocity to ``r_timestep``."""
+        if self.flow_map:
+            from distill.meanflow import interval
+
+            if r_timestep is None:
+                raise ValueError("a flow-map graph needs r_timestep")
+            with interval(self.backbone, timestep - r_timestep):
+                return self._x0(sample, timestep, class_labels, guidance_scale, conditioning)
+        return self._x0(sample, timestep, class_labels, guidance_scale, conditioning)
+
+    def _x0(self, sample, timestep, class_labels, guidance_scale, conditioning) -> torch.Tensor:
         if self.adapter is not None:
             if class_labels is not None:
                 conditioning["class_labels"] = class_labels
@@ -539,4 +560,5 @@ class DenoiserGraph(nn.Module):
             guidance_scales=denoiser.guidance_scales,
             num_labels=denoiser.num_labels,
             adapter=denoiser.adapter,
+            flow_map=denoiser.flow_map,
         )

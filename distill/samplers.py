@@ -238,7 +238,19 @@ def _adapter_plan(
     h, w = resolution or adapter.default_resolution()
     adapter.check_resolution(h, w)
     schedule = denoiser.schedule
-    if schedule.kind == "flow" and denoiser.consistency:  # FlowMatchLCMScheduler's loop
+    flow_shift = adapter.flow_shift(steps, h, w)
+    if denoiser.flow_map:  # FlowMapEulerDiscreteScheduler's loop: jumps from t to r
+        from distill.meanflow import flow_map_sigmas
+
+        shift = float(getattr(denoiser, "flow_map_shift", 1.0))
+        T = schedule.num_train_timesteps
+        grid = [s * T for s in flow_map_sigmas(steps, shift)]
+        coefficients = [
+            {**c, "r_timestep": r}
+            for c, r in zip(flow_coefficients(grid, T), grid[1:], strict=True)
+        ]
+        sampler, flow_shift = "flow_map", {"shift": shift}
+    elif schedule.kind == "flow" and denoiser.consistency:  # FlowMatchLCMScheduler's loop
         if getattr(denoiser, "trigflow", False):  # an sCM student: SCMScheduler's grid
             from distill.scm import scm_flow_grid
 
@@ -270,7 +282,7 @@ def _adapter_plan(
         guidance_in_model=adapter.guidance_in_model,
         decode=adapter.family != "unet2d",
         resolution=[h, w],
-        flow_shift=adapter.flow_shift(steps, h, w),
+        flow_shift=flow_shift,
     )
 
 

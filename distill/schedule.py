@@ -24,6 +24,7 @@ FLOW_SCHEDULERS = (
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
     "FlowMatchLCMScheduler",
+    "FlowMapEulerDiscreteScheduler",
 )
 
 

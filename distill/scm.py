@@ -38,6 +38,16 @@ dimension, and t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2) (their p
 P_mean = -1.0, P_std = 1.4 are their CIFAR-10 values, Appendix G). The gradient of the squared
 term is the continuous-time consistency gradient -cos(t) dF/dtheta . df_theta-/dt.
 
+rCM (Zheng et al. 2025, "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time
+Consistency") is this stage with ``dmd_weight`` lambda > 0: the student's loss becomes
+L + lambda L_DMD, DMD's reverse-divergence term (``distill.dmd``: a fake score mu_fake, a copy of
+the teacher trained to denoise the student's samples, one update per student update, and
+L_DMD = 1/2 ||x - sg(x - (mu_fake - mu_real) / mean|x - mu_real|)||^2 at x noised to a flow time
+s ~ U[0.02, 0.98]), on samples the student draws as it samples: k ~ U{0..N-1} of its N =
+``num_inference_steps`` TrigFlow-grid steps from noise without gradients (backward simulation),
+then one step with them. rCM's lambda is small (its sCM term carries the trajectory; the DMD term
+sharpens): ``dmd_weight`` 0.01 as a starting point.
+
 Deviations: sigma_d only shapes the time proposal (model units already put the data near unit
 scale: ``sigma_data`` is the data's standard deviation in those units, 1 by default); the JVP runs
 with the math SDPA kernel (the fused CPU attention kernels have no forward-mode derivative); the
@@ -67,6 +77,7 @@ from distill.denoiser import (
     save_pipeline,
     takes_w,
 )
+from distill.dmd import dmd_gradient
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -89,6 +100,10 @@ class SCMConfig(TrainingConfig):
     adaptive_weighting: bool = True
     ema_decay: float = Field(0.99, ge=0, lt=1)
     """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
+    dmd_weight: float = Field(0.0, ge=0)
+    """rCM's lambda: weight of the DMD regulariser (0: plain sCM)."""
+    critic_learning_rate: float | None = Field(None, gt=0)
+    """rCM: learning rate of the fake score (default: ``learning_rate``)."""
     dataset: Dataset = "digits"
 
 
@@ -203,14 +218,26 @@ def distill(
     ema = copy.deepcopy(backbone).requires_grad_(False) if config.ema_decay > 0 else None
     params = [*backbone.parameters(), *(weight.parameters() if weight else [])]
     opt = torch.optim.Adam(params, lr=config.learning_rate)
-    if weight is not None:
-        backbone, weight, opt = trainer.prepare(backbone, weight, opt)
-    else:
-        backbone, opt = trainer.prepare(backbone, opt)
+    models: list = [backbone, weight, opt] if weight is not None else [backbone, opt]
+    rcm = config.dmd_weight > 0
+    if rcm:  # the fake score: the teacher's backbone, trained on the student's samples
+        f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+        lr_c = config.critic_learning_rate or config.learning_rate
+        models += [f_net, torch.optim.Adam(f_net.parameters(), lr=lr_c)]
+    models = list(trainer.prepare(*models))
+    if rcm:
+        *models, f_net, opt_c = models
+        fake = teacher.student_of(f_net)
+        fake.guidance_scale = 1.0
+    backbone, opt = models[0], models[-1]
+    weight = models[1] if weight is not None else None
     if ema is not None:
         trainer.ema(ema, backbone, config.ema_decay)
     teacher.to(trainer.device)
     student = teacher.student_of(backbone)
+    consistency = teacher.student_of(backbone, FlowConsistencyDenoiser)
+    T = teacher.schedule.num_train_timesteps
+    grid = scm_flow_grid(config.num_inference_steps, T)
     x_data, y_data = to_device(data, trainer.device)
     w_inputs = {
         k: v.to(trainer.device)
@@ -231,10 +258,43 @@ def distill(
             }
         warm = min(1.0, trainer.step / config.tangent_warmup) if config.tangent_warmup else 1.0
         loss = scm_loss(student, teacher, weight, x_data[idx], labels, config, warm, trainer)
+        out = {"loss": loss.detach()}
+        if rcm:
+            x = student_sample(x_data[idx].shape, x_data.dtype, labels)
+            s = 0.02 + 0.96 * trainer.rand(len(x), torch.float64)
+            x_s = teacher.schedule.add_noise(x, trainer.randn(x.shape, x.dtype), s * T)
+            with torch.no_grad():
+                real = teacher.predict(x_s, s * T, labels)[0]
+                grad = dmd_gradient(x, real, fake.predict(x_s, s * T, labels)[0])
+            loss_dmd = 0.5 * (x - (x - grad).detach()).pow(2).mean()
+            loss = loss + config.dmd_weight * loss_dmd
+            out["dmd"] = loss_dmd.detach()
         trainer.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach()}
+        if rcm:  # the fake score denoises the student's samples (the flow training loss)
+            x = x.detach()
+            s = 0.02 + 0.96 * trainer.rand(len(x), torch.float64)
+            e = trainer.randn(x.shape, x.dtype)
+            x0_hat, e_hat = fake.predict(teacher.schedule.add_noise(x, e, s * T), s * T, labels)
+            loss_fake = ((e_hat - x0_hat) - (e - x)).pow(2).mean()
+            trainer.backward(loss_fake)
+            opt_c.step()
+            opt_c.zero_grad(set_to_none=True)
+            out["fake"] = loss_fake.detach()
+        return out
+
+    def student_sample(shape, dtype, labels) -> torch.Tensor:
+        """A sample as the student draws it (fresh noise between steps), with gradients through
+        its last step only: k of the N grid steps without them (backward simulation)."""
+        k = trainer.same_on_every_process(int(trainer.randint(len(grid) - 1, 1).item()))
+        x = trainer.randn(shape, dtype)
+        with torch.no_grad():
+            for i in range(k):
+                x0 = consistency.predict(x, torch.tensor(grid[i]), labels)[0]
+                s = grid[i + 1] / T
+                x = (1 - s) * x0 + s * trainer.randn(shape, dtype)
+        return consistency.predict(x, torch.tensor(grid[k]), labels)[0]
 
     log = trainer.run(step)
     final = trainer.unwrap(ema if ema is not None else backbone).eval().requires_grad_(False)

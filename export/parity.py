@@ -95,7 +95,9 @@ def plan_feeds(
     from accel.runtime import fused_feeds, step_feeds
 
     rng = np.random.default_rng(seed)
-    timesteps = np.array([s.timestep for s in plan.steps], plan.timestep_dtype)
+    from accel.runtime.loop import plan_timesteps
+
+    timesteps, ends = plan_timesteps(plan)
     feeds = []
     for b in batches:
         labels = np.arange(b, dtype=np.int64) % (plan.num_classes or 1)
@@ -113,7 +115,7 @@ def plan_feeds(
             feeds.append(fused_feeds(plan, x, labels, rng))
         else:
             null = {k: v[:1] for k, v in labels.items()} if isinstance(labels, dict) else None
-            feeds.append(step_feeds(plan, x, timesteps, labels, null))
+            feeds.append(step_feeds(plan, x, timesteps, labels, null, ends))
     return feeds
 
 

@@ -234,6 +234,7 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     from safetensors.numpy import save_file
 
     from accel.runtime import step_feeds
+    from accel.runtime.loop import plan_timesteps
     from export.onnx_export import MODEL_FILE
     from export.torch_runtime import PipelineRuntime
 
@@ -278,12 +279,13 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     def denoiser_feeds(n: int, seed: int) -> dict[str, np.ndarray]:
         r = np.random.default_rng(seed)
         x = r.standard_normal((n, *plan.sample_shape)).astype(np.float32)
-        t = np.array([s.timestep for s in plan.steps], plan.timestep_dtype)
+        t, r = plan_timesteps(plan)
         if text:
             cond = torch_rt.encode([PROMPTS[i % 2] for i in range(n)])
         else:
             cond = torch_rt.encode(labels=np.arange(n) % (plan.num_classes or 1))
-        return step_feeds(plan, x, np.resize(t, n), cond, null)
+        r = None if r is None else np.resize(r, n)  # a flow map's step ends
+        return step_feeds(plan, x, np.resize(t, n), cond, null, r)
 
     null = torch_rt.null_conditioning()
     adapter.prepare_export(graph.backbone)

@@ -128,13 +128,16 @@ class PipelineRuntime(TorchRuntime):
             "sample": (["batch", *self.adapter.latent_shape(h, w)], "float32"),
             "timestep": (["batch"], t_type),
         }
+        if self.graph.flow_map:
+            spec["r_timestep"] = (["batch"], t_type)
         spec.update({k: (list(v.axes), v.dtype) for k, v in self.spec.items()})
         return spec
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
             with self._section("h2d"):
-                args = {k: self._to(feeds[k]) for k in ("sample", "timestep", *self.spec)}
+                names = ("sample", "timestep", *(("r_timestep",) if self.graph.flow_map else ()))
+                args = {k: self._to(feeds[k]) for k in (*names, *self.spec)}
             return {"x0": self._compute(lambda: self.graph(**args))}
 
 

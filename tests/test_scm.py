@@ -88,7 +88,8 @@ def test_scm_tangent_vanishes_at_the_exact_consistency_function():
 
 
 @pytest.mark.slow
-def test_scm_student_draws_the_ode_endpoints_in_one_step_and_the_mixture_in_two():
+@pytest.mark.parametrize("dmd_weight", [0.0, 0.05], ids=["scm", "rcm"])
+def test_scm_student_draws_the_ode_endpoints_in_one_step_and_the_mixture_in_two(dmd_weight):
     """2000 iterations on the two-class mixture's flow teacher (a student with smooth time
     features: with TimeResidual's default 128-pi Fourier features of s the same run diverges, to a
     1-step error of 1e3, the time-derivative instability the paper's embedding choices avoid).
@@ -97,7 +98,10 @@ def test_scm_student_draws_the_ode_endpoints_in_one_step_and_the_mixture_in_two(
     0.3 (measured 0.15); the student at initialisation, which is the teacher's own 1-step Euler
     sample, reads 0.80. 2 steps (TrigFlow grid pi/2, 1.3, 0; fresh noise): sliced W1 to each
     class's data, bound 0.3 (measured 0.17 and 0.25; the exact ODE samples read 0.07 and 0.10);
-    the initial student's 2-step sample fails it."""
+    the initial student's 2-step sample fails it.
+
+    rCM (``dmd_weight`` > 0: the DMD regulariser on the student's own 2-step samples, with a
+    fake score trained beside it) meets the same bounds."""
     from distill.denoiser import FlowConsistencyDenoiser
     from distill.scm import SCMConfig, distill, sample_scm
 
@@ -122,9 +126,10 @@ def test_scm_student_draws_the_ode_endpoints_in_one_step_and_the_mixture_in_two(
     assert one0 > 0.3 and max(sw0) > 0.3  # the bounds are not met at the start
     config = SCMConfig(
         iterations=2000, batch_size=256, learning_rate=3e-4, tangent_warmup=666, ema_decay=0.0,
-        checkpoint_every=0,
+        checkpoint_every=0, dmd_weight=dmd_weight,
     )  # fmt: skip
     student, log = distill(teacher, data, config, progress=lambda m: None)
+    assert ("dmd" in log[-1]) == (dmd_weight > 0)
     one, sw = scores(student)
     assert one < 0.3, (one0, one)
     assert max(sw) < 0.3, (sw0, sw)

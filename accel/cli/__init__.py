@@ -391,6 +391,14 @@ distill.add_command(
 )
 distill.add_command(
     StageCommand(
+        "meanflow",
+        "meanflow",
+        "Flow-map distillation by MeanFlow (Geng et al. 2025) of the flow teacher at INPUT: one "
+        "student for any step count.",
+    )
+)
+distill.add_command(
+    StageCommand(
         "adversarial",
         {"dmd2": "adversarial", "add": "add"},
         "Adversarial distillation of the teacher at INPUT, or a fine-tune of a student it "

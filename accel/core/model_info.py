@@ -19,7 +19,7 @@ from accel.core.errors import CheckpointError
 MODEL_INFO_FILE = "accel.json"
 MODEL_INFO_FORMAT = "accel.model/2"
 READ_FORMATS = ("accel.model/1", MODEL_INFO_FORMAT)  # /1 lacks only the optional grid
-METHODS = ("progressive", "consistency", "scm", "dmd2", "add", "guidance")
+METHODS = ("progressive", "consistency", "scm", "meanflow", "dmd2", "add", "guidance")
 
 
 def _number(name: str, v: Any, minimum: float | None = None) -> None:

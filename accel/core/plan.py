@@ -1,5 +1,5 @@
 """The sampler plan: the numbers that drive a few-step loop, stored beside an engine as JSON
-(``sampler_plan.json``, format ``accel.plan/4``), read by every runtime, bundle and Triton model.
+(``sampler_plan.json``, format ``accel.plan/5``), read by every runtime, bundle and Triton model.
 A typed, versioned contract: unknown keys, missing fields and wrong types are errors on load, and
 plans of the first format (``notes`` flags) are read into the typed fields."""
 
@@ -14,29 +14,34 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 PLAN_FILE = "sampler_plan.json"
-PLAN_FORMAT = "accel.plan/4"
-# /3 added the pipeline fields, /4 ``flow_shift``: all optional, so older plans read as /4
-READ_FORMATS = ("accel.plan/2", "accel.plan/3", PLAN_FORMAT)
+PLAN_FORMAT = "accel.plan/5"
+# /3 added the pipeline fields, /4 ``flow_shift``, /5 the steps' ``r_timestep`` (flow maps): all
+# optional, so older plans read as /5
+READ_FORMATS = ("accel.plan/2", "accel.plan/3", "accel.plan/4", PLAN_FORMAT)
 COMPONENTS = ("text_encoder", "vae_decoder")
 TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
 TOKENIZER_OPTIONAL = {"lowercase", "prefix"}  # the prompt clean-up before tokenizing (PixArt, Sana)
-SAMPLERS = ("ddim", "consistency", "flow_euler")
+SAMPLERS = ("ddim", "consistency", "flow_euler", "flow_map")
 
 
 @dataclass(frozen=True)
 class Step:
     """One step of the loop: x_next = a x + b x0_hat + c z, z fresh Gaussian noise (c = 0 for
     deterministic samplers), with x0_hat from the graph at ``timestep`` (integer DDPM timesteps;
-    float sigma * T for flow models)."""
+    float sigma * T for flow models). A flow map's graph also takes the step's end,
+    ``r_timestep``."""
 
     timestep: int | float
     a: float
     b: float
     c: float = 0.0
+    r_timestep: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("timestep", "a", "b", "c"):
+        for name in ("timestep", "a", "b", "c", "r_timestep"):
             v = getattr(self, name)
+            if v is None and name == "r_timestep":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"step {name} must be a finite number, got {v!r}")
 
@@ -51,7 +56,7 @@ class SamplerPlan:
     null_label: int | None = None
     num_classes: int | None = None
     init_noise_sigma: float = 1.0
-    sampler: str = "ddim"  # ddim, consistency (fresh noise per step) or flow_euler
+    sampler: str = "ddim"  # ddim, consistency (fresh noise per step), flow_euler or flow_map
     prediction_type: str = "epsilon"  # of the backbone inside the graph (the graph outputs x0)
     graph_output: str = "x0"  # "images" for a fused sampler (the whole loop in one graph)
     guidance_input: bool = False  # a guidance-distilled graph takes w as an input: one pass
@@ -96,6 +101,8 @@ class SamplerPlan:
             raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if not all(isinstance(d, int) and d > 0 for d in self.sample_shape):
             raise ValueError(f"sample_shape must be positive integers, got {self.sample_shape}")
+        if (self.sampler == "flow_map") != all(s.r_timestep is not None for s in steps) and steps:
+            raise ValueError("flow_map plans, and only they, give every step an r_timestep")
         if self.timestep_dtype not in ("int64", "float32"):
             raise ValueError(f"timestep_dtype must be int64 or float32, got {self.timestep_dtype}")
         if self.flow_shift is not None and (

@@ -55,8 +55,10 @@ def step_feeds(
     timestep: float | np.ndarray,
     conditioning: Conditioning | np.ndarray | None,
     null: Conditioning | None = None,
+    r_timestep: float | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The graph's feeds for one step of ``plan`` on x: when the plan applies classifier-free
+    """The graph's feeds for one step of ``plan`` on x (and a flow map's ``r_timestep``, the
+    step's end): when the plan applies classifier-free
     guidance, the batch is doubled, each per-example conditioning input followed by the null
     conditioning (``null``, batch 1; default: the plan's null class); w as an input for
     guidance-distilled graphs."""
@@ -66,10 +68,15 @@ def step_feeds(
     guided = guided and not plan.guidance_in_model
     t = np.resize(np.asarray(timestep, dtype=plan.timestep_dtype), n)
     feeds = {"sample": x, "timestep": t, **cond}
+    steps = {"sample": x, "timestep": t}
+    if r_timestep is not None:
+        steps["r_timestep"] = feeds["r_timestep"] = np.resize(
+            np.asarray(r_timestep, dtype=plan.timestep_dtype), n
+        )
     if guided:
         if null is None:
             null = {class_input(plan): np.array([plan.null_label], dtype=np.int64)}
-        doubled = {"sample": x, "timestep": t}
+        doubled = steps
         feeds = {k: np.concatenate([v, v]) for k, v in doubled.items()}
         for k, v in cond.items():
             if plan.is_batched(k):
@@ -79,6 +86,15 @@ def step_feeds(
     if _w_input(plan):
         feeds["guidance_scale"] = np.full(len(feeds["sample"]), plan.guidance_scale, np.float32)
     return feeds
+
+
+def plan_timesteps(plan: SamplerPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """The plan's step timesteps and, for a flow map, the steps' ends (``r_timestep``): the
+    feeds' timestep columns of parity and calibration batches (``step_feeds`` cycles them)."""
+    t = np.array([s.timestep for s in plan.steps], plan.timestep_dtype)
+    if plan.sampler != "flow_map":
+        return t, None
+    return t, np.array([s.r_timestep for s in plan.steps], plan.timestep_dtype)
 
 
 def _w_input(plan: SamplerPlan) -> bool:
@@ -117,7 +133,7 @@ def sample(
         null = runtime.null_conditioning()
     for i, step in enumerate(plan.steps):
         with section("conditioning"):
-            feeds = step_feeds(plan, x, step.timestep, labels, null)
+            feeds = step_feeds(plan, x, step.timestep, labels, null, step.r_timestep)
         if on_step is not None:
             on_step(feeds)
         t = step.timestep
