@@ -23,6 +23,13 @@ gamma = ``r1_weight`` (1e-5 in ADD), one discriminator update per generator upda
 LCMScheduler checkpoints (as DMD2's): one step from pure noise at t = T - 1, or multistep sampling
 that re-noises in between.
 
+Latent pipelines (SD, SDXL, SD3, Flux, PixArt, Sana) take LADD's form: the real images are VAE
+latents (``imagefolder:``) or the teacher's own samples (``prompts:``), the discriminator reads the
+frozen teacher's features at noised latents (a transformer's middle block MLP, a UNet's
+``mid_block``), and the students are those of DMD2: ``FlowMatchLCMScheduler`` checkpoints (x0 =
+z - s v, the stock grid with the teacher's shift) for flow teachers, LCM-form ones with the w
+embedding for SD and SDXL.
+
 Deviations: ADD's feature network is a frozen DINOv2 ViT-S on clean images with heads on several
 layers; here it is the frozen teacher itself (LADD's choice, as the issue asks) with one head on its
 bottleneck. The R1 gradient is taken with respect to the noised real input of the feature network.
@@ -43,10 +50,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset
-from distill.denoiser import ConsistencyDenoiser, Denoiser
-from distill.dmd import Discriminator, FeatureTap, find_teacher, save_student
-from distill.samplers import consistency_timesteps
+from distill.data import Dataset, concat, take, to_device
+from distill.denoiser import ConsistencyDenoiser, Denoiser, FlowConsistencyDenoiser, takes_w
+from distill.dmd import Discriminator, FeatureTap, feature_module, find_teacher, save_student
+from distill.samplers import consistency_timesteps, flow_grid
 from distill.trainer import Trainer, TrainingConfig
 
 
@@ -70,8 +77,9 @@ class AddConfig(TrainingConfig):
     min_timestep: float = Field(0.02, ge=0, lt=1)
     max_timestep: float = Field(0.98, gt=0, le=1)
     """Range of the discriminator's noise level t_D, as fractions of T."""
-    feature_module: str = "mid_block"
-    """Submodule of the frozen teacher whose output feeds the discriminator head."""
+    feature_module: str | None = None
+    """Submodule of the frozen teacher whose output feeds the discriminator head (default: the
+    family's bottleneck: a UNet's ``mid_block``, a transformer's middle block's MLP)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     dataset: Dataset = "digits"
@@ -97,36 +105,60 @@ def distill(
     trainer = Trainer("add", config, config.iterations, work, resume, progress=progress)
     sched, ptype = teacher.schedule, teacher.prediction_type
     T, N = sched.num_train_timesteps, config.student_steps
-    x_data, y_data = (d.to(trainer.device) for d in data)
+    flow = sched.kind == "flow"
+    x_data, y_data = to_device(data, trainer.device)
     teacher.to(trainer.device).backbone.requires_grad_(False)
-    feature_net = Denoiser(teacher.backbone, sched, ptype)  # one unguided pass, for features
-    tap = FeatureTap(teacher.backbone, config.feature_module)
+    adapter = teacher.adapter
+    # one unguided pass of the frozen teacher, for features (LADD: at noised latents)
+    feature_net = Denoiser(teacher.backbone, sched, ptype, adapter=adapter)
+    tap = FeatureTap(teacher.backbone, config.feature_module or feature_module(teacher.backbone))
     with torch.no_grad():
-        feature_net.raw(x_data[:2], torch.full((2,), T - 1), y_data[:2])
+        probe = torch.arange(2, device=trainer.device)
+        feature_net.raw(x_data[:2], torch.full((2,), float(T - 1)), take(y_data, probe))
     assert tap.value is not None
     disc = Discriminator(tap.value.shape).to(x_data.dtype)
-    g_net = copy.deepcopy(student_init).requires_grad_(True).train()
+    g_net = copy.deepcopy(student_init)
+    if adapter is not None and not takes_w(g_net):
+        g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL), as DMD2
+    g_net = g_net.requires_grad_(True).train()
+    w_inputs = adapter.guidance_inputs(g_net, config.guidance_scale, 1) if adapter else {}
+    w_inputs = {k: v.to(trainer.device) for k, v in w_inputs.items()}
+
+    def conditioning(idx: torch.Tensor):
+        y = take(y_data, idx)
+        if not w_inputs:
+            return y
+        return {**y, **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()}}
+
     kw = {"betas": config.adam_betas, "weight_decay": config.weight_decay}
     opt_g = torch.optim.AdamW(g_net.parameters(), lr=config.learning_rate, **kw)
     lr_d = config.discriminator_learning_rate or config.learning_rate
     opt_d = torch.optim.AdamW(disc.parameters(), lr=lr_d, **kw)
     g_net, disc, opt_g, opt_d = trainer.prepare(g_net, disc, opt_g, opt_d)
-    student = ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N)
-    grid = torch.tensor(consistency_timesteps(T, N, N), device=trainer.device)
-    t_lo, t_hi = int(config.min_timestep * T), int(config.max_timestep * T)
+    kind = FlowConsistencyDenoiser if flow else ConsistencyDenoiser
+    student = kind(g_net, sched, ptype, solver_steps=N, adapter=adapter)
+    # its sampling grid: LCMScheduler's, or FlowMatchLCMScheduler's (flow time, shift included)
+    timesteps = flow_grid(teacher, N)[:-1] if flow else consistency_timesteps(T, N, N)
+    grid = torch.tensor(timesteps, device=trainer.device)
+
+    def draw_t(n: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        """Timesteps in [lo T, hi T): integers, or continuous flow time."""
+        if flow:
+            return (lo + (hi - lo) * trainer.rand(n, torch.float64)) * T
+        return int(lo * T) + trainer.randint(int(hi * T) - int(lo * T), n)
 
     def noised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = t_lo + trainer.randint(t_hi - t_lo, len(x))
+        t = draw_t(len(x), config.min_timestep, config.max_timestep)
         return sched.add_noise(x, trainer.randn(x.shape, x.dtype), t), t
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        x0, y = x_data[idx], y_data[idx]
+        x0, y = x_data[idx], conditioning(idx)
         s = grid[trainer.randint(N, len(idx))]
         x = student.predict(sched.add_noise(x0, trainer.randn(x0.shape, x0.dtype), s), s, y)[0]
 
         # the student: fool D, and match the teacher's denoising of its re-noised sample
-        t = trainer.randint(T, len(x))
+        t = draw_t(len(x))
         with torch.no_grad():
             x_t = sched.add_noise(x, trainer.randn(x.shape, x.dtype), t)
             target = teacher.predict(x_t, t, y)[0]
@@ -151,7 +183,7 @@ def distill(
         # R1 differentiates twice through the teacher: only the math attention kernel can
         with sdpa_kernel(SDPBackend.MATH) if config.r1_weight > 0 else nullcontext():
             feature_net.raw(
-                torch.cat([fake_t, real_t]), torch.cat([t_f, t_r]), torch.cat([y, y_data[real]])
+                torch.cat([fake_t, real_t]), torch.cat([t_f, t_r]), concat(y, conditioning(real))
             )
         d = disc(tap.value)
         d_fake, d_real = d[: len(x)], d[len(x) :]
@@ -169,17 +201,16 @@ def distill(
 
     log = trainer.run(step)
     g_net = trainer.unwrap(g_net).eval().requires_grad_(False)
-    return ConsistencyDenoiser(g_net, sched, ptype, solver_steps=N), log
+    return kind(g_net, sched, ptype, solver_steps=N, adapter=adapter), log  # type: ignore[return-value]
 
 
 def run(ctx: StageContext) -> None:
     config: AddConfig = ctx.config  # type: ignore[assignment]
-    from distill.data import load_dataset
+    from distill.data import stage_data
 
     teacher, init, info = find_teacher(ctx, config.guidance_scale, "add")
-    student, log = distill(
-        teacher, init, load_dataset(config.dataset), config, ctx.work, ctx.resume, ctx.progress
-    )
+    data = stage_data(ctx, teacher, config.dataset, config.seed)
+    student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
     save_student(ctx, student, teacher, info, "add", config.guidance_scale, log)
 
 
@@ -192,4 +223,5 @@ STAGE = Stage(
     run=run,
     description="ADD (Sauer et al. 2023): adversarial loss on frozen teacher features + distillation",
     data_parallel=True,
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

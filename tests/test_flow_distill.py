@@ -274,6 +274,8 @@ METHODS = {  # a few-iteration run's options, and the student's stock scheduler
     "adversarial": (["--student-steps", 2, "--iterations", 3], "FlowMatchLCMScheduler"),
     # sCM: sampled at SCMScheduler's TrigFlow grid, handed to the stock pipeline as sigmas
     "scm": (["--num-inference-steps", 2, "--iterations", 2], "FlowMatchLCMScheduler"),
+    # ADD in LADD's form (discriminator on the teacher's middle block at noised latents)
+    "add": (["--method", "add", "--student-steps", 2, "--iterations", 2], "FlowMatchLCMScheduler"),
     "guidance": (["--iterations", 2, "--guidance-scale", 2.0], "FlowMatchEulerDiscreteScheduler"),
 }
 CASES = [("sd3", m) for m in METHODS if m != "guidance"] + [("flux", m) for m in METHODS]
@@ -329,7 +331,8 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     student = tmp_path / "student"
     code, _, err = run_cli(
-        monkeypatch, capsys, "distill", method, teacher, *options, "--batch-size", 2,
+        monkeypatch, capsys, "distill", {"add": "adversarial"}.get(method, method), teacher,
+        *options, "--batch-size", 2,
         "--dataset", f"prompts:{tmp_path / 'prompts.txt'}", "--out", student,
         "--store", tmp_path / "store",
     )  # fmt: skip

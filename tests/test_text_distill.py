@@ -56,6 +56,12 @@ METHODS = {  # the options of a few-iteration run, and the stock pipeline and sc
         {"sd": "LatentConsistencyModelPipeline", "sdxl": "StableDiffusionXLPipeline"},
         "LCMScheduler",
     ),
+    # ADD in LADD's form: the discriminator on the frozen teacher's mid_block at noised latents
+    "add": (
+        ["adversarial", "--method", "add", "--student-steps", 2, "--iterations", 2],
+        {"sd": "LatentConsistencyModelPipeline", "sdxl": "StableDiffusionXLPipeline"},
+        "LCMScheduler",
+    ),
     "guidance": (
         ["guidance", "--iterations", 2],
         {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"},
@@ -63,7 +69,7 @@ METHODS = {  # the options of a few-iteration run, and the stock pipeline and sc
     ),
 }  # fmt: skip
 # students that take w as an input (diffusers' time_cond_proj_dim): one pass at any w
-W_INPUT = {"progressive": False, "consistency": True, "dmd2": True, "guidance": True}
+W_INPUT = {"progressive": False, "consistency": True, "dmd2": True, "add": True, "guidance": True}
 
 
 def distil(monkeypatch, capsys, teacher, out, store, dataset, method="progressive"):
