@@ -7,7 +7,7 @@ boundary condition c_skip/c_out inside its adapter) denoises real images noised 
 its grid, ADD's T_student (for 4 steps 999, 749, 499, 249: the LCMScheduler grid of
 ``student_steps``). Its objective (ADD eq. 4-5) is
 
-    L_G = -E[ D(x_theta) ] + lambda E_t[ c(t) || x_theta - sg(x_psi(x_theta,t, t)) ||^2 ],
+    L_G = -E[ D(x_theta) ] + lambda E_t[ c(t) || x_theta - sg(x_psi(x_theta,t, t)) ||_2^2 ],
     x_theta,t = alpha_t x_theta + sigma_t eps,
 
 with lambda = ``distillation_weight`` (2.5 in ADD), t uniform over the teacher's timesteps, x_psi
@@ -164,7 +164,9 @@ def distill(
             target = teacher.predict(x_t, t, y)[0]
         c = sched.alpha_sigma(t)[0].to(x.dtype)
         dims = tuple(range(1, x.dim()))
-        loss_distill = (c * (x - target).pow(2).mean(dims)).mean()
+        # ADD's d(x, y) = ||x - y||_2^2: a sum over the sample, not a mean (lambda = 2.5 is set
+        # against it; a mean made the adversarial term 256x heavier on 16x16 digits)
+        loss_distill = (c * (x - target).pow(2).sum(dims)).mean()
         x_d, t_d = noised(x)
         feature_net.raw(x_d, t_d, y)
         loss_adv = -disc(tap.value).mean()
@@ -216,7 +218,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="add",
-    version=1,
+    version=2,  # 2: the distillation distance is ADD's squared norm (a sum), no longer a mean
     config=AddConfig,
     consumes="checkpoint",
     produces="checkpoint",
