@@ -127,6 +127,10 @@ TEXT_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
 }
 
 
+# the budget of #16's continuous-time methods on the flow teacher (the consistency row's)
+FLOW_BUDGET = dict(
+    guidance_scale=GUIDANCE, iterations=1000, batch_size=64, learning_rate=1e-4, dataset="digits"
+)
 FLOW_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
     "progressive": (
         [
@@ -160,49 +164,19 @@ FLOW_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
     **{f"dmd2-{k}step": ([_dmd(k, dataset="digits")], {0: [("dmd2", [k])]}) for k in (1, 4)},
     # issue #16: continuous-time consistency (one student, TrigFlow grid at every step count)
     "scm": (
-        [
-            _stage(
-                "scm",
-                num_inference_steps=2,
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-                batch_size=64,
-                learning_rate=1e-4,
-                dataset="digits",
-            )
-        ],
+        [_stage("scm", num_inference_steps=2, **FLOW_BUDGET)],
         {0: [("sCM (TrigFlow grid)", STEPS)]},
-    ),  # fmt: skip
+    ),
     # rCM: the same sCM run with the DMD regulariser on the student's own 2-step samples
     "rcm": (
-        [
-            _stage(
-                "scm",
-                num_inference_steps=2,
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-                batch_size=64,
-                learning_rate=1e-4,
-                dmd_weight=0.1,
-                dataset="digits",
-            )
-        ],
+        [_stage("scm", num_inference_steps=2, dmd_weight=0.1, **FLOW_BUDGET)],
         {0: [("rCM (sCM + DMD, TrigFlow grid)", STEPS)]},
-    ),  # fmt: skip
+    ),
     # MeanFlow: one flow-map checkpoint, FlowMapEulerDiscreteScheduler at every step count
     "meanflow": (
-        [
-            _stage(
-                "meanflow",
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-                batch_size=64,
-                learning_rate=1e-4,
-                dataset="digits",
-            )
-        ],
+        [_stage("meanflow", **FLOW_BUDGET)],
         {0: [("MeanFlow (flow map)", STEPS)]},
-    ),  # fmt: skip
+    ),
 }
 TEACHERS = {  # --teacher: (directory, methods, reference steps, its sampler's row label)
     "digits": (TEACHER_DIR, METHODS, 50, "teacher DDIM"),

@@ -15,13 +15,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from frontier import GUIDANCE, STEPS, _stage, evaluate
+from frontier import FLOW_BUDGET, STEPS, _stage, evaluate
 
 from accel.assets.make_flow_teacher import FLOW_TEACHER_DIR
 from accel.core.recipe import load_recipe
 from accel.pipeline import default_store, run_recipe
-
-BASE = dict(guidance_scale=GUIDANCE, iterations=1000, batch_size=64, learning_rate=1e-4)
 
 
 def main() -> None:
@@ -33,7 +31,7 @@ def main() -> None:
     store = default_store(args.store)
     rows = json.loads(args.out.read_text()) if args.out.is_file() else []
     for spec in args.configs:
-        config = {**BASE, "dataset": "digits", **json.loads(spec)}
+        config = {**FLOW_BUDGET, **json.loads(spec)}
         with tempfile.TemporaryDirectory() as tmp:
             recipe = Path(tmp) / "recipe.toml"
             recipe.write_text(

@@ -51,7 +51,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, concat, take, to_device
-from distill.denoiser import ConsistencyDenoiser, Denoiser, FlowConsistencyDenoiser, takes_w
+from distill.denoiser import (
+    ConsistencyDenoiser,
+    Denoiser,
+    FlowConsistencyDenoiser,
+    takes_w,
+    w_conditioning,
+)
 from distill.dmd import Discriminator, FeatureTap, feature_module, find_teacher, save_student
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.trainer import Trainer, TrainingConfig
@@ -121,14 +127,10 @@ def distill(
     if adapter is not None and not takes_w(g_net):
         g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL), as DMD2
     g_net = g_net.requires_grad_(True).train()
-    w_inputs = adapter.guidance_inputs(g_net, config.guidance_scale, 1) if adapter else {}
-    w_inputs = {k: v.to(trainer.device) for k, v in w_inputs.items()}
+    with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)
 
     def conditioning(idx: torch.Tensor):
-        y = take(y_data, idx)
-        if not w_inputs:
-            return y
-        return {**y, **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()}}
+        return with_w(take(y_data, idx), len(idx))
 
     kw = {"betas": config.adam_betas, "weight_decay": config.weight_decay}
     opt_g = torch.optim.AdamW(g_net.parameters(), lr=config.learning_rate, **kw)

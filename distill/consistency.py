@@ -59,6 +59,7 @@ from distill.denoiser import (
     load_teacher,
     save_pipeline,
     takes_w,
+    w_conditioning,
 )
 from distill.samplers import ddim_step, flow_grid
 from distill.schedule import _bcast, process_config
@@ -153,23 +154,15 @@ def distill(
     pairs = consistency_pairs(teacher, config.solver_steps).to(trainer.device)
     x_data, y_data = to_device(data, trainer.device)
     # a student with a w input (LCM's embedding) learns the teacher guided at w, given w
-    w_inputs = {
-        k: v.to(trainer.device)
-        for k, v in (
-            adapter.guidance_inputs(backbone, config.guidance_scale, 1) if embedded else {}
-        ).items()
-    }
+    with_w = w_conditioning(adapter, embedded, config.guidance_scale, trainer.device)
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
         labels = take(y_data, idx)
         if isinstance(labels, torch.Tensor):
             labels = teacher.training_labels(labels, trainer.randint)
-        elif w_inputs:
-            labels = {
-                **labels,
-                **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()},
-            }
+        else:
+            labels = with_w(labels, len(idx))
         loss = consistency_loss(
             student, target, teacher, x_data[idx], labels, pairs, config.loss, trainer
         )

@@ -290,6 +290,24 @@ def takes_w(backbone: nn.Module) -> bool:
     return bool(cfg and (cfg.get("time_cond_proj_dim") or cfg.get("guidance_embeds")))
 
 
+def w_conditioning(
+    adapter: Any, backbone: nn.Module | None, w: float, device: torch.device | str
+) -> Callable[[Any, int], Any]:
+    """``add(cond, n)``: a batch of ``n`` examples' conditioning plus the inputs that carry
+    ``w`` into ``backbone`` (LCM's w embedding, FLUX.1-dev's guidance), so that a student with a
+    w input learns the teacher guided at w, given w; the conditioning unchanged for backbones
+    without one (or no ``backbone``)."""
+    inputs = {} if adapter is None or backbone is None else adapter.guidance_inputs(backbone, w, 1)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def add(cond: Any, n: int) -> Any:
+        if not inputs:
+            return cond
+        return {**cond, **{k: v.expand(n, *v.shape[1:]) for k, v in inputs.items()}}
+
+    return add
+
+
 def load_denoiser(
     model_dir: str | Path, guidance_scale: float | None = None, load_components: bool = True
 ) -> tuple[Denoiser, ModelInfo]:

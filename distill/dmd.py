@@ -87,6 +87,7 @@ from distill.denoiser import (
     load_teacher,
     save_pipeline,
     takes_w,
+    w_conditioning,
 )
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
@@ -208,14 +209,10 @@ def distill(
     g_net = g_net.requires_grad_(True).train()
     # the conditioning that carries w into a generator with a w input: it learns the teacher
     # guided at w, given w (the teacher and the critic have no such input and ignore it)
-    w_inputs = adapter.guidance_inputs(g_net, config.guidance_scale, 1) if adapter else {}
-    w_inputs = {k: v.to(trainer.device) for k, v in w_inputs.items()}
+    with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)
 
     def conditioning(idx: torch.Tensor):
-        y = take(y_data, idx)
-        if not w_inputs:
-            return y
-        return {**y, **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()}}
+        return with_w(take(y_data, idx), len(idx))
 
     f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
     tap = FeatureTap(f_net, config.feature_module or feature_module(f_net))

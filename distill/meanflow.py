@@ -65,7 +65,14 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.model_info import ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
-from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline, takes_w
+from distill.denoiser import (
+    Denoiser,
+    guidance_info,
+    load_teacher,
+    save_pipeline,
+    takes_w,
+    w_conditioning,
+)
 from distill.schedule import _bcast
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
@@ -215,25 +222,19 @@ def without_interval(backbone: nn.Module) -> Iterator[nn.Module | None]:
 
 
 class FlowMapDenoiser(Denoiser):
-    """A flow-map student: ``predict_map(x, t, r)`` is (x_hat, e_hat) with x_hat = z_t - s_t u,
-    u the average velocity over [r, t] (so x_r = (s_r/s_t) z_t + (1 - s_r/s_t) x_hat, the flow
-    Euler step from x_hat); ``predict`` is the instantaneous one (r = t)."""
+    """A flow-map student: inside ``interval(backbone, t - r)`` its x0 is x_hat = z_t - s_t u, u
+    the average velocity over [r, t] (so x_r = (s_r/s_t) z_t + (1 - s_r/s_t) x_hat, the flow
+    Euler step from x_hat: ``average_velocity``, ``DenoiserGraph``); outside, r = t."""
 
     flow_map = True
     consistency = False
-
-    def predict_map(self, x, t, r, labels=None):
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        r = torch.as_tensor(r, device=x.device).expand(x.shape[0])
-        with interval(self.backbone, t - r):
-            return super().predict(x, t, labels)
 
 
 def average_velocity(student: Denoiser, x, t_sigma, r_sigma, labels) -> torch.Tensor:
     """u_theta(x, r, t) at flow sigmas (per example), differentiable in all three."""
     T = student.schedule.num_train_timesteps
     with interval(student.backbone, (t_sigma - r_sigma) * T):
-        x0, e = Denoiser.predict(student, x, t_sigma * T, labels)
+        x0, e = student.predict(x, t_sigma * T, labels)
     return e - x0
 
 
@@ -334,23 +335,11 @@ def distill(
     teacher.to(trainer.device)
     student = teacher.student_of(backbone, FlowMapDenoiser)
     x_data, y_data = to_device(data, trainer.device)
-    w_inputs = {
-        k: v.to(trainer.device)
-        for k, v in (
-            adapter.guidance_inputs(backbone, config.guidance_scale, 1)
-            if adapter is not None and takes_w(backbone)
-            else {}
-        ).items()
-    }
+    with_w = w_conditioning(adapter, backbone, config.guidance_scale, trainer.device)
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        labels = take(y_data, idx)
-        if w_inputs:
-            labels = {
-                **labels,
-                **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()},
-            }
+        labels = with_w(take(y_data, idx), len(idx))
         loss, mse = meanflow_loss(student, teacher, x_data[idx], labels, config, shift, trainer)
         trainer.backward(loss)
         opt.step()

@@ -76,6 +76,7 @@ from distill.denoiser import (
     load_teacher,
     save_pipeline,
     takes_w,
+    w_conditioning,
 )
 from distill.dmd import dmd_gradient
 from distill.schedule import _bcast
@@ -239,23 +240,11 @@ def distill(
     T = teacher.schedule.num_train_timesteps
     grid = scm_flow_grid(config.num_inference_steps, T)
     x_data, y_data = to_device(data, trainer.device)
-    w_inputs = {
-        k: v.to(trainer.device)
-        for k, v in (
-            adapter.guidance_inputs(backbone, config.guidance_scale, 1)
-            if adapter is not None and takes_w(backbone)
-            else {}
-        ).items()
-    }
+    with_w = w_conditioning(adapter, backbone, config.guidance_scale, trainer.device)
 
     def step() -> dict[str, torch.Tensor]:
         idx = trainer.randint(len(x_data), config.batch_size)
-        labels = take(y_data, idx)
-        if w_inputs:
-            labels = {
-                **labels,
-                **{k: v.expand(len(idx), *v.shape[1:]) for k, v in w_inputs.items()},
-            }
+        labels = with_w(take(y_data, idx), len(idx))
         warm = min(1.0, trainer.step / config.tangent_warmup) if config.tangent_warmup else 1.0
         loss = scm_loss(student, teacher, weight, x_data[idx], labels, config, warm, trainer)
         out = {"loss": loss.detach()}
