@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "quantize_torch": "export.quantize_torch:STAGE",
     "ort": "export.ort_compile:STAGE",
     "aoti": "export.aoti_compile:STAGE",
+    "torch_compile": "export.torch_compile:STAGE",
     "tensorrt": "export.tensorrt_compile:STAGE",
     "profile": "accel.profile.stage:STAGE",
     "bundle": "accel.deploy.bundle:STAGE",

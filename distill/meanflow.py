@@ -89,6 +89,9 @@ class MeanFlowConfig(TrainingConfig):
     flow_map_ratio: float = Field(0.75, ge=0, le=1)
     """Share of the batch with r != t (MeanFlow from scratch: 25%; the rest is velocity
     distillation, which a student initialised at the teacher already does)."""
+    r_zero_ratio: float = Field(0.0, ge=0, le=1)
+    """Share of the batch with r = 0 (t from the proposal): the 1-step slice x0 = z_t - t u, which
+    the two-draw proposal almost never reaches at t near 1 (taken out of the r != t share)."""
     p_mean: float = -0.4
     p_std: float = Field(2.0, gt=0)
     """The logit-normal time proposal of t and r (MeanFlow's best from scratch: -0.4, 1.0; wider
@@ -255,8 +258,9 @@ def time_pairs(n: int, config: MeanFlowConfig, shift: float, rng) -> tuple[torch
         torch.sigmoid(config.p_mean + config.p_std * rng.randn((n,), torch.float64)) for _ in (0, 1)
     )
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    same = rng.rand(n, torch.float64) >= config.flow_map_ratio
-    r = torch.where(same, t, r)
+    draw = rng.rand(n, torch.float64)
+    r = torch.where(draw >= config.flow_map_ratio, t, r)
+    r = torch.where(draw < config.r_zero_ratio, torch.zeros_like(r), r)
     return shifted(t, shift), shifted(r, shift)
 
 

@@ -11,7 +11,9 @@ runs under ``accelerate launch``; this module adds what a distillation stage nee
   written to a temporary directory and renamed, so a directory named ``checkpoint-N`` is complete;
 - ``resume``: continue from the newest checkpoint and end with the same weights as an uninterrupted
   run (every random draw after step N comes from the restored generator);
-- a tqdm bar with the running loss and rate, and a loss log (one dict per step) for the artifact.
+- a tqdm bar with the running loss and rate, and a loss log (one dict per step) for the artifact;
+  the losses stay on the device and are read back every ``LOG_EVERY`` steps, so a GPU run does not
+  stop for the host after every step (a NaN is still reported with its own step).
 
 Under ``accelerate launch`` (or ``torchrun``) every process runs the same stage on its own batches:
 process r draws from a generator seeded with (seed, r) (process 0 with ``seed`` itself, so a
@@ -59,6 +61,7 @@ from accel.core.errors import StageError
 from accel.core.stage import StageConfig, say
 
 CHECKPOINT_PREFIX = "checkpoint-"
+LOG_EVERY = 16  # optimizer steps between host reads of the losses (each read syncs a GPU)
 
 
 class TrainingConfig(StageConfig):
@@ -333,40 +336,67 @@ class Trainer:
             dynamic_ncols=True,
             disable=None if acc.is_main_process else True,
         ) as bar:
-            while self.step < self.iterations:
-                with acc.accumulate(*self._models):
-                    losses = self._mean_over_processes(step_fn())
-                bad = [k for k, v in losses.items() if v != v or abs(v) == float("inf")]
-                if bad:
-                    raise StageError(
-                        self.stage,
-                        f"the {bad[0]} loss became {losses[bad[0]]} at step {self.step + 1}; "
-                        "lower learning_rate",
-                    )
-                if not acc.sync_gradients:
-                    continue
-                self._update_ema()
-                self.step += 1
-                self.log.append(losses)
-                bar.update(1)
+            pending: list[torch.Tensor] = []  # losses of steps not yet read back to the host
+            names: list[str] = []
+
+            def flush() -> None:
+                if not pending:
+                    return
+                rows = torch.stack(pending).tolist()  # the one host sync per LOG_EVERY steps
+                first = self.step - len(pending) + 1
+                pending.clear()
+                for i, row in enumerate(rows):
+                    bad = [
+                        k
+                        for k, v in zip(names, row, strict=True)
+                        if v != v or abs(v) == float("inf")
+                    ]
+                    if bad:
+                        raise StageError(
+                            self.stage,
+                            f"the {bad[0]} loss became {row[names.index(bad[0])]} at step "
+                            f"{first + i}; lower learning_rate",
+                        )
+                    self.log.append(dict(zip(names, row, strict=True)))
                 recent = self.log[-50:]
                 bar.set_postfix(
-                    {k: f"{sum(r[k] for r in recent) / len(recent):.4f}" for k in losses},
+                    {k: f"{sum(r[k] for r in recent) / len(recent):.4f}" for k in names},
                     refresh=False,
                 )
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+
+            while self.step < self.iterations:
+                with acc.accumulate(*self._models):
+                    losses = step_fn()
+                if not acc.sync_gradients:
+                    continue
+                names = list(losses)
+                pending.append(self._mean_over_processes(losses))
+                self._update_ema()
+                self.step += 1
+                bar.update(1)
+                checkpoint = self.checkpoint_every and self.step % self.checkpoint_every == 0
+                if len(pending) >= LOG_EVERY or checkpoint or self.step == self.iterations:
+                    flush()
+                if checkpoint:
                     self.save()
         return self.log
 
-    def _mean_over_processes(self, losses: dict) -> dict[str, float]:
-        """Losses as floats, averaged over processes (every process then sees the same NaN)."""
+    def _mean_over_processes(self, losses: dict) -> torch.Tensor:
+        """The losses as one float64 vector on the accelerator's device, averaged over processes
+        (every process then sees the same NaN); read back to the host only every LOG_EVERY steps,
+        so a GPU step does not wait for the host (no .item() per step)."""
         acc = self.accelerator
         values = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float64).detach() for v in losses.values()]
+            [
+                torch.as_tensor(v, dtype=torch.float64, device=acc.device).detach()
+                if not isinstance(v, torch.Tensor)
+                else v.detach().to(acc.device, torch.float64)
+                for v in losses.values()
+            ]
         )
         if acc.num_processes > 1:
-            values = acc.reduce(values.to(acc.device), reduction="mean").cpu()
-        return dict(zip(losses, values.tolist(), strict=True))
+            values = acc.reduce(values, reduction="mean")
+        return values
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -45,6 +45,10 @@ class OrtConfig(StageConfig):
     """Default: the first onnxruntime backend in the target's preference order."""
     optimization_level: Literal["basic", "extended", "all"] = "all"
     intra_op_threads: int | None = None
+    cuda_graph: bool = False
+    """GPU providers: capture the engine in CUDA graphs (one per batch bucket of the target's
+    profile) and replay them; every node must run on the GPU provider (onnxruntime refuses the
+    session otherwise). Best on fused samplers, where one replay is the whole few-step loop."""
     gate: GateConfig = GateConfig()
 
 
@@ -63,15 +67,19 @@ def target_provider(target) -> str:
 
 
 def provider_options(
-    target, provider: str, cache_dir: str, inputs: dict, factor: int = 1
+    target, provider: str, cache_dir: str, inputs: dict, factor: int = 1, cuda_graph: bool = False
 ) -> dict[str, str]:
     """Execution-provider options from the target: fp16 and, for the TensorRT EP, an optimisation
     profile over the target's batch range (trtexec's --minShapes/--optShapes/--maxShapes) and
-    engine/timing caches in ``cache_dir``."""
+    engine/timing caches in ``cache_dir``; ``cuda_graph``: the provider's CUDA-graph option."""
     if provider == "CPUExecutionProvider":
+        if cuda_graph:
+            raise StageError("ort", "cuda_graph needs a GPU provider (CUDA or TensorRT EP)")
         return {}
     if provider == "CUDAExecutionProvider":
-        return {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+        return {"cudnn_conv_algo_search": "EXHAUSTIVE"} | (
+            {"enable_cuda_graph": "1"} if cuda_graph else {}
+        )
     from export.tensorrt_compile import profile_shapes
 
     profile = profile_shapes(target, {name: shape for name, (shape, _) in inputs.items()}, factor)
@@ -89,7 +97,7 @@ def provider_options(
         "trt_profile_min_shapes": shapes("min"),
         "trt_profile_opt_shapes": shapes("opt"),
         "trt_profile_max_shapes": shapes("max"),
-    }
+    } | ({"trt_cuda_graph_enable": "true"} if cuda_graph else {})
 
 
 def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -> None:
@@ -116,11 +124,11 @@ def engine_from_onnx(src, dst, provider: str, level: str, threads: int | None) -
         ) from None
 
 
-def _open(path, provider: str, options: dict[str, str]):
+def _open(path, provider: str, options: dict[str, str], batch_range: list[int] | None = None):
     from accel.runtime import OrtRuntime
 
     try:
-        return OrtRuntime(path, provider=provider, options=options)
+        return OrtRuntime(path, provider=provider, options=options, batch_range=batch_range)
     except CheckpointError as e:
         raise StageError("ort", str(e)) from None
 
@@ -156,6 +164,9 @@ def run(ctx: StageContext) -> None:
         raise StageError("ort", f"{e}{hint}") from None
     options: dict[str, str] = {}
     cpu = provider == "CPUExecutionProvider"
+    if cpu and config.cuda_graph:
+        raise StageError("ort", "cuda_graph needs a GPU provider (CUDA or TensorRT EP)")
+    graph_batches: list[int] | None = None  # the batch range CUDA graphs are captured over
     if cpu:
         engine_from_onnx(
             src, ctx.out / ENGINE_FILE, provider, config.optimization_level, config.intra_op_threads
@@ -167,7 +178,11 @@ def run(ctx: StageContext) -> None:
         from export.tensorrt_compile import batch_factor
 
         factor = batch_factor(plan, reference.inputs())
-        options = provider_options(ctx.target, provider, cache, reference.inputs(), factor)
+        options = provider_options(
+            ctx.target, provider, cache, reference.inputs(), factor, config.cuda_graph
+        )
+        if config.cuda_graph:
+            graph_batches = [ctx.target.shapes.batch.min, ctx.target.shapes.batch.max * factor]
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
     batches = sorted({1, ctx.target.shapes.batch.opt})
     fp16 = options.get("trt_fp16_enable") == "true" or ctx.input.info.get("precision") == "fp16"
@@ -188,7 +203,7 @@ def run(ctx: StageContext) -> None:
                 )  # fmt: skip
             report = compare(
                 OrtRuntime(ctx.input.path / file, optimize=False),
-                [_open(ctx.out / file, provider, options)],
+                [_open(ctx.out / file, provider, options, graph_batches)],
                 feeds_of[role],
                 precision,
             )
@@ -200,7 +215,7 @@ def run(ctx: StageContext) -> None:
                 )
             component_reports[role] = report
     compile_s = time.perf_counter() - t0
-    engine = _open(ctx.out / ENGINE_FILE, provider, options)
+    engine = _open(ctx.out / ENGINE_FILE, provider, options, graph_batches)
 
     feeds = plan_feeds(plan, engine.inputs(), batches)
     quantized = ctx.input.info.get("precision") in ("int8", "fp8")
@@ -216,7 +231,9 @@ def run(ctx: StageContext) -> None:
     ref_rt = open_pipeline(
         src_dir, plan, reference, lambda f: OrtRuntime(src_dir / f, optimize=False)
     )
-    eng_rt = open_pipeline(out_dir, plan, engine, lambda f: _open(out_dir / f, provider, options))
+    eng_rt = open_pipeline(
+        out_dir, plan, engine, lambda f: _open(out_dir / f, provider, options, graph_batches)
+    )
     gate = quality_gate("ort", config.gate, (ref_rt, plan), (eng_rt, plan), ctx.progress)
     ctx.metrics.update(compile_seconds=compile_s, parity=report, quality_gate=gate)
     if component_reports:
@@ -230,6 +247,7 @@ def run(ctx: StageContext) -> None:
             device=ctx.target.device,
             provider=provider,
             provider_options=options,
+            batch_range=graph_batches,
         ).to_dict()
     )
 

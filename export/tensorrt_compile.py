@@ -54,6 +54,9 @@ class TensorRTConfig(StageConfig):
     """Default: on for quantized (Q/DQ) graphs, off otherwise."""
     gate: GateConfig = GateConfig()
     max_parse_errors: int = Field(5, ge=1)
+    cuda_graph: bool = True
+    """The runtime replays each batch bucket's enqueue from a CUDA graph (trtexec's
+    --useCudaGraph)."""
 
 
 def import_tensorrt() -> None:
@@ -127,6 +130,16 @@ def trtexec_command(
         args.append(f"--hardwareCompatibilityLevel={TRTEXEC_LEVELS[b.hardware_compatibility]}")
     if b.version_compatible:
         args.append("--versionCompatible")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def trtexec_timing_command(shapes: dict[str, dict[str, list[int]]], cuda_graph: bool) -> str:
+    """The trtexec command that times the built engine at the profile's opt shapes the way the
+    runtime runs it (replayed from a CUDA graph, with spin-wait sync)."""
+    opt = ",".join(f"{n}:{'x'.join(map(str, s['opt']))}" for n, s in shapes.items())
+    args = ["trtexec", f"--loadEngine={ENGINE_FILE}", f"--shapes={opt}", "--useSpinWait"]
+    if cuda_graph:
+        args.append("--useCudaGraph")
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -241,6 +254,8 @@ def run(ctx: StageContext) -> None:
     command = trtexec_command(target, MODEL_FILE, shapes, strongly_typed)
     (ctx.out / TRTEXEC_FILE).write_text(
         f"#!/bin/sh\n# builds the same engine as accel's tensorrt stage\n{command}\n"
+        f"# times it as accel's runtime runs it\n"
+        f"{trtexec_timing_command(shapes, config.cuda_graph)}\n"
     )
     try:
         import_tensorrt()
@@ -276,6 +291,7 @@ def run(ctx: StageContext) -> None:
         hardware_compatibility=target.builder.hardware_compatibility,
         version_compatible=target.builder.version_compatible,
         strongly_typed=bool(strongly_typed),
+        provider_options={"cuda_graph": "1" if config.cuda_graph else "0"},
     )
     ctx.info.update(info.to_dict())
     engine_rt = TensorRTRuntime(ctx.out / ENGINE_FILE, info)

@@ -72,6 +72,32 @@ def test_tensorrt_ep_options_carry_the_targets_profile_precision_and_cache():
     assert provider_options(gpu_target(), "CPUExecutionProvider", "c", inputs) == {}
 
 
+def test_cuda_graph_options_per_provider_and_their_refusals(tiny, tmp_path):
+    from accel.runtime import OrtRuntime
+    from export.tensorrt_compile import trtexec_timing_command
+
+    inputs = {"noise": (["batch", 1, 16, 16], "tensor(float)")}
+    trt = provider_options(gpu_target(), "TensorrtExecutionProvider", "c", inputs, cuda_graph=True)
+    assert trt["trt_cuda_graph_enable"] == "true"
+    cuda = provider_options(gpu_target(), "CUDAExecutionProvider", "c", inputs, cuda_graph=True)
+    assert cuda["enable_cuda_graph"] == "1"
+    assert "enable_cuda_graph" not in provider_options(
+        gpu_target(), "CUDAExecutionProvider", "c", inputs
+    )
+    with pytest.raises(StageError, match="cuda_graph needs a GPU provider"):
+        provider_options(gpu_target(), "CPUExecutionProvider", "c", inputs, cuda_graph=True)
+    store, source = tiny
+    graph = build(store, source, "onnx", num_inference_steps=2)
+    with pytest.raises(StageError, match="cuda_graph needs a GPU provider"):
+        build(store, graph, "ort", cuda_graph=True)
+    with pytest.raises(Exception, match="CUDA graphs need a GPU provider"):
+        OrtRuntime(graph.path / "model.onnx", options={"enable_cuda_graph": "1"})
+    shapes = {"noise": {"min": [1, 1, 16, 16], "opt": [8, 1, 16, 16], "max": [32, 1, 16, 16]}}
+    assert trtexec_timing_command(shapes, True) == (
+        "trtexec --loadEngine=model.plan --shapes=noise:8x1x16x16 --useSpinWait --useCudaGraph"
+    )
+
+
 def test_compile_refuses_a_provider_this_onnxruntime_lacks(tiny):
     store, source = tiny
     graph = build(store, source, "onnx", num_inference_steps=2)

@@ -75,6 +75,21 @@ def test_a_nan_loss_is_a_stage_error(tmp_path):
         trainer.run(lambda: {"loss": torch.tensor(float("nan"))})
 
 
+def test_a_late_nan_names_its_step_and_losses_are_read_back_once_per_block(monkeypatch):
+    """The loop keeps losses on the device and reads them back every LOG_EVERY steps (one GPU
+    sync per block, not one per step); the log still has every step and a NaN its own step."""
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    trainer = Trainer("toy", TrainingConfig(), 40, None, progress=lambda m: None)
+    log = trainer.run(lambda: {"loss": torch.tensor(float(trainer.step)), "b": 2.0})
+    assert [r["loss"] for r in log] == list(range(40)) and all(r["b"] == 2.0 for r in log)
+    assert reads == [(16, 2), (16, 2), (8, 2)]  # steps 1-16, 17-32, 33-40
+    trainer = Trainer("toy", TrainingConfig(), 40, None, progress=lambda m: None)
+    with pytest.raises(StageError, match="loss became inf at step 21"):
+        trainer.run(lambda: {"loss": torch.tensor(float("inf") if trainer.step == 20 else 1.0)})
+
+
 def test_fp16_without_a_gpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")

@@ -444,9 +444,10 @@ cli.add_command(
 cli.add_command(
     StageCommand(
         "compile",
-        {"ort": "ort", "tensorrt": "tensorrt", "aoti": "aoti"},
+        {"ort": "ort", "tensorrt": "tensorrt", "aoti": "aoti", "torch": "torch_compile"},
         "Compile INPUT into an engine for --target: an ONNX artifact with onnxruntime (ort) or "
-        "TensorRT (tensorrt, GPU targets), a student checkpoint with AOTInductor (aoti).",
+        "TensorRT (tensorrt, GPU targets), a student checkpoint with AOTInductor (aoti) or "
+        "torch.compile of its fused sampler, replayed from CUDA graphs on GPUs (torch).",
         choice=("backend", "Which compiler builds the engine."),
     )
 )

@@ -222,6 +222,12 @@ def run(ctx: StageContext) -> None:
     backend = described.backend
     if backend not in BACKENDS:
         raise StageError("bundle", f"{engine.path} has no known engine backend ({backend!r})")
+    if not (engine.path / described.engine_file).is_file():
+        raise StageError(
+            "bundle",
+            f"{engine.path} is a {backend} engine, which runs inside accel's torch process; "
+            "bundle an onnxruntime, TensorRT or AOTInductor engine instead",
+        )
     for f in engine.path.iterdir():
         if f.name != MANIFEST and f.is_file():
             shutil.copy(f, ctx.out / f.name)

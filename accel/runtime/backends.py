@@ -38,6 +38,9 @@ BACKENDS: dict[str, Backend] = {
                 ".plan"),
         Backend("aotinductor", "export.torch_runtime:AotiRuntime", "torch", ("torch",), True,
                 False, None, ".pt2"),
+        # a folder (the checkpoint) compiled in-process: no bundle, no Triton (export.torch_compile)
+        Backend("torch-compiled", "export.torch_compile:TorchEngineRuntime", "torch", ("torch",),
+                True, False, None, ""),
     )
 }  # fmt: skip
 

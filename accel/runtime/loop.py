@@ -212,6 +212,39 @@ def infer_in_chunks(
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+class ShapeBuckets:
+    """The batch sizes an engine is compiled or captured at: the powers of two in [lo, hi] plus
+    lo, opt and hi. ``bucket(n)`` is the smallest that holds n rows."""
+
+    def __init__(self, lo: int, opt: int, hi: int, target: str = "the target") -> None:
+        if not 1 <= lo <= opt <= hi:
+            raise CheckpointError(f"batch profile min {lo} <= opt {opt} <= max {hi} does not hold")
+        self.lo, self.hi, self.target = lo, hi, target
+        powers = {1 << k for k in range(hi.bit_length()) if lo <= 1 << k <= hi}
+        self.sizes = sorted(powers | {lo, opt, hi})
+
+    @classmethod
+    def of_target(cls, target) -> ShapeBuckets:
+        b = target.shapes.batch
+        return cls(b.min, b.opt, b.max, f"target {target.name!r}")
+
+    def bucket(self, n: int) -> int:
+        if not self.lo <= n <= self.hi:
+            raise CheckpointError(
+                f"batch {n} is outside the shape profile of {self.target} (batch {self.lo}.."
+                f"{self.hi}); split the request, or rebuild the engine for a target whose "
+                "[shapes] batch covers it"
+            )
+        return next(s for s in self.sizes if s >= n)
+
+
+def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with zero rows appended up to ``rows``."""
+    if len(a) == rows:
+        return a
+    return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+
+
 def _device_section(name: str, cuda: bool):
     """Copies and compute are profiler sections of their own on a GPU; on the CPU there is no
     copy and the step is the compute."""

@@ -1,5 +1,12 @@
 """TensorRT as a runtime: a serialized engine on the current GPU, fed through cuda-python device
-buffers (``accel.runtime.cudart``), with no torch (imports tensorrt when an engine opens)."""
+buffers (``accel.runtime.cudart``), with no torch (imports tensorrt when an engine opens).
+
+With ``cuda_graph`` (the engine description's provider option, on by default: trtexec's
+``--useCudaGraph``) each batch bucket of the engine's range (``accel.runtime.loop.ShapeBuckets``)
+gets its own execution context with fixed input shapes and device buffers; its
+``execute_async_v3`` is run once (TensorRT's shape-dependent setup), then captured with
+``cudaStreamBeginCapture``/``cudaStreamEndCapture`` and replayed with ``cudaGraphLaunch``; a
+query's feeds are zero-padded up to the bucket and its outputs sliced back."""
 
 from __future__ import annotations
 
@@ -11,8 +18,8 @@ import numpy as np
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.sections import section
-from accel.runtime.cudart import Stream
-from accel.runtime.loop import infer_in_chunks
+from accel.runtime.cudart import Stream, check
+from accel.runtime.loop import ShapeBuckets, infer_in_chunks, pad_rows
 
 
 def tensorrt_missing() -> str | None:
@@ -68,6 +75,14 @@ class TensorRTRuntime:
         self._lock = threading.Lock()
         self._max_batch = info.max_batch
         self.name = "tensorrt"
+        self._buckets = None
+        if (info.provider_options or {}).get("cuda_graph") == "1" and info.batch_range:
+            lo, hi = info.batch_range
+            self._buckets = ShapeBuckets(lo, lo, hi, str(path))
+            self.name = "tensorrt+cudagraph"
+        self._graphs: dict[
+            tuple, tuple
+        ] = {}  # bucket key -> (context, graph exec, out shapes, tag)
 
     @classmethod
     def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> TensorRTRuntime:
@@ -81,6 +96,8 @@ class TensorRTRuntime:
         return infer_in_chunks(self._infer, feeds, self._max_batch)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._buckets is not None:
+            return self._replay(feeds)
         stream = self._stream
         with self._lock:
             for n in self._in:
@@ -107,5 +124,62 @@ class TensorRTRuntime:
                     n: stream.download(stream.buffer(n, 0), shapes[n], self._dtype[n]).astype(
                         np.float32
                     )
+                    for n in self._out
+                }
+
+    def _capture(self, tag: int, feeds: dict[str, np.ndarray]) -> tuple:
+        """A context bound to this bucket's buffers, and its enqueue captured as a CUDA graph."""
+        stream, rt = self._stream, self._stream.rt
+        context = self._engine.create_execution_context()
+        for n in self._in:
+            if not context.set_input_shape(n, tuple(feeds[n].shape)):
+                raise CheckpointError(
+                    f"input {n!r} of shape {feeds[n].shape} is outside this TensorRT engine's "
+                    "optimisation profile; rebuild it for a target whose shapes cover it"
+                )
+            context.set_tensor_address(n, stream.upload(f"{n}@{tag}", feeds[n]))
+        shapes = {}
+        for n in self._out:
+            dims = context.get_tensor_shape(n)
+            shapes[n] = tuple(dims[i] for i in range(len(dims)))
+            nbytes = int(np.prod(shapes[n])) * self._dtype[n].itemsize
+            context.set_tensor_address(n, stream.buffer(f"{n}@{tag}", nbytes))
+        if not context.execute_async_v3(int(stream.handle)):  # setup outside the capture
+            raise RuntimeError("TensorRT execute_async_v3 failed (see its log)")
+        stream.synchronize()
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(rt.cudaStreamBeginCapture(stream.handle, mode), "cudaStreamBeginCapture")
+        ok = context.execute_async_v3(int(stream.handle))
+        graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        if not ok:
+            raise RuntimeError("TensorRT execute_async_v3 failed while capturing a CUDA graph")
+        graph_exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        return context, graph_exec, shapes, tag
+
+    def _replay(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self._buckets is not None
+        stream, rt = self._stream, self._stream.rt
+        n_rows = len(feeds[self._in[0]])
+        rows = self._buckets.bucket(n_rows)
+        padded = {
+            n: np.ascontiguousarray(pad_rows(np.asarray(feeds[n], self._dtype[n]), rows))
+            for n in self._in
+        }
+        key = (rows, *((n, padded[n].shape[1:]) for n in self._in))
+        with self._lock:
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(len(self._graphs), padded)
+            _, graph_exec, shapes, tag = self._graphs[key]
+            with section("h2d"):
+                for n in self._in:
+                    stream.upload(f"{n}@{tag}", padded[n])
+            with section("compute"):
+                check(rt.cudaGraphLaunch(graph_exec, stream.handle), "cudaGraphLaunch")
+                stream.synchronize()
+            with section("d2h"):
+                return {
+                    n: stream.download(stream.buffer(f"{n}@{tag}", 0), shapes[n], self._dtype[n])[
+                        :n_rows
+                    ].astype(np.float32)
                     for n in self._out
                 }

@@ -1,0 +1,222 @@
+"""Compile a student into a torch engine for one target: its fused few-step sampler
+(``export.fused_sampler``) under ``torch.compile`` and, on CUDA targets, replayed from one CUDA
+graph per shape bucket (``export.torch_engines``).
+
+The engine artifact holds the student checkpoint (``checkpoint/``, safetensors and configs), the
+fused sampler plan and the engine description; the compiled kernels live in the store's inductor
+cache (``cache/torch-compile/<target fingerprint>-torch<version>``), which the build fills for
+the target's optimal batch and single-stream batch, and which the runtime reuses when it opens
+the engine from the same store (elsewhere inductor compiles on first use). The build is gated on
+image quality against eager fp32, like every compile stage.
+
+Options (the engine description's ``provider_options``): ``mode``, torch.compile's: "default",
+or "max-autotune-no-cudagraphs" when the target's builder optimization level is 4 or 5 (TensorRT's
+levels that search more tactics; the CUDA graph is accel's own, so inductor's is off);
+``cuda_graph``: "1" on CUDA targets unless the stage turns it off.
+
+These engines need torch: they run in accel's own process (``accel sample``, ``accel profile``,
+a Python server), not in a bundle for torch-free runtimes; bundle an ONNX or TensorRT engine for
+those.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pydantic import Field
+
+from accel.core.engine_info import EngineInfo
+from accel.core.errors import CheckpointError, StageError
+from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.stage import Stage, StageConfig, StageContext
+from export.quality_gate import GateConfig, quality_gate
+from export.torch_engines import (
+    CompiledEngine,
+    CudaGraphEngine,
+    ShapeBuckets,
+    cache_counters,
+    compile_cache_dir,
+)
+
+ENGINE_DIR = "checkpoint"
+
+
+class TorchCompileConfig(StageConfig):
+    num_inference_steps: int | None = Field(None, ge=1)
+    """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
+    guidance_scale: float | None = None
+    cuda_graph: bool = True
+    """Replay the compiled sampler from CUDA graphs (CUDA targets only)."""
+    gate: GateConfig = GateConfig()
+
+
+def compile_mode(target) -> str:
+    return "max-autotune-no-cudagraphs" if target.builder.optimization_level >= 4 else "default"
+
+
+def engine_precision(target) -> str:
+    """fp16/bf16 on CUDA targets that ask for them; fp32 otherwise (INT8/FP8 are ONNX/TensorRT)."""
+    return (
+        target.precision
+        if target.device == "cuda" and target.precision in ("fp16", "bf16")
+        else "fp32"
+    )
+
+
+def fused_module(checkpoint: Path, plan: SamplerPlan):
+    """The fused sampler of the checkpoint for ``plan`` (fused, images out)."""
+    from distill.denoiser import DenoiserGraph, load_denoiser
+    from export.fused_sampler import FusedSampler
+
+    den, _ = load_denoiser(checkpoint, guidance_scale=plan.guidance_scale)
+    if den.adapter is not None:
+        raise CheckpointError(
+            f"{checkpoint} is a {den.adapter.family} pipeline: the torch engine fuses the "
+            "pixel-space sampler only so far (text encoders, steps and VAE decode as one "
+            "graph is not built yet); compile its components with the ort or tensorrt stage"
+        )
+    return FusedSampler(DenoiserGraph.of(den), plan).eval()
+
+
+class TorchEngineRuntime:
+    """A ``torch-compiled`` engine: the checkpoint's fused sampler compiled (and on CUDA replayed
+    from CUDA graphs) at the buckets of its batch range; ``infer`` takes the fused sampler's feeds
+    and returns images."""
+
+    def __init__(self, folder: Path, info: EngineInfo, cache: Path | None = None) -> None:
+        import torch
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"torch engine checkpoint not found: {folder}")
+        if info.library_version != torch.__version__:
+            raise CheckpointError(
+                f"{folder.parent} was compiled with torch {info.library_version}, this is "
+                f"torch {torch.__version__}; rebuild it here with the torch_compile stage"
+            )
+        if info.device == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"{folder.parent} is a CUDA engine, and torch sees no GPU here")
+        plan = SamplerPlan.load(folder.parent / PLAN_FILE)
+        options = info.provider_options or {}
+        lo, hi = info.batch_range or [1, 64]
+        buckets = ShapeBuckets(lo, int(options.get("opt_batch", lo)), hi, str(folder.parent))
+        module = fused_module(folder, plan)
+        names = module.input_names()
+        compiled = CompiledEngine(
+            module,
+            names,
+            buckets,
+            info.device,
+            info.precision,
+            mode=options.get("mode", "default"),
+            cache=cache,
+            shapes=(shapes := {"noise": tuple(plan.sample_shape)}),
+        )
+        self.engine = compiled
+        if info.device == "cuda" and options.get("cuda_graph") == "1":
+            self.engine = CudaGraphEngine(compiled, names, buckets, "cuda", info.precision, shapes)
+        self.name = f"torch-compiled:{info.device}" + (
+            "+cudagraph" if isinstance(self.engine, CudaGraphEngine) else ""
+        )
+
+    @classmethod
+    def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> TorchEngineRuntime:
+        """Inside a store (``<root>/artifacts/<key>/checkpoint``) the store's inductor cache for
+        the engine's target is used."""
+        file = Path(file)
+        cache = None
+        root = file.parent.parent.parent
+        if file.parent.parent.name == "artifacts" and (root / "cache").is_dir():
+            fingerprint = (info.provider_options or {}).get("target_fingerprint")
+            if fingerprint:
+                cache = compile_cache_dir(root, fingerprint)
+        return cls(file, info, cache)
+
+    def inputs(self) -> dict[str, tuple[list, str]]:
+        return self.engine.inputs()
+
+    def infer(self, feeds):
+        return self.engine.infer(feeds)
+
+
+def run(ctx: StageContext) -> None:
+    config: TorchCompileConfig = ctx.config  # type: ignore[assignment]
+    import torch
+
+    from export.onnx_export import graph_and_plan
+    from export.torch_runtime import TorchRuntime
+
+    target = ctx.target
+    if target.device == "cuda" and not torch.cuda.is_available():
+        raise StageError(
+            "torch_compile",
+            f"target {target.name!r} is a CUDA target but torch sees no GPU here; build torch "
+            "engines on the machine (or GPU model) they will run on",
+        )
+    graph, plan = graph_and_plan(
+        "torch_compile", ctx.input.path, config.num_inference_steps, config.guidance_scale
+    )
+    if graph.adapter is not None:
+        raise StageError(
+            "torch_compile",
+            f"{ctx.input.path} is a {graph.adapter.family} pipeline: the torch engine fuses "
+            "pixel-space samplers only so far; compile its components with the ort or "
+            "tensorrt stage",
+        )
+    plan = replace(plan, fused=True, graph_output="images")
+    shutil.copytree(ctx.input.path, ctx.out / ENGINE_DIR)
+    plan.save(ctx.out / PLAN_FILE)
+    b = target.shapes.batch
+    precision = engine_precision(target)
+    cuda_graph = target.device == "cuda" and config.cuda_graph
+    info = EngineInfo(
+        backend="torch-compiled",
+        engine_file=ENGINE_DIR,
+        library_version=torch.__version__,
+        precision=precision,
+        device=target.device,
+        batch_range=[b.min, b.max],
+        provider_options={
+            "mode": compile_mode(target),
+            "cuda_graph": "1" if cuda_graph else "0",
+            "opt_batch": str(b.opt),
+            "target_fingerprint": target.fingerprint,
+        },
+    )
+    ctx.info.update(info.to_dict())
+    cache = compile_cache_dir(ctx.store.root, target.fingerprint)
+    torch._dynamo.reset()  # compile from the disk cache alone, as a fresh process would
+    before = cache_counters()
+    t0 = time.perf_counter()
+    engine = TorchEngineRuntime(ctx.out / ENGINE_DIR, info, cache)
+    from export.fused_sampler import example_feeds
+
+    for batch in sorted({target.scenarios.single_stream_batch, b.opt}):
+        ctx.progress(f"torch_compile: compiling the fused sampler at batch {batch} ({engine.name})")
+        engine.infer(example_feeds(engine.engine.module, batch))
+    compile_s = time.perf_counter() - t0
+    after = cache_counters()
+    from export.fused_sampler import FusedSampler
+
+    eager = TorchRuntime(FusedSampler(graph, plan).eval())
+    gate = quality_gate("torch_compile", config.gate, (eager, plan), (engine, plan), ctx.progress)
+    ctx.metrics.update(
+        compile_seconds=compile_s,
+        compile_cache={k: after[k] - before[k] for k in after},
+        quality_gate=gate,
+    )
+
+
+STAGE = Stage(
+    name="torch_compile",
+    version=1,
+    config=TorchCompileConfig,
+    consumes="checkpoint",
+    produces="engine",
+    run=run,
+    target_specific=True,
+    description="compile the student's fused sampler with torch.compile (CUDA graphs on GPUs)",
+)

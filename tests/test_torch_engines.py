@@ -1,0 +1,177 @@
+"""Compiled torch and CUDA-graph engines (export.torch_engines, export.torch_compile): shape
+buckets, padding and chunking, the store's compile cache, refusals on the CPU; the stage end to end
+on a tiny student (slow); CUDA-graph replay against eager under `gpu`."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from accel.core.errors import CheckpointError, StageError
+from export.torch_engines import (
+    BucketedEngine,
+    CompiledEngine,
+    CudaGraphEngine,
+    ShapeBuckets,
+    cache_counters,
+    compile_cache_dir,
+)
+
+from tiny import build, write_tiny_pipeline
+
+
+class RowWise(nn.Module):
+    """Each output row depends on its own input row only (like a sampler), plus a label."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 6)
+        self.emb = nn.Embedding(10, 6)
+
+    def forward(self, noise, class_labels):
+        return torch.tanh(self.lin(noise) + self.emb(class_labels))
+
+
+def feeds(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "noise": rng.standard_normal((n, 6)).astype(np.float32),
+        "class_labels": (np.arange(n) % 10).astype(np.int64),
+    }
+
+
+def eager(module, f):
+    with torch.no_grad():
+        return module(**{k: torch.from_numpy(v) for k, v in f.items()}).numpy()
+
+
+def test_buckets_are_powers_of_two_with_the_profiles_min_opt_max():
+    b = ShapeBuckets(1, 4, 64)
+    assert b.sizes == [1, 2, 4, 8, 16, 32, 64]
+    assert [b.bucket(n) for n in (1, 3, 5, 33, 64)] == [1, 4, 8, 64, 64]
+    odd = ShapeBuckets(3, 5, 20)
+    assert odd.sizes == [3, 4, 5, 8, 16, 20] and odd.bucket(17) == 20
+    for n in (0, 65):
+        with pytest.raises(CheckpointError, match=f"batch {n} is outside the shape profile"):
+            b.bucket(n)
+    with pytest.raises(CheckpointError, match="min 4 <= opt 2"):
+        ShapeBuckets(4, 2, 8)
+
+
+def test_bucketed_engine_pads_slices_and_chunks_to_the_same_rows_as_unpadded():
+    module = RowWise().eval()
+    engine = BucketedEngine(module, ["noise", "class_labels"], ShapeBuckets(1, 4, 16), output="y")
+    for n in (1, 3, 5, 7, 16, 40):  # 40: chunks of 16, 16 and 8
+        f = feeds(n, seed=n)
+        np.testing.assert_allclose(engine.infer(f)["y"], eager(module, f), rtol=0, atol=1e-6)
+    assert engine.built == [1, 4, 8, 16]  # 5 and 7 share bucket 8; 3 runs at 4
+
+
+def test_engines_refuse_bad_feeds_and_cuda_graphs_without_a_gpu():
+    module = RowWise().eval()
+    engine = BucketedEngine(
+        module, ["noise", "class_labels"], ShapeBuckets(1, 4, 16), shapes={"noise": (6,)}
+    )
+    with pytest.raises(CheckpointError, match="missing input 'class_labels'"):
+        engine.infer({"noise": feeds(2)["noise"]})
+    with pytest.raises(CheckpointError, match="different batch sizes"):
+        engine.infer({"noise": feeds(2)["noise"], "class_labels": feeds(3)["class_labels"]})
+    with pytest.raises(
+        CheckpointError, match=r"rows of shape \[7\]; this engine was built for \[6\]"
+    ):
+        engine.infer(
+            {"noise": np.zeros((2, 7), np.float32), "class_labels": feeds(2)["class_labels"]}
+        )
+    with pytest.raises(CheckpointError, match="batch 0 is outside"):
+        engine.infer(feeds(0))
+    with pytest.raises(CheckpointError, match="quantized engines are ONNX or TensorRT"):
+        BucketedEngine(module, ["noise"], ShapeBuckets(1, 1, 1), precision="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="CUDA-graph engine captures CUDA kernels"):
+            CudaGraphEngine(module, ["noise", "class_labels"], ShapeBuckets(1, 1, 4))
+
+
+def test_compiled_engine_matches_eager_and_a_second_build_hits_the_stores_cache(tmp_path):
+    module = RowWise().eval()
+    cache = compile_cache_dir(tmp_path / "store", "f" * 16)
+    assert cache.name == f"{'f' * 16}-torch{torch.__version__}"
+    names = ["noise", "class_labels"]
+    results = []
+    for _ in range(2):  # the second engine starts from nothing but the cache folder
+        torch._dynamo.reset()
+        before = cache_counters()
+        engine = CompiledEngine(module, names, ShapeBuckets(1, 2, 4), cache=cache)
+        out = engine.infer(feeds(3))["images"]
+        np.testing.assert_allclose(out, eager(module, feeds(3)), rtol=1e-5, atol=1e-5)
+        after = cache_counters()
+        results.append({k: after[k] - before[k] for k in after})
+    assert results[0]["misses"] >= 1 and results[0]["hits"] == 0
+    assert results[1]["hits"] >= 1 and results[1]["misses"] == 0
+    assert any(cache.rglob("*")), "the cache lives in the store's folder"
+
+
+@pytest.mark.slow
+def test_torch_compile_stage_builds_a_gated_engine_that_reopens_from_the_cache(tmp_path):
+    from accel.pipeline import default_store
+    from accel.runtime import open_engine, open_runtime
+    from accel.runtime.loop import fused_feeds
+    from export.torch_compile import TorchEngineRuntime
+
+    store = default_store(tmp_path / "store")
+    source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
+    gate = {"metric": "image_rmse", "threshold": 1e-4, "samples": 70}
+    engine = build(store, source, "torch_compile", num_inference_steps=2, gate=gate)
+    info = engine.info
+    assert info["backend"] == "torch-compiled" and info["batch_range"] == [1, 64]
+    assert info["provider_options"]["cuda_graph"] == "0"  # a CPU target
+    assert engine.metrics["compile_cache"]["misses"] >= 1
+    assert engine.metrics["quality_gate"]["value"] < 1e-4
+    runtime, plan = open_engine(engine.path)
+    assert isinstance(runtime, TorchEngineRuntime) and plan.fused
+    eager_rt, eager_plan = open_runtime(source.path, steps=2)
+    from accel.runtime import sample
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((5, *plan.sample_shape)).astype(np.float32)
+    labels = np.arange(5) % 10
+    ref = sample(eager_rt, eager_plan, noise, labels, np.random.default_rng(1))
+    got = runtime.infer(fused_feeds(plan, noise, labels, np.random.default_rng(1)))["images"]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    # the same build with another gate is another artifact, compiled from the store's cache
+    again = build(
+        store, source, "torch_compile", num_inference_steps=2, gate={**gate, "seeds": [1]}
+    )
+    assert again.metrics["compile_cache"]["hits"] >= 1
+    assert again.metrics["compile_cache"]["misses"] == 0
+    with pytest.raises(StageError, match="runs inside accel's torch process"):
+        build(store, engine, "bundle")
+    if not torch.cuda.is_available():
+        gpu = tmp_path / "gpu.toml"
+        gpu.write_text(
+            'name = "gpu"\ndescription = "t"\ndevice = "cuda"\ngpu = "GPU"\n'
+            'compute_capability = "9.0"\nbackends = ["torch"]\n'
+            "[shapes]\nbatch = { min = 1, opt = 4, max = 32 }\n"
+            "resolution = { min = 16, opt = 16, max = 16 }\n"
+        )
+        with pytest.raises(StageError, match="CUDA target but torch sees no GPU"):
+            build(store, source, "torch_compile", target=str(gpu), num_inference_steps=2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_engine_replays_what_eager_computes():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    module = RowWise().eval()
+    ref = {n: eager(module, feeds(n, n)) for n in (1, 3, 8)}
+    graphs = CudaGraphEngine(module, ["noise", "class_labels"], ShapeBuckets(1, 4, 8))
+    compiled = CudaGraphEngine(
+        CompiledEngine(module, ["noise", "class_labels"], ShapeBuckets(1, 4, 8), "cuda"),
+        ["noise", "class_labels"],
+        ShapeBuckets(1, 4, 8),
+    )
+    for engine in (graphs, compiled):
+        for n in (1, 3, 8, 3):  # the last replays bucket 4's graph with new inputs
+            got = engine.infer(feeds(n, n))["images"]
+            np.testing.assert_allclose(got, ref[n], rtol=1e-4, atol=1e-5)
+        assert engine.built == [1, 4, 8]
