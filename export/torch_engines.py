@@ -78,7 +78,10 @@ class BucketedEngine:
     """``module(**inputs) -> tensor`` run at ``buckets`` on ``device`` under autocast to
     ``precision``: batches padded up to their bucket (larger ones in chunks of the largest), the
     output sliced back to float32 numpy. ``runner(key, example)`` builds the callable for one
-    bucket (key: batch and input shapes). ``shapes`` fixes the per-row shape of named inputs."""
+    bucket (key: batch and input shapes). ``shapes`` fixes the per-row shape of named inputs.
+    ``half_weights``: weights and float inputs cast to ``precision`` instead of autocast (what
+    diffusers' ``torch_dtype=torch.float16`` does), for components every op of which is fine in
+    half precision (a UNet, a VAE decoder), not for samplers with fp32 arithmetic."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class BucketedEngine:
         precision: str = "fp32",
         output: str = "images",
         shapes: dict[str, tuple[int, ...]] | None = None,
+        half_weights: bool = False,
     ) -> None:
         import torch
 
@@ -101,11 +105,16 @@ class BucketedEngine:
             )
         self.device = torch.device(device)
         self.dtype = getattr(torch, DTYPES[precision])
-        self.module = module
+        self.half_weights = half_weights and self.dtype != torch.float32
+        self._torch = torch
+        self.module = self._prepare(module)
         self.names, self.buckets, self.output = names, buckets, output
         self.shapes = shapes or {}
         self._runners: dict[tuple, Callable[[dict], Any]] = {}
-        self._torch = torch
+
+    def _prepare(self, module: Any) -> Any:
+        module = module.eval().to(self.device)
+        return module.to(self.dtype) if self.half_weights else module
 
     def _key(self, feeds: dict[str, np.ndarray], rows: int) -> tuple:
         return (rows, *((n, feeds[n].shape[1:], str(feeds[n].dtype)) for n in self.names))
@@ -178,10 +187,10 @@ class CompiledEngine(BucketedEngine):
         cache: Path | None = None,
         channels_last: bool = False,
         shapes: dict[str, tuple[int, ...]] | None = None,
+        half_weights: bool = False,
     ) -> None:
-        super().__init__(module, names, buckets, device, precision, shapes=shapes)
+        super().__init__(module, names, buckets, device, precision, "images", shapes, half_weights)
         torch = self._torch
-        self.module = module.eval().to(self.device)
         self.channels_last = channels_last
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -212,7 +221,14 @@ class CudaGraphEngine(BucketedEngine):
     per bucket over static buffers and replayed per query."""
 
     def __init__(
-        self, module: Any, names, buckets, device: str = "cuda", precision="fp32", shapes=None
+        self,
+        module: Any,
+        names,
+        buckets,
+        device: str = "cuda",
+        precision="fp32",
+        shapes=None,
+        half_weights: bool = False,
     ):
         import torch
 
@@ -222,27 +238,32 @@ class CudaGraphEngine(BucketedEngine):
                 f"sees {'none here' if not torch.cuda.is_available() else 'device ' + device}; "
                 "on the CPU run the compiled or the eager torch engine"
             )
-        inner = module.module if isinstance(module, CompiledEngine) else module
-        super().__init__(inner, names, buckets, device, precision, shapes=shapes)
-        if isinstance(module, CompiledEngine):
-            self.call = module.compiled
+        if isinstance(module, CompiledEngine):  # its precision and weights, compiled
+            super().__init__(module.module, names, buckets, device, precision, "images", shapes)
+            self.half_weights = module.half_weights
+            self.inner: CompiledEngine | None = module
             self._tensors = module._tensors  # type: ignore[method-assign]
+            self._autocast = module._autocast  # type: ignore[method-assign]
         else:
-            self.module = module.eval().to(self.device)
-            self.call = self.module
+            super().__init__(
+                module, names, buckets, device, precision, "images", shapes, half_weights
+            )
+            self.inner = None
 
     def runner(self, key, example):
         torch = self._torch
         static = {k: v.clone() for k, v in example.items()}
+        # the compiled engine compiles this bucket first (from its cache), outside the capture
+        call = self.inner.runner(key, static) if self.inner else lambda a: self.module(**a)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: allocator and lazy init outside the capture
             for _ in range(3):
-                self.call(**static)
+                call(static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.call(**static)
+            out = call(static)
 
         def replay(args):
             for k, v in args.items():

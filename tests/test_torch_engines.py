@@ -175,3 +175,28 @@ def test_cuda_graph_engine_replays_what_eager_computes():
             got = engine.infer(feeds(n, n))["images"]
             np.testing.assert_allclose(got, ref[n], rtol=1e-4, atol=1e-5)
         assert engine.built == [1, 4, 8]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_sections_on_tiny_configs(tmp_path):
+    """benchmarks/gpu_check.py's dry run on the CPU (the GPU run gets no second try): tiny
+    SDXL / SD3 components and the compiled SD1.5-size pipeline produce the JSON and the table."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    skip = ["pytest_gpu", "digits", "sd15_unet", "sd_vae", "training"]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--rounds", "2",
+         "--out", str(tmp_path), "--skip", *skip],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = report["checks"]
+    assert set(checks) == {"sdxl_unet", "sd3_medium", "sd15_pipeline"}
+    assert all("error" not in c for c in checks.values()), checks
+    assert checks["sd15_pipeline"]["sum_of_components_ms"] > 0
+    assert "| sdxl_unet | eager |" in (tmp_path / "gpu_check.md").read_text()
