@@ -84,3 +84,78 @@ def example_feeds(
     if sampler.conditional:
         labels = (np.arange(batch) % int(plan.num_classes or 1)).astype(np.int64)
     return fused_feeds(plan, noise, labels, rng)
+
+
+class FusedPipelineSampler(nn.Module):
+    """A latent pipeline's whole few-step loop and its VAE decode as one module, for the torch
+    engines (``export.torch_engines``): noise, the prompts' conditioning (the text encoders run
+    outside, their embeddings are inputs) and the step noise of stochastic steps in, images out.
+    Each step builds the graph's feeds as ``accel.runtime.step_feeds`` does (guidance doubles
+    the batch: conditional half, then the null conditioning ``null``, batch 1, broadcast), so it
+    reproduces ``accel.runtime.run_pipeline`` fed the same draws."""
+
+    def __init__(
+        self,
+        graph: nn.Module,
+        plan: SamplerPlan,
+        null: dict | None = None,
+        decode: bool | None = None,
+    ) -> None:
+        """``decode``: end with the VAE decode (default: where the plan decodes)."""
+        super().__init__()
+        self.denoiser = graph
+        self.decode = plan.decode if decode is None else decode
+        self.adapter = graph.adapter
+        self.plan = plan
+        self.names = list(plan.conditioning)
+        self.guided = (
+            plan.guidance_scale != 1.0
+            and bool(self.names)
+            and not plan.guidance_input
+            and not plan.guidance_in_model
+        )
+        if self.guided and null is None:
+            raise ValueError("a guided pipeline plan needs the null conditioning")
+        self.null_names = []
+        for k, v in (null or {}).items():
+            if plan.is_batched(k):
+                self.register_buffer(f"null_{k}", torch.as_tensor(v), persistent=False)
+                self.null_names.append(k)
+        self.stochastic = [i for i, s in enumerate(plan.steps) if s.c]
+        self.t_dtype = torch.float32 if plan.timestep_dtype == "float32" else torch.int64
+
+    def input_names(self) -> list[str]:
+        return ["noise", *self.names, *(["step_noise"] if self.stochastic else [])]
+
+    def forward(self, noise: torch.Tensor, step_noise: torch.Tensor | None = None, **cond):
+        plan = self.plan
+        x = noise * plan.init_noise_sigma
+        n = x.shape[0]
+        k = 0
+        for step in plan.steps:
+            feeds = {"sample": x, "timestep": torch.full((n,), step.timestep, dtype=self.t_dtype,
+                                                          device=x.device)}  # fmt: skip
+            if step.r_timestep is not None:
+                feeds["r_timestep"] = torch.full_like(feeds["timestep"], step.r_timestep)
+            if self.guided:
+                feeds = {name: torch.cat([v, v]) for name, v in feeds.items()}
+                for name, v in cond.items():
+                    if name in self.null_names:
+                        null = getattr(self, f"null_{name}").to(v.dtype)
+                        v = torch.cat([v, null.expand(n, *null.shape[1:])])
+                    feeds[name] = v
+            else:
+                feeds.update(cond)
+            if plan.guidance_input:
+                feeds["guidance_scale"] = torch.full(
+                    (feeds["sample"].shape[0],), plan.guidance_scale, device=x.device
+                )
+            x0 = self.denoiser(**feeds)
+            if self.guided:  # slices, not chunk(2): chunk's size guard pins the batch
+                x0 = x0[n:] + plan.guidance_scale * (x0[:n] - x0[n:])
+            x = step.a * x + step.b * x0
+            if step.c:
+                assert step_noise is not None
+                x = x + step.c * step_noise[:, k]
+                k += 1
+        return self.adapter.decode(x).float() if self.decode else x

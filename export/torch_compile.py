@@ -1,6 +1,7 @@
 """Compile a student into a torch engine for one target: its fused few-step sampler
-(``export.fused_sampler``) under ``torch.compile`` and, on CUDA targets, replayed from one CUDA
-graph per shape bucket (``export.torch_engines``).
+(``export.fused_sampler``: every step, guidance and, for a latent pipeline, the VAE decode, with
+the text encoders outside and their embeddings cached per prompt) under ``torch.compile`` and, on
+CUDA targets, replayed from one CUDA graph per shape bucket (``export.torch_engines``).
 
 The engine artifact holds the student checkpoint (``checkpoint/``, safetensors and configs), the
 fused sampler plan and the engine description; the compiled kernels live in the store's inductor
@@ -26,6 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from pydantic import Field
 
 from accel.core.engine_info import EngineInfo
@@ -48,6 +50,8 @@ class TorchCompileConfig(StageConfig):
     num_inference_steps: int | None = Field(None, ge=1)
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
+    resolution: list[int] | None = Field(None, min_length=2, max_length=2)
+    """[height, width] of a pipeline's images (default: the checkpoint's own)."""
     cuda_graph: bool = True
     """Replay the compiled sampler from CUDA graphs (CUDA targets only)."""
     gate: GateConfig = GateConfig()
@@ -66,28 +70,21 @@ def engine_precision(target) -> str:
     )
 
 
-def fused_module(checkpoint: Path, plan: SamplerPlan):
-    """The fused sampler of the checkpoint for ``plan`` (fused, images out)."""
-    from distill.denoiser import DenoiserGraph, load_denoiser
-    from export.fused_sampler import FusedSampler
-
-    den, _ = load_denoiser(checkpoint, guidance_scale=plan.guidance_scale)
-    if den.adapter is not None:
-        raise CheckpointError(
-            f"{checkpoint} is a {den.adapter.family} pipeline: the torch engine fuses the "
-            "pixel-space sampler only so far (text encoders, steps and VAE decode as one "
-            "graph is not built yet); compile its components with the ort or tensorrt stage"
-        )
-    return FusedSampler(DenoiserGraph.of(den), plan).eval()
-
-
 class TorchEngineRuntime:
-    """A ``torch-compiled`` engine: the checkpoint's fused sampler compiled (and on CUDA replayed
-    from CUDA graphs) at the buckets of its batch range; ``infer`` takes the fused sampler's feeds
-    and returns images."""
+    """A ``torch-compiled`` engine: the checkpoint's fused sampler (``FusedSampler``; for a latent
+    pipeline ``FusedPipelineSampler``: steps and VAE decode, text encoders outside) compiled, and
+    on CUDA replayed from CUDA graphs, at the buckets of its batch range. ``infer`` takes the
+    fused sampler's feeds and returns images; a pipeline's ``encode`` runs its text encoders
+    eagerly and caches each prompt's embeddings."""
+
+    PROMPT_CACHE = 1024  # prompts whose embeddings are kept
 
     def __init__(self, folder: Path, info: EngineInfo, cache: Path | None = None) -> None:
         import torch
+
+        from distill.denoiser import DenoiserGraph, load_denoiser
+        from export.fused_sampler import FusedPipelineSampler, FusedSampler
+        from export.torch_runtime import PipelineRuntime
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -99,28 +96,56 @@ class TorchEngineRuntime:
             )
         if info.device == "cuda" and not torch.cuda.is_available():
             raise CheckpointError(f"{folder.parent} is a CUDA engine, and torch sees no GPU here")
-        plan = SamplerPlan.load(folder.parent / PLAN_FILE)
+        self.plan = plan = SamplerPlan.load(folder.parent / PLAN_FILE)
         options = info.provider_options or {}
         lo, hi = info.batch_range or [1, 64]
         buckets = ShapeBuckets(lo, int(options.get("opt_batch", lo)), hi, str(folder.parent))
-        module = fused_module(folder, plan)
+        den, _ = load_denoiser(folder, guidance_scale=plan.guidance_scale)
+        self.pipeline = None
+        unbatched: list[str] = []
+        if den.adapter is None:
+            module = FusedSampler(DenoiserGraph.of(den), plan).eval()
+        else:
+            h, w = plan.resolution or den.adapter.default_resolution()
+            self.pipeline = PipelineRuntime(DenoiserGraph.of(den), (h, w), device=info.device)
+            null = self.pipeline.null_conditioning() if plan.guidance_scale != 1.0 else None
+            null_t = None if null is None else {k: torch.from_numpy(v) for k, v in null.items()}
+            module = FusedPipelineSampler(self.pipeline.graph, plan, null_t, decode=True).eval()
+            unbatched = [k for k in plan.conditioning if not plan.is_batched(k)]
         names = module.input_names()
+        shapes = {"noise": tuple(plan.sample_shape)}
         compiled = CompiledEngine(
-            module,
-            names,
-            buckets,
-            info.device,
-            info.precision,
-            mode=options.get("mode", "default"),
-            cache=cache,
-            shapes=(shapes := {"noise": tuple(plan.sample_shape)}),
-        )
-        self.engine = compiled
+            module, names, buckets, info.device, info.precision,
+            mode=options.get("mode", "default"), cache=cache, shapes=shapes, unbatched=unbatched,
+        )  # fmt: skip
+        self.engine: CompiledEngine | CudaGraphEngine = compiled
         if info.device == "cuda" and options.get("cuda_graph") == "1":
-            self.engine = CudaGraphEngine(compiled, names, buckets, "cuda", info.precision, shapes)
+            self.engine = CudaGraphEngine(compiled, names, buckets, "cuda", info.precision, shapes,
+                                          unbatched=unbatched)  # fmt: skip
         self.name = f"torch-compiled:{info.device}" + (
             "+cudagraph" if isinstance(self.engine, CudaGraphEngine) else ""
         )
+        self._prompts: dict[str, dict] = {}
+
+    def encode(self, prompts: list[str]) -> dict:
+        """The pipeline's text conditioning of ``prompts`` (numpy, batch first), each prompt
+        encoded once and kept (up to ``PROMPT_CACHE`` prompts)."""
+        if self.pipeline is None:
+            raise CheckpointError("this engine's model takes class labels, not prompts")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompts))
+        if missing:
+            enc = self.pipeline.encode(missing)
+            for i, p in enumerate(missing):
+                self._prompts[p] = {
+                    k: v[i : i + 1] if self.plan.is_batched(k) else v for k, v in enc.items()
+                }
+            while len(self._prompts) > self.PROMPT_CACHE:
+                self._prompts.pop(next(iter(self._prompts)))
+        rows = [self._prompts[p] for p in prompts]
+        return {
+            k: np.concatenate([r[k] for r in rows]) if self.plan.is_batched(k) else rows[0][k]
+            for k in rows[0]
+        }
 
     @classmethod
     def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> TorchEngineRuntime:
@@ -142,12 +167,28 @@ class TorchEngineRuntime:
         return self.engine.infer(feeds)
 
 
+def warm_feeds(engine: TorchEngineRuntime, plan: SamplerPlan, batch: int) -> dict:
+    """Fused-sampler feeds of ``batch`` rows (noise, labels or a prompt's embeddings, step
+    noise): what a query at that batch compiles."""
+    from accel.runtime.loop import fused_feeds
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((batch, *plan.sample_shape)).astype(np.float32)
+    if plan.conditioning_kind == "text":
+        cond = engine.encode(["a prompt to compile with"] * batch)
+    elif plan.num_classes:
+        cond = (np.arange(batch) % plan.num_classes).astype(np.int64)
+    else:
+        cond = None
+    return fused_feeds(plan, noise, cond, rng)
+
+
 def run(ctx: StageContext) -> None:
     config: TorchCompileConfig = ctx.config  # type: ignore[assignment]
     import torch
 
     from export.onnx_export import graph_and_plan
-    from export.torch_runtime import TorchRuntime
+    from export.torch_runtime import PipelineRuntime, TorchRuntime
 
     target = ctx.target
     if target.device == "cuda" and not torch.cuda.is_available():
@@ -157,18 +198,16 @@ def run(ctx: StageContext) -> None:
             "engines on the machine (or GPU model) they will run on",
         )
     graph, plan = graph_and_plan(
-        "torch_compile", ctx.input.path, config.num_inference_steps, config.guidance_scale
-    )
-    if graph.adapter is not None:
-        raise StageError(
-            "torch_compile",
-            f"{ctx.input.path} is a {graph.adapter.family} pipeline: the torch engine fuses "
-            "pixel-space samplers only so far; compile its components with the ort or "
-            "tensorrt stage",
-        )
-    plan = replace(plan, fused=True, graph_output="images")
+        "torch_compile", ctx.input.path, config.num_inference_steps, config.guidance_scale,
+        config.resolution,
+    )  # fmt: skip
+    if graph.adapter is None:
+        eager = TorchRuntime(graph)
+    else:  # the steps and the VAE decode in the graph, the text encoders outside
+        eager = PipelineRuntime(graph, tuple(plan.resolution))
+    fused_plan = replace(plan, fused=True, graph_output="images")
     shutil.copytree(ctx.input.path, ctx.out / ENGINE_DIR)
-    plan.save(ctx.out / PLAN_FILE)
+    fused_plan.save(ctx.out / PLAN_FILE)
     b = target.shapes.batch
     precision = engine_precision(target)
     cuda_graph = target.device == "cuda" and config.cuda_graph
@@ -192,17 +231,15 @@ def run(ctx: StageContext) -> None:
     before = cache_counters()
     t0 = time.perf_counter()
     engine = TorchEngineRuntime(ctx.out / ENGINE_DIR, info, cache)
-    from export.fused_sampler import example_feeds
-
     for batch in sorted({target.scenarios.single_stream_batch, b.opt}):
         ctx.progress(f"torch_compile: compiling the fused sampler at batch {batch} ({engine.name})")
-        engine.infer(example_feeds(engine.engine.module, batch))
+        engine.infer(warm_feeds(engine, fused_plan, batch))
     compile_s = time.perf_counter() - t0
     after = cache_counters()
-    from export.fused_sampler import FusedSampler
-
-    eager = TorchRuntime(FusedSampler(graph, plan).eval())
-    gate = quality_gate("torch_compile", config.gate, (eager, plan), (engine, plan), ctx.progress)
+    # against the eager per-step loop (and a pipeline's eager VAE decode)
+    gate = quality_gate(
+        "torch_compile", config.gate, (eager, plan), (engine, fused_plan), ctx.progress
+    )
     ctx.metrics.update(
         compile_seconds=compile_s,
         compile_cache={k: after[k] - before[k] for k in after},
@@ -219,4 +256,5 @@ STAGE = Stage(
     run=run,
     target_specific=True,
     description="compile the student's fused sampler with torch.compile (CUDA graphs on GPUs)",
+    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
 )

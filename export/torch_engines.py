@@ -93,6 +93,7 @@ class BucketedEngine:
         output: str = "images",
         shapes: dict[str, tuple[int, ...]] | None = None,
         half_weights: bool = False,
+        unbatched: list[str] | None = None,
     ) -> None:
         import torch
 
@@ -110,6 +111,7 @@ class BucketedEngine:
         self.module = self._prepare(module)
         self.names, self.buckets, self.output = names, buckets, output
         self.shapes = shapes or {}
+        self.unbatched = set(unbatched or ())  # inputs shared by the batch: never padded
         self._runners: dict[tuple, Callable[[dict], Any]] = {}
 
     def _prepare(self, module: Any) -> Any:
@@ -117,7 +119,8 @@ class BucketedEngine:
         return module.to(self.dtype) if self.half_weights else module
 
     def _key(self, feeds: dict[str, np.ndarray], rows: int) -> tuple:
-        return (rows, *((n, feeds[n].shape[1:], str(feeds[n].dtype)) for n in self.names))
+        shape = lambda n: feeds[n].shape if n in self.unbatched else feeds[n].shape[1:]  # noqa: E731
+        return (rows, *((n, shape(n), str(feeds[n].dtype)) for n in self.names))
 
     def _tensors(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         torch = self._torch
@@ -142,7 +145,7 @@ class BucketedEngine:
         missing = [n for n in self.names if n not in feeds]
         if missing:
             raise CheckpointError(f"missing input {missing[0]!r}; this engine takes {self.names}")
-        rows = {len(feeds[n]) for n in self.names}
+        rows = {len(feeds[n]) for n in self.names if n not in self.unbatched}
         if len(rows) > 1:
             raise CheckpointError(f"the inputs {self.names} have different batch sizes {rows}")
         for name, shape in self.shapes.items():
@@ -151,12 +154,16 @@ class BucketedEngine:
                     f"input {name!r} has rows of shape {list(feeds[name].shape[1:])}; this engine "
                     f"was built for {list(shape)}"
                 )
-        return infer_in_chunks(self._infer, {n: feeds[n] for n in self.names}, self.buckets.hi)
+        shared = {n: feeds[n] for n in self.unbatched}
+        batched = {n: feeds[n] for n in self.names if n not in self.unbatched}
+        return infer_in_chunks(lambda f: self._infer({**f, **shared}), batched, self.buckets.hi)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(feeds[self.names[0]])
         rows = self.buckets.bucket(n)
-        padded = {k: pad_rows(feeds[k], rows) for k in self.names}
+        padded = {
+            k: feeds[k] if k in self.unbatched else pad_rows(feeds[k], rows) for k in self.names
+        }
         key = self._key(padded, rows)
         with self._torch.inference_mode(), self._autocast():
             args = self._tensors(padded)
@@ -188,8 +195,11 @@ class CompiledEngine(BucketedEngine):
         channels_last: bool = False,
         shapes: dict[str, tuple[int, ...]] | None = None,
         half_weights: bool = False,
+        unbatched: list[str] | None = None,
     ) -> None:
-        super().__init__(module, names, buckets, device, precision, "images", shapes, half_weights)
+        super().__init__(
+            module, names, buckets, device, precision, "images", shapes, half_weights, unbatched
+        )
         torch = self._torch
         self.channels_last = channels_last
         if channels_last:
@@ -229,6 +239,7 @@ class CudaGraphEngine(BucketedEngine):
         precision="fp32",
         shapes=None,
         half_weights: bool = False,
+        unbatched: list[str] | None = None,
     ):
         import torch
 
@@ -239,15 +250,19 @@ class CudaGraphEngine(BucketedEngine):
                 "on the CPU run the compiled or the eager torch engine"
             )
         if isinstance(module, CompiledEngine):  # its precision and weights, compiled
-            super().__init__(module.module, names, buckets, device, precision, "images", shapes)
+            super().__init__(
+                module.module, names, buckets, device, precision, "images", shapes,
+                unbatched=unbatched,
+            )  # fmt: skip
             self.half_weights = module.half_weights
             self.inner: CompiledEngine | None = module
             self._tensors = module._tensors  # type: ignore[method-assign]
             self._autocast = module._autocast  # type: ignore[method-assign]
         else:
             super().__init__(
-                module, names, buckets, device, precision, "images", shapes, half_weights
-            )
+                module, names, buckets, device, precision, "images", shapes, half_weights,
+                unbatched,
+            )  # fmt: skip
             self.inner = None
 
     def runner(self, key, example):

@@ -87,7 +87,7 @@ def test_the_exact_flow_map_satisfies_the_meanflow_identity_and_the_teacher_does
     exact = FlowMapDenoiser(ExactGaussianMap(), FLOW, "flow")
     g = torch.Generator().manual_seed(0)
     x0 = MU + STD * torch.randn(256, 3, generator=g, dtype=torch.float64)
-    config = MeanFlowConfig(flow_map_ratio=1.0, adaptive_p=0.0)
+    config = MeanFlowConfig(flow_map_ratio=1.0, adaptive_p=0.0, objective="jvp")
     _, mse = meanflow_loss(exact, teacher, x0, None, config, 3.0, _Rng(1))
     assert mse < 1e-20, mse
     # the exact u at r -> t is the teacher's velocity

@@ -200,3 +200,88 @@ def test_the_gpu_check_script_runs_its_sections_on_tiny_configs(tmp_path):
     assert all("error" not in c for c in checks.values()), checks
     assert checks["sd15_pipeline"]["sum_of_components_ms"] > 0
     assert "| sdxl_unet | eager |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "family", ["sd15", "sdxl", "sd3", "flux", "pixart_sigma", "sana", "sd15-lcm"]
+)
+def test_the_fused_pipeline_sampler_draws_what_the_per_step_loop_draws(
+    family, tmp_path, monkeypatch, capsys
+):
+    """Steps, guidance (the null conditioning broadcast, or w embedded in an LCM student with
+    its fresh noise per step) and the VAE decode in one module, text encoding outside: the same
+    images as run_pipeline on the eager runtime, per family."""
+    from accel.runtime import run_pipeline
+    from accel.runtime.loop import fused_feeds
+    from export.fused_sampler import FusedPipelineSampler
+    from export.torch_runtime import open_model
+
+    import families
+    from tiny import run_cli
+
+    path = families.write_pipeline(family.removesuffix("-lcm"), tmp_path / family)
+    steps, guidance = 2, 2.0
+    if family.endswith("-lcm"):
+        (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+        code, _, err = run_cli(
+            monkeypatch, capsys, "distill", "consistency", path, "--solver-steps", 10,
+            "--num-inference-steps", 2, "--iterations", 2, "--batch-size", 2,
+            "--guidance-scale", 2.0, "--dataset", f"prompts:{tmp_path / 'p.txt'}",
+            "--out", tmp_path / "student", "--store", tmp_path / "store",
+        )  # fmt: skip
+        assert code == 0, err
+        path, steps, guidance = tmp_path / "student", None, None
+    runtime, plan = open_model(path, steps=steps, guidance=guidance, resolution=(32, 32))
+    assert family != "sd15-lcm" or any(s.c for s in plan.steps)
+    prompts = ["a red circle", "a blue square on a long table"]
+    noise = np.random.default_rng(0).standard_normal((2, *plan.sample_shape)).astype(np.float32)
+    ref = run_pipeline(runtime, plan, noise, prompts, rng=np.random.default_rng(1))
+    null = runtime.null_conditioning()
+    fused = FusedPipelineSampler(
+        runtime.graph,
+        plan,
+        None if null is None else {k: torch.from_numpy(v) for k, v in null.items()},
+    )
+    feeds = fused_feeds(plan, noise, runtime.encode(prompts), np.random.default_rng(1))
+    assert set(feeds) == set(fused.input_names())
+    with torch.no_grad():
+        out = fused(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_pipelines_torch_engine_draws_what_accel_sample_draws(tmp_path, monkeypatch, capsys):
+    """The tiny SD1.5 pipeline through the torch_compile stage: steps, guidance and VAE decode
+    compiled as one module, prompts encoded outside (cached); `accel sample` on the engine draws
+    the eager model's images from the same seed."""
+    from accel.pipeline import default_store
+    from accel.runtime import open_engine
+
+    import families
+    from tiny import run_cli
+
+    store = default_store(tmp_path / "store")
+    source = store.source(families.write_pipeline("sd15", tmp_path / "sd15"))
+    gate = {"metric": "image_rmse", "threshold": 1e-4, "samples": 4}
+    engine = build(store, source, "torch_compile", num_inference_steps=2, guidance_scale=2.0,
+                   gate=gate)  # fmt: skip
+    assert engine.metrics["quality_gate"]["value"] < 1e-4
+    runtime, plan = open_engine(engine.path)
+    assert plan.fused and plan.decode and plan.conditioning_kind == "text"
+    first = runtime.encode(["a red circle", "a blue square"])
+    assert set(runtime._prompts) == {"a red circle", "a blue square"}
+    again = runtime.encode(["a blue square", "a red circle"])  # from the cache, reordered
+    for k in first:
+        np.testing.assert_array_equal(again[k][::-1], first[k])
+
+    def sample(model, out, *extra):
+        args = ["--prompt", "a red circle", "--prompt", "a blue square"]
+        code, _, err = run_cli(monkeypatch, capsys, "sample", model, *args, "--seed", 3,
+                               "--out", out, *extra)  # fmt: skip
+        assert code == 0, err
+        return np.load(out)["images"]
+
+    eager = sample(source.path, tmp_path / "e.npz", "--steps", 2, "--guidance", 2.0)
+    compiled = sample(engine.path, tmp_path / "c.npz")
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)

@@ -73,7 +73,8 @@ class SamplerPlan:
     guidance_in_model: bool = False
     """w is a conditioning input of the model (Flux-dev's guidance embedding): one pass."""
     decode: bool = False
-    """The loop's result is latents that the runtime's ``decode`` turns into images."""
+    """The loop's result is latents that the runtime's ``decode`` turns into images (a fused
+    plan's graph, images out, ends with that decode itself)."""
     resolution: list[int] | None = None  # H, W of the images
     flow_shift: dict[str, float] | None = None
     """Flow models: the shift the steps' timesteps were resolved with at ``resolution``:

@@ -172,7 +172,7 @@ def run_pipeline(
     else:
         cond = as_conditioning(labels, plan)
     x = sample(runtime, plan, noise, cond, rng, on_step)
-    if plan.decode:
+    if plan.decode and not plan.fused:  # a fused graph (images out) decoded already
         with section("vae decode"):
             x = runtime.decode(x)  # type: ignore[attr-defined]
     return x
