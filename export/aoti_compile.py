@@ -28,6 +28,42 @@ from accel.core.stage import Stage, StageConfig, StageContext
 from export.quality_gate import GateConfig, quality_gate
 
 ENGINE_FILE = "model.pt2"
+# builds and loads a one-layer CUDA package in a child process: torch 2.11 on the lent H100/H200
+# killed the process (SIGSEGV) in aoti_load_package for any CUDA package (../shared/FACTS.md)
+CUDA_PROBE = """
+import sys, tempfile, torch
+m = torch.nn.Linear(8, 8).cuda().eval()
+x = torch.randn(2, 8, device="cuda")
+with tempfile.TemporaryDirectory() as d:
+    path = torch._inductor.aoti_compile_and_package(
+        torch.export.export(m, (x,)), package_path=d + "/probe.pt2"
+    )
+    torch._inductor.aoti_load_package(path)(x)
+"""
+
+
+def cuda_probe_failure(timeout: float = 300) -> str | None:
+    """Why this torch cannot load CUDA AOTInductor packages here, or None: a one-layer package
+    built and loaded in a child process, so that a crash is a result, not the end of accel."""
+    import subprocess
+    import sys
+
+    import torch
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CUDA_PROBE], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return f"a one-layer CUDA package took over {timeout:.0f} s to build and load"
+    if proc.returncode == 0:
+        return None
+    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    last = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    return (
+        f"torch {torch.__version__} cannot load a CUDA AOTInductor package on this machine (a "
+        f"one-layer probe ended with {how}{': ' + last if last else ''})"
+    )
 
 
 class AotiConfig(StageConfig):
@@ -75,6 +111,12 @@ def run(ctx: StageContext) -> None:
             f"target {ctx.target.name!r} is a CUDA target but torch sees no GPU here; build "
             "AOTInductor engines on the machine (or GPU model) they will run on",
         )
+    if device == "cuda":
+        why = cuda_probe_failure()
+        if why:
+            raise StageError(
+                "aoti", f"{why}; compile with the torch_compile stage (--backend torch) instead"
+            )
     graph, plan = graph_and_plan(
         "aoti", ctx.input.path, config.num_inference_steps, config.guidance_scale
     )

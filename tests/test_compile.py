@@ -2,7 +2,6 @@
 onnxruntime execution-provider options a target implies, and the GPU paths under `gpu`."""
 
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -105,32 +104,16 @@ def test_compile_refuses_a_provider_this_onnxruntime_lacks(tiny):
         build(store, graph, "ort", provider="TensorrtExecutionProvider")
 
 
-AOTI_CUDA_PROBE = """
-import torch
-m = torch.nn.Linear(8, 8).cuda().eval()
-x = torch.randn(2, 8, device="cuda")
-path = torch._inductor.aoti_compile_and_package(
-    torch.export.export(m, (x,)), package_path=__import__("sys").argv[1]
-)
-torch._inductor.aoti_load_package(path)(x)
-"""
-
-
 @pytest.mark.gpu
 def test_aotinductor_on_cuda_matches_eager(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    # torch 2.11 on the lent H100 crashed (SIGSEGV) loading any CUDA AOTInductor package, a
-    # one-layer Linear too: probe in a child process so a crash skips instead of killing pytest
-    probe = subprocess.run(
-        [sys.executable, "-c", AOTI_CUDA_PROBE, str(tmp_path / "probe.pt2")], capture_output=True
-    )
-    if probe.returncode:
-        pytest.skip(
-            f"torch {torch.__version__} cannot load a CUDA AOTInductor package here (a one-layer "
-            f"probe exited with {probe.returncode})"
-        )
+    from export.aoti_compile import cuda_probe_failure
+
+    why = cuda_probe_failure()  # torch 2.11 on the lent H100 crashed loading any CUDA package
+    if why:
+        pytest.skip(why)
     store = default_store(tmp_path / "store")
     source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
     target = tmp_path / "gpu.toml"
@@ -169,3 +152,20 @@ def test_onnxruntime_cuda_engine_runs_on_the_gpu(tiny):
     feeds = [example_inputs(eager.graph, 4, [999, 1])]
     assert compare(eager, [runtime], feeds, "fp32")["passed"]
     assert np.isfinite(runtime.infer(feeds[0])["x0"]).all()
+
+
+def test_the_cuda_aoti_probe_reports_a_crash_with_its_torch_version(monkeypatch):
+
+    import torch
+
+    from export.aoti_compile import cuda_probe_failure
+
+    def crashed(*a, **k):
+        return subprocess.CompletedProcess(a, -11, "", "Segmentation fault\n")
+
+    monkeypatch.setattr(subprocess, "run", crashed)
+    why = cuda_probe_failure()
+    assert why is not None and f"torch {torch.__version__} cannot load" in why
+    assert "signal 11: Segmentation fault" in why
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))
+    assert cuda_probe_failure() is None
