@@ -175,6 +175,10 @@ FLOW_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
         [_stage("scm", num_inference_steps=2, dmd_weight=0.1, **FLOW_BUDGET)],
         {0: [("rCM (sCM + DMD, TrigFlow grid)", STEPS)]},
     ),
+    "rcm-0.01": (
+        [_stage("scm", num_inference_steps=2, dmd_weight=0.01, **FLOW_BUDGET)],
+        {0: [("rCM, lambda 0.01 (sCM + DMD, TrigFlow grid)", STEPS)]},
+    ),
     # MeanFlow: one flow-map checkpoint, FlowMapEulerDiscreteScheduler at every step count;
     # MeanFlow's JVP identity at the teacher's shift, and the interval-splitting form at shift 1
     "meanflow": (
