@@ -57,6 +57,7 @@ student is sampled from its EMA (``ema_decay``), as the paper evaluates EMA weig
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from accel.core.errors import StageError
+from accel.core.errors import CheckpointError, StageError
 from accel.core.model_info import ConsistencySpec, ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
@@ -320,6 +321,56 @@ def scm_scheduler_config(teacher_scheduler: dict) -> dict:
 
     config = student_scheduler_config(teacher_scheduler, 1000, flow=True)
     return config | {"shift": 1.0, "use_dynamic_shifting": False}
+
+
+def load_sana_sprint_pipeline(path: str | Path, **kwargs):
+    """A Sana sCM (or rCM) student as diffusers' ``SanaSprintPipeline`` with ``SCMScheduler``,
+    the sampler SANA-Sprint ships: the pipeline converts TrigFlow states to the flow input
+    (x_t / (cos t + sin t) at s = sin t / (sin t + cos t)) and the transformer's flow velocity to
+    TrigFlow's F, which is how this stage trains (module docstring), so the student's weights run
+    unchanged. Three things differ from a SANA-Sprint checkpoint and are set here: the transformer
+    takes a guidance embedding (``guidance_embeds``; the student's is a zero-output
+    ``guidance_embedder``, since its guidance is baked in), SANA-Sprint feeds the transformer s in
+    [0, 1] where the student reads s x 1000 (the time projection's ``scale``), and
+    ``sigma_data`` is 1 (the student's model units). ``kwargs`` go to ``from_pretrained``. Call
+    it as SANA-Sprint is called: ``intermediate_timesteps=None`` at step counts other than 2 and
+    ``use_resolution_binning=False`` at sizes outside its 1024 px bins."""
+    from diffusers import SanaPipeline, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+
+    path = Path(path)
+    info = ModelInfo.read(path)
+    index = json.loads((path / "model_index.json").read_text())
+    if info.method != "scm" or index.get("_class_name") != "SanaPipeline":
+        raise CheckpointError(
+            f"{path} is not a Sana sCM student (accel.json method "
+            f"{info.method!r}, pipeline {index.get('_class_name')!r})"
+        )
+    pipe = SanaPipeline.from_pretrained(str(path), **kwargs)
+    old = pipe.transformer
+    config = {k: v for k, v in old.config.items() if not k.startswith("_")}
+    sprint = SanaTransformer2DModel.from_config({**config, "guidance_embeds": True})
+    prefix = "time_embed.emb.timestep_embedder."
+    state = {
+        ("time_embed.timestep_embedder." + k[len(prefix) :] if k.startswith(prefix) else k): v
+        for k, v in old.state_dict().items()
+    }
+    missing, unexpected = sprint.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):
+        raise CheckpointError(
+            f"{path}: the transformer's weights do not map onto SanaSprint's (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    torch.nn.init.zeros_(sprint.time_embed.guidance_embedder.linear_2.weight)
+    torch.nn.init.zeros_(sprint.time_embed.guidance_embedder.linear_2.bias)
+    sprint.time_embed.time_proj.scale = pipe.scheduler.config.num_train_timesteps
+    sprint.to(old.dtype)
+    return SanaSprintPipeline(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        transformer=sprint,
+        scheduler=SCMScheduler(sigma_data=1.0),
+    )
 
 
 def run(ctx: StageContext) -> None:

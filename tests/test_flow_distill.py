@@ -384,6 +384,55 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
     assert next((student / "transformer").glob("*.safetensors")).read_bytes() != weights
 
 
+def test_a_sana_scm_student_runs_in_sana_sprint_with_scm_scheduler(tmp_path, monkeypatch, capsys):
+    """SANA-Sprint's own pipeline and sampler: a Sana sCM student, through
+    ``load_sana_sprint_pipeline`` (guidance embedding with zero output, the time projection's
+    scale, sigma_data 1), draws what ``accel sample`` draws at 1, 2 and 4 steps from the same
+    latents and re-noising draws; without the scale it does not."""
+    import diffusers.schedulers.scheduling_scm as scm_module
+    from diffusers import SanaSprintPipeline, SCMScheduler
+
+    from distill.scm import load_sana_sprint_pipeline
+
+    teacher = families.write_pipeline("sana", tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    student = tmp_path / "student"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "distill", "scm", teacher, "--num-inference-steps", 2,
+        "--iterations", 2, "--guidance-scale", W, "--batch-size", 2,
+        "--dataset", f"prompts:{tmp_path / 'prompts.txt'}", "--out", student,
+        "--store", tmp_path / "store",
+    )  # fmt: skip
+    assert code == 0, err
+    pipe = load_sana_sprint_pipeline(student)
+    assert type(pipe) is SanaSprintPipeline and type(pipe.scheduler) is SCMScheduler
+    h, w = families.RESOLUTION["sana"]
+
+    def stock(pipe, latents, steps):
+        rng = np.random.default_rng([0, 1])  # the re-noising draws accel sample made
+        monkeypatch.setattr(scm_module, "randn_tensor", lambda shape, **kw: torch.from_numpy(
+            rng.standard_normal(tuple(shape), dtype=np.float32)))  # fmt: skip
+        return pipe(
+            [PROMPT], latents=torch.from_numpy(latents), num_inference_steps=steps,
+            intermediate_timesteps=1.3 if steps == 2 else None, height=h, width=w,
+            use_resolution_binning=False, output_type="np",
+        ).images  # fmt: skip
+
+    for steps in (1, 2, 4):
+        out = tmp_path / f"s{steps}.npz"
+        code, _, err = run_cli(monkeypatch, capsys, "sample", student, "--prompt", PROMPT,
+                               "--steps", steps, "--seed", 0, "--height", h, "--width", w,
+                               "--out", out)  # fmt: skip
+        assert code == 0, err
+        ours = np.load(out)
+        ref = ours["images"].transpose(0, 2, 3, 1)
+        assert np.abs(stock(pipe, ours["latents"], steps) - ref).max() <= TOLERANCE, steps
+    pipe.transformer.time_embed.time_proj.scale = 1  # SANA-Sprint's own time convention
+    assert np.abs(stock(pipe, ours["latents"], 4) - ref).max() > 100 * TOLERANCE
+    with pytest.raises(Exception, match="not a Sana sCM student"):
+        load_sana_sprint_pipeline(teacher)
+
+
 @pytest.mark.parametrize("family", ["sd3", "pixart_sigma", "sana"])
 def test_guidance_refuses_families_without_a_w_input_in_one_line(
     family, tmp_path, monkeypatch, capsys
