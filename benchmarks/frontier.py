@@ -80,6 +80,18 @@ def _add(**extra) -> str:
     )
 
 
+def _guidance(**extra) -> str:
+    return _stage(
+        "guidance",
+        guidance_min=1.0,
+        guidance_max=2.0,
+        guidance_step=0.5,
+        guidance_scale=GUIDANCE,
+        iterations=1000,
+        **extra,
+    )
+
+
 GUIDED = "guidance student, DDIM (one pass; not step-distilled)"
 # method: (stages, {stage index: [(row label, step counts its student is sampled with)]})
 METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
@@ -102,14 +114,7 @@ METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]] = {
     ),
     "guidance-consistency": (
         [
-            _stage(
-                "guidance",
-                guidance_min=1.0,
-                guidance_max=2.0,
-                guidance_step=0.5,
-                guidance_scale=GUIDANCE,
-                iterations=1000,
-            ),
+            _guidance(),
             _stage("consistency", guidance_scale=GUIDANCE, iterations=1500, num_inference_steps=4),
         ],
         {0: [(GUIDED, [4, 8])], 1: [("guidance -> consistency (w-conditioned)", STEPS)]},
@@ -126,6 +131,13 @@ TEXT_METHODS: dict[str, tuple[list[str], dict[int, list[tuple[str, list[int]]]]]
     "dmd2-1step": ([_dmd(1, dataset="digits")], {0: [("dmd2", [1])]}),
     # ADD in LADD's form (discriminator on the teacher's features at noised latents)
     "add": ([_add(dataset="digits")], {0: [("add (LADD form)", [1, 2, 4])]}),
+    # guidance distillation (w an input: one pass per step), the teacher's DDIM at each count;
+    # progressive refuses this teacher (epsilon prediction, schedule ending near SNR 0), and sCM,
+    # rCM and MeanFlow take flow teachers only
+    "guidance": (
+        [_guidance(dataset="digits")],
+        {0: [(GUIDED, STEPS)]},
+    ),  # fmt: skip
 }
 
 

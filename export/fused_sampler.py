@@ -17,6 +17,20 @@ from torch import nn
 from accel.core.plan import SamplerPlan
 
 
+def update(plan: SamplerPlan, step, x, x0, guided: bool, step_noise, k: int):
+    """One step's update x = a x + b x0_hat (+ c z, the k-th stochastic step's noise), x0_hat
+    guided over the doubled batch (conditional half first); returns (x, k)."""
+    if guided:  # slices, not chunk(2): chunk's size guard pins the batch
+        n = x.shape[0]
+        x0 = x0[n:] + plan.guidance_scale * (x0[:n] - x0[n:])
+    x = step.a * x + step.b * x0
+    if step.c:
+        assert step_noise is not None
+        x = x + step.c * step_noise[:, k]
+        k += 1
+    return x, k
+
+
 class FusedSampler(nn.Module):
     def __init__(self, graph: nn.Module, plan: SamplerPlan) -> None:
         super().__init__()
@@ -55,14 +69,7 @@ class FusedSampler(nn.Module):
             xin = torch.cat([x, x]) if self.guided else x
             t = torch.full_like(xin[:, 0, 0, 0], step.timestep).long()
             x0 = self.denoiser(xin, t, labels, w)
-            if self.guided:  # slices, not chunk(2): chunk's size guard pins the batch
-                n = x.shape[0]
-                x0 = x0[n:] + plan.guidance_scale * (x0[:n] - x0[n:])
-            x = step.a * x + step.b * x0
-            if step.c:
-                assert step_noise is not None
-                x = x + step.c * step_noise[:, k]
-                k += 1
+            x, k = update(plan, step, x, x0, self.guided, step_noise, k)
         return x
 
 
@@ -150,12 +157,5 @@ class FusedPipelineSampler(nn.Module):
                 feeds["guidance_scale"] = torch.full(
                     (feeds["sample"].shape[0],), plan.guidance_scale, device=x.device
                 )
-            x0 = self.denoiser(**feeds)
-            if self.guided:  # slices, not chunk(2): chunk's size guard pins the batch
-                x0 = x0[n:] + plan.guidance_scale * (x0[:n] - x0[n:])
-            x = step.a * x + step.b * x0
-            if step.c:
-                assert step_noise is not None
-                x = x + step.c * step_noise[:, k]
-                k += 1
+            x, k = update(plan, step, x, self.denoiser(**feeds), self.guided, step_noise, k)
         return self.adapter.decode(x).float() if self.decode else x
