@@ -113,7 +113,7 @@ def distill(
     T, N = sched.num_train_timesteps, config.student_steps
     flow = sched.kind == "flow"
     x_data, y_data = to_device(data, trainer.device)
-    teacher.to(trainer.device).backbone.requires_grad_(False)
+    trainer.place_teacher(teacher, frozen=False).backbone.requires_grad_(False)
     adapter = teacher.adapter
     # one unguided pass of the frozen teacher, for features (LADD: at noised latents)
     feature_net = Denoiser(teacher.backbone, sched, ptype, adapter=adapter)

@@ -143,7 +143,7 @@ def distill(
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     backbone, opt = trainer.prepare(backbone, opt)
     trainer.ema(ema, backbone, config.ema_decay)
-    teacher.to(trainer.device)
+    trainer.place_teacher(teacher)
 
     kind = FlowConsistencyDenoiser if sched.kind == "flow" else ConsistencyDenoiser
 

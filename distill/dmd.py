@@ -197,7 +197,7 @@ def distill(
     flow = sched.kind == "flow"
     student_kind = FlowConsistencyDenoiser if flow else ConsistencyDenoiser
     x_data, y_data = to_device(data, trainer.device)
-    teacher.to(trainer.device)
+    trainer.place_teacher(teacher)
     adapter = teacher.adapter
 
     def make(net: nn.Module, cls: type[Denoiser] = Denoiser, **kw) -> Denoiser:

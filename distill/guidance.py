@@ -169,7 +169,7 @@ def distill(
     backbone = copy.deepcopy(student_backbone).requires_grad_(True).train()
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     backbone, opt = trainer.prepare(backbone, opt)
-    teacher.to(trainer.device)
+    trainer.place_teacher(teacher)
     student = Denoiser(backbone, sched, ptype, scales[0], None, scales, num_labels)
     student.labels_carry_guidance = True
     grid = torch.tensor(scales, device=trainer.device)
@@ -216,7 +216,7 @@ def distill_w_input(
     backbone = backbone.requires_grad_(True).train()
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
     backbone, opt = trainer.prepare(backbone, opt)
-    teacher.to(trainer.device)
+    trainer.place_teacher(teacher)
     student = Denoiser(backbone, sched, ptype, adapter=adapter)  # one pass, w as an input
     spec = adapter.conditioning_spec()
     null = adapter.null_conditioning(*adapter.default_resolution())

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from accel.core.errors import CheckpointError, StageError
@@ -124,6 +124,15 @@ class MeanFlowConfig(TrainingConfig):
     ema_decay: float = Field(0.99, ge=0, lt=1)
     """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
     dataset: Dataset = "digits"
+
+    @model_validator(mode="after")
+    def _no_compile_with_jvp(self):
+        if self.compile and self.objective == "jvp":
+            raise ValueError(
+                "compile: the jvp objective's du/dt is a forward-mode JVP, which torch.compile "
+                'does not support; drop compile or use objective = "split"'
+            )
+        return self
 
 
 # ---------------------------------------------------------------- the interval input
@@ -378,7 +387,7 @@ def distill(
     backbone, opt = trainer.prepare(backbone, opt)
     if ema is not None:
         trainer.ema(ema, backbone, config.ema_decay)
-    teacher.to(trainer.device)
+    trainer.place_teacher(teacher)
     student = teacher.student_of(backbone, FlowMapDenoiser)
     x_data, y_data = to_device(data, trainer.device)
     with_w = w_conditioning(adapter, backbone, config.guidance_scale, trainer.device)

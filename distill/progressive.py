@@ -156,7 +156,7 @@ def distill_round(
     n = config.iterations_per_round
     lr_decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / n)
     backbone, opt, lr_decay = trainer.prepare(backbone, opt, lr_decay)
-    teacher.to(trainer.device)
+    trainer.place_teacher(teacher)
     student = teacher.student_of(backbone)
     grid = student_grid(teacher, student_steps).to(trainer.device)
     x_data, y_data = to_device(data, trainer.device)

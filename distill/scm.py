@@ -63,7 +63,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from accel.core.errors import CheckpointError, StageError
@@ -107,6 +107,15 @@ class SCMConfig(TrainingConfig):
     critic_learning_rate: float | None = Field(None, gt=0)
     """rCM: learning rate of the fake score (default: ``learning_rate``)."""
     dataset: Dataset = "digits"
+
+    @model_validator(mode="after")
+    def _no_compile_with_jvp(self):
+        if self.compile:
+            raise ValueError(
+                "compile: sCM's tangent is a forward-mode JVP, which torch.compile does not "
+                "support; drop compile"
+            )
+        return self
 
 
 def flow_sigma(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -253,3 +254,44 @@ def test_progressive_resumes_inside_its_second_round(tmp_path, monkeypatch):
     weights = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(clean.path / weights), load_file(resumed.path / weights)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_is_refused_by_the_jvp_methods_at_config_time():
+    from pydantic import ValidationError
+
+    from distill.meanflow import MeanFlowConfig
+    from distill.scm import SCMConfig
+
+    with pytest.raises(ValidationError, match="forward-mode JVP"):
+        SCMConfig(compile=True)
+    with pytest.raises(ValidationError, match='use objective = "split"'):
+        MeanFlowConfig(compile=True, objective="jvp")
+    assert MeanFlowConfig(compile=True).objective == "split"
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(tmp_path):
+    """``compile = true``: the student and the frozen teacher run compiled (in place, so the
+    weights and their names stay the module's) and train to what eager training reaches, up to
+    inductor's rounding."""
+    from distill.consistency import ConsistencyConfig, distill
+    from distill.data import load_dataset
+    from distill.denoiser import load_denoiser
+
+    path = write_tiny_pipeline(tmp_path / "teacher")
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        teacher, _ = load_denoiser(path)
+        data = load_dataset("digits", teacher)
+        config = ConsistencyConfig(
+            iterations=6, batch_size=8, checkpoint_every=0, compile=compiled, solver_steps=10
+        )
+        student, log = distill(teacher, data, config, progress=lambda m: None)
+        assert (teacher.backbone._compiled_call_impl is not None) == compiled
+        runs[compiled] = (student.backbone.state_dict(), [r["loss"] for r in log])
+    (eager, eager_log), (comp, comp_log) = runs[False], runs[True]
+    assert eager.keys() == comp.keys()
+    np.testing.assert_allclose(comp_log, eager_log, rtol=1e-3)
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-3, atol=1e-5)
