@@ -62,6 +62,7 @@ from accel.core.stage import StageConfig, say
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOG_EVERY = 16  # optimizer steps between host reads of the losses (each read syncs a GPU)
+ON_READ_BACK: list[Callable[[int], None]] = []  # called with the step after each read-back
 
 
 class TrainingConfig(StageConfig):
@@ -365,6 +366,8 @@ class Trainer:
                 if not pending:
                     return
                 rows = torch.stack(pending).tolist()  # the one host sync per LOG_EVERY steps
+                for hook in ON_READ_BACK:  # the device has finished every step so far
+                    hook(self.step)
                 first = self.step - len(pending) + 1
                 pending.clear()
                 for i, row in enumerate(rows):
