@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from accel.core.errors import CheckpointError
+from accel.core.errors import CheckpointError, inside
 
 MANIFEST = "manifest.json"
 KINDS = ("checkpoint", "onnx", "engine", "report", "bundle")
@@ -115,6 +115,12 @@ class Artifact:
             raise CheckpointError(
                 f"{manifest_path} is not an accel manifest (it needs {', '.join(required)}); "
                 f"delete the artifact directory {path} and rerun"
+            )
+        outside = [f for f in manifest["files"] if not inside(f)]
+        if outside:
+            raise CheckpointError(
+                f"{manifest_path} lists files outside its directory ({outside[0]!r}); it was not "
+                "written by accel: do not use it"
             )
         return cls(path, manifest)
 

@@ -46,3 +46,15 @@ class ReportError(AccelError):
     code 2, so that CI tells a bad input from `accel report compare`'s regression (1)."""
 
     exit_code = 2
+
+
+def inside(rel: object) -> bool:
+    """Whether ``rel`` names a path inside the directory it is relative to: a non-empty relative
+    POSIX path without ``..`` parts (a manifest's or a plan's file names; ``../`` in one must not
+    read or write outside the artifact)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not isinstance(rel, str) or not rel or "\\" in rel or PureWindowsPath(rel).drive:
+        return False
+    path = PurePosixPath(rel)
+    return not path.is_absolute() and ".." not in path.parts
