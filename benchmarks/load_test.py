@@ -12,7 +12,10 @@ every 20 requests, 17 are well-formed (n in 1, 2, 4; seeds from a fixed list who
 computed first, in this process, one request at a time), 2 malformed (each of: bad JSON, n = 0,
 n = 10^7, an unknown key, a float n) and 1 oversized (64 KiB); at each rate one client sends half
 a body and hangs up, and one sends a whole request and hangs up before the reply. The server's
-resident memory is read from /proc before the load, at its peak, and after 3 s idle.
+resident memory is read from /proc after a warm-up that sends every request size and kind, as
+many at once as may run (so that onnxruntime's arenas and the error paths have their working
+size), at each level's peak,
+1 s after each level, and 3 s after the last.
 """
 
 from __future__ import annotations
@@ -169,14 +172,23 @@ def main() -> None:
     try:
         line = proc.stderr.readline()
         port = int(line.rsplit(":", 1)[1])
-        for n, s in list(expected)[:6]:  # warm-up
-            post(port, json.dumps({"n": n, "seed": s}).encode())
+        # warm-up: every request size and kind, as many at once as may run (onnxruntime sizes
+        # its arenas, the error paths load what they use): the baseline is the working set
+        with ThreadPoolExecutor(args.max_inflight) as pool:  # as many at once as may run
+            list(pool.map(lambda r: post(port, json.dumps({"n": r[0], "seed": r[1]}).encode()),
+                          list(expected) * 2))  # fmt: skip
+        for body in [*MALFORMED, b'{"n": 1}' + b" " * 65536]:
+            post(port, body)
+        hang_up(port, False)
+        hang_up(port, True)
         time.sleep(1)
         baseline = rss_kib(proc.pid)
         rng = np.random.default_rng(0)
         levels = []
         for rate in args.rates:
             level = run_level(port, rate, args.seconds, expected, rng, proc.pid)
+            time.sleep(1)
+            level["rss_after_1s_idle_mib"] = rss_kib(proc.pid) / 1024
             levels.append(level)
             print(json.dumps(level), flush=True)
         time.sleep(3)
