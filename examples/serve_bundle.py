@@ -15,9 +15,8 @@ profile, the ``batch`` of its target; a seed outside 0..2^63-1), 411 without a C
 for a body over 4 KiB, 404 for other paths. At most ``--max-inflight`` requests compute at once;
 one that cannot start within ``--queue-timeout`` seconds is shed with 503 and ``Retry-After``, so
 above capacity the server answers quickly instead of queueing without bound. A client that goes
-away mid-request costs its computation and nothing else. When the last running request ends, the
-freed heap goes back to the OS (glibc's ``malloc_trim``), so memory returns to its baseline after
-a load. ``GET /stats`` returns the counts by status (the load test reads them).
+away mid-request costs its computation and nothing else. ``GET /stats`` returns the counts by
+status (the load test reads them).
 """
 
 from __future__ import annotations
@@ -37,19 +36,6 @@ from accel.runtime import Bundle
 
 MAX_BODY = 4096  # bytes: a request is {"n": ..., "seed": ...}
 
-
-def _malloc_trim():
-    """glibc's malloc_trim (returns freed heap to the OS), or a no-op elsewhere: each request
-    thread gets its own malloc arena, which keeps its freed pages resident after the load."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
 MAX_SEED = 2**63 - 1
 
 
@@ -107,7 +93,6 @@ def make_server(
     stats: Counter[str] = Counter()
     lock = threading.Lock()
     inflight = [0]
-    trim = _malloc_trim()
 
     def count(key: str, delta: int = 1) -> None:
         with lock:
@@ -168,10 +153,7 @@ def make_server(
                 finally:
                     with lock:
                         inflight[0] -= 1
-                        idle = inflight[0] == 0
                     slots.release()
-                    if idle:  # the load has stopped: give the freed memory back
-                        trim()
                 self.reply(200, {"shape": list(images.shape), "images": images.tolist()})
             except RequestError as e:
                 retry = {"Retry-After": "1"} if e.status == 503 else None
