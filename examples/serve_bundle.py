@@ -35,7 +35,6 @@ from accel.core.errors import AccelError
 from accel.runtime import Bundle
 
 MAX_BODY = 4096  # bytes: a request is {"n": ..., "seed": ...}
-
 MAX_SEED = 2**63 - 1
 
 
