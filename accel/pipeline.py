@@ -65,8 +65,20 @@ def run_stage(
     _check_family(planned.plan.stage, parent)
     procs = Processes()
     if procs.is_main:
+        stage = planned.plan.stage.name
+
+        def waiting(holder: str) -> None:
+            progress(f"{stage}: waiting for {holder}, which is computing it ({planned.key})")
+
         try:
-            artifact = _run_and_commit(planned, parent, target, store, completed, progress, resume)
+            with store.claim(planned.key, waiting):
+                if store.has(planned.key):  # computed by the run we waited for
+                    progress(f"{stage}: computed meanwhile by another run ({planned.key})")
+                    artifact = store.get(planned.key)
+                else:
+                    artifact = _run_and_commit(
+                        planned, parent, target, store, completed, progress, resume
+                    )
         except StageError as e:
             procs.agree(e.message)
             raise

@@ -26,6 +26,28 @@ def _write_marker(ctx: StageContext) -> None:
     ctx.metrics["ok"] = 1
 
 
+class SlowConfig(StageConfig):
+    seconds: float = 1.0
+    log: str = ""  # a file each run appends a line to (counts the computations)
+
+
+def _slow(ctx: StageContext) -> None:
+    """A copy of its input checkpoint (so later stages can read it), after a pause (the config's,
+    or FAKE_SLOW_SECONDS: one key, runs of different lengths)."""
+    import os
+    import shutil
+    import time
+
+    with open(ctx.config.log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(float(os.environ.get("FAKE_SLOW_SECONDS", ctx.config.seconds)))
+    shutil.copytree(
+        ctx.input.path, ctx.out, dirs_exist_ok=True, ignore=lambda d, n: ["manifest.json"]
+    )
+    _write_marker(ctx)
+
+
+SLOW = Stage("slow", 1, SlowConfig, "checkpoint", "checkpoint", _slow)
 SHRINK = Stage("shrink", 1, ShrinkConfig, "checkpoint", "checkpoint", _write_marker)
 EXPORT = Stage("export", 1, ExportConfig, "checkpoint", "onnx", _write_marker)
 COMPILE = Stage("compile", 2, CompileConfig, "onnx", "engine", _write_marker, target_specific=True)
@@ -34,4 +56,5 @@ TABLE = {
     "shrink": "fake_stages:SHRINK",
     "export": "fake_stages:EXPORT",
     "compile": "fake_stages:COMPILE",
+    "slow": "fake_stages:SLOW",
 }

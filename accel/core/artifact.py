@@ -14,7 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -284,6 +284,41 @@ class Store:
                 os.rename(final, trash / key)
             shutil.rmtree(trash, ignore_errors=True)
         raise CheckpointError(f"cannot publish artifact {key} at {final}; remove that directory")
+
+    @contextmanager
+    def claim(self, key: str, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the exclusive right to compute ``key`` (an ``flock`` on ``locks/<key>.lock``) while
+        inside, so that concurrent runs of overlapping recipes compute each stage once. Another
+        process's claim is waited for, after ``on_wait`` is told who holds it; the kernel drops
+        a claim when its process dies, so a crash leaves no stale lock. Without ``fcntl``
+        (Windows) there is no claim: the atomic rename still keeps one artifact per key."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{key}.lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+                f.flush()
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> int:
         """Remove temp dirs left by killed processes; recent ones may belong to a live writer."""
