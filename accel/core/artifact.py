@@ -290,7 +290,8 @@ class Store:
         """Hold the exclusive right to compute ``key`` (an ``flock`` on ``locks/<key>.lock``) while
         inside, so that concurrent runs of overlapping recipes compute each stage once. Another
         process's claim is waited for, after ``on_wait`` is told who holds it; the kernel drops
-        a claim when its process dies, so a crash leaves no stale lock. Without ``fcntl``
+        a claim when its process dies, so a crash leaves no stale lock (its file may stay: the
+        next claim takes it over), and a finished claim removes its file. Without ``fcntl``
         (Windows) there is no claim: the atomic rename still keeps one artifact per key."""
         try:
             import fcntl
@@ -299,26 +300,33 @@ class Store:
             return
         locks = self.root / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a+") as f:
+        path = locks / f"{key}.lock"
+        while True:
+            f = open(path, "a+")  # noqa: SIM115 (held across the yield below)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                holder = f.read().strip() or "another process"
                 if on_wait is not None:
-                    on_wait(holder)
+                    on_wait(f.read().strip() or "another process")
                 fcntl.flock(f, fcntl.LOCK_EX)
+            try:  # the holder we waited for removed the file: claim a fresh one
+                if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        try:
             f.seek(0)
             f.truncate()
             f.write(f"pid {os.getpid()} on {platform.node()}")
             f.flush()
-            try:
-                yield
-            finally:
-                f.seek(0)
-                f.truncate()
-                f.flush()
-                fcntl.flock(f, fcntl.LOCK_UN)
+            yield
+        finally:  # unlinked while held, so no run leaves a lock file behind
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> int:
         """Remove temp dirs left by killed processes; recent ones may belong to a live writer."""
