@@ -190,8 +190,10 @@ def run_or_reuse(
     key is in the store, else a run."""
     config = config.for_target(target)
     key = stage_key(stage, config, parent.key, target)
-    hit = store.has(key)
     procs = Processes()
+    if procs.is_main:
+        store.clean_tmp()
+    hit = store.has(key)
     procs.barrier()  # every process decides before process 0 writes
     if not procs.is_main:
         progress = _quiet

@@ -192,7 +192,11 @@ def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.T
         )
     h, w = resolution
     images, captions = [], []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{meta} is not UTF-8 text ({e}); save it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{meta}:{n}"
@@ -207,12 +211,22 @@ def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.T
                 raise RecipeError(f"{where} has no {column!r} column (it has {sorted(row)})")
         caption = row["text"]
         if not isinstance(caption, str) or not caption.strip():
-            raise RecipeError(f"{where}: the caption of {row['file_name']} is empty")
-        file = folder / str(row["file_name"])
-        if not file.resolve().is_relative_to(folder.resolve()):
-            raise RecipeError(f"{where}: {row['file_name']} is outside {folder}")
-        if not file.is_file():
-            raise RecipeError(f"{where}: image {file} is missing")
+            raise RecipeError(f"{where}: the caption of {row['file_name']!r:.80} is empty")
+        name = row["file_name"]
+        if not isinstance(name, str) or not name:
+            raise RecipeError(f"{where}: file_name must be a file name, got {name!r:.80}")
+        file = folder / name
+        try:
+            outside = not file.resolve().is_relative_to(folder.resolve())
+            missing = not file.is_file()
+        except (OSError, ValueError) as e:  # too long a name, a NUL byte
+            raise RecipeError(
+                f"{where}: file_name {name!r:.80} is not a usable path ({e})"
+            ) from None
+        if outside:
+            raise RecipeError(f"{where}: {name!r:.80} is outside {folder}")
+        if missing:
+            raise RecipeError(f"{where}: image {name!r:.80} is missing from {folder}")
         try:
             with Image.open(file) as im:
                 im.load()

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-from accel.core.errors import AccelError
+from accel.core.errors import AccelError, CheckpointError
 from accel.runtime import Bundle
 
 MAX_BODY = 4096  # bytes: a request is {"n": ..., "seed": ...}
@@ -157,6 +157,10 @@ def make_server(
             except RequestError as e:
                 retry = {"Retry-After": "1"} if e.status == 503 else None
                 self.reply(e.status, {"error": str(e)}, retry)
+            except (
+                CheckpointError
+            ) as e:  # the bundle drew NaN: the server's fault, not the request's
+                self.reply(500, {"error": str(e)})
             except AccelError as e:  # the engine refused the input: the request's fault
                 self.reply(400, {"error": str(e)})
             except (BrokenPipeError, ConnectionResetError):

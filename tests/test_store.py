@@ -153,3 +153,24 @@ def test_clean_tmp_removes_only_stale_dirs(tmp_path):
     assert store.clean_tmp(older_than_s=3600) == 0
     assert store.clean_tmp(older_than_s=-1) == 1
     assert not store.tmp.exists() or list(store.tmp.iterdir()) == []
+
+
+def test_clean_tmp_removes_a_dead_writers_dir_at_once_and_keeps_a_live_ones(tmp_path):
+    """A writer's temp dir is named after its key and written under the key's claim: one whose
+    claim is free (its writer died) goes at once, one whose claim is held stays."""
+    store = Store(tmp_path)
+    dead, live = "a" * 20, "b" * 20
+    (store.tmp / f"{dead}.x1").mkdir(parents=True)
+    (store.tmp / f"{live}.x2").mkdir()
+    with store.claim(live):
+        code = (
+            "import sys; from accel.core.artifact import Store; "
+            "print(Store(sys.argv[1]).clean_tmp())"
+        )
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "1"
+    assert [d.name for d in store.tmp.iterdir()] == [f"{live}.x2"]

@@ -79,8 +79,23 @@ def _run():
         e.show()
         sys.exit(e.exit_code)
     except AccelError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_shorten(str(e))}", err=True)
         sys.exit(e.exit_code)
+    except MemoryError:  # a size in the input (batch, samples, resolution) beyond this machine
+        click.echo(
+            "error: out of memory: a size asked for (images, batch, samples, resolution) needs "
+            "more memory than this machine has; ask for less",
+            err=True,
+        )
+        sys.exit(1)
+
+
+def _shorten(message: str, limit: int = 4000) -> str:
+    """An error message of sane length: one that quotes a huge input value keeps its ends."""
+    if len(message) <= limit:
+        return message
+    cut = len(message) - limit
+    return f"{message[: limit // 2]} [... {cut} characters ...] {message[-limit // 2 :]}"
 
 
 # ---------------------------------------------------------------- recipes
@@ -804,9 +819,15 @@ def sample(
     from accel.core.target import load_target
     from accel.demo.digits import generate
     from accel.runtime import open_runtime, run_pipeline
+    from accel.runtime.loop import check_finite
+    from accel.runtime.pipeline import check_prompts
 
     if out.suffix not in (".npz", ".png"):
         raise click.BadParameter("name a .npz or a .png file", param_hint="--out")
+    try:
+        check_prompts(list(prompts))
+    except ValueError as e:
+        raise RecipeError(f"--prompt: {e}") from None
     target = load_target(target_name) if target_name else None
     resolution = _resolution(height, width)
     runtime, plan = open_runtime(model, target, steps, guidance, resolution=resolution)
@@ -845,6 +866,7 @@ def sample(
             runtime, plan, noise.astype(np.float32), prompt_list, label_out,
             np.random.default_rng([seed, 1]),
         )  # fmt: skip
+    check_finite(images, str(model))
     images01 = np.clip((images + 1) / 2, 0, 1).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":

@@ -50,6 +50,10 @@ def artifact_key(
     return hashlib.sha256(canonical_json(fields).encode()).hexdigest()[:20]
 
 
+def _is_key(name: str) -> bool:
+    return len(name) == 20 and all(c in "0123456789abcdef" for c in name)
+
+
 def sha256_file(path: str | Path) -> str:
     """Streamed, so multi-GB weights never sit in memory."""
     digest = hashlib.sha256()
@@ -293,10 +297,17 @@ class Store:
         a claim when its process dies, so a crash leaves no stale lock (its file may stay: the
         next claim takes it over), and a finished claim removes its file. Without ``fcntl``
         (Windows) there is no claim: the atomic rename still keeps one artifact per key."""
+        with self._claim(key, on_wait, wait=True):
+            yield
+
+    @contextmanager
+    def _claim(self, key: str, on_wait: Callable[[str], None] | None, wait: bool) -> Iterator[bool]:
+        """``claim``, yielding whether it is held; without ``wait``, False at once when another
+        process holds it."""
         try:
             import fcntl
         except ImportError:
-            yield
+            yield True
             return
         locks = self.root / "locks"
         locks.mkdir(parents=True, exist_ok=True)
@@ -306,6 +317,10 @@ class Store:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    f.close()
+                    yield False
+                    return
                 f.seek(0)
                 if on_wait is not None:
                     on_wait(f.read().strip() or "another process")
@@ -321,7 +336,7 @@ class Store:
             f.truncate()
             f.write(f"pid {os.getpid()} on {platform.node()}")
             f.flush()
-            yield
+            yield True
         finally:  # unlinked while held, so no run leaves a lock file behind
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -329,14 +344,27 @@ class Store:
             f.close()
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> int:
-        """Remove temp dirs left by killed processes; recent ones may belong to a live writer."""
+        """Remove temp dirs left by killed processes. A writer's temp dir is named after its key
+        and written under that key's claim, so one whose claim is free belongs to no live process
+        and goes at once (a killed run leaves nothing a rerun keeps); others (scratch dirs) go
+        when older than ``older_than_s``."""
         if not self.tmp.is_dir():
             return 0
         cutoff = time.time() - older_than_s
-        stale = [d for d in self.tmp.iterdir() if d.is_dir() and d.stat().st_mtime < cutoff]
-        for d in stale:
-            shutil.rmtree(d, ignore_errors=True)
-        return len(stale)
+        removed = 0
+        for d in list(self.tmp.iterdir()):
+            key = d.name.partition(".")[0]
+            if not d.is_dir():
+                continue
+            if _is_key(key):
+                with self._claim(key, None, wait=False) as free:
+                    if free:
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed += 1
+            elif d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed
 
     def source(self, src_dir: str | Path) -> Artifact:
         """A user's diffusers directory as a checkpoint artifact, keyed by its content (so moving
@@ -370,7 +398,9 @@ class Store:
     def add_source(self, src_dir: str | Path) -> Artifact:
         """Copy a source checkpoint into the store (once), returning the stored artifact."""
         unstored = self.source(src_dir)
-        if not self.has(unstored.key):
+        with self.claim(unstored.key):  # its temp dir is then never taken for a dead run's
+            if self.has(unstored.key):
+                return self.get(unstored.key)
             with self.write(
                 unstored.key,
                 kind="checkpoint",

@@ -21,7 +21,9 @@ class CheckpointError(AccelError):
 
 
 class TargetError(AccelError):
-    """A target profile is unknown or its TOML file is invalid."""
+    """A target profile is unknown or its TOML file is invalid (a usage error, like a recipe's)."""
+
+    exit_code = 2
 
 
 class TargetMismatch(AccelError):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ COMPONENTS = ("text_encoder", "vae_decoder")
 TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
 TOKENIZER_OPTIONAL = {"lowercase", "prefix"}  # the prompt clean-up before tokenizing (PixArt, Sana)
 SAMPLERS = ("ddim", "consistency", "flow_euler", "flow_map")
+MAX_SIDE, MAX_SAMPLE = 1 << 16, 1 << 28  # per-example noise: a plan asking for more is damaged
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,27 @@ class SamplerPlan:
     format: str = PLAN_FORMAT
 
     def __post_init__(self) -> None:
+        _check_types(self)
         steps = [s if isinstance(s, Step) else Step(**s) for s in self.steps]
         object.__setattr__(self, "steps", steps)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
-        if not all(isinstance(d, int) and d > 0 for d in self.sample_shape):
-            raise ValueError(f"sample_shape must be positive integers, got {self.sample_shape}")
+        if not all(isinstance(d, int) and 0 < d <= MAX_SIDE for d in self.sample_shape) or (
+            math.prod(self.sample_shape) > MAX_SAMPLE
+        ):
+            raise ValueError(
+                f"sample_shape must be positive integers (at most {MAX_SAMPLE} values per "
+                f"example), got {self.sample_shape}"
+            )
+        for name in ("guidance_scale", "init_noise_sigma"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        for name, spec in self.conditioning.items():
+            axes = spec.get("axes", ["batch"])
+            if not isinstance(axes, list) or not all(isinstance(a, str | int) for a in axes):
+                raise ValueError(f"conditioning {name!r}: axes must be a list, got {axes!r}")
+            if not isinstance(spec.get("dtype", ""), str):
+                raise ValueError(f"conditioning {name!r}: dtype must be a name, got {spec!r}")
         if (self.sampler == "flow_map") != all(s.r_timestep is not None for s in steps) and steps:
             raise ValueError("flow_map plans, and only they, give every step an r_timestep")
         if self.timestep_dtype not in ("int64", "float32"):
@@ -129,6 +147,13 @@ class SamplerPlan:
                     f"{sorted(TOKENIZER_OPTIONAL)}): {tok!r}"
                 )
             _file_name(tok["folder"], "tokenizer folder")
+            if not isinstance(tok["input"], str) or not all(
+                type(tok[k]) is int and tok[k] >= (k == "max_length")
+                for k in ("max_length", "pad_id")
+            ):
+                raise ValueError(
+                    f"tokenizer input must be a name, max_length and pad_id integers: {tok!r}"
+                )
         if self.conditioning_file is not None:
             _file_name(self.conditioning_file, "conditioning_file")
         if self.tokenizers and "text_encoder" not in self.components:
@@ -165,6 +190,38 @@ class SamplerPlan:
             raise CheckpointError(
                 f"{path} is not a valid sampler plan: {e}; re-export the engine"
             ) from None
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether a value read from JSON has the annotated type (bool is not a number)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is Step:
+        return isinstance(value, Step | dict)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, tp)
+
+
+def _check_types(plan: SamplerPlan) -> None:
+    hints = typing.get_type_hints(SamplerPlan)
+    for f in fields(plan):
+        value = getattr(plan, f.name)
+        if not _conforms(value, hints[f.name]):
+            raise ValueError(f"{f.name} must be {hints[f.name]}, got {value!r:.80}")
 
 
 def _file_name(name: Any, what: str) -> None:

@@ -16,7 +16,7 @@ from accel.core.errors import CheckpointError
 from accel.core.hardware import cpu_info, gpu_info, jetson_model, names_gpu
 from accel.core.plan import SamplerPlan
 from accel.runtime.backends import backend, installed_versions
-from accel.runtime.loop import Runtime, run_pipeline
+from accel.runtime.loop import Runtime, check_finite, run_pipeline
 
 
 class Bundle:
@@ -130,7 +130,9 @@ class Bundle:
             raise ValueError(f"this model is text-to-image: pass {len(noise)} prompts")
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         rng = np.random.default_rng(seed)
-        return run_pipeline(self, self.plan, noise.astype(np.float32), prompts, labels, rng)
+        images = run_pipeline(self, self.plan, noise.astype(np.float32), prompts, labels, rng)
+        check_finite(images, f"bundle {self.path}")
+        return images
 
 
 def pipeline_files(plan: SamplerPlan, root: Path) -> list[str]:

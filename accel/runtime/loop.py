@@ -178,6 +178,17 @@ def run_pipeline(
     return x
 
 
+def check_finite(images: np.ndarray, what: str) -> None:
+    """CheckpointError when ``images`` hold NaN or Inf: a healthy model draws finite images, so
+    its weights, graph or sampler plan are damaged (or its fp16 range overflowed)."""
+    finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    if not finite.all():
+        raise CheckpointError(
+            f"{what} drew NaN or Inf values in {int((~finite).sum())} of {len(images)} images: "
+            "its weights, graph or sampler plan are damaged (or fp16 overflowed); rebuild it"
+        )
+
+
 def fused_feeds(
     plan: SamplerPlan,
     noise: np.ndarray,

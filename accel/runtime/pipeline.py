@@ -59,6 +59,7 @@ class PromptTokenizer:
     def __call__(self, prompts: list[str]) -> np.ndarray:
         from accel.core.stage import say
 
+        check_prompts(prompts)
         if self.lowercase:  # the pipeline's clean-up without bs4/ftfy (PixArt, Sana)
             prompts = [p.lower().strip() for p in prompts]
         encodings = self.tokenizer.encode_batch([self.prefix + p for p in prompts])
@@ -70,6 +71,22 @@ class PromptTokenizer:
                     f"{self.max_length} tokens; the rest is dropped"
                 )
         return np.array([e.ids for e in encodings], dtype=np.int64)
+
+
+def check_prompts(prompts: list[str]) -> None:
+    """Prompts are text: ValueError naming the first that is not a string of Unicode characters
+    (a lone surrogate is how Python hands over bytes that were not UTF-8: command-line arguments,
+    JSON escapes)."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"prompt {i} is not valid text: {prompt[e.start : e.end]!r} at character "
+                f"{e.start} is not a Unicode character (bytes that were not UTF-8?); pass UTF-8 text"
+            ) from None
 
 
 class PipelineEngines:

@@ -13,6 +13,8 @@ import pytest
 
 from accel.core.artifact import Artifact, Store
 
+from record import record
+
 TESTS = Path(__file__).resolve().parents[1]
 RUN = """
 import sys
@@ -70,6 +72,8 @@ def test_overlapping_recipes_at_once_compute_each_stage_once(tmp_path, runs):
     for a in artifacts:
         Artifact.load(a).verify()
     assert not any(st.tmp.iterdir()) if st.tmp.is_dir() else True
+    record("concurrent runs", runs=runs, shared_stage_computed=1, artifacts=len(artifacts),
+           waited=sum("waiting for pid" in o for o in logs))  # fmt: skip
 
 
 def test_a_killed_claim_holder_does_not_block_the_next_run(tmp_path):
@@ -91,3 +95,4 @@ def test_a_killed_claim_holder_does_not_block_the_next_run(tmp_path):
     assert second.returncode == 0, err[-800:]
     assert time.time() - t0 < 50 and "waiting" not in out  # the dead holder's claim is gone
     assert len(log.read_text().split()) == 2  # the killed run's work was not kept
+    record("killed claim holder", cases=1, next_run_waited=0)

@@ -18,6 +18,7 @@ import pytest
 from accel.pipeline import default_store
 from accel.runtime import Bundle
 
+from record import record
 from tiny import build, write_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,7 @@ def test_bad_requests_get_clear_statuses(bundle):
     conn.close()
     assert post(port, b'{"n": 1}')[0] == 200  # /stats left nothing locked
     server.shutdown()
+    record("serve: malformed requests", kinds=len(cases) + 1, statuses=counts)
 
 
 def test_concurrent_requests_get_the_images_drawn_alone_and_overload_is_shed(bundle):
@@ -120,6 +122,8 @@ def test_concurrent_requests_get_the_images_drawn_alone_and_overload_is_shed(bun
             np.testing.assert_allclose(np.asarray(reply["images"]), expected(bundle, 64, seed),
                                        atol=1e-6)  # fmt: skip
     server.shutdown()
+    record("serve: concurrent and over capacity", concurrent=len(requests), clients=8,
+           burst=len(statuses), served=statuses.count(200), shed=statuses.count(503))  # fmt: skip
 
 
 def test_a_client_that_disconnects_mid_request_does_not_hurt_the_next(bundle):
@@ -135,6 +139,7 @@ def test_a_client_that_disconnects_mid_request_does_not_hurt_the_next(bundle):
     assert status == 200
     np.testing.assert_allclose(np.asarray(reply["images"]), expected(bundle, 3, 5), atol=1e-6)
     server.shutdown()
+    record("serve: clients gone", cases=2, next_request_correct=1)
 
 
 def test_the_server_binds_to_loopback_by_default(bundle):
