@@ -42,7 +42,11 @@ def run_suite(kill_trials: int, fuzz_cases: int) -> dict:
             cwd=ROOT, env=env, capture_output=True, text=True,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+        rows = (
+            [json.loads(line) for line in report.read_text().splitlines()]
+            if report.exists()
+            else []
+        )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error|skipped)", tail)}
     if proc.returncode:
@@ -103,7 +107,9 @@ def main() -> None:
     ap.add_argument("--kill-trials", type=int, default=5)
     ap.add_argument("--fuzz-cases", type=int, default=100)
     ap.add_argument("--skip-load", action="store_true")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliability.json")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliability.json"
+    )
     args = ap.parse_args()
     suite = run_suite(args.kill_trials, args.fuzz_cases)
     result = {
