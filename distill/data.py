@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -264,7 +265,7 @@ def _cached(cache_dir: Path | None, key: Any, compute: Callable[[], TrainingData
     x0, cond = compute()
     assert isinstance(cond, dict)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")  # concurrent runs write apart
     save_file(
         {"x0": x0.contiguous(), **{f"cond.{k}": v.contiguous() for k, v in cond.items()}}, str(tmp)
     )
