@@ -174,3 +174,16 @@ def test_clean_tmp_removes_a_dead_writers_dir_at_once_and_keeps_a_live_ones(tmp_
                              text=True, check=True).stdout  # fmt: skip
     assert out.strip() == "1"
     assert [d.name for d in store.tmp.iterdir()] == [f"{live}.x2"]
+
+
+def test_clean_tmp_removes_the_work_dir_of_a_stored_key(tmp_path):
+    """A run killed between its commit and removing its work dir leaves checkpoints nobody
+    resumes: the next run removes them; a work dir of a key not stored (resumable) stays."""
+    store = Store(tmp_path)
+    with store.write("c" * 20, kind="checkpoint", stage="s", stage_version=1, config={},
+                     parent=None) as pending:  # fmt: skip
+        (pending.dir / "f").write_text("x")
+    (store.work_dir("c" * 20) / "checkpoint-4").mkdir(parents=True)
+    (store.work_dir("d" * 20) / "checkpoint-4").mkdir(parents=True)
+    assert store.clean_tmp() == 1
+    assert [d.name for d in (tmp_path / "work").iterdir()] == ["d" * 20]

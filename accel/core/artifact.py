@@ -347,11 +347,19 @@ class Store:
         """Remove temp dirs left by killed processes. A writer's temp dir is named after its key
         and written under that key's claim, so one whose claim is free belongs to no live process
         and goes at once (a killed run leaves nothing a rerun keeps); others (scratch dirs) go
-        when older than ``older_than_s``."""
-        if not self.tmp.is_dir():
-            return 0
-        cutoff = time.time() - older_than_s
+        when older than ``older_than_s``. So does the work dir (training checkpoints) of a key
+        that is stored: its run was killed between the commit and the work dir's removal."""
         removed = 0
+        work = self.root / "work"
+        for d in list(work.iterdir()) if work.is_dir() else []:
+            if _is_key(d.name) and self.has(d.name):
+                with self._claim(d.name, None, wait=False) as free:
+                    if free:
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed += 1
+        if not self.tmp.is_dir():
+            return removed
+        cutoff = time.time() - older_than_s
         for d in list(self.tmp.iterdir()):
             key = d.name.partition(".")[0]
             if not d.is_dir():
