@@ -221,8 +221,9 @@ def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.T
             outside = not file.resolve().is_relative_to(folder.resolve())
             missing = not file.is_file()
         except (OSError, ValueError) as e:  # too long a name, a NUL byte
+            why = getattr(e, "strerror", None) or e  # not the OSError's text: it quotes the name
             raise RecipeError(
-                f"{where}: file_name {name!r:.80} is not a usable path ({e})"
+                f"{where}: file_name {name!r:.80} is not a usable path ({why})"
             ) from None
         if outside:
             raise RecipeError(f"{where}: {name!r:.80} is outside {folder}")

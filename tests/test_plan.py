@@ -49,6 +49,13 @@ def test_first_format_notes_become_typed_fields(tmp_path):
         ({"sampler": "heun"}, "sampler 'heun' is not one of"),
         ({"sample_shape": [1, -16, 16]}, "sample_shape must be positive"),
         ({"format": "accel.plan/9"}, "format 'accel.plan/9'"),
+        ({"init_noise_sigma": {"k": 1}}, "init_noise_sigma must be <class 'float'>"),
+        ({"guidance_input": 1}, "guidance_input must be <class 'bool'>"),
+        ({"null_label": True}, "null_label must be int | None"),
+        ({"conditioning": {"class_labels": {"axes": 3}}}, "axes must be a list"),
+        ({"components": ["text_encoder"]}, "components must be dict"),
+        ({"sample_shape": [1, 100000, 100000]}, "at most 268435456 values"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be finite"),
     ],
 )
 def test_malformed_plans_are_refused_with_the_reason(tmp_path, change, reason):

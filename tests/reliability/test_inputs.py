@@ -1,0 +1,52 @@
+"""The input checks the fuzzing campaign (test_fuzz.py, slow) led to, each on one known case:
+prompts that are not text, images with NaN, imagefolder metadata that is not UTF-8 or names an
+impossible path, and error messages that quote a huge value."""
+
+import json
+
+import numpy as np
+import pytest
+
+from accel.cli import _shorten
+from accel.core.errors import CheckpointError, RecipeError
+from accel.runtime.loop import check_finite
+from accel.runtime.pipeline import check_prompts
+
+
+def test_prompts_that_are_not_text_are_refused_with_the_place():
+    check_prompts(["", "a red circle", "😀", "e\u0301"])  # empty and any Unicode are prompts
+    with pytest.raises(ValueError, match=r"prompt 1 is not valid text: '\\udcff' at character 3"):
+        check_prompts(["ok", "caf\udcff"])  # what Python makes of the byte 0xff in argv
+    with pytest.raises(ValueError, match="prompt 0 is a bytes, not text"):
+        check_prompts([b"a red circle"])
+
+
+def test_images_with_nan_or_inf_are_refused():
+    images = np.zeros((3, 1, 4, 4), np.float32)
+    check_finite(images, "m")
+    images[1, 0, 2, 2] = np.nan
+    images[2, 0, 0, 0] = -np.inf
+    with pytest.raises(CheckpointError, match="m drew NaN or Inf values in 2 of 3 images"):
+        check_finite(images, "m")
+
+
+def test_imagefolder_metadata_that_is_not_utf8_or_names_an_impossible_path(tmp_path):
+    from distill.data import read_imagefolder
+
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "caf\xe9.png", "text": "x"}\n')
+    with pytest.raises(RecipeError, match="is not UTF-8 text"):
+        read_imagefolder(tmp_path, (16, 16))
+    for name, reason in [("x" * 5000, "is not a usable path"), (7, "must be a file name"),
+                         ("../up.png", "is outside"), ("gone.png", "is missing")]:  # fmt: skip
+        row = {"file_name": name, "text": "a seven"}
+        (tmp_path / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(RecipeError, match=reason) as e:
+            read_imagefolder(tmp_path, (16, 16))
+        assert len(str(e.value)) < 400  # the huge name is not quoted whole
+
+
+def test_error_messages_quoting_a_huge_value_keep_their_ends():
+    assert _shorten("short") == "short"
+    long = "start " + "x" * 100_000 + " end"
+    short = _shorten(long)
+    assert len(short) < 4200 and short.startswith("start ") and short.endswith(" end")
