@@ -325,6 +325,7 @@ class StageCommand(click.Command):
         from pydantic import ValidationError
 
         from accel.core.artifact import MANIFEST, Artifact
+        from accel.core.errors import CheckpointError
         from accel.core.processes import Processes
         from accel.core.stage import validation_lines
         from accel.core.target import load_target
@@ -335,6 +336,12 @@ class StageCommand(click.Command):
         if (input_dir / MANIFEST).is_file():
             parent = Artifact.load(input_dir)
             parent.verify()
+            if s.has(parent.key) and s.get(parent.key).files != parent.files:
+                raise CheckpointError(  # the store's results of that key are not of these files
+                    f"{input_dir} claims key {parent.key}, and the store at {s.root} holds "
+                    "another artifact under that key (its files differ: edited after it was "
+                    "built?); rebuild it from its source, or use another --store"
+                )
         else:
             parent = s.source(input_dir)
         if self.choice:

@@ -115,12 +115,13 @@ def artifact_campaign(built, name: str, which: str, files, command) -> None:
         if case % 2:
             rehash(path)
             rehashed += 1
-        out, store = path.with_suffix(".npz"), built["root"] / "stores" / name.replace(" ", "-")
-        store.mkdir(parents=True, exist_ok=True)
+        out, store = path.with_suffix(".npz"), path.with_name(f"{path.name}-store")
+        store.mkdir()  # a store per case: a stored result of one case must not answer the next
         args, check = command(path, out, store)
         campaign.run(f"{file.relative_to(path)} {how}", args, store=store, out=out,
                      check_result=check, codes=FILES)  # fmt: skip
         shutil.rmtree(path)
+        shutil.rmtree(store)
     finish(campaign, name, rehashed=rehashed)
 
 

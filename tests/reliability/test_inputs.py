@@ -50,3 +50,28 @@ def test_error_messages_quoting_a_huge_value_keep_their_ends():
     long = "start " + "x" * 100_000 + " end"
     short = _shorten(long)
     assert len(short) < 4200 and short.startswith("start ") and short.endswith(" end")
+
+
+def test_an_edited_artifact_claiming_a_stored_key_is_refused(tmp_path, monkeypatch, capsys):
+    """An artifact passed by path whose files differ from the stored artifact of its key (edited,
+    then its manifest re-hashed) is refused: the store's results of that key are not of it."""
+    import shutil
+
+    from accel.core.artifact import MANIFEST, hash_tree
+
+    from tiny import run_cli, write_tiny_pipeline
+
+    model = write_tiny_pipeline(tmp_path / "model")
+    store = tmp_path / "store"
+    code, _, err = run_cli(monkeypatch, capsys, "export", "onnx", model, "--num-inference-steps",
+                           2, "--out", tmp_path / "graph", "--store", store)  # fmt: skip
+    assert code == 0, err
+    shutil.copytree(tmp_path / "graph", tmp_path / "edited")
+    plan = json.loads((tmp_path / "edited" / "sampler_plan.json").read_text())
+    plan["guidance_scale"] = 3.0
+    (tmp_path / "edited" / "sampler_plan.json").write_text(json.dumps(plan))
+    manifest = json.loads((tmp_path / "edited" / MANIFEST).read_text())
+    manifest["files"] = hash_tree(tmp_path / "edited")
+    (tmp_path / "edited" / MANIFEST).write_text(json.dumps(manifest))
+    code, _, err = run_cli(monkeypatch, capsys, "compile", tmp_path / "edited", "--store", store)
+    assert code == 1 and "holds another artifact under that key" in err, err
