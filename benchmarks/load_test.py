@@ -3,7 +3,7 @@ at increasing rates with malformed, oversized and disconnecting requests mixed i
 p50/p99 latency, errors by kind, the server's memory, and whether every well-formed request got
 the images the bundle draws for it alone.
 
-    python benchmarks/load_test.py [--rates 2 5 10 20 40] [--seconds 6] [--max-inflight 2]
+    python benchmarks/load_test.py [--rates 2 5 10 20 40 80] [--seconds 6] [--max-inflight 2]
         [--store .accel-store] [--out benchmarks/results/load_test.json]
 
 The bundle is the shipped digits teacher at 4 guided DDIM steps through onnxruntime (built by the
@@ -151,7 +151,7 @@ def run_level(port, rate, seconds, expected, rng, pid) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rates", type=float, nargs="+", default=[2, 5, 10, 20, 40])
+    p.add_argument("--rates", type=float, nargs="+", default=[2, 5, 10, 20, 40, 80])
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--max-inflight", type=int, default=2)
     p.add_argument("--store", type=Path, default=None)

@@ -4,6 +4,7 @@ appending its row to one report, then the load test (benchmarks/load_test.py).
 
     python benchmarks/reliability.py [--kill-trials 5] [--fuzz-cases 100] [--skip-load]
         [--out benchmarks/results/reliability.json]
+    python benchmarks/reliability.py --tables benchmarks/results/reliability.json
 
 Writes the rows, the suite's pass/fail counts and wall time, and the machine to --out, and prints
 the tables (Markdown). A failing test fails the run (exit 1): its figures are not a result.
@@ -102,6 +103,43 @@ def fuzz_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def load_table(path: Path) -> str:
+    """The load test's levels (benchmarks/load_test.py's JSON) as a Markdown table."""
+    data = json.loads(path.read_text())
+    out = [
+        "| offered rate (req/s) | sent | served/s | p50 ms | p99 ms | well-formed: 200 / 503 / "
+        "other | malformed 400 | oversized 413 | wrong images | server RSS after 1 s idle (MiB) |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for lv in data["levels"]:
+        k = lv["statuses_by_kind"]
+        good = k.get("good", {})
+        other = sum(v for s, v in good.items() if s not in ("200", "503"))
+        out.append(
+            f"| {lv['rate_per_s']} | {lv['sent']} | {lv['served_per_s']:.2f} | "
+            f"{lv['p50_ms']:.1f} | {lv['p99_ms']:.1f} | {good.get('200', 0)} / "
+            f"{good.get('503', 0)} / {other} | {k.get('malformed', {}).get('400', 0)} | "
+            f"{k.get('oversized', {}).get('413', 0)} | {lv['wrong_images']} | "
+            f"{lv['rss_after_1s_idle_mib']:.2f} |"
+        )
+    rss = data["rss_mib"]
+    out.append(f"\nRSS before the load {rss['before']:.2f} MiB, 3 s after it "
+               f"{rss['after_idle_3s']:.2f} MiB; the server's counts: {data['server_stats']}")  # fmt: skip
+    return "\n".join(out)
+
+
+def print_tables(result: dict) -> None:
+    suite = result["suite"]
+    print(f"suite: {suite['tests']} in {suite['seconds']} s\n")
+    print(kill_table(suite["rows"]) + "\n")
+    print(fuzz_table(suite["rows"]) + "\n")
+    for r in suite["rows"]:
+        if r["row"] not in ("kill", "fuzz"):
+            print(json.dumps(r))
+    if result.get("load_test"):
+        print("\n" + load_table(ROOT / result["load_test"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--kill-trials", type=int, default=5)
@@ -110,7 +148,11 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliability.json"
     )
+    ap.add_argument("--tables", type=Path, help="only print the tables of this result JSON")
     args = ap.parse_args()
+    if args.tables:
+        print_tables(json.loads(args.tables.read_text()))
+        return
     suite = run_suite(args.kill_trials, args.fuzz_cases)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -125,12 +167,7 @@ def main() -> None:
         result["load_test"] = "benchmarks/results/load_test.json" if load.returncode == 0 else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"suite: {suite['tests']} in {suite['seconds']} s\n")
-    print(kill_table(suite["rows"]) + "\n")
-    print(fuzz_table(suite["rows"]) + "\n")
-    for r in suite["rows"]:
-        if r["row"] not in ("kill", "fuzz"):
-            print(json.dumps(r))
+    print_tables(result)
 
 
 if __name__ == "__main__":

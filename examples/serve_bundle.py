@@ -152,14 +152,15 @@ def make_server(
                 finally:
                     with lock:
                         inflight[0] -= 1
+                        idle = inflight[0] == 0
                     slots.release()
+                    if idle:  # the last request of a burst: hand its freed pages back
+                        trim_malloc()
                 self.reply(200, {"shape": list(images.shape), "images": images.tolist()})
             except RequestError as e:
                 retry = {"Retry-After": "1"} if e.status == 503 else None
                 self.reply(e.status, {"error": str(e)}, retry)
-            except (
-                CheckpointError
-            ) as e:  # the bundle drew NaN: the server's fault, not the request's
+            except CheckpointError as e:  # the bundle drew NaN: the server's fault
                 self.reply(500, {"error": str(e)})
             except AccelError as e:  # the engine refused the input: the request's fault
                 self.reply(400, {"error": str(e)})
@@ -185,6 +186,27 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
+
+
+def trim_malloc() -> None:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``), as the server does
+    when its last request in flight ends: without it, memory after a burst of concurrent requests
+    stays at the burst's high-water mark (freed, not leaked: +1.3% after 80 requests/s). A no-op
+    elsewhere."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def serve(bundle: Bundle, port: int, host: str = "127.0.0.1", **options) -> None:
