@@ -22,6 +22,7 @@ status (the load test reads them).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -175,17 +176,25 @@ def make_server(
     return Server((host, port), Handler)
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each request thread a malloc arena of its own and keeps the arenas' freed
-    pages: after a load at 40 requests/s the server stayed 2.9 MB (3%) above its baseline with
-    the default (up to 8 per core), 0.9 MB with 2 (benchmarks/load_test.py). A no-op elsewhere."""
+@functools.cache
+def _libc():
+    """glibc, or None where there is none (its malloc tuning is then skipped)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each request thread a malloc arena of its own and keeps the arenas' freed
+    pages: after a load at 40 requests/s the server stayed 2.9 MB (3%) above its baseline with
+    the default (up to 8 per core), 0.9 MB with 2 (benchmarks/load_test.py). A no-op elsewhere."""
+    if _libc():
+        _libc().mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def trim_malloc() -> None:
@@ -193,20 +202,8 @@ def trim_malloc() -> None:
     when its last request in flight ends: without it, memory after a burst of concurrent requests
     stays at the burst's high-water mark (freed, not leaked: +1.3% after 80 requests/s). A no-op
     elsewhere."""
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
+    if _libc():
+        _libc().malloc_trim(0)
 
 
 def serve(bundle: Bundle, port: int, host: str = "127.0.0.1", **options) -> None:

@@ -353,10 +353,7 @@ class Store:
         work = self.root / "work"
         for d in list(work.iterdir()) if work.is_dir() else []:
             if _is_key(d.name) and self.has(d.name):
-                with self._claim(d.name, None, wait=False) as free:
-                    if free:
-                        shutil.rmtree(d, ignore_errors=True)
-                        removed += 1
+                removed += self._remove_unclaimed(d.name, d)
         if not self.tmp.is_dir():
             return removed
         cutoff = time.time() - older_than_s
@@ -365,14 +362,18 @@ class Store:
             if not d.is_dir():
                 continue
             if _is_key(key):
-                with self._claim(key, None, wait=False) as free:
-                    if free:
-                        shutil.rmtree(d, ignore_errors=True)
-                        removed += 1
+                removed += self._remove_unclaimed(key, d)
             elif d.stat().st_mtime < cutoff:
                 shutil.rmtree(d, ignore_errors=True)
                 removed += 1
         return removed
+
+    def _remove_unclaimed(self, key: str, path: Path) -> bool:
+        """Remove ``path`` unless a live process holds ``key``'s claim; whether it did."""
+        with self._claim(key, None, wait=False) as free:
+            if free:
+                shutil.rmtree(path, ignore_errors=True)
+            return free
 
     def source(self, src_dir: str | Path) -> Artifact:
         """A user's diffusers directory as a checkpoint artifact, keyed by its content (so moving

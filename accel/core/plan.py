@@ -5,6 +5,7 @@ plans of the first format (``notes`` flags) are read into the typed fields."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import types
@@ -216,8 +217,13 @@ def _conforms(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(SamplerPlan)
+
+
 def _check_types(plan: SamplerPlan) -> None:
-    hints = typing.get_type_hints(SamplerPlan)
+    hints = _hints()
     for f in fields(plan):
         value = getattr(plan, f.name)
         if not _conforms(value, hints[f.name]):

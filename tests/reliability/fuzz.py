@@ -22,6 +22,8 @@ import numpy as np
 
 from accel.core.artifact import Artifact
 
+from test_cli import snapshot  # the files under a root: a failed command leaves none
+
 EXIT_CODES = {0, 1, 2}  # 0: done; 1: an error in the input, files or machine; 2: a usage error
 FILES, USAGE = (
     {0, 1},
@@ -122,11 +124,6 @@ def toml_dumps(doc: dict) -> str:
                                if x is not None) + "}"  # fmt: skip
 
     return "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in doc.items() if v is not None)
-
-
-def snapshot(root: Path) -> list[str]:
-    """The files under root (a failed command may leave empty dirs such as locks/, no file)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def accel(*args) -> tuple[int | None, str, str]:
