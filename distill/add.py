@@ -81,13 +81,16 @@ class AddConfig(TrainingConfig):
     r1_weight: float = Field(1e-5, ge=0)
     """gamma of the R1 penalty on real data (ADD: 1e-5)."""
     min_timestep: float = Field(0.02, ge=0, lt=1)
+    """Lower end of the discriminator's noise level range (with max_timestep below)."""
     max_timestep: float = Field(0.98, gt=0, le=1)
     """Range of the discriminator's noise level t_D, as fractions of T."""
     feature_module: str | None = None
     """Submodule of the frozen teacher whose output feeds the discriminator head (default: the
     family's bottleneck: a UNet's ``mid_block``, a transformer's middle block's MLP)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas of the student and the discriminator."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay of the student and the discriminator."""
     dataset: Dataset = "digits"
     """Real images: the student's noised inputs and the discriminator's real class (``distill.data``)."""
 

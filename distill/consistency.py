@@ -204,9 +204,11 @@ class ConsistencyConfig(TrainingConfig):
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's DDIM step, distilled into the student."""
     iterations: int = Field(2000, ge=1)
+    """Optimizer steps of training."""
     ema_decay: float = Field(0.95, ge=0, lt=1)
     """Decay of the target network theta- (LCM uses 0.95)."""
     loss: Literal["l2", "huber"] = "huber"
+    """Distance between the student's and the target network's x0: l2, or LCM's pseudo-Huber."""
     dataset: Dataset = "digits"
     """Training images (``distill.data``)."""
 

@@ -104,18 +104,24 @@ class AdversarialConfig(TrainingConfig):
     learning_rate: float = Field(5e-5, gt=0)
     """Of the generator (the frontier benchmark's setting; DMD2 used 2e-6 for far longer runs)."""
     critic_updates_per_generator: int = Field(5, ge=1)
+    """Fake-score and discriminator updates per generator update (DMD2's TTUR: 5)."""
     critic_learning_rate: float | None = Field(None, gt=0)
     """Learning rate of the fake score and discriminator (default: ``learning_rate``)."""
     gan_weight_generator: float = Field(3e-3, ge=0)
+    """Weight of the GAN term in the generator's loss."""
     gan_weight_critic: float = Field(1e-2, ge=0)
+    """Weight of the GAN term in the critic's loss."""
     backward_simulation: bool = True
+    """Train on the student's own multi-step inputs (DMD2's backward simulation), not noised data."""
     min_timestep: float = Field(0.02, ge=0, lt=1)
+    """Lower end of DMD's timestep range (with max_timestep below)."""
     max_timestep: float = Field(0.98, gt=0, le=1)
     """DMD's timestep range for the distribution-matching gradient, as fractions of T."""
     feature_module: str | None = None
     """Submodule of the fake score whose output feeds the discriminator head (default: the
     family's bottleneck: a UNet's ``mid_block``, a transformer's middle block's MLP)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas of both players (with weight_decay below)."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW settings of both players; DMD2's official code keeps PyTorch's defaults."""
     dataset: Dataset = "digits"

@@ -70,12 +70,15 @@ from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 class GuidanceConfig(TrainingConfig):
     guidance_min: float = Field(1.0, ge=0)
+    """Smallest w the student learns (see guidance_step)."""
     guidance_max: float = Field(3.0, ge=0)
+    """Largest w the student learns (see guidance_step)."""
     guidance_step: float = Field(0.25, gt=0)
     """The grid of w the student learns: guidance_min, guidance_min + step, ..., guidance_max."""
     guidance_scale: float = Field(1.5, ge=0)
     """The student's default w (on the grid)."""
     iterations: int = Field(2000, ge=1)
+    """Optimizer steps of training."""
     dataset: Dataset = "digits"
     """Training images x ~ D (``distill.data``)."""
 

@@ -101,6 +101,7 @@ class MeanFlowConfig(TrainingConfig):
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's velocity, distilled into the student."""
     iterations: int = Field(2000, ge=1)
+    """Optimizer steps of training."""
     flow_map_ratio: float = Field(0.75, ge=0, le=1)
     """Share of the batch with r != t (MeanFlow from scratch: 25%; the rest is velocity
     distillation, which a student initialised at the teacher already does)."""
@@ -112,6 +113,7 @@ class MeanFlowConfig(TrainingConfig):
     """"split": length of the sub-interval [s, t] the teacher's Euler step covers (default: one
     step of the teacher's 28-step sampler)."""
     p_mean: float = -0.4
+    """Mean of the logit-normal proposal (with p_std below)."""
     p_std: float = Field(2.0, gt=0)
     """The logit-normal time proposal of t and r (MeanFlow's best from scratch: -0.4, 1.0; wider
     here, so that the long jumps of 1-step sampling are drawn)."""
@@ -121,9 +123,11 @@ class MeanFlowConfig(TrainingConfig):
     adaptive_p: float = Field(1.0, ge=0)
     """p of the adaptive weight 1 / (||delta||^2 + c)^p (0: plain squared error)."""
     adaptive_c: float = Field(1e-3, gt=0)
+    """c of the adaptive weight 1 / (||delta||^2 + c)^p."""
     ema_decay: float = Field(0.99, ge=0, lt=1)
     """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
     dataset: Dataset = "digits"
+    """Training images (``distill.data``)."""
 
     @model_validator(mode="after")
     def _no_compile_with_jvp(self):

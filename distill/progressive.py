@@ -59,9 +59,12 @@ class ProgressiveConfig(TrainingConfig):
     """DDIM steps of the teacher where halving starts: pick where its DDIM is already close to its
     50-step quality, each round only inherits what the previous one reached."""
     student_steps: int = Field(4, ge=1)
+    """Sampling steps of the final student; the teacher's steps halve each round until they reach
+    it."""
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's output that the first round distils."""
     iterations_per_round: int = Field(1000, ge=1)
+    """Optimizer steps per halving round."""
     dataset: Dataset = "digits"
     """Training images x ~ D of Algorithm 2 (``distill.data``): ``digits``, ``imagefolder:DIR``
     (images with captions), or ``prompts:FILE`` (data-free: the teacher's own samples at those

@@ -92,7 +92,9 @@ class SCMConfig(TrainingConfig):
     guidance_scale: float = Field(1.0, ge=0)
     """Classifier-free guidance scale of the teacher's velocity, distilled into the student."""
     iterations: int = Field(2000, ge=1)
+    """Optimizer steps of training."""
     p_mean: float = -1.0
+    """Mean of tau's normal proposal (with p_std below)."""
     p_std: float = Field(1.4, gt=0)
     """The log-normal time proposal: t = arctan(exp(tau) / sigma_data), tau ~ N(p_mean, p_std^2)."""
     sigma_data: float = Field(1.0, gt=0)
@@ -100,6 +102,7 @@ class SCMConfig(TrainingConfig):
     tangent_warmup: int = Field(500, ge=0)
     """Iterations over which r of the tangent's second term rises from 0 to 1."""
     adaptive_weighting: bool = True
+    """Learn sCM's adaptive weight w(t) of the loss (sCM's Eq. 8)."""
     ema_decay: float = Field(0.99, ge=0, lt=1)
     """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
     dmd_weight: float = Field(0.0, ge=0)
@@ -107,6 +110,7 @@ class SCMConfig(TrainingConfig):
     critic_learning_rate: float | None = Field(None, gt=0)
     """rCM: learning rate of the fake score (default: ``learning_rate``)."""
     dataset: Dataset = "digits"
+    """Training images (``distill.data``)."""
 
     @model_validator(mode="after")
     def _no_compile_with_jvp(self):

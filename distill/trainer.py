@@ -69,11 +69,15 @@ class TrainingConfig(StageConfig):
     """Fields every training stage takes (the recipe keys and `accel distill` options)."""
 
     batch_size: int = Field(64, ge=1)
+    """Training examples per optimizer step (per process under accelerate launch)."""
     learning_rate: float = Field(1e-4, gt=0)
+    """AdamW learning rate of the student."""
     seed: int = 0
+    """Seed of the weights' noise, the data order and every random draw of training."""
     checkpoint_every: int = Field(500, ge=0)
     """Optimizer steps between resumable checkpoints in the stage's work dir (0: none)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches whose gradients add up to one optimizer step."""
     mixed_precision: Literal["no", "fp16", "bf16", "target"] = "no"
     """Autocast precision (Accelerate; FSDP's MixedPrecisionPolicy under ``fsdp``); fp16 needs a
     GPU; "target": bf16 on a CUDA target with compute capability 8.0 and up, fp16 below, fp32 on

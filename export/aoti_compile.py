@@ -70,7 +70,9 @@ class AotiConfig(StageConfig):
     num_inference_steps: int | None = Field(None, ge=1)
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
+    """Guidance of the sampler plan; default: the checkpoint's."""
     gate: GateConfig = GateConfig()
+    """The quality gate against eager torch (``export.quality_gate.GateConfig``)."""
 
 
 def export_program(graph, batch_min: int, batch_max: int):

@@ -29,6 +29,7 @@ MODEL_FILE = "model.onnx"
 
 class OnnxConfig(StageConfig):
     opset: int = Field(18, ge=18)
+    """ONNX opset of the exported graphs (18 or later)."""
     num_inference_steps: int | None = Field(None, ge=1)
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
@@ -37,6 +38,7 @@ class OnnxConfig(StageConfig):
     """[height, width] in pixels a text-to-image pipeline's graphs are exported for (its plan's
     latents, Flux's position ids); default: the pipeline's own (its stock pipeline's default)."""
     parity_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 3], min_length=1)
+    """Batch sizes of the torch vs onnxruntime parity check."""
     fused_sampler: bool = False
     """Export the whole sampler (every step, guidance, coefficients) as one graph:
     noise [, class_labels, step_noise] -> images (``export.fused_sampler``)."""

@@ -44,12 +44,15 @@ class OrtConfig(StageConfig):
     ) = None
     """Default: the first onnxruntime backend in the target's preference order."""
     optimization_level: Literal["basic", "extended", "all"] = "all"
+    """onnxruntime's graph optimization level of the engine's session."""
     intra_op_threads: int | None = None
+    """Threads per operator (default: onnxruntime's, one per core)."""
     cuda_graph: bool = False
     """GPU providers: capture the engine in CUDA graphs (one per batch bucket of the target's
     profile) and replay them; every node must run on the GPU provider (onnxruntime refuses the
     session otherwise). Best on fused samplers, where one replay is the whole few-step loop."""
     gate: GateConfig = GateConfig()
+    """The quality gate against the ONNX parent (``export.quality_gate.GateConfig``)."""
 
 
 def target_provider(target) -> str:

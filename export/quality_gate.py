@@ -36,7 +36,10 @@ class GateConfig(StageConfig):
     """fd_digits: largest relative FD increase over the parent (default 0.05: 5%);
     image_rmse: largest RMS image difference from the parent (default 0.05)."""
     samples: int = Field(1000, ge=2)
+    """Images each side draws per seed, in batches of the target's batch (memory does not grow
+    with it)."""
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
+    """Noise seeds; the gate compares the mean over them."""
 
 
 def default_metric(plan: SamplerPlan) -> str:

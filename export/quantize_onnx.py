@@ -46,6 +46,7 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 class QuantizeConfig(StageConfig):
     method: Literal["ort_int8", "modelopt_int8", "modelopt_fp8"] = "ort_int8"
+    """Quantizer: onnxruntime static INT8 Q/DQ, or Model Optimizer's ONNX PTQ in INT8 or FP8."""
     calibration_samples: int = Field(64, ge=1)
     """Images whose sampling trajectories calibrate the activation ranges."""
     calibration_seed: int = 1000
@@ -68,6 +69,7 @@ class QuantizeConfig(StageConfig):
     what it sees while the pipeline samples: the denoiser on its step feeds, the text encoder
     on the prompts' token ids, the VAE decoder on the final latents."""
     gate: GateConfig = GateConfig()
+    """The quality gate against the unquantized parent (``export.quality_gate.GateConfig``)."""
 
     @model_validator(mode="after")
     def _options_of_their_method(self) -> QuantizeConfig:

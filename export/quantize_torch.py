@@ -47,14 +47,19 @@ INT8_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 class TorchQuantizeConfig(StageConfig):
     method: Literal["int8_smoothquant", "int8", "fp8"] = "int8_smoothquant"
+    """Model Optimizer's mtq.quantize config: INT8 with SmoothQuant, plain INT8, or FP8."""
     num_inference_steps: int | None = Field(None, ge=1)
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
     """Guidance of the sampler plan; default: the checkpoint's."""
     calibration_samples: int = Field(64, ge=1)
+    """Images whose sampling trajectories calibrate the activation ranges."""
     calibration_seed: int = 1000
+    """Seed of the calibration noise (apart from the gate's seeds)."""
     opset: int = Field(18, ge=18, le=20)
+    """ONNX opset of the exported quantized graph (the TorchScript exporter: 18 to 20)."""
     gate: GateConfig = GateConfig()
+    """The quality gate against the unquantized student (``export.quality_gate.GateConfig``)."""
 
 
 def quantized_op_counts(path) -> Counter:

@@ -53,7 +53,10 @@ class TensorRTConfig(StageConfig):
     strongly_typed: bool | None = None
     """Default: on for quantized (Q/DQ) graphs, off otherwise."""
     gate: GateConfig = GateConfig()
+    """The quality gate against the ONNX parent in onnxruntime
+    (``export.quality_gate.GateConfig``)."""
     max_parse_errors: int = Field(5, ge=1)
+    """Parser errors quoted when TensorRT refuses the graph."""
     cuda_graph: bool = True
     """The runtime replays each batch bucket's enqueue from a CUDA graph (trtexec's
     --useCudaGraph)."""

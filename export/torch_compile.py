@@ -50,11 +50,13 @@ class TorchCompileConfig(StageConfig):
     num_inference_steps: int | None = Field(None, ge=1)
     """Steps of the sampler plan; default: the checkpoint's own (a student's accel.json)."""
     guidance_scale: float | None = None
+    """Guidance of the sampler plan; default: the checkpoint's."""
     resolution: list[int] | None = Field(None, min_length=2, max_length=2)
     """[height, width] of a pipeline's images (default: the checkpoint's own)."""
     cuda_graph: bool = True
     """Replay the compiled sampler from CUDA graphs (CUDA targets only)."""
     gate: GateConfig = GateConfig()
+    """The quality gate against eager torch (``export.quality_gate.GateConfig``)."""
 
 
 def compile_mode(target) -> str:

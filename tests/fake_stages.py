@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from accel.core.stage import Stage, StageConfig, StageContext
@@ -29,6 +31,8 @@ def _write_marker(ctx: StageContext) -> None:
 class SlowConfig(StageConfig):
     seconds: float = 1.0
     log: str = ""  # a file each run appends a line to (counts the computations)
+    peers: str = ""  # a file each run that waits for this stage appends a line to
+    runs: int = 1  # with peers: pause until runs - 1 runs wait (at most 60 s), then sleep
 
 
 def _slow(ctx: StageContext) -> None:
@@ -40,6 +44,12 @@ def _slow(ctx: StageContext) -> None:
 
     with open(ctx.config.log, "a") as f:
         f.write(f"{os.getpid()}\n")
+    deadline = time.time() + 60
+    while ctx.config.peers and time.time() < deadline:
+        peers = Path(ctx.config.peers)
+        if peers.is_file() and len(peers.read_text().splitlines()) >= ctx.config.runs - 1:
+            break
+        time.sleep(0.05)
     time.sleep(float(os.environ.get("FAKE_SLOW_SECONDS", ctx.config.seconds)))
     shutil.copytree(
         ctx.input.path, ctx.out, dirs_exist_ok=True, ignore=lambda d, n: ["manifest.json"]

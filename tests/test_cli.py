@@ -282,3 +282,53 @@ def test_profile_command_writes_a_report_and_refuses_a_foreign_engine(
     )
     assert code != 0 and "was built for target 'cpu'" in err and "Traceback" not in err
     assert not foreign.exists()
+
+
+def _commands(group, path=()):
+    """Every command under ``group`` with its path of names."""
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_option_has_a_help_line_and_stage_options_their_type(monkeypatch, capsys, tmp_path):
+    """Each option of every command says what it is; an option made from a stage config's
+    field that is a number, a Literal or a bool has that click type (never TEXT), and a wrong
+    value is click's usage error naming the option."""
+    import types
+    import typing
+
+    import click
+
+    from accel.cli import StageCommand, cli
+    from accel.stages import get_stage
+
+    ctx = click.Context(cli)
+    checked = 0
+    for path, command in _commands(cli):
+        for param in command.get_params(ctx):
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"accel {' '.join(path)} {param.opts[0]} has no help"
+        if not isinstance(command, StageCommand):
+            continue
+        options = {p.name: p for p in command.get_params(ctx)}
+        for stage in command.stages.values():
+            for field, info in get_stage(stage).config.model_fields.items():
+                kinds = {info.annotation}
+                if typing.get_origin(info.annotation) in (typing.Union, types.UnionType):
+                    kinds = set(typing.get_args(info.annotation)) - {type(None)}
+                scalar = all(k in (int, float, bool) or typing.get_origin(k) is typing.Literal
+                             for k in kinds)  # fmt: skip
+                if scalar:
+                    assert options[field].type is not click.STRING, (path, field)
+                    checked += 1
+    assert checked > 100
+    for option, value in (("--batch-size", "x"), ("--batch-size", "0"),
+                          ("--mixed-precision", "fp64"), ("--ema-decay", "1.5")):  # fmt: skip
+        code, _, err = run_cli(monkeypatch, capsys, "distill", "consistency", tmp_path, option,
+                               value)  # fmt: skip
+        assert code == 2 and f"Invalid value for '{option}'" in err and "Traceback" not in err

@@ -248,6 +248,43 @@ def _toml_literal(value) -> str:
     return json.dumps(value)
 
 
+def _config_option(field: str, info) -> click.Option:
+    """The option of a stage config's field: its click type from the annotation and the
+    field's bounds (``INTEGER RANGE``, ``FLOAT RANGE``, a ``Choice`` of a Literal's values, a
+    --x/--no-x flag for a bool; a TOML literal for lists and tables), its help the field's own
+    description and default. Optional fields (``int | None``) take the type of their value."""
+    import types
+    import typing
+
+    import annotated_types
+
+    kinds = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    union = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+    kind = kinds[0] if union and len(kinds) == 1 else info.annotation
+    bounds: dict = {}
+    for m in info.metadata:
+        for name, key, is_open in (("ge", "min", False), ("gt", "min", True),
+                                   ("le", "max", False), ("lt", "max", True)):  # fmt: skip
+            if isinstance(m, getattr(annotated_types, name.title())):
+                bounds[key] = getattr(m, name)
+                bounds[f"{key}_open"] = is_open
+    flag = field.replace("_", "-")
+    text = " ".join((info.description or "").replace("``", "").split())
+    shown = f"{text} (default: {_toml_literal(info.default)})".strip()
+    decls = [f"--{flag}", field]
+    if kind is bool:
+        return click.Option([f"--{flag}/--no-{flag}", field], default=None, help=shown)
+    if kind is int:
+        kind_type: click.ParamType = click.IntRange(**bounds) if bounds else click.INT
+    elif kind is float:
+        kind_type = click.FloatRange(**bounds) if bounds else click.FLOAT
+    elif typing.get_origin(kind) is typing.Literal:
+        kind_type = click.Choice([str(v) for v in typing.get_args(kind)])
+    else:
+        return click.Option(decls, metavar="TOML", help=shown)
+    return click.Option(decls, type=kind_type, help=shown)
+
+
 class StageCommand(click.Command):
     """A command for a stage with one option per field of its config (the recipe's key names,
     dashes for underscores; booleans as --x/--no-x flags). ``stages`` is one stage name, or a
@@ -291,6 +328,7 @@ class StageCommand(click.Command):
             )
         super().__init__(name, callback=self.invoke_stage, help=help, params=params)
         self._config_options = False
+        self._toml_fields: set[str] = set()  # options given as TOML literals (lists, tables)
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not self._config_options:
@@ -303,13 +341,10 @@ class StageCommand(click.Command):
                     if field in seen:
                         continue
                     seen.add(field)
-                    flag = field.replace("_", "-")
-                    shown = f"(default: {_toml_literal(info.default)})"
-                    if info.annotation is bool:
-                        decls = [f"--{flag}/--no-{flag}", field]
-                        self.params.append(click.Option(decls, default=None, help=shown))
-                    else:
-                        self.params.append(click.Option([f"--{flag}", field], help=shown))
+                    option = _config_option(field, info)
+                    if option.type is click.STRING:
+                        self._toml_fields.add(field)
+                    self.params.append(option)
         return super().get_params(ctx)
 
     def invoke_stage(
@@ -361,7 +396,7 @@ class StageCommand(click.Command):
             raise RecipeError(f"{self.name}: {flags} do not apply to stage {stage.name!r}")
         try:
             config = stage.config(
-                **{k: v if isinstance(v, bool) else _parse_value(v) for k, v in given.items()}
+                **{k: _parse_value(v) if k in self._toml_fields else v for k, v in given.items()}
             )
         except ValidationError as e:
             lines = validation_lines(e, stage.config)
@@ -787,7 +822,13 @@ def targets_detect() -> None:
     "For models with a guidance embedding (Flux-dev), the embedded guidance.",
 )
 @size_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the noise (numpy default_rng), as the quality gate draws it.",
+)
 @click.option(
     "--target",
     "target_name",

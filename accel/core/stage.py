@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class StageConfig(BaseModel):
     """Base of every stage config: a typo in a recipe is an error, and a config is a value."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     def for_target(self, target: Target) -> StageConfig:
         """The config with any value that defers to the target resolved (a training stage's

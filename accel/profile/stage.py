@@ -36,13 +36,19 @@ class ProfileConfig(StageConfig):
     warmup_iterations: int | None = Field(None, ge=0)
     """Default for these four: the target's [harness] table."""
     warmup_ms: float | None = Field(None, ge=0)
+    """Warm-up time per workload before timing."""
     iterations: int | None = Field(None, ge=1)
+    """Fixed timed rounds (instead of a duration)."""
     duration_ms: float | None = Field(None, ge=0)
+    """Timing per workload."""
     breakdown_repeats: int = Field(5, ge=1)
     """Calls run with the per-stage breakdown recorded (outside the timed rounds)."""
     teacher_steps: int = Field(50, ge=1)
+    """Steps of the teacher baseline the engine is compared with."""
     quality_samples: int = Field(1000, ge=10)
+    """Images per seed of the quality figures (FD-digits, accuracy)."""
     quality_seeds: list[int] = Field([0, 1], min_length=1)
+    """Seeds of the quality figures (their mean is reported)."""
     engine_spinning: bool = False
     """Let onnxruntime's idle threads busy-wait between calls. Off by default: in an interleaved
     run the spinning threads would take the cores of the torch call that follows."""
