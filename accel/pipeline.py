@@ -126,6 +126,40 @@ def _context(
     )
 
 
+# how the libraries say an allocation failed: numpy's MemoryError, onnxruntime's "Failed to
+# allocate memory" / "bad allocation" (its RuntimeException, a RuntimeError), torch's CPU
+# allocator ("DefaultCPUAllocator: not enough memory", "can't allocate memory") and CUDA's
+# OutOfMemoryError ("CUDA out of memory")
+_ALLOCATION = ("failed to allocate", "bad allocation", "not enough memory",
+               "can't allocate memory", "out of memory", "std::bad_alloc")  # fmt: skip
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (of numpy, onnxruntime or torch)."""
+    if isinstance(error, MemoryError):
+        return True
+    return any(s in str(error).lower() for s in _ALLOCATION)
+
+
+def _lower(stage, config, target: Target) -> str:
+    """The out-of-memory message of ``stage``: what of its inputs sets its memory."""
+    fields = type(config).model_fields
+    asks = []
+    if "batch_size" in fields:
+        asks.append(f"batch_size (now {config.batch_size})")
+        if "gradient_checkpointing" in fields and not config.gradient_checkpointing:
+            asks.append("or turn on gradient_checkpointing")
+    else:
+        b = target.shapes.batch
+        asks.append(
+            f"the target's [shapes] batch max (now {b.max}: gates, calibration and engines draw "
+            "in batches of it)"
+        )
+    if "resolution" in fields:
+        asks.append("the resolution")
+    return "out of memory: this machine cannot hold what it asked for; lower " + ", ".join(asks)
+
+
 def _run_and_commit(
     planned: PlannedStage,
     parent: Artifact,
@@ -169,6 +203,10 @@ def _run_and_commit(
             raise
         except AccelError as e:
             raise StageError(stage.name, str(e), completed) from None
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            raise StageError(stage.name, _lower(stage, config, target), completed) from None
         pending.metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
         if parent.stage == "source" and not store.has(parent.key):
             store.add_source(parent.path)  # a source is kept once something is built from it

@@ -46,7 +46,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE, save_graph
-from export.quality_gate import GateConfig, quality_gate
+from export.quality_gate import GateConfig, draw_batch, quality_gate
 
 SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -237,7 +237,14 @@ def run(ctx: StageContext) -> None:
                 raise StageError(
                     "fp16", f"the fp16 {component} disagrees with fp32: " + describe_failure(report)
                 )
-            gate = quality_gate("fp16", config.gate, parent, pipeline(out_dir), ctx.progress)
+            gate = quality_gate(
+                "fp16",
+                config.gate,
+                parent,
+                pipeline(out_dir),
+                ctx.progress,
+                batch=draw_batch(ctx.target),
+            )
         except StageError as e:
             if component == "denoiser":
                 raise

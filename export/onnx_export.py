@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +22,7 @@ from pydantic import Field
 
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE
-from accel.core.stage import Stage, StageConfig, StageContext
+from accel.core.stage import Stage, StageConfig, StageContext, say
 
 MODEL_FILE = "model.onnx"
 
@@ -210,27 +210,63 @@ def save_graph(model, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
+def plan_defaults(
+    stage: str,
+    path: Path,
+    steps: int | None,
+    guidance: float | None,
+    progress: Callable[[str], None] = say,
+) -> tuple[int, float | None]:
+    """The step count and guidance of the plan, before any weights load: as given; else a
+    distilled student's own (its accel.json); else, for a teacher, what its stock pipeline class
+    samples with by default (``pipe(prompt)``: 50 steps and w 7.5 for StableDiffusionPipeline),
+    said in one progress line. A StageError naming the option when none is known."""
+    from accel.core.model_info import ModelInfo
+    from distill.models import stock_defaults
+
+    if steps is not None:
+        return steps, guidance
+    try:
+        info = ModelInfo.read(path)
+    except CheckpointError as e:
+        raise StageError(stage, str(e)) from None
+    if info.num_inference_steps is not None:
+        return info.num_inference_steps, guidance
+    cls, stock_steps, stock_guidance = stock_defaults(path)
+    if stock_steps is None:
+        raise StageError(
+            stage,
+            "this checkpoint is not a distilled student (its accel.json names no step count) and "
+            f"its pipeline class {cls or '(none in model_index.json)'} names no default: set "
+            f"num_inference_steps (--num-inference-steps on the command line)",
+        )
+    if guidance is None and info.guidance_scale is None:
+        guidance = stock_guidance
+    shown = "the model's own guidance" if guidance is None else f"guidance {guidance:g}"
+    progress(
+        f"{stage}: a teacher, not a distilled student: its sampler plan takes {cls}'s "
+        f"defaults, {stock_steps} steps and {shown} (set --num-inference-steps and "
+        "--guidance-scale to choose)"
+    )
+    return stock_steps, guidance
+
+
 def graph_and_plan(
     stage: str,
     path: Path,
     steps: int | None,
     guidance: float | None,
     resolution: list[int] | None = None,
+    progress: Callable[[str], None] = say,
 ):
-    """The checkpoint's DenoiserGraph and its sampler plan for ``steps`` (default: a student's own
-    step count), ``guidance`` (default: the checkpoint's) and a pipeline's ``resolution``
-    ([height, width]; default: its own)."""
+    """The checkpoint's DenoiserGraph and its sampler plan for ``steps`` and ``guidance``
+    (defaults: ``plan_defaults``) and a pipeline's ``resolution`` ([height, width]; default: its
+    own)."""
     from distill.denoiser import DenoiserGraph, load_denoiser
     from distill.samplers import sampler_plan
 
+    steps, guidance = plan_defaults(stage, path, steps, guidance, progress)
     denoiser, info = load_denoiser(path, guidance_scale=guidance)
-    steps = steps or info.num_inference_steps
-    if steps is None:
-        raise StageError(
-            stage,
-            f"{path} names no num_inference_steps (not a distilled student): "
-            f"set num_inference_steps in the {stage} stage config",
-        )
     if resolution is not None and denoiser.adapter is None:
         raise StageError(stage, "resolution applies to text-to-image pipelines only")
     size = None if resolution is None else (resolution[0], resolution[1])
@@ -352,7 +388,7 @@ def run(ctx: StageContext) -> None:
 
     graph, plan = graph_and_plan(
         "onnx", ctx.input.path, config.num_inference_steps, config.guidance_scale,
-        config.resolution,
+        config.resolution, ctx.progress,
     )  # fmt: skip
     spatial = spatial_range(ctx.target, graph)
     resolutions = [None] if spatial is None else [spatial[0], spatial[1]]

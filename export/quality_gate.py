@@ -48,16 +48,25 @@ def default_metric(plan: SamplerPlan) -> str:
     return "fd_digits" if digits else "image_rmse"
 
 
+def draw_batch(target) -> int:
+    """The batch every "draw N images" path samples in: the target's largest (the top of its
+    batch buckets), so memory follows what the target serves, never the sample count."""
+    return target.shapes.batch.max
+
+
 def quality_gate(
     stage: str,
     gate: GateConfig,
     parent: tuple,
     candidate: tuple,
     progress: Callable[[str], None] = say,
+    batch: int = 64,
 ) -> dict:
-    """Compare ``candidate`` = (runtime, plan) with ``parent`` = (runtime, plan); the figures, or
-    ``StageError`` when the candidate is worse than ``gate`` allows."""
-    from accel.demo.digits import evaluate_images, generate
+    """Compare ``candidate`` = (runtime, plan) with ``parent`` = (runtime, plan), both drawn in
+    batches of ``batch`` (``draw_batch(target)``) side by side, so that memory holds one batch
+    of each and the FD features, whatever ``gate.samples`` is; the figures, or ``StageError``
+    when the candidate is worse than ``gate`` allows."""
+    from accel.demo.digits import draw, evaluate_features, features_and_predictions
 
     plan: SamplerPlan = parent[1]
     metric = gate.metric or default_metric(plan)
@@ -72,29 +81,41 @@ def quality_gate(
             '(or "off") in the stage config',
         )
     threshold = DEFAULT_THRESHOLD[metric] if gate.threshold is None else gate.threshold
-    progress(f"{stage}: quality gate ({metric}, {gate.samples} samples x {len(gate.seeds)})")
+    progress(
+        f"{stage}: quality gate ({metric}, {gate.samples} samples x {len(gate.seeds)}, "
+        f"batches of {batch})"
+    )
+    sides = {"parent": parent, "candidate": candidate}
     scores: dict[str, list[dict]] = {"parent": [], "candidate": []}
     sq_err, count = 0.0, 0
     for seed in gate.seeds:
-        images = {}
-        for who, (runtime, p) in (("parent", parent), ("candidate", candidate)):
-            images[who], labels = generate(runtime, p, gate.samples, seed, p.num_classes)
-            if not np.isfinite(images[who]).all():
-                raise StageError(stage, f"the {who} sampled NaN or Inf images")
-            if metric == "fd_digits":
-                try:
-                    scores[who].append(evaluate_images(images[who], labels))
-                except ValueError as e:  # images the classifier cannot read
-                    raise StageError(
-                        stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
-                    ) from None
-        sq_err += float(((images["candidate"] - images["parent"]) ** 2).sum())
-        count += images["parent"].size
+        streams = [
+            draw(rt, p, gate.samples, seed, p.num_classes, batch) for rt, p in sides.values()
+        ]
+        seen: dict[str, list] = {who: [] for who in sides}
+        for (a, labels), (b, _) in zip(*streams, strict=True):
+            for who, images in (("parent", a), ("candidate", b)):
+                if not np.isfinite(images).all():
+                    raise StageError(stage, f"the {who} sampled NaN or Inf images")
+                if metric == "fd_digits":
+                    try:
+                        seen[who].append((*features_and_predictions(images), labels))
+                    except ValueError as e:  # images the classifier cannot read
+                        raise StageError(
+                            stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
+                        ) from None
+            sq_err += float(((b - a) ** 2).sum())
+            count += a.size
+        for who, parts in seen.items():
+            if parts:
+                columns = (np.concatenate([part[k] for part in parts]) for k in range(3))
+                scores[who].append(evaluate_features(*columns))
     result: dict = {
         "metric": metric,
         "threshold": threshold,
         "samples": gate.samples,
         "seeds": list(gate.seeds),
+        "batch": batch,
         "image_rmse": (sq_err / count) ** 0.5,
     }
     if metric == "fd_digits":

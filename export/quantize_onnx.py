@@ -39,7 +39,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE
-from export.quality_gate import GateConfig, quality_gate
+from export.quality_gate import GateConfig, draw_batch, quality_gate
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -80,18 +80,18 @@ class QuantizeConfig(StageConfig):
         return self
 
 
-def calibration_feeds(runtime, plan: SamplerPlan, n: int, seed: int) -> list[dict]:
+def calibration_feeds(runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64) -> list[dict]:
     """The denoiser graph's feeds at every step of ``plan`` while ``runtime`` samples n images."""
-    return component_calibration_feeds(runtime, plan, n, seed)["denoiser"]
+    return component_calibration_feeds(runtime, plan, n, seed, batch)["denoiser"]
 
 
 def component_calibration_feeds(
-    runtime, plan: SamplerPlan, n: int, seed: int
+    runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64
 ) -> dict[str, list[dict]]:
-    """Per graph, its feeds while ``runtime`` samples n images with ``plan``: the denoiser's at
-    every step and, for a pipeline, the text encoder's token ids and the VAE decoder's
-    latents."""
-    from accel.demo.digits import generate
+    """Per graph, its feeds while ``runtime`` samples n images with ``plan`` in batches of
+    ``batch`` (``draw_batch(target)``): the denoiser's at every step and, for a pipeline, the
+    text encoder's token ids and the VAE decoder's latents."""
+    from accel.demo.digits import draw
 
     feeds: dict[str, list[dict]] = {"denoiser": [], "text_encoder": [], "vae_decoder": []}
     if plan.components:  # record what the component engines are given
@@ -99,9 +99,8 @@ def component_calibration_feeds(
         runtime.text = _Recorder(text, feeds["text_encoder"])
         runtime.vae = _Recorder(vae, feeds["vae_decoder"])
     try:
-        generate(
-            runtime, plan, n, seed, plan.num_classes, chunk=64, on_step=feeds["denoiser"].append
-        )
+        for _ in draw(runtime, plan, n, seed, plan.num_classes, batch, feeds["denoiser"].append):
+            pass  # the feeds are the calibration data; the images are not kept
     finally:
         if plan.components:
             runtime.text, runtime.vae = text, vae
@@ -270,7 +269,7 @@ def run(ctx: StageContext) -> None:
         f"sampling of {config.calibration_samples} images ({len(plan.steps)} steps each)"
     )
     feeds_of = component_calibration_feeds(
-        parent, plan, config.calibration_samples, config.calibration_seed
+        parent, plan, config.calibration_samples, config.calibration_seed, draw_batch(ctx.target)
     )
     if plan.components:
         from accel.runtime.pipeline import copy_pipeline_files
@@ -303,7 +302,14 @@ def run(ctx: StageContext) -> None:
         )
     except CheckpointError as e:
         raise StageError("quantize", f"the quantized graph does not load: {e}") from None
-    gate = quality_gate("quantize", config.gate, (parent, plan), (quantized, plan), ctx.progress)
+    gate = quality_gate(
+        "quantize",
+        config.gate,
+        (parent, plan),
+        (quantized, plan),
+        ctx.progress,
+        batch=draw_batch(ctx.target),
+    )
     ctx.metrics.update(quantize_seconds=quantize_s, quality_gate=gate, qdq_nodes=sum(qdq.values()))
     ctx.info.update(
         precision="fp8" if fp8 else "int8",

@@ -34,7 +34,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE
-from export.quality_gate import GateConfig, quality_gate
+from export.quality_gate import GateConfig, draw_batch, quality_gate
 
 CONFIGS = {
     "int8_smoothquant": "INT8_SMOOTHQUANT_CFG",
@@ -99,7 +99,9 @@ def run(ctx: StageContext) -> None:
         f"quantize_torch: calibrating {config.method} on the sampling trajectories of "
         f"{config.calibration_samples} images ({len(plan.steps)} steps each)"
     )
-    feeds = calibration_feeds(parent, plan, config.calibration_samples, config.calibration_seed)
+    feeds = calibration_feeds(
+        parent, plan, config.calibration_samples, config.calibration_seed, draw_batch(ctx.target)
+    )
 
     quantized = copy.deepcopy(graph)  # the reference keeps its fp32 weights
 
@@ -132,7 +134,12 @@ def run(ctx: StageContext) -> None:
         except CheckpointError as e:
             raise StageError("quantize_torch", f"the quantized graph does not load: {e}") from None
     gate = quality_gate(
-        "quantize_torch", config.gate, (parent, plan), (candidate, plan), ctx.progress
+        "quantize_torch",
+        config.gate,
+        (parent, plan),
+        (candidate, plan),
+        ctx.progress,
+        batch=draw_batch(ctx.target),
     )
     gate["runtime"] = gate_runtime
     ctx.metrics.update(

@@ -34,7 +34,7 @@ from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, quality_gate
+from export.quality_gate import GateConfig, draw_batch, quality_gate
 from export.torch_engines import (
     CompiledEngine,
     CudaGraphEngine,
@@ -240,7 +240,12 @@ def run(ctx: StageContext) -> None:
     after = cache_counters()
     # against the eager per-step loop (and a pipeline's eager VAE decode)
     gate = quality_gate(
-        "torch_compile", config.gate, (eager, plan), (engine, fused_plan), ctx.progress
+        "torch_compile",
+        config.gate,
+        (eager, plan),
+        (engine, fused_plan),
+        ctx.progress,
+        batch=draw_batch(ctx.target),
     )
     ctx.metrics.update(
         compile_seconds=compile_s,

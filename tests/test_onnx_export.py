@@ -11,7 +11,7 @@ from export.onnx_export import example_inputs, onnx_from_torch
 from export.parity import compare, describe_failure
 from export.torch_runtime import TorchRuntime
 
-from tiny import tiny_unet
+from tiny import tiny_unet, write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,39 @@ def test_a_resolution_range_the_unet_cannot_take_is_refused(tmp_path):
             target=resolution_target(tmp_path, 9, 33, 17),
             num_inference_steps=2,
         )
+
+
+def test_a_teacher_takes_its_stock_pipelines_defaults_before_any_weights_load(
+    tmp_path, monkeypatch, capsys
+):
+    """`accel export onnx TEACHER`: a checkpoint that is not a distilled student samples with its
+    stock pipeline's defaults (DDPMPipeline: 1000 steps; StableDiffusionPipeline: 50 steps at
+    w 7.5), read from the configs; with a pipeline class that names none, the error names the
+    option. Both come before any weights load: here the weights are damaged."""
+    import json
+
+    from accel.core.errors import StageError
+    from distill.models import stock_defaults
+    from export.onnx_export import plan_defaults
+
+    from tiny import run_cli
+
+    teacher = write_tiny_pipeline(tmp_path / "teacher")
+    weights = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading it would fail
+    said = []
+    assert plan_defaults("onnx", teacher, None, None, said.append) == (1000, None)
+    assert "DDPMPipeline's defaults, 1000 steps" in said[0]
+    assert plan_defaults("onnx", teacher, 3, None, said.append) == (3, None)  # as given
+    index = json.loads((teacher / "model_index.json").read_text())
+    (teacher / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionPipeline"})
+    )
+    assert stock_defaults(teacher) == ("StableDiffusionPipeline", 50, 7.5)
+    (teacher / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyPipeline"}))
+    with pytest.raises(StageError, match="--num-inference-steps"):
+        plan_defaults("onnx", teacher, None, None, said.append)
+    code, _, err = run_cli(monkeypatch, capsys, "export", "onnx", teacher,
+                           "--store", tmp_path / "store")  # fmt: skip
+    assert code != 0 and "Traceback" not in err
+    assert "--num-inference-steps" in err and "safetensors" not in err

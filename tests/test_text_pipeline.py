@@ -540,7 +540,10 @@ def _native_fp16(model, fp32_nodes: set[str]):
         for o in n.output:
             if o in floats:
                 cast = helper.make_node("Cast", [o], [o + "/h"], to=TensorProto.FLOAT16)
-                nodes += [cast, helper.make_node("Cast", [o + "/h"], [o + "/r"], to=TensorProto.FLOAT)]
+                nodes += [
+                    cast,
+                    helper.make_node("Cast", [o + "/h"], [o + "/r"], to=TensorProto.FLOAT),
+                ]
                 renamed[o] = o + "/r"
     del model.graph.node[:]
     model.graph.node.extend(nodes)

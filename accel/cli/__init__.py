@@ -865,7 +865,6 @@ def sample(
     import numpy as np
 
     from accel.core.target import load_target
-    from accel.demo.digits import generate
     from accel.runtime import open_runtime, run_pipeline
     from accel.runtime.loop import check_finite
     from accel.runtime.pipeline import check_prompts
@@ -894,26 +893,30 @@ def sample(
     num = num or len(prompts) or len(labels) or None
     if num is None:
         raise RecipeError("how many images? give -n")
-    if not plan.decode:  # pixel models (the digits path)
-        if labels:
-            label_arr = np.resize(np.asarray(labels, dtype=np.int64), num)
-            noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
-            images = run_pipeline(runtime, plan, noise.astype(np.float32), labels=label_arr,
-                                  rng=np.random.default_rng([seed, 1]))  # fmt: skip
-            images, label_out = np.clip(images, -1, 1), label_arr
-        else:
-            images, label_out = generate(runtime, plan, num, seed, plan.num_classes)
-        noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
-    else:
-        noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
-        prompt_list = [prompts[i % len(prompts)] for i in range(num)] if prompts else None
-        label_out = None
-        if kind == "class":
-            label_out = np.resize(np.asarray(labels or range(plan.num_classes), np.int64), num)
-        images = run_pipeline(
-            runtime, plan, noise.astype(np.float32), prompt_list, label_out,
-            np.random.default_rng([seed, 1]),
-        )  # fmt: skip
+    noise = np.random.default_rng(seed).standard_normal((num, *plan.sample_shape))
+    prompt_list = [prompts[i % len(prompts)] for i in range(num)] if prompts else None
+    label_out = None
+    if kind == "class":
+        label_out = np.resize(np.asarray(labels or range(plan.num_classes), np.int64), num)
+    # in batches of the target's largest (the default target's without --target), so that
+    # memory follows the batch, not -n; one step-noise stream, as one batch would draw it
+    batch = (target or load_target("cpu")).shapes.batch.max
+    step_noise = np.random.default_rng([seed, 1])
+    images = np.concatenate(
+        [
+            run_pipeline(
+                runtime,
+                plan,
+                noise[i : i + batch].astype(np.float32),
+                None if prompt_list is None else prompt_list[i : i + batch],
+                None if label_out is None else label_out[i : i + batch],
+                step_noise,
+            )  # fmt: skip
+            for i in range(0, num, batch)
+        ]
+    )
+    if not plan.decode:
+        images = np.clip(images, -1, 1)
     check_finite(images, str(model))
     images01 = np.clip((images + 1) / 2, 0, 1).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)

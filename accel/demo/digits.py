@@ -132,7 +132,18 @@ def _real_features() -> np.ndarray:
 
 def evaluate_images(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict:
     """FD-digits against all 1797 real digits, and class accuracy, of images in [-1, 1]."""
-    feats, preds = features_and_predictions(images)
+    return evaluate_features(*features_and_predictions(images), labels)
+
+
+def evaluate_batches(batches) -> dict:
+    """``evaluate_images`` of a stream of (images, labels) batches (``draw``), holding only the
+    classifier's features of the images seen so far."""
+    parts = [(*features_and_predictions(images), labels) for images, labels in batches]
+    return evaluate_features(*(np.concatenate([p[k] for p in parts]) for k in range(3)))
+
+
+def evaluate_features(feats: np.ndarray, preds: np.ndarray, labels) -> dict:
+    """FD-digits and class accuracy from the classifier's features and predicted labels."""
     labels = np.asarray(labels)
     return {
         "fd_digits": frechet_distance(feats, _real_features()),
@@ -149,41 +160,39 @@ def fd_floor(seed: int = 0) -> float:
     return frechet_distance(feats[perm[:half]], feats[perm[half:]])
 
 
-def generate(
-    runtime, plan, n: int, seed: int, num_classes: int | None, chunk: int = 500, on_step=None
-):
-    """n samples from a runtime and sampler plan, on the noise and labels ``accel sample`` uses:
-    noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled. Images in [-1, 1].
-    ``on_step`` sees the graph's feeds of every step (``accel.runtime.sample``)."""
+def draw(runtime, plan, n: int, seed: int, num_classes: int | None, batch: int, on_step=None):
+    """``generate``'s n samples as a stream of (images, labels) batches of at most ``batch``
+    (the target's batch), so that memory is one batch's whatever n is: the noise is drawn batch
+    by batch from the one generator (the same numbers as one draw of all n), labels 0..K-1
+    cycled (digit prompts 0..9 for text models), fresh step noise from ``[seed, 1]``."""
     from accel.runtime import run_pipeline, sample
 
-    noise = np.random.default_rng(seed).standard_normal((n, *plan.sample_shape)).astype(np.float32)
-    labels = (np.arange(n) % num_classes).astype(np.int64) if num_classes else None
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    noise_rng = np.random.default_rng(seed)
     step_noise = np.random.default_rng([seed, 1])  # for stochastic (consistency) steps
-    if plan.conditioning_kind == "text":  # digit prompts, labels 0..9 cycled
-        labels = (np.arange(n) % 10).astype(np.int64)
-        prompts = [caption(int(k)) for k in labels]
-        out = [
-            run_pipeline(
-                runtime,
-                plan,
-                noise[i : i + chunk],
-                prompts[i : i + chunk],
-                rng=step_noise,
-                on_step=on_step,
-            )
-            for i in range(0, n, chunk)
-        ]
-        return np.clip(np.concatenate(out), -1, 1), labels
-    out = [
-        sample(
-            runtime,
-            plan,
-            noise[i : i + chunk],
-            None if labels is None else labels[i : i + chunk],
-            step_noise,
-            on_step,
-        )
-        for i in range(0, n, chunk)
-    ]
-    return np.clip(np.concatenate(out), -1, 1), labels
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(start + batch, n))
+        noise = noise_rng.standard_normal((len(rows), *plan.sample_shape)).astype(np.float32)
+        if plan.conditioning_kind == "text":  # digit prompts, labels 0..9 cycled
+            labels = (rows % 10).astype(np.int64)
+            prompts = [caption(int(k)) for k in labels]
+            images = run_pipeline(runtime, plan, noise, prompts, rng=step_noise, on_step=on_step)
+        else:
+            labels = (rows % num_classes).astype(np.int64) if num_classes else None
+            images = sample(runtime, plan, noise, labels, step_noise, on_step)
+        yield np.clip(images, -1, 1), labels
+
+
+def generate(
+    runtime, plan, n: int, seed: int, num_classes: int | None, chunk: int = 64, on_step=None
+):
+    """n samples from a runtime and sampler plan, on the noise and labels ``accel sample`` uses:
+    noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled. Images in [-1, 1],
+    drawn in batches of ``chunk`` (``draw``). ``on_step`` sees the graph's feeds of every step
+    (``accel.runtime.sample``)."""
+    parts = list(draw(runtime, plan, n, seed, num_classes, chunk, on_step))
+    images = np.concatenate([p[0] for p in parts])
+    if parts[0][1] is None:
+        return images, None
+    return images, np.concatenate([p[1] for p in parts])

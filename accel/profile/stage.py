@@ -222,17 +222,36 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads() if torch is not None else None
 
 
+GRID_IMAGES = 100  # a sample grid's: 10 per class of the 10 digits (report.image_grid)
+
+
+def _keeping(batches, kept: list, limit: int):
+    """The (images, labels) batches passed through, their first ``limit`` images noted in
+    ``kept``."""
+    for images, labels in batches:
+        room = limit - sum(map(len, kept))
+        if room > 0:
+            kept.append(images[:room])
+        yield images, labels
+
+
 def measure_quality(
-    subjects: dict, samples: int, seeds: list[int], progress=print, cache: dict | None = None
+    subjects: dict,
+    samples: int,
+    seeds: list[int],
+    progress=print,
+    cache: dict | None = None,
+    batch: int = 64,
 ):
-    """FD-digits and class accuracy per subject, means over seeds; and the first seed's images
-    (for sample grids). A subject with a file in ``cache`` (the teacher's reference quality, in
+    """FD-digits and class accuracy per subject, means over seeds, drawn in batches of ``batch``
+    (only the classifier's features are kept); and the first seed's first ``GRID_IMAGES``
+    images (for sample grids). A subject with a file in ``cache`` (the teacher's reference quality, in
     the store's ``cache/``) is measured once: later calls read its figures and images back."""
     import json
 
     from safetensors.numpy import load_file, save_file
 
-    from accel.demo.digits import evaluate_images, generate
+    from accel.demo.digits import draw, evaluate_batches
 
     quality: dict[str, dict] = {}
     grids: dict[str, np.ndarray] = {}
@@ -249,10 +268,13 @@ def measure_quality(
             continue
         per_seed = []
         for seed in seeds:
-            images, lab = generate(rt, plan, samples, seed, plan.num_classes)
-            per_seed.append(dict(evaluate_images(images, lab), seed=seed))
+            kept: list[np.ndarray] = []  # the grid's images: the first seed's first ones
+            stream = draw(rt, plan, samples, seed, plan.num_classes, batch)
             if seed == seeds[0]:
-                grids[name] = images
+                stream = _keeping(stream, kept, GRID_IMAGES)
+            per_seed.append(dict(evaluate_batches(stream), seed=seed))
+            if kept:
+                grids[name] = np.concatenate(kept)
         quality[name] = {
             "fd_digits": float(np.mean([r["fd_digits"] for r in per_seed])),
             "class_accuracy": float(np.mean([r["class_accuracy"] for r in per_seed])),
@@ -308,6 +330,7 @@ def run(ctx: StageContext) -> None:
     from accel.profile.harness import Harness
     from accel.report import write_report
     from accel.runtime import open_engine
+    from export.quality_gate import draw_batch
     from export.torch_runtime import open_model
 
     target = ctx.target
@@ -361,7 +384,9 @@ def run(ctx: StageContext) -> None:
         for name, (_, plan) in quality_subjects.items()
         if name != names["engine"]
     }
-    quality, grids = measure_quality(quality_subjects, n, seeds, ctx.progress, cache)
+    quality, grids = measure_quality(
+        quality_subjects, n, seeds, ctx.progress, cache, draw_batch(target)
+    )
     # from a scenario without queueing: SingleStream, else Offline (None for Server alone)
     timed = report["scenarios"].get("single_stream") or report["scenarios"].get("offline")
     speedup = None

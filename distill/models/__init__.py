@@ -32,6 +32,7 @@ __all__ = [
     "denoiser_folder",
     "family_of",
     "load_pipeline",
+    "stock_defaults",
 ]
 
 
@@ -123,3 +124,33 @@ def family_of(root: str | Path) -> str:
     config_path = root / denoiser_folder(root, index) / "config.json"
     config = read_json(config_path)
     return adapter_class(config.get("_class_name", ""), config_path).family_of(config)
+
+
+def stock_defaults(root: str | Path) -> tuple[str, int | None, float | None]:
+    """The stock pipeline class named by ``model_index.json`` and the step count and guidance
+    its ``__call__`` samples with by default (``pipe(prompt)``), from configs alone, no weights
+    read. Guidance is classifier-free guidance's w where ``guidance_scale`` is that; a pipeline
+    whose ``guidance_scale`` is an embedded input (Flux: CFG is ``true_cfg_scale``, off by
+    default) gives None, so that the model's own default applies. (class name, None, None)
+    when the class is not one of diffusers' or names no default."""
+    import inspect
+
+    from accel.core.checkpoint import read_json
+
+    index_file = Path(root) / "model_index.json"
+    name = read_json(index_file).get("_class_name", "") if index_file.is_file() else ""
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, name) if name else None
+        params = inspect.signature(cls.__call__).parameters if cls is not None else {}
+    except (AttributeError, ImportError, TypeError, ValueError):
+        return name, None, None
+
+    def default(key: str):
+        value = params[key].default if key in params else None
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    steps = default("num_inference_steps")
+    guidance = None if "true_cfg_scale" in params else default("guidance_scale")
+    return name, (int(steps) if steps is not None else None), guidance
