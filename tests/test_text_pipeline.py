@@ -298,11 +298,11 @@ def test_fp16_keeps_a_component_the_gate_refuses_in_fp32(built, tmp_path, monkey
 
     gate, calls = export.fp16.quality_gate, []
 
-    def refuse_all_but_the_first(stage, config, parent, candidate, progress):
+    def refuse_all_but_the_first(stage, config, parent, candidate, progress, batch):
         calls.append(stage)  # the first is the denoiser's (components are gated in order)
         if len(calls) > 1:
             raise StageError("fp16", "quality gate failed: image RMS difference too large")
-        return gate(stage, config, parent, candidate, progress)
+        return gate(stage, config, parent, candidate, progress, batch)
 
     monkeypatch.setattr(export.fp16, "quality_gate", refuse_all_but_the_first)
     src, out, store = built["sd"]["onnx"], tmp_path / "half", tmp_path / "store"

@@ -25,6 +25,7 @@ COMPONENTS = ("text_encoder", "vae_decoder")
 TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
 TOKENIZER_OPTIONAL = {"lowercase", "prefix"}  # the prompt clean-up before tokenizing (PixArt, Sana)
 SAMPLERS = ("ddim", "consistency", "flow_euler", "flow_map")
+CONDITIONING_KINDS = ("text", "class", None)
 MAX_SIDE, MAX_SAMPLE = 1 << 16, 1 << 28  # per-example noise: a plan asking for more is damaged
 
 
@@ -105,6 +106,10 @@ class SamplerPlan:
         object.__setattr__(self, "steps", steps)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.conditioning_kind not in CONDITIONING_KINDS:
+            raise ValueError(
+                f"conditioning_kind {self.conditioning_kind!r} is not text, class or null"
+            )
         if not all(isinstance(d, int) and 0 < d <= MAX_SIDE for d in self.sample_shape) or (
             math.prod(self.sample_shape) > MAX_SAMPLE
         ):

@@ -99,10 +99,9 @@ def test_a_killed_claim_holder_does_not_block_the_next_run(tmp_path):
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)  # dies holding the claim, mid-stage
     first.wait()
-    t0 = time.time()
     second = launch(slow, store, FAKE_SLOW_SECONDS="0.1")  # the same stage and key
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err[-800:]
-    assert time.time() - t0 < 50 and "waiting" not in out  # the dead holder's claim is gone
+    assert "waiting" not in out  # the dead holder's claim is gone (no wall time asserted)
     assert len(log.read_text().split()) == 2  # the killed run's work was not kept
     record("killed claim holder", cases=1, next_run_waited=0)

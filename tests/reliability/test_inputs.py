@@ -75,3 +75,48 @@ def test_an_edited_artifact_claiming_a_stored_key_is_refused(tmp_path, monkeypat
     (tmp_path / "edited" / MANIFEST).write_text(json.dumps(manifest))
     code, _, err = run_cli(monkeypatch, capsys, "compile", tmp_path / "edited", "--store", store)
     assert code == 1 and "holds another artifact under that key" in err, err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+            "running MatMul node. Failed to allocate memory for requested buffer of size "
+            "84934656000"
+        ),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB"),
+    ],
+)
+def test_an_allocation_failure_in_a_stage_is_one_line_naming_what_to_lower(tmp_path, error):
+    """numpy's, onnxruntime's and torch's ways of saying an allocation failed, raised inside a
+    stage: one StageError naming the stage and what sets its memory, the store left as it was;
+    any other RuntimeError is a bug and keeps its traceback."""
+    from accel.core.errors import StageError
+    from accel.core.stage import Stage
+    from accel.core.target import load_target
+    from accel.pipeline import default_store, run_or_reuse
+
+    import fake_stages
+    from tiny import write_tiny_pipeline
+
+    def fails(ctx):
+        (ctx.out / "half.txt").write_text("x")
+        raise error
+
+    store = default_store(tmp_path / "store")
+    parent = store.source(write_tiny_pipeline(tmp_path / "teacher"))
+    stage = Stage("greedy", 1, fake_stages.ShrinkConfig, "checkpoint", "checkpoint", fails)
+    before = sorted(p.name for p in store.artifacts.iterdir())
+    with pytest.raises(StageError) as info:
+        run_or_reuse(stage, stage.config(), parent, load_target("cpu"), store, lambda m: None)
+    message = str(info.value)
+    assert "greedy" in message and "out of memory" in message and "\n" not in message
+    assert "the target's [shapes] batch max (now 64" in message
+    assert sorted(p.name for p in store.artifacts.iterdir()) == before
+    assert not any(store.tmp.iterdir())
+    stage = Stage("buggy", 1, fake_stages.ShrinkConfig, "checkpoint", "checkpoint",
+                  lambda ctx: (_ for _ in ()).throw(RuntimeError("a bug")))  # fmt: skip
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_or_reuse(stage, stage.config(), parent, load_target("cpu"), store, lambda m: None)

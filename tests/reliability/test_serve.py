@@ -93,7 +93,7 @@ def test_bad_requests_get_clear_statuses(bundle):
     record("serve: malformed requests", kinds=len(cases) + 1, statuses=counts)
 
 
-def test_concurrent_requests_get_the_images_drawn_alone_and_overload_is_shed(bundle):
+def test_concurrent_requests_get_the_images_drawn_alone_and_overload_is_shed(bundle, monkeypatch):
     requests = [(1 + i % 3, i) for i in range(12)]
     alone = {r: expected(bundle, *r) for r in requests}
     server = start(bundle, max_inflight=2, queue_timeout=30)
@@ -108,19 +108,31 @@ def test_concurrent_requests_get_the_images_drawn_alone_and_overload_is_shed(bun
         assert status == 200
         np.testing.assert_allclose(np.asarray(reply["images"]), alone[r], atol=1e-6)
     server.shutdown()
-    # one slot, no queue: of 8 simultaneous requests, the surplus is shed with 503 + Retry-After
+    # one slot, no queue: while a request computes, every other is shed with 503 + Retry-After.
+    # The first request holds the slot until the others are answered (on a fast machine, 8
+    # simultaneous requests could each finish before the next arrives: no overload to see)
+    entered, release, draw = threading.Event(), threading.Event(), serve_bundle.generate
+
+    def held_generate(b, n, seed):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(60)
+        return draw(b, n, seed)
+
+    monkeypatch.setattr(serve_bundle, "generate", held_generate)
     server = start(bundle, max_inflight=1, queue_timeout=0.0)
     port = server.server_address[1]
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda s: post(port, b'{"n": 64, "seed": %d}' % s), range(8)))
+        first = pool.submit(post, port, b'{"n": 64, "seed": 0}')
+        assert entered.wait(60)
+        shed = list(pool.map(lambda s: post(port, b'{"n": 64, "seed": %d}' % s), range(1, 8)))
+        release.set()
+        replies = [first.result(), *shed]
     statuses = [s for s, _, _ in replies]
-    assert 200 in statuses and 503 in statuses, statuses
-    shed = next(h for s, _, h in replies if s == 503)
-    assert shed.get("Retry-After") == "1"
-    for seed, (status, reply, _) in enumerate(replies):
-        if status == 200:
-            np.testing.assert_allclose(np.asarray(reply["images"]), expected(bundle, 64, seed),
-                                       atol=1e-6)  # fmt: skip
+    assert statuses == [200] + [503] * 7, statuses
+    assert all(h.get("Retry-After") == "1" for _, _, h in replies[1:])
+    np.testing.assert_allclose(np.asarray(replies[0][1]["images"]), expected(bundle, 64, 0),
+                               atol=1e-6)  # fmt: skip
     server.shutdown()
     record("serve: concurrent and over capacity", concurrent=len(requests), clients=8,
            burst=len(statuses), served=statuses.count(200), shed=statuses.count(503))  # fmt: skip
