@@ -25,7 +25,7 @@ from accel.core.engine_info import EngineInfo
 from accel.core.errors import StageError
 from accel.core.plan import PLAN_FILE
 from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 
 ENGINE_FILE = "model.pt2"
 # builds and loads a one-layer CUDA package in a child process: torch 2.11 on the lent H100/H200
@@ -157,7 +157,7 @@ def run(ctx: StageContext) -> None:
         (TorchRuntime(graph.cpu()), plan),
         (engine, plan),
         ctx.progress,
-        batch=draw_batch(ctx.target),
+        batch=ctx.target.draw_batch,
     )
     ctx.metrics.update(compile_seconds=compile_s, quality_gate=gate)
 

@@ -46,7 +46,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE, save_graph
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 
 SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -111,8 +111,9 @@ def boundary(model, keep: list[str]) -> list[tuple[str, int]]:
 
 
 @contextmanager
-def exposed(path: Path, inputs: list[tuple[str, int]]) -> Iterator[Path]:
-    """The graph at ``path`` with one more output per (node, input index) of ``inputs``
+def exposed(path: Path, inputs: list[tuple[str, int]], model=None) -> Iterator[Path]:
+    """The graph at ``path`` (``model``: its proto, loaded without external data, if the caller
+    has it; it is changed) with one more output per (node, input index) of ``inputs``
     (``fp16_boundary_<k>``, float32: in a converted graph, the Cast that AutoCast puts before the
     fp32 node), written to a temp dir beside links to its external data (no weights copied)."""
     import onnx
@@ -121,7 +122,8 @@ def exposed(path: Path, inputs: list[tuple[str, int]]) -> Iterator[Path]:
     if not inputs:
         yield path
         return
-    model = onnx.load(str(path), load_external_data=False)
+    if model is None:
+        model = onnx.load(str(path), load_external_data=False)
     nodes = {n.name: n for n in model.graph.node}
     for k, (name, index) in enumerate(inputs):
         if name not in nodes:
@@ -218,7 +220,10 @@ def run(ctx: StageContext) -> None:
         ctx.progress(f"fp16: converting the {component}; {len(keep)} nodes stay fp32")
         converted = convert(src_dir / file, out_dir / file, keep, config.keep_fp32_ops)
         seconds = time.perf_counter() - t0
-        with exposed(src_dir / file, edges) as ref_path, exposed(out_dir / file, edges) as path:
+        with (
+            exposed(src_dir / file, edges, graph) as ref_path,
+            exposed(out_dir / file, edges) as path,
+        ):
             try:
                 reference = OrtRuntime(ref_path, optimize=False)
                 half = OrtRuntime(path, optimize=False)
@@ -231,7 +236,7 @@ def run(ctx: StageContext) -> None:
                 else feeds_of[component]
             )
             report = compare(reference, [half], feeds, "fp16", judged)
-            del reference, half
+            del reference, half  # their sessions' memory, before the gate opens the pipelines
         try:
             if not report["passed"]:
                 raise StageError(
@@ -243,7 +248,7 @@ def run(ctx: StageContext) -> None:
                 parent,
                 pipeline(out_dir),
                 ctx.progress,
-                batch=draw_batch(ctx.target),
+                batch=ctx.target.draw_batch,
             )
         except StageError as e:
             if component == "denoiser":

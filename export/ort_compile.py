@@ -25,7 +25,7 @@ from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 
 ENGINE_FILE = "model.onnx"
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -243,7 +243,7 @@ def run(ctx: StageContext) -> None:
         (ref_rt, plan),
         (eng_rt, plan),
         ctx.progress,
-        batch=draw_batch(ctx.target),
+        batch=ctx.target.draw_batch,
     )
     ctx.metrics.update(compile_seconds=compile_s, parity=report, quality_gate=gate)
     if component_reports:

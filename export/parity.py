@@ -60,10 +60,14 @@ def compare(
                     and same_shape
                     and bool(np.all(np.abs(got - ref) <= tol["atol"] + tol["rtol"] * np.abs(ref)))
                 )
-                ok &= within if judged is None or name in judged else finite and same_shape
-                prev = worst.setdefault(name, {"finite": True, "within_tolerance": True})
+                held = within if judged is None or name in judged else finite and same_shape
+                ok &= held
+                prev = worst.setdefault(
+                    name, {"finite": True, "within_tolerance": True, "passed": True}
+                )
                 prev["finite"] &= finite
                 prev["within_tolerance"] &= within
+                prev["passed"] &= held
                 for k, v in stats.items():
                     prev[k] = max(prev.get(k, 0.0), v)
         report["runtimes"][rt.name] = {"passed": ok, "outputs": worst}
@@ -76,8 +80,7 @@ def describe_failure(report: dict) -> str:
     parts = []
     for name, r in report["runtimes"].items():
         for out, s in r["outputs"].items():
-            judged = out in report.get("judged", [out])
-            if not s["finite"] or "max_abs" not in s or (judged and not s["within_tolerance"]):
+            if not s["passed"]:
                 if not s["finite"]:
                     what = "NaN/Inf in output"
                 elif "max_abs" not in s:

@@ -48,12 +48,6 @@ def default_metric(plan: SamplerPlan) -> str:
     return "fd_digits" if digits else "image_rmse"
 
 
-def draw_batch(target) -> int:
-    """The batch every "draw N images" path samples in: the target's largest (the top of its
-    batch buckets), so memory follows what the target serves, never the sample count."""
-    return target.shapes.batch.max
-
-
 def quality_gate(
     stage: str,
     gate: GateConfig,
@@ -63,10 +57,10 @@ def quality_gate(
     batch: int = 64,
 ) -> dict:
     """Compare ``candidate`` = (runtime, plan) with ``parent`` = (runtime, plan), both drawn in
-    batches of ``batch`` (``draw_batch(target)``) side by side, so that memory holds one batch
+    batches of ``batch`` (``Target.draw_batch``) side by side, so that memory holds one batch
     of each and the FD features, whatever ``gate.samples`` is; the figures, or ``StageError``
     when the candidate is worse than ``gate`` allows."""
-    from accel.demo.digits import draw, evaluate_features, features_and_predictions
+    from accel.demo.digits import Features, draw
 
     plan: SamplerPlan = parent[1]
     metric = gate.metric or default_metric(plan)
@@ -92,24 +86,23 @@ def quality_gate(
         streams = [
             draw(rt, p, gate.samples, seed, p.num_classes, batch) for rt, p in sides.values()
         ]
-        seen: dict[str, list] = {who: [] for who in sides}
+        features = {who: Features() for who in sides}
         for (a, labels), (b, _) in zip(*streams, strict=True):
             for who, images in (("parent", a), ("candidate", b)):
                 if not np.isfinite(images).all():
                     raise StageError(stage, f"the {who} sampled NaN or Inf images")
                 if metric == "fd_digits":
                     try:
-                        seen[who].append((*features_and_predictions(images), labels))
+                        features[who].add(images, labels)
                     except ValueError as e:  # images the classifier cannot read
                         raise StageError(
                             stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
                         ) from None
             sq_err += float(((b - a) ** 2).sum())
             count += a.size
-        for who, parts in seen.items():
-            if parts:
-                columns = (np.concatenate([part[k] for part in parts]) for k in range(3))
-                scores[who].append(evaluate_features(*columns))
+        if metric == "fd_digits":
+            for who in sides:
+                scores[who].append(features[who].evaluate())
     result: dict = {
         "metric": metric,
         "threshold": threshold,

@@ -39,7 +39,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -89,7 +89,7 @@ def component_calibration_feeds(
     runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64
 ) -> dict[str, list[dict]]:
     """Per graph, its feeds while ``runtime`` samples n images with ``plan`` in batches of
-    ``batch`` (``draw_batch(target)``): the denoiser's at every step and, for a pipeline, the
+    ``batch`` (``target.draw_batch``): the denoiser's at every step and, for a pipeline, the
     text encoder's token ids and the VAE decoder's latents."""
     from accel.demo.digits import draw
 
@@ -269,7 +269,7 @@ def run(ctx: StageContext) -> None:
         f"sampling of {config.calibration_samples} images ({len(plan.steps)} steps each)"
     )
     feeds_of = component_calibration_feeds(
-        parent, plan, config.calibration_samples, config.calibration_seed, draw_batch(ctx.target)
+        parent, plan, config.calibration_samples, config.calibration_seed, ctx.target.draw_batch
     )
     if plan.components:
         from accel.runtime.pipeline import copy_pipeline_files
@@ -308,7 +308,7 @@ def run(ctx: StageContext) -> None:
         (parent, plan),
         (quantized, plan),
         ctx.progress,
-        batch=draw_batch(ctx.target),
+        batch=ctx.target.draw_batch,
     )
     ctx.metrics.update(quantize_seconds=quantize_s, quality_gate=gate, qdq_nodes=sum(qdq.values()))
     ctx.info.update(

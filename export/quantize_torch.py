@@ -34,7 +34,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 
 CONFIGS = {
     "int8_smoothquant": "INT8_SMOOTHQUANT_CFG",
@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> None:
         f"{config.calibration_samples} images ({len(plan.steps)} steps each)"
     )
     feeds = calibration_feeds(
-        parent, plan, config.calibration_samples, config.calibration_seed, draw_batch(ctx.target)
+        parent, plan, config.calibration_samples, config.calibration_seed, ctx.target.draw_batch
     )
 
     quantized = copy.deepcopy(graph)  # the reference keeps its fp32 weights
@@ -139,7 +139,7 @@ def run(ctx: StageContext) -> None:
         (parent, plan),
         (candidate, plan),
         ctx.progress,
-        batch=draw_batch(ctx.target),
+        batch=ctx.target.draw_batch,
     )
     gate["runtime"] = gate_runtime
     ctx.metrics.update(

@@ -29,7 +29,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from accel.runtime.tensorrt import TensorRTRuntime, tensorrt_missing
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 
 if TYPE_CHECKING:
     from accel.core.target import Target
@@ -308,7 +308,7 @@ def run(ctx: StageContext) -> None:
         (reference, plan),
         (engine_rt, plan),
         ctx.progress,
-        batch=draw_batch(ctx.target),
+        batch=ctx.target.draw_batch,
     )
     ctx.metrics.update(build_seconds=build_s, quality_gate=gate, engine_bytes=len(engine))
 

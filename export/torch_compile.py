@@ -34,7 +34,7 @@ from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, draw_batch, quality_gate
+from export.quality_gate import GateConfig, quality_gate
 from export.torch_engines import (
     CompiledEngine,
     CudaGraphEngine,
@@ -245,7 +245,7 @@ def run(ctx: StageContext) -> None:
         (eager, plan),
         (engine, fused_plan),
         ctx.progress,
-        batch=draw_batch(ctx.target),
+        batch=ctx.target.draw_batch,
     )
     ctx.metrics.update(
         compile_seconds=compile_s,

@@ -900,7 +900,7 @@ def sample(
         label_out = np.resize(np.asarray(labels or range(plan.num_classes), np.int64), num)
     # in batches of the target's largest (the default target's without --target), so that
     # memory follows the batch, not -n; one step-noise stream, as one batch would draw it
-    batch = (target or load_target("cpu")).shapes.batch.max
+    batch = (target or load_target("cpu")).draw_batch
     step_noise = np.random.default_rng([seed, 1])
     images = np.concatenate(
         [
@@ -911,7 +911,7 @@ def sample(
                 None if prompt_list is None else prompt_list[i : i + batch],
                 None if label_out is None else label_out[i : i + batch],
                 step_noise,
-            )  # fmt: skip
+            )
             for i in range(0, num, batch)
         ]
     )

@@ -165,6 +165,13 @@ class Target(_Strict):
         return self
 
     @property
+    def draw_batch(self) -> int:
+        """The batch every "draw N images" path (quality gates, calibration, the profile's
+        quality, ``accel sample``) samples in: the largest the target serves, so that memory
+        follows the target, never the sample count."""
+        return self.shapes.batch.max
+
+    @property
     def server_latency_bound_ms(self) -> float | None:
         return self.scenarios.server_latency_bound_ms or self.latency_budget_ms
 

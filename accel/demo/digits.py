@@ -135,11 +135,27 @@ def evaluate_images(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np
     return evaluate_features(*features_and_predictions(images), labels)
 
 
+class Features:
+    """The classifier's features and predictions of image batches, gathered for FD-digits and
+    class accuracy without keeping the images."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, images: np.ndarray, labels) -> None:
+        self.parts.append((*features_and_predictions(images), np.asarray(labels)))
+
+    def evaluate(self) -> dict:
+        return evaluate_features(*(np.concatenate([p[k] for p in self.parts]) for k in range(3)))
+
+
 def evaluate_batches(batches) -> dict:
     """``evaluate_images`` of a stream of (images, labels) batches (``draw``), holding only the
     classifier's features of the images seen so far."""
-    parts = [(*features_and_predictions(images), labels) for images, labels in batches]
-    return evaluate_features(*(np.concatenate([p[k] for p in parts]) for k in range(3)))
+    features = Features()
+    for images, labels in batches:
+        features.add(images, labels)
+    return features.evaluate()
 
 
 def evaluate_features(feats: np.ndarray, preds: np.ndarray, labels) -> dict:

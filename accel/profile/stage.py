@@ -330,7 +330,6 @@ def run(ctx: StageContext) -> None:
     from accel.profile.harness import Harness
     from accel.report import write_report
     from accel.runtime import open_engine
-    from export.quality_gate import draw_batch
     from export.torch_runtime import open_model
 
     target = ctx.target
@@ -385,7 +384,7 @@ def run(ctx: StageContext) -> None:
         if name != names["engine"]
     }
     quality, grids = measure_quality(
-        quality_subjects, n, seeds, ctx.progress, cache, draw_batch(target)
+        quality_subjects, n, seeds, ctx.progress, cache, target.draw_batch
     )
     # from a scenario without queueing: SingleStream, else Offline (None for Server alone)
     timed = report["scenarios"].get("single_stream") or report["scenarios"].get("offline")
