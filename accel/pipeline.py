@@ -12,10 +12,10 @@ from pathlib import Path
 
 from accel.core.artifact import Artifact, Store
 from accel.core.errors import AccelError, StageError
-from accel.core.processes import Processes
-from accel.core.recipe import Recipe, StagePlan, parent_position, plan_keys, stage_key
 from accel.core.stage import Stage, StageConfig, StageContext, say
 from accel.core.target import Target
+from accel.processes import Processes
+from accel.recipe import Recipe, StagePlan, parent_position, plan_keys, stage_key
 
 
 @dataclass

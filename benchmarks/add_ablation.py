@@ -20,9 +20,9 @@ from pathlib import Path
 
 from frontier import GUIDANCE, _stage, evaluate
 
-from accel.core.recipe import load_recipe
 from accel.demo.digits import TEACHER_DIR
 from accel.pipeline import default_store, run_recipe
+from accel.recipe import load_recipe
 
 PIXELS = 16 * 16  # the digits' dimension
 # the frontier's failed run ("before": stage version 1, whose distillation distance was a mean

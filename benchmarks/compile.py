@@ -26,9 +26,9 @@ from accel.cli import demo_recipe
 from accel.core.artifact import Store
 from accel.core.errors import StageError
 from accel.core.model_info import ModelInfo
-from accel.core.recipe import load_recipe
 from accel.pipeline import run_or_reuse, run_recipe
-from accel.stages import get_stage
+from accel.recipe import load_recipe
+from accel.registry import get_stage
 
 GATE = {"metric": "fd_digits", "threshold": 0.05, "samples": 1000, "seeds": [0]}
 

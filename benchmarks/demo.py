@@ -19,8 +19,8 @@ from pathlib import Path
 
 from accel.cli import DEMO_RECIPES, demo_recipe
 from accel.core.artifact import Store
-from accel.core.recipe import load_recipe
 from accel.pipeline import run_recipe
+from accel.recipe import load_recipe
 
 
 def shares(breakdown: dict) -> dict[str, float]:

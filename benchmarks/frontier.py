@@ -32,9 +32,9 @@ import numpy as np
 from accel.assets.make_flow_teacher import FLOW_TEACHER_DIR
 from accel.assets.make_text_teacher import TEXT_TEACHER_DIR
 from accel.cli import demo_recipe
-from accel.core.recipe import load_recipe
 from accel.demo.digits import TEACHER_DIR, evaluate_images, fd_floor, generate
 from accel.pipeline import default_store, run_recipe
+from accel.recipe import load_recipe
 from export.torch_runtime import open_model
 
 GUIDANCE = 1.5

@@ -209,7 +209,7 @@ def check_digits(args) -> dict:
     from export.fused_sampler import FusedSampler, example_feeds
 
     den, info = load_denoiser(TEACHER_DIR)
-    plan = sampler_plan(den, 4, info.num_classes)
+    plan = sampler_plan(den, 4, info)
     from dataclasses import replace
 
     plan = replace(plan, fused=True, graph_output="images")

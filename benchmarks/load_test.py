@@ -44,7 +44,7 @@ def build_bundle(store_root: Path | None) -> Path:
     from accel.core.target import load_target
     from accel.demo.digits import TEACHER_DIR
     from accel.pipeline import default_store, run_or_reuse
-    from accel.stages import get_stage
+    from accel.registry import get_stage
 
     store = default_store(store_root)
     target = load_target("cpu")

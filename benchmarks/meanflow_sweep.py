@@ -18,8 +18,8 @@ from pathlib import Path
 from frontier import FLOW_BUDGET, STEPS, _stage, evaluate
 
 from accel.assets.make_flow_teacher import FLOW_TEACHER_DIR
-from accel.core.recipe import load_recipe
 from accel.pipeline import default_store, run_recipe
+from accel.recipe import load_recipe
 
 
 def main() -> None:

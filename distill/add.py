@@ -58,8 +58,9 @@ from distill.denoiser import (
     takes_w,
     w_conditioning,
 )
-from distill.dmd import Discriminator, FeatureTap, feature_module, find_teacher, save_student
+from distill.gan import Discriminator, FeatureTap, feature_module, find_teacher
 from distill.samplers import consistency_timesteps, flow_grid
+from distill.students import save_lcm_student
 from distill.trainer import Trainer, TrainingConfig
 
 
@@ -218,7 +219,7 @@ def run(ctx: StageContext) -> None:
     teacher, init, info = find_teacher(ctx, config.guidance_scale, "add")
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
-    save_student(ctx, student, teacher, info, "add", config.guidance_scale, log)
+    save_lcm_student(ctx, student, teacher, info, "add", config.guidance_scale, log)
 
 
 STAGE = Stage(

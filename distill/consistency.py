@@ -62,7 +62,8 @@ from distill.denoiser import (
     w_conditioning,
 )
 from distill.samplers import ddim_step, flow_grid
-from distill.schedule import _bcast, process_config
+from distill.schedule import _bcast
+from distill.students import lcm_scheduler_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 
@@ -222,37 +223,6 @@ class ConsistencyConfig(TrainingConfig):
         return self
 
 
-def student_scheduler_config(
-    teacher_scheduler: dict, solver_steps: int, flow: bool = False
-) -> dict:
-    """A stock LCMScheduler whose set_timesteps/step loop is ``sample_consistency``; for flow
-    teachers a FlowMatchLCMScheduler with the teacher's shift settings."""
-    if flow:
-        import inspect
-
-        from diffusers import FlowMatchLCMScheduler
-
-        from distill.progressive import flow_match_config
-
-        keys = inspect.signature(FlowMatchLCMScheduler.__init__).parameters  # its own keys only
-        teacher_scheduler = flow_match_config(teacher_scheduler)
-        config = {k: v for k, v in teacher_scheduler.items() if k in keys and k != "self"}
-        full = FlowMatchLCMScheduler(**config).config
-        return {k: v for k, v in full.items() if not k.startswith("_")} | {
-            "_class_name": "FlowMatchLCMScheduler"
-        }
-    return dict(
-        process_config(teacher_scheduler),
-        _class_name="LCMScheduler",
-        original_inference_steps=solver_steps,
-        timestep_scaling=TIMESTEP_SCALING,
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        thresholding=False,
-    )
-
-
 def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
@@ -269,13 +239,14 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         student.backbone,
-        student_scheduler_config(teacher.scheduler_config, config.solver_steps, flow),
+        lcm_scheduler_config(teacher.scheduler_config, config.solver_steps, flow),
         ModelInfo(
             method="consistency",
             num_inference_steps=config.num_inference_steps,
             # w is an input of a student whose backbone takes it, else baked in
             **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
             num_classes=info.num_classes,
+            evaluation=info.evaluation,
             # flow students: no boundary scalings (f = z - s v), recorded as zeros
             consistency=ConsistencySpec(
                 config.solver_steps, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING))

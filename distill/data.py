@@ -5,10 +5,11 @@ A source returns ``(x0, conditioning)``: float32 N x C x H x W in the model's sa
 named tensors (the family adapter's conditioning, batch first), or None for unconditional models.
 The names:
 
-- ``digits``: the shipped demo's set (scikit-learn's digits at 16x16, with labels), from the table
-  ``DATASETS`` of "module:function" strings imported when a stage loads its data; for a
-  text-to-image teacher, the same digits at its resolution with captions ("a handwritten seven"
-  and the other phrasings of ``accel.demo.digits.TEMPLATES``), encoded like an imagefolder;
+- a name in ``accel.registry.DATASETS`` ("module:function" strings imported when a stage loads
+  its data): ``digits``, the shipped demo's set (scikit-learn's digits at 16x16, with labels);
+  for a text-to-image teacher, the same images at its resolution with captions (the digits:
+  "a handwritten seven" and the other phrasings of the demo's ``TEMPLATES``), encoded like an
+  imagefolder;
 - ``imagefolder:PATH``: images with captions in the Hugging Face ``imagefolder`` layout
   (``PATH/metadata.jsonl``, one JSON object per line with ``file_name`` and ``text``), encoded
   once by the teacher's VAE and text encoders and cached under ``cache_dir``;
@@ -23,7 +24,6 @@ one ``RecipeError`` naming the file and line.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -34,8 +34,8 @@ import torch
 from pydantic import AfterValidator
 
 from accel.core.errors import RecipeError
+from accel.registry import DATASETS, resolve
 
-DATASETS: dict[str, str] = {"digits": "accel.demo.digits:digits_dataset"}
 KINDS = ("imagefolder", "prompts")
 
 Conditioning = torch.Tensor | dict[str, torch.Tensor] | None
@@ -97,25 +97,17 @@ def load_dataset(
     kind, _, path = name.partition(":")
     adapter = getattr(denoiser, "adapter", None)
     if kind not in KINDS:
+        dataset = resolve(DATASETS[check])
         if adapter is not None and adapter.conditioning == "text":
-            if name != "digits":
-                raise RecipeError(
-                    f"dataset {name!r} holds labelled images, and the teacher is a "
-                    f"{adapter.family} model: give --dataset imagefolder:DIR (images with "
-                    "captions) or prompts:FILE (one prompt per line)"
-                )
-            from accel.demo.digits import captioned_digits
-
             size = adapter.default_resolution()
             channels = adapter.modules["vae"].config.in_channels
-            images, captions = captioned_digits(size, channels)
+            images, captions = dataset(size, channels, captions=True)
             return _cached(
                 cache_dir,
-                ("digits", str(adapter.root), list(size), channels),
+                (check, str(adapter.root), list(size), channels),
                 lambda: _encode_images(adapter, images, captions),
             )
-        module, fn = DATASETS[check].split(":")
-        return getattr(importlib.import_module(module), fn)()
+        return dataset()
     if adapter is None or adapter.conditioning != "text":
         raise RecipeError(
             f"dataset {name!r} holds captions; it trains text-to-image models, and this teacher "

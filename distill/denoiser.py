@@ -348,7 +348,7 @@ def load_denoiser(
         if embedding is not None:
             kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
     if info.method == "meanflow":
-        from distill.meanflow import FlowMapDenoiser, load_interval
+        from distill.students import FlowMapDenoiser, load_interval
 
         load_interval(adapter.backbone, root / adapter.denoiser_folder)
         denoiser: Denoiser = FlowMapDenoiser(*args, **kwargs)
@@ -536,7 +536,7 @@ class DenoiserGraph(nn.Module):
         models) and the conditioning inputs of the family's spec. A flow-map student's x0 is
         sample - sigma_t u(sample, r, t), u its average velocity to ``r_timestep``."""
         if self.flow_map:
-            from distill.meanflow import interval
+            from distill.students import interval
 
             if r_timestep is None:
                 raise ValueError("a flow-map graph needs r_timestep")

@@ -72,26 +72,21 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from accel.core.errors import StageError
-from accel.core.model_info import ConsistencySpec, ModelInfo
 from accel.core.stage import Stage, StageContext, say
-from distill.consistency import student_scheduler_config
 from distill.data import Conditioning, Dataset, concat, take, to_device
 from distill.denoiser import (
-    TIMESTEP_SCALING,
     ConsistencyDenoiser,
     Denoiser,
     FlowConsistencyDenoiser,
     from_x0_eps,
-    load_denoiser,
-    load_teacher,
-    save_pipeline,
     takes_w,
     w_conditioning,
 )
+from distill.gan import Discriminator, FeatureTap, dmd_gradient, feature_module, find_teacher
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+from distill.students import save_lcm_student
+from distill.trainer import Trainer, TrainingConfig
 
 
 class AdversarialConfig(TrainingConfig):
@@ -132,59 +127,6 @@ class AdversarialConfig(TrainingConfig):
         if self.min_timestep >= self.max_timestep:
             raise ValueError("min_timestep must be below max_timestep")
         return self
-
-
-class Discriminator(nn.Module):
-    """DMD2's classification branch: a small head on the critic's bottleneck features, built for
-    their shape (B x C x H x W feature maps, B x N x C token features, or B x F vectors); one
-    logit per sample."""
-
-    def __init__(self, feature_shape: torch.Size) -> None:
-        super().__init__()
-        c = feature_shape[1]
-        if len(feature_shape) == 4:
-            self.net: nn.Module = nn.Sequential(
-                nn.Conv2d(c, c, 3, padding=1),
-                nn.GroupNorm(min(32, c // 4) or 1, c),
-                nn.SiLU(),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-                nn.Linear(c, 1),
-            )
-        else:
-            c = feature_shape[-1]
-            self.net = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.dim() == 3:  # tokens: the per-token head, averaged over tokens
-            return self.net(features).mean(1).squeeze(-1)
-        return self.net(features).squeeze(-1)
-
-
-class FeatureTap:
-    """Keeps the output of one submodule from the last forward pass (a forward hook)."""
-
-    def __init__(self, module: nn.Module, name: str) -> None:
-        try:
-            sub = module.get_submodule(name)
-        except AttributeError:
-            raise StageError(
-                "adversarial",
-                f"feature_module {name!r} is not a submodule of the {type(module).__name__} "
-                "backbone; name its bottleneck (for diffusers UNets: 'mid_block')",
-            ) from None
-        self.value: torch.Tensor | None = None
-        sub.register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else output
-
-
-def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
-    """DMD's normalised distribution-matching direction (mu_fake - mu_real) / mean|x - mu_real|."""
-    dims = tuple(range(1, x.dim()))
-    weight = (x - real_x0).abs().mean(dims, keepdim=True).clamp(min=1e-8)
-    return torch.nan_to_num((fake_x0 - real_x0) / weight)
 
 
 def distill(
@@ -343,82 +285,6 @@ def distill(
     return make(g_net, student_kind, solver_steps=N), log  # type: ignore[return-value]
 
 
-def feature_module(backbone: nn.Module) -> str:
-    """The default discriminator tap: a UNet's ``mid_block``, or the image-token MLP (``ff``) of
-    a transformer's middle block (its output is one tensor of B x N x C token features)."""
-    if hasattr(backbone, "mid_block"):
-        return "mid_block"
-    blocks = getattr(backbone, "transformer_blocks", None)
-    if blocks is not None and len(blocks) and hasattr(blocks[0], "ff"):
-        return f"transformer_blocks.{len(blocks) // 2}.ff"
-    raise StageError(
-        "adversarial",
-        f"{type(backbone).__name__} has neither a mid_block nor transformer_blocks[i].ff; set "
-        "feature_module to the submodule whose output the discriminator should read",
-    )
-
-
-def find_teacher(
-    ctx: StageContext, guidance_scale: float, stage: str = "adversarial"
-) -> tuple[Denoiser, nn.Module, ModelInfo]:
-    """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
-    student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
-
-    def is_student(path: Path) -> bool:
-        return ModelInfo.read(path).is_student
-
-    if not is_student(ctx.input.path):
-        teacher, info = load_teacher(ctx.input.path, stage, guidance_scale, flow=True)
-        return teacher, teacher.backbone, info
-    for artifact in ctx.store.lineage(ctx.input)[1:]:
-        if artifact.kind == "checkpoint" and not is_student(artifact.path):
-            student, _ = load_denoiser(ctx.input.path, guidance_scale=1.0)
-            teacher, info = load_teacher(artifact.path, stage, guidance_scale, flow=True)
-            return teacher, student.backbone, info
-    raise StageError(
-        stage,
-        f"{ctx.input.path} is a distilled student and its teacher is not in the store; fine-tune "
-        "it in the recipe that distilled it (the teacher is the recipe's source), or distil from "
-        "the teacher",
-    )
-
-
-def save_student(
-    ctx: StageContext,
-    student: ConsistencyDenoiser,
-    teacher: Denoiser,
-    info: ModelInfo,
-    method: str,
-    guidance_scale: float,
-    log: list[dict[str, float]],
-) -> None:
-    """Write an adversarially distilled student (DMD2 or ADD) as an LCMScheduler checkpoint, with
-    its final losses and loss log."""
-    N = student.solver_steps
-    flow = teacher.schedule.kind == "flow"
-    save_pipeline(
-        ctx.out,
-        student.backbone,
-        student_scheduler_config(teacher.scheduler_config, N, flow),
-        ModelInfo(
-            method=method,
-            num_inference_steps=N,
-            # w is an input of LCM-form students (sample with w), else baked in (sample with 1)
-            **(
-                {"guidance_scale": guidance_scale}
-                if takes_w(student.backbone)
-                else {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
-            ),
-            num_classes=info.num_classes,
-            # flow students: x0 = z - s v, no boundary scalings (recorded as zeros)
-            consistency=ConsistencySpec(N, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING))),
-        ),
-        teacher,
-    )
-    ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
-    write_loss_log(ctx.out, log)
-
-
 def run(ctx: StageContext) -> None:
     config: AdversarialConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
@@ -426,7 +292,7 @@ def run(ctx: StageContext) -> None:
     teacher, init, info = find_teacher(ctx, config.guidance_scale)
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
-    save_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)
+    save_lcm_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)
 
 
 STAGE = Stage(

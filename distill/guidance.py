@@ -63,8 +63,8 @@ from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, TrainingData, take, to_device
 from distill.denoiser import Denoiser, load_teacher, save_pipeline, takes_w, to_x0_eps
 from distill.models import concat_conditioning
-from distill.progressive import student_scheduler_config as ddim_scheduler_config
 from distill.schedule import Schedule, _bcast
+from distill.students import ddim_scheduler_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 
@@ -278,7 +278,9 @@ def run(ctx: StageContext) -> None:
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     if teacher.adapter is not None:  # the family's w input (SD, SDXL: LCM's; Flux: guidance)
         student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
-        student_info = ModelInfo(method="guidance", guidance_scale=config.guidance_scale)
+        student_info = ModelInfo(
+            method="guidance", guidance_scale=config.guidance_scale, evaluation=info.evaluation
+        )
     else:  # a class-label UNet2DModel: w on a grid of label-table rows
         scales = config.scales()
         num_labels = int(teacher.backbone.config.num_class_embeds)
@@ -291,6 +293,7 @@ def run(ctx: StageContext) -> None:
             method="guidance",
             guidance_scale=config.guidance_scale,
             num_classes=info.num_classes,
+            evaluation=info.evaluation,
             guidance_embedding=GuidanceEmbedding(scales, num_labels),
         )
     save_pipeline(

@@ -67,16 +67,15 @@ unconditional u_theta).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from accel.core.errors import CheckpointError, StageError
+from accel.core.errors import StageError
 from accel.core.model_info import ModelInfo
 from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
@@ -89,10 +88,17 @@ from distill.denoiser import (
     w_conditioning,
 )
 from distill.schedule import _bcast
+from distill.students import (
+    FlowMapDenoiser,
+    attach_interval,
+    flow_map_scheduler_config,
+    flow_map_sigmas,
+    interval,
+    save_interval,
+    shifted,
+    without_interval,
+)
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
-
-INTERVAL_FILE = "flow_map_interval.safetensors"
-ATTR = "flow_map_interval"  # the interval embedding's name inside the backbone
 
 
 class MeanFlowConfig(TrainingConfig):
@@ -142,129 +148,6 @@ class MeanFlowConfig(TrainingConfig):
 # ---------------------------------------------------------------- the interval input
 
 
-class IntervalEmbedding(nn.Module):
-    """h = t - r (in the transformer's timestep units) -> an embedding added to the output of
-    the transformer's ``timestep_embedder`` (a forward hook), through copies of its
-    ``time_proj`` and ``timestep_embedder``, the copy's last layer zero at initialisation.
-    ``h`` is set per call (``interval``); unset, it is 0 (u(z, t, t) = v)."""
-
-    def __init__(self, time_proj: nn.Module, timestep_embedder: nn.Module, zero: bool = True):
-        super().__init__()
-        self.proj = copy.deepcopy(time_proj)
-        self.embed = copy.deepcopy(timestep_embedder)
-        if zero:
-            last = self.embed.linear_2
-            nn.init.zeros_(last.weight)
-            if last.bias is not None:
-                nn.init.zeros_(last.bias)
-        self.h: torch.Tensor | None = None
-
-    def add(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        n = output.shape[0]
-        h = self.h if self.h is not None else torch.zeros((), device=output.device)
-        h = h.reshape(-1).to(output.device)
-        if h.shape[0] != n:  # one interval for the batch, or a guided (doubled) batch
-            h = h.repeat(n // h.shape[0]) if h.shape[0] > 1 else h.expand(n)
-        return output + self.embed(self.proj(h).to(output.dtype))
-
-
-def _time_modules(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
-    for name, module in backbone.named_modules():
-        if name.endswith("timestep_embedder") and hasattr(module, "linear_2"):
-            parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
-            proj = getattr(parent, "time_proj", None)
-            if proj is not None:
-                return proj, module
-    raise CheckpointError(
-        f"{type(backbone).__name__} has no timestep_embedder beside a time_proj (diffusers' "
-        "timestep embedding) to condition on the interval; MeanFlow students need one"
-    )
-
-
-def _core(backbone: nn.Module) -> nn.Module:
-    return getattr(backbone, "module", backbone)  # DDP-wrapped during training
-
-
-def has_interval(backbone: nn.Module) -> bool:
-    return hasattr(_core(backbone), ATTR)
-
-
-def attach_interval(backbone: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Give ``backbone`` its r input: an ``IntervalEmbedding`` (zero-initialised, or ``state``)
-    registered as ``backbone.flow_map_interval`` and hooked on its timestep embedder."""
-    proj, embedder = _time_modules(backbone)
-    interval = IntervalEmbedding(proj, embedder, zero=state is None)
-    if state is not None:
-        try:
-            interval.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"{INTERVAL_FILE} does not fit this {type(backbone).__name__}: "
-                f"{str(e).splitlines()[0]}"
-            ) from None
-    param = next(backbone.parameters())
-    interval.to(device=param.device, dtype=param.dtype)
-    setattr(backbone, ATTR, interval)
-    embedder.register_forward_hook(interval.add)
-    return backbone
-
-
-@contextmanager
-def interval(backbone: nn.Module, h: torch.Tensor | None) -> Iterator[None]:
-    """Calls of ``backbone`` inside see the interval ``h`` = t - r (timestep units)."""
-    module = getattr(_core(backbone), ATTR)
-    old, module.h = module.h, h
-    try:
-        yield
-    finally:
-        module.h = old
-
-
-def save_interval(backbone: nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = getattr(_core(backbone), ATTR).state_dict()
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / INTERVAL_FILE)
-    )
-
-
-def load_interval(backbone: nn.Module, folder: Path) -> nn.Module:
-    """Attach the interval embedding saved in ``folder`` (safetensors only)."""
-    from accel.core.checkpoint import load_safetensors
-
-    file = folder / INTERVAL_FILE
-    if not file.is_file():
-        raise CheckpointError(
-            f"{file} is missing: a MeanFlow student's transformer needs its interval embedding; "
-            "re-run the meanflow stage"
-        )
-    return attach_interval(backbone, load_safetensors(file))
-
-
-@contextmanager
-def without_interval(backbone: nn.Module) -> Iterator[nn.Module | None]:
-    """The backbone without its interval module registered (its hook stays), so that
-    ``save_pretrained`` writes the stock transformer's weights only."""
-    module = getattr(backbone, ATTR, None)
-    if module is not None:
-        delattr(backbone, ATTR)
-    try:
-        yield module
-    finally:
-        if module is not None:
-            setattr(backbone, ATTR, module)
-
-
-class FlowMapDenoiser(Denoiser):
-    """A flow-map student: inside ``interval(backbone, t - r)`` its x0 is x_hat = z_t - s_t u, u
-    the average velocity over [r, t] (so x_r = (s_r/s_t) z_t + (1 - s_r/s_t) x_hat, the flow
-    Euler step from x_hat: ``average_velocity``, ``DenoiserGraph``); outside, r = t."""
-
-    flow_map = True
-    consistency = False
-
-
 def average_velocity(student: Denoiser, x, t_sigma, r_sigma, labels) -> torch.Tensor:
     """u_theta(x, r, t) at flow sigmas (per example), differentiable in all three."""
     T = student.schedule.num_train_timesteps
@@ -276,11 +159,6 @@ def average_velocity(student: Denoiser, x, t_sigma, r_sigma, labels) -> torch.Te
 def teacher_velocity(teacher: Denoiser, x, t_sigma, labels) -> torch.Tensor:
     x0, e = teacher.predict(x, t_sigma * teacher.schedule.num_train_timesteps, labels)
     return e - x0
-
-
-def shifted(s: torch.Tensor, shift: float) -> torch.Tensor:
-    """diffusers' static time shift s' = k s / (1 + (k - 1) s)."""
-    return shift * s / (1 + (shift - 1) * s)
 
 
 def time_pairs(n: int, config: MeanFlowConfig, shift: float, rng) -> tuple[torch.Tensor, ...]:
@@ -412,13 +290,6 @@ def distill(
     return out, log  # type: ignore[return-value]
 
 
-def flow_map_sigmas(steps: int, shift: float) -> list[float]:
-    """``FlowMapEulerDiscreteScheduler(shift=shift).set_timesteps(steps)``'s sigmas: the shifted
-    uniform grid from 1, then 0."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    return [*shifted(s, shift).tolist(), 0.0]
-
-
 @torch.no_grad()
 def sample_flow_map(
     student: FlowMapDenoiser, x: torch.Tensor, steps: int, labels=None
@@ -430,45 +301,6 @@ def sample_flow_map(
         u = average_velocity(student, x, t, torch.full_like(t, s_next), labels)
         x = x - (s - s_next) * u
     return x
-
-
-def scheduler_config(shift: float) -> dict:
-    return {
-        "_class_name": "FlowMapEulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "shift": shift,
-    }
-
-
-def load_flow_map_pipeline(path: str | Path, **kwargs):
-    """The student as its family's stock diffusers pipeline (``DiffusionPipeline.from_pretrained``:
-    StableDiffusion3Pipeline, SanaPipeline) with ``FlowMapEulerDiscreteScheduler``, its transformer
-    given the r input: the interval embedding from ``flow_map_interval.safetensors`` and a hook
-    that sets h = t - r for each call from the scheduler's schedule (r = the next sigma after t,
-    as ``FlowMapEulerDiscreteScheduler.step`` takes it). FluxPipeline passes ``mu`` to its
-    scheduler, which FlowMapEulerDiscreteScheduler does not take: Flux students sample in accel."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
-    if type(pipe.scheduler).__name__ != "FlowMapEulerDiscreteScheduler":
-        raise CheckpointError(
-            f"{path} is not a flow-map student (its scheduler is {type(pipe.scheduler).__name__})"
-        )
-    backbone = pipe.transformer
-    load_interval(backbone, Path(path) / "transformer")
-    sched = pipe.scheduler
-
-    def set_interval(module, args, kwargs):
-        t = kwargs["timestep"] if "timestep" in kwargs else args[2]
-        T = sched.config.num_train_timesteps
-        idx = sched.index_for_timestep(t)
-        if idx is None:
-            raise ValueError(f"timestep {float(t.flatten()[0])} is not on the scheduler's schedule")
-        r = sched.sigmas[idx + 1].to(t.device, torch.float32) * T
-        getattr(module, ATTR).h = (t.float() - r).expand(len(t))
-
-    backbone.register_forward_pre_hook(set_interval, with_kwargs=True)
-    return pipe
 
 
 def run(ctx: StageContext) -> None:
@@ -483,12 +315,13 @@ def run(ctx: StageContext) -> None:
         save_pipeline(
             ctx.out,
             backbone,
-            scheduler_config(student.flow_map_shift),  # type: ignore[attr-defined]
+            flow_map_scheduler_config(student.flow_map_shift),  # type: ignore[attr-defined]
             ModelInfo(
                 method="meanflow",
                 num_inference_steps=config.num_inference_steps,
                 **guidance_info(info, config.guidance_scale, takes_w(backbone)),
                 num_classes=info.num_classes,
+                evaluation=info.evaluation,
             ),
             teacher,
         )

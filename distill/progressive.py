@@ -45,7 +45,8 @@ from accel.core.stage import Stage, StageContext, say
 from distill.data import Dataset, take, to_device
 from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline, takes_w
 from distill.samplers import flow_grid
-from distill.schedule import _bcast, process_config
+from distill.schedule import _bcast
+from distill.students import ddim_scheduler_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
 
 MIN_EPSILON_ALPHA_RATIO = 1e-2
@@ -187,33 +188,6 @@ def distill_round(
     return teacher.student_of(backbone), log
 
 
-def flow_match_config(teacher_scheduler: dict) -> dict:
-    """A flow teacher's scheduler config in FlowMatch*Scheduler keys: Sana's
-    DPMSolverMultistepScheduler (``use_flow_sigmas``) names its shift ``flow_shift``."""
-    config = dict(teacher_scheduler)
-    if "flow_shift" in config and "shift" not in config:
-        config["shift"] = config.pop("flow_shift")
-    return config
-
-
-def student_scheduler_config(teacher_scheduler: dict, flow: bool = False) -> dict:
-    """A stock DDIMScheduler whose loop (set_timesteps, step) is exactly accel's DDIM sampler; for
-    flow teachers their own FlowMatchEulerDiscreteScheduler (its N-step grid is the student's)."""
-    if flow:
-        return dict(
-            flow_match_config(teacher_scheduler), _class_name="FlowMatchEulerDiscreteScheduler"
-        )
-    return dict(
-        process_config(teacher_scheduler),
-        _class_name="DDIMScheduler",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        timestep_spacing="trailing",
-        thresholding=False,
-    )
-
-
 def run(ctx: StageContext) -> None:
     config: ProgressiveConfig = ctx.config  # type: ignore[assignment]
     from safetensors.torch import load_file, save_file
@@ -282,12 +256,13 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         teacher.backbone,
-        student_scheduler_config(teacher.scheduler_config, flow),
+        ddim_scheduler_config(teacher.scheduler_config, flow),
         ModelInfo(
             method="progressive",
             num_inference_steps=config.student_steps,
             **guidance_info(info, config.guidance_scale, takes_w(teacher.backbone)),
             num_classes=info.num_classes,
+            evaluation=info.evaluation,
         ),
         teacher,
     )

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from accel.core.errors import RecipeError
+from accel.core.model_info import ModelInfo
 from accel.core.plan import SamplerPlan
 from distill.denoiser import Denoiser, sample_shape
 from distill.schedule import Schedule, _bcast
@@ -198,13 +200,22 @@ def consistency_coefficients(
 def sampler_plan(
     denoiser: Denoiser,
     steps: int,
-    num_classes: int | None = None,
+    info: ModelInfo | None = None,
     resolution: tuple[int, int] | None = None,
 ) -> SamplerPlan:
     """The deterministic DDIM run of ``denoiser`` over its x0 graph (Euler steps for flow models)
-    as a numpy-only SamplerPlan; adapter models at ``resolution`` (default: the model's own)."""
+    as a numpy-only SamplerPlan; adapter models at ``resolution`` (default: the model's own).
+    ``info`` (the model's ``accel.json``) gives the class count of the digits models and the
+    quality metric and evaluation prompts every plan records."""
+    info = info or ModelInfo()
+    evaluation = info.evaluation
+    judged = {
+        "metric": evaluation.metric if evaluation else None,
+        "evaluation_prompts": evaluation.prompts if evaluation else None,
+    }
     if denoiser.adapter is not None:
-        return _adapter_plan(denoiser, steps, resolution)
+        return replace(_adapter_plan(denoiser, steps, resolution), **judged)
+    num_classes = info.num_classes
     coefficients, sampler = _discrete_steps(denoiser, steps)
     labelled = denoiser.class_conditional and num_classes is not None
     return SamplerPlan(
@@ -219,6 +230,7 @@ def sampler_plan(
         guidance_input=denoiser.guidance_scales is not None,
         conditioning={"class_labels": {"axes": ["batch"], "dtype": "int64"}} if labelled else {},
         conditioning_kind="class" if labelled else None,
+        **judged,
     )
 
 
@@ -240,7 +252,7 @@ def _adapter_plan(
     schedule = denoiser.schedule
     flow_shift = adapter.flow_shift(steps, h, w)
     if denoiser.flow_map:  # FlowMapEulerDiscreteScheduler's loop: jumps from t to r
-        from distill.meanflow import flow_map_sigmas
+        from distill.students import flow_map_sigmas
 
         shift = float(getattr(denoiser, "flow_map_shift", 1.0))
         T = schedule.num_train_timesteps
@@ -252,7 +264,7 @@ def _adapter_plan(
         sampler, flow_shift = "flow_map", {"shift": shift}
     elif schedule.kind == "flow" and denoiser.consistency:  # FlowMatchLCMScheduler's loop
         if getattr(denoiser, "trigflow", False):  # an sCM student: SCMScheduler's grid
-            from distill.scm import scm_flow_grid
+            from distill.students import scm_flow_grid
 
             grid = scm_flow_grid(steps, schedule.num_train_timesteps)
         else:

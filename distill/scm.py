@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,8 +78,9 @@ from distill.denoiser import (
     takes_w,
     w_conditioning,
 )
-from distill.dmd import dmd_gradient
+from distill.gan import dmd_gradient
 from distill.schedule import _bcast
+from distill.students import flow_sigma, scm_flow_grid, trigflow_scheduler_config
 from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
 
 TANGENT_NORM = 0.1  # c of the tangent normalisation g / (||g|| + c)
@@ -120,24 +120,6 @@ class SCMConfig(TrainingConfig):
                 "support; drop compile"
             )
         return self
-
-
-def flow_sigma(t: torch.Tensor) -> torch.Tensor:
-    """The flow sigma s of TrigFlow time t: sin t / (sin t + cos t)."""
-    return t.sin() / (t.sin() + t.cos())
-
-
-def trigflow_grid(steps: int) -> list[float]:
-    """``SCMScheduler``'s TrigFlow timesteps at ``steps`` (pi/2, 1.3, 0 at two; uniform else)."""
-    if steps == 2:
-        return [math.pi / 2, 1.3, 0.0]
-    return [math.pi / 2 * (1 - i / steps) for i in range(steps + 1)]
-
-
-def scm_flow_grid(steps: int, num_train_timesteps: int) -> list[float]:
-    """The student's flow timesteps (sigma * T) at ``steps``: ``trigflow_grid`` mapped to flow."""
-    t = torch.tensor(trigflow_grid(steps), dtype=torch.float64)
-    return (flow_sigma(t) * num_train_timesteps).tolist()
 
 
 def trig_velocity(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
@@ -327,15 +309,6 @@ def sample_scm(
     return x0
 
 
-def scm_scheduler_config(teacher_scheduler: dict) -> dict:
-    """The student's stock ``FlowMatchLCMScheduler``, unshifted (shift 1): its sigmas are the
-    TrigFlow grid's, which the sampler passes as ``sigmas`` (``scm_flow_grid``)."""
-    from distill.consistency import student_scheduler_config
-
-    config = student_scheduler_config(teacher_scheduler, 1000, flow=True)
-    return config | {"shift": 1.0, "use_dynamic_shifting": False}
-
-
 def load_sana_sprint_pipeline(path: str | Path, **kwargs):
     """A Sana sCM (or rCM) student as diffusers' ``SanaSprintPipeline`` with ``SCMScheduler``,
     the sampler SANA-Sprint ships: the pipeline converts TrigFlow states to the flow input
@@ -396,13 +369,14 @@ def run(ctx: StageContext) -> None:
     save_pipeline(
         ctx.out,
         student.backbone,
-        scm_scheduler_config(teacher.scheduler_config),
+        trigflow_scheduler_config(teacher.scheduler_config),
         ModelInfo(
             method="scm",
             num_inference_steps=config.num_inference_steps,
             # w is an input of a student whose backbone takes it, else baked in
             **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
             num_classes=info.num_classes,
+            evaluation=info.evaluation,
             consistency=ConsistencySpec(1000, 0.0, 0.0, grid="trigflow"),
         ),
         teacher,

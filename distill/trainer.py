@@ -120,9 +120,8 @@ def process_seed(seed: int, rank: int) -> int:
 
 def seeded_generator(seed: int) -> torch.Generator:
     """A generator seeded for this process (``process_seed``)."""
-    from accel.core.processes import Processes
-
-    return torch.Generator().manual_seed(process_seed(seed, Processes().rank))
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    return torch.Generator().manual_seed(process_seed(seed, rank))
 
 
 def checkpoints(work: Path) -> list[Path]:

@@ -270,7 +270,7 @@ def graph_and_plan(
     if resolution is not None and denoiser.adapter is None:
         raise StageError(stage, "resolution applies to text-to-image pipelines only")
     size = None if resolution is None else (resolution[0], resolution[1])
-    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info.num_classes, size)
+    return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info, size)
 
 
 class _Replay:

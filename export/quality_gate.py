@@ -1,37 +1,55 @@
 """The quality gate of every quantize and compile stage.
 
 A stage that changes arithmetic (INT8/FP8 quantization, an engine's fused kernels) samples end to end
-with its output and with its parent, on the same noise and labels, and compares image quality. When
-quality fell by more than the recipe allows, the stage raises ``StageError`` and, because the store
-commits an artifact only after its stage returns, no engine is written.
+with its output and with its parent, on the same noise and conditions, and compares image quality.
+When quality fell by more than the recipe allows, the stage raises ``StageError`` and, because the
+store commits an artifact only after its stage returns, no engine is written.
 
-Metrics: ``fd_digits`` (Fréchet distance on the digits classifier's features, ``accel.demo.digits``;
-the threshold is the largest relative increase over the parent) for models that sample 1x16x16
-digits or pipelines that draw digits (the text-to-image teacher's students: set it in the recipe),
-and ``image_rmse`` for any model (RMS difference between the stage's and the parent's images from
-the same noise, images in [-1, 1]; the threshold is that RMS). The default metric
-comes from the model (``default_metric``): FD-digits for the digits models, image RMSE otherwise.
+The metric comes from the model: its ``accel.json`` names it (``evaluation.metric``, carried into
+the sampler plan), a name in ``accel.registry.METRICS``: ``image_rmse`` (built in: the RMS
+difference between the stage's and the parent's images from the same noise, images in [-1, 1];
+the threshold is that RMS) or the digits demo's ``fd_digits`` (Fréchet distance on the digits
+classifier's features; the threshold is the largest relative increase over the parent). A model
+that names none is judged by image RMSE; ``gate.metric`` overrides. A text model draws from its
+evaluation prompts (``accel.json``), or ``gate.prompts``; with neither it is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from accel.core.errors import StageError
 from accel.core.plan import SamplerPlan
 from accel.core.stage import StageConfig, say
+from accel.registry import METRICS, resolve
 
-DEFAULT_THRESHOLD = {"fd_digits": 0.05, "image_rmse": 0.05}
-DIGITS_SHAPE = [1, 16, 16]
+DEFAULT_METRIC = "image_rmse"
+
+
+def _metric_name(name: str | None) -> str | None:
+    if name is not None and name != "off" and name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; use one of {', '.join(METRICS)} or off")
+    return name
+
+
+def _prompt_list(prompts: list[str] | None) -> list[str] | None:
+    if prompts is not None and not (prompts and all(p.strip() for p in prompts)):
+        raise ValueError("prompts must be a non-empty list of non-empty prompts")
+    return prompts
+
+
+Prompts = Annotated[list[str] | None, AfterValidator(_prompt_list)]
+"""A config's evaluation prompts (None: the model's, from its ``accel.json``)."""
 
 
 class GateConfig(StageConfig):
-    metric: Literal["fd_digits", "image_rmse", "off"] | None = None
-    """None: the model's own (``default_metric``)."""
+    metric: Annotated[str | None, AfterValidator(_metric_name)] = None
+    """A name in accel.registry.METRICS (image_rmse, fd_digits) or off; None: the model's own
+    (its accel.json evaluation.metric; image_rmse when it names none)."""
     threshold: float | None = Field(None, ge=0)
     """fd_digits: largest relative FD increase over the parent (default 0.05: 5%);
     image_rmse: largest RMS image difference from the parent (default 0.05)."""
@@ -40,12 +58,32 @@ class GateConfig(StageConfig):
     with it)."""
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
     """Noise seeds; the gate compares the mean over them."""
+    prompts: Prompts = None
+    """Text models: the prompts both sides draw from, cycled; None: the model's evaluation
+    prompts (its accel.json)."""
 
 
 def default_metric(plan: SamplerPlan) -> str:
-    """FD-digits for the pixel-space digits models (1x16x16 samples), image RMSE for any other."""
-    digits = plan.family == "unet2d" and list(plan.sample_shape) == DIGITS_SHAPE
-    return "fd_digits" if digits else "image_rmse"
+    """The model's own metric (its ``accel.json``, recorded in the plan), else image RMSE."""
+    return plan.metric or DEFAULT_METRIC
+
+
+def evaluation_prompts(
+    stage: str, plan: SamplerPlan, prompts: list[str] | None, option: str
+) -> list[str] | None:
+    """The prompts a text model is drawn from (``prompts``, else the model's evaluation prompts);
+    None for other models; a text model with neither is refused, naming ``option``."""
+    if plan.conditioning_kind != "text":
+        return None
+    chosen = prompts or plan.evaluation_prompts
+    if not chosen:
+        raise StageError(
+            stage,
+            f"this text-to-image model names no evaluation prompts (accel.json "
+            f'"evaluation": {{"prompts": [...]}}); give {option} = ["a prompt", ...] in the '
+            "stage config, prompts like those it will serve",
+        )
+    return chosen
 
 
 def quality_gate(
@@ -58,77 +96,63 @@ def quality_gate(
 ) -> dict:
     """Compare ``candidate`` = (runtime, plan) with ``parent`` = (runtime, plan), both drawn in
     batches of ``batch`` (``Target.draw_batch``) side by side, so that memory holds one batch
-    of each and the FD features, whatever ``gate.samples`` is; the figures, or ``StageError``
-    when the candidate is worse than ``gate`` allows."""
-    from accel.demo.digits import Features, draw
+    of each and the metric's running figures, whatever ``gate.samples`` is; the figures, or
+    ``StageError`` when the candidate is worse than ``gate`` allows."""
+    from accel.core.metrics import ImageRMSE
+    from accel.runtime import draw
 
     plan: SamplerPlan = parent[1]
-    metric = gate.metric or default_metric(plan)
-    if metric == "off":
+    name = gate.metric or default_metric(plan)
+    if name == "off":
         return {"metric": "off", "passed": True}
-    # a pipeline's VAE decodes images that the digits classifier reads (gray or RGB, resized)
-    if metric == "fd_digits" and list(plan.sample_shape) != DIGITS_SHAPE and not plan.components:
+    if name not in METRICS:
         raise StageError(
             stage,
-            f"the quality gate's FD-digits needs 1x16x16 digit images, but this model samples "
-            f'{"x".join(map(str, plan.sample_shape))}: set gate.metric = "image_rmse" '
-            '(or "off") in the stage config',
+            f"the model names the quality metric {name!r}, which accel does not have "
+            f"({', '.join(METRICS)}); set gate.metric in the stage config",
         )
-    threshold = DEFAULT_THRESHOLD[metric] if gate.threshold is None else gate.threshold
+    prompts = evaluation_prompts(stage, plan, gate.prompts, "gate.prompts")
+    rmse = ImageRMSE(plan)
+    try:
+        metric = rmse if name == DEFAULT_METRIC else resolve(METRICS[name])(plan)
+    except ValueError as e:  # a metric that cannot read this model's images
+        raise StageError(
+            stage, f'{e}: set gate.metric = "image_rmse" (or "off") in the stage config'
+        ) from None
+    threshold = metric.default_threshold if gate.threshold is None else gate.threshold
     progress(
-        f"{stage}: quality gate ({metric}, {gate.samples} samples x {len(gate.seeds)}, "
+        f"{stage}: quality gate ({name}, {gate.samples} samples x {len(gate.seeds)}, "
         f"batches of {batch})"
     )
-    sides = {"parent": parent, "candidate": candidate}
-    scores: dict[str, list[dict]] = {"parent": [], "candidate": []}
-    sq_err, count = 0.0, 0
     for seed in gate.seeds:
         streams = [
-            draw(rt, p, gate.samples, seed, p.num_classes, batch) for rt, p in sides.values()
+            draw(rt, p, gate.samples, seed, batch, prompts, p.num_classes)
+            for rt, p in (parent, candidate)
         ]
-        features = {who: Features() for who in sides}
-        for (a, labels), (b, _) in zip(*streams, strict=True):
+        for (a, conditions), (b, _) in zip(*streams, strict=True):
             for who, images in (("parent", a), ("candidate", b)):
                 if not np.isfinite(images).all():
                     raise StageError(stage, f"the {who} sampled NaN or Inf images")
-                if metric == "fd_digits":
-                    try:
-                        features[who].add(images, labels)
-                    except ValueError as e:  # images the classifier cannot read
-                        raise StageError(
-                            stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
-                        ) from None
-            sq_err += float(((b - a) ** 2).sum())
-            count += a.size
-        if metric == "fd_digits":
-            for who in sides:
-                scores[who].append(features[who].evaluate())
+            if metric is not rmse:
+                try:
+                    metric.add(seed, a, b, conditions)
+                except ValueError as e:  # images the metric cannot read
+                    raise StageError(
+                        stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
+                    ) from None
+            rmse.add(seed, a, b, conditions)
+    figures, value, verdict = metric.result(threshold)
     result: dict = {
-        "metric": metric,
+        "metric": name,
         "threshold": threshold,
         "samples": gate.samples,
         "seeds": list(gate.seeds),
         "batch": batch,
-        "image_rmse": (sq_err / count) ** 0.5,
+        "image_rmse": rmse.result(threshold)[1],
+        **figures,
+        "value": value,
     }
-    if metric == "fd_digits":
-        for who, per_seed in scores.items():
-            result[who] = {
-                "fd_digits": float(np.mean([s["fd_digits"] for s in per_seed])),
-                "class_accuracy": float(np.mean([s["class_accuracy"] for s in per_seed])),
-            }
-        before, after = result["parent"]["fd_digits"], result["candidate"]["fd_digits"]
-        result["value"] = after / before - 1
-        verdict = (
-            f"FD-digits {after:.3f} against the parent's {before:.3f} "
-            f"({result['value']:+.1%}, allowed +{threshold:.1%})"
-        )
-    else:
-        result["value"] = result["image_rmse"]
-        verdict = (
-            f"image RMS difference from the parent {result['value']:.4f} (allowed {threshold})"
-        )
-    result["passed"] = bool(result["value"] <= threshold)
+    result["passed"] = bool(value <= threshold)
     progress(f"{stage}: quality gate {'passed' if result['passed'] else 'FAILED'}: {verdict}")
     if not result["passed"]:
         raise StageError(

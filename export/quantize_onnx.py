@@ -39,7 +39,7 @@ from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE
-from export.quality_gate import GateConfig, quality_gate
+from export.quality_gate import GateConfig, Prompts, evaluation_prompts, quality_gate
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -51,6 +51,9 @@ class QuantizeConfig(StageConfig):
     """Images whose sampling trajectories calibrate the activation ranges."""
     calibration_seed: int = 1000
     """Noise of the calibration trajectories (kept apart from the gate's seeds)."""
+    calibration_prompts: Prompts = None
+    """Text models: the prompts the calibration trajectories are drawn from, cycled; None: the
+    model's evaluation prompts (its accel.json)."""
     calibration_method: Literal["minmax", "entropy"] | None = None
     """How activation ranges come from the calibration data: min/max, or the range minimising
     the KL divergence of the quantized histogram; default: minmax for ort_int8, modelopt's own
@@ -80,18 +83,23 @@ class QuantizeConfig(StageConfig):
         return self
 
 
-def calibration_feeds(runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64) -> list[dict]:
+def calibration_feeds(
+    runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64, prompts=None
+) -> list[dict]:
     """The denoiser graph's feeds at every step of ``plan`` while ``runtime`` samples n images."""
-    return component_calibration_feeds(runtime, plan, n, seed, batch)["denoiser"]
+    return component_calibration_feeds(runtime, plan, n, seed, batch, prompts)["denoiser"]
 
 
 def component_calibration_feeds(
-    runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64
+    runtime, plan: SamplerPlan, n: int, seed: int, batch: int = 64, prompts=None
 ) -> dict[str, list[dict]]:
     """Per graph, its feeds while ``runtime`` samples n images with ``plan`` in batches of
     ``batch`` (``target.draw_batch``): the denoiser's at every step and, for a pipeline, the
-    text encoder's token ids and the VAE decoder's latents."""
-    from accel.demo.digits import draw
+    text encoder's token ids and the VAE decoder's latents. A text model draws from
+    ``prompts``, else its evaluation prompts; with neither it is refused."""
+    from accel.runtime import draw
+
+    prompts = evaluation_prompts("quantize", plan, prompts, "calibration_prompts")
 
     feeds: dict[str, list[dict]] = {"denoiser": [], "text_encoder": [], "vae_decoder": []}
     if plan.components:  # record what the component engines are given
@@ -99,7 +107,7 @@ def component_calibration_feeds(
         runtime.text = _Recorder(text, feeds["text_encoder"])
         runtime.vae = _Recorder(vae, feeds["vae_decoder"])
     try:
-        for _ in draw(runtime, plan, n, seed, plan.num_classes, batch, feeds["denoiser"].append):
+        for _ in draw(runtime, plan, n, seed, batch, prompts, on_step=feeds["denoiser"].append):
             pass  # the feeds are the calibration data; the images are not kept
     finally:
         if plan.components:
@@ -269,7 +277,12 @@ def run(ctx: StageContext) -> None:
         f"sampling of {config.calibration_samples} images ({len(plan.steps)} steps each)"
     )
     feeds_of = component_calibration_feeds(
-        parent, plan, config.calibration_samples, config.calibration_seed, ctx.target.draw_batch
+        parent,
+        plan,
+        config.calibration_samples,
+        config.calibration_seed,
+        ctx.target.draw_batch,
+        config.calibration_prompts,
     )
     if plan.components:
         from accel.runtime.pipeline import copy_pipeline_files

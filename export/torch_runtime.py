@@ -211,8 +211,8 @@ def open_model(
     if den.adapter is None:
         if resolution is not None:
             raise CheckpointError(f"{path} draws one size only: drop --height/--width")
-        plan = sampler_plan(den, steps, info.num_classes)
+        plan = sampler_plan(den, steps, info)
         return TorchRuntime(DenoiserGraph.of(den), device=device), plan
-    plan = sampler_plan(den, steps, resolution=resolution)
+    plan = sampler_plan(den, steps, info, resolution)
     h, w = plan.resolution or (0, 0)
     return PipelineRuntime(DenoiserGraph.of(den), (h, w), device=device), plan

@@ -1,4 +1,4 @@
-"""Tiny stages for tests of recipes and the store: registered by patching accel.stages.STAGES."""
+"""Tiny stages for tests of recipes and the store: registered by patching accel.registry.STAGES."""
 
 from __future__ import annotations
 

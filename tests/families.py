@@ -599,10 +599,22 @@ def build_pipeline(family: str, seed: int = 0):
     return prepare(_BUILDERS[family](seed))
 
 
-def write_pipeline(family: str, path, seed: int = 0) -> pathlib.Path:
-    """Build ``family`` and ``save_pretrained`` it (safetensors) into ``path``; returns the path."""
+EVALUATION_PROMPTS = [f"a handwritten {w}" for w in (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
+)]  # fmt: skip
+"""The evaluation prompts the tiny text pipelines' accel.json names (the shipped text teachers')."""
+
+
+def write_pipeline(family: str, path, seed: int = 0, evaluation: bool = True) -> pathlib.Path:
+    """Build ``family`` and ``save_pretrained`` it (safetensors) into ``path``; returns the path.
+    A text family's gets an accel.json naming ``EVALUATION_PROMPTS`` (``evaluation``), as a
+    shipped teacher's does, for its calibration and quality gates."""
+    from accel.core.model_info import Evaluation, ModelInfo
+
     path = pathlib.Path(path)
     build_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    if evaluation and family != "dit":
+        ModelInfo(evaluation=Evaluation(prompts=EVALUATION_PROMPTS)).write(path)
     return path
 
 

@@ -158,6 +158,21 @@ def test_importing_the_runtime_leaves_torch_and_diffusers_out():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("command", ["sample", "inspect", "deploy"])
+def test_bundle_commands_import_no_torch(bundles, tmp_path, command):
+    from test_import_rules import heavy_modules_of_command
+
+    path = bundles[2][True].path
+    args = {
+        "sample": ("sample", path, "-n", 3, "--out", tmp_path / "s.png"),
+        "inspect": ("inspect", path),
+        "deploy": ("deploy", "triton", path, "--out", tmp_path / "repo"),
+    }[command]
+    code, heavy, err = heavy_modules_of_command(*args)
+    assert code == 0, err
+    assert heavy == [], f"accel {command} BUNDLE imports {heavy}"
+
+
 def test_accel_sample_runs_a_bundle(bundles, tmp_path, monkeypatch, capsys):
     _, _, b = bundles
     code, out, err = run_cli(monkeypatch, capsys, "sample", b[True].path, "-n", 6, "--out",

@@ -305,7 +305,7 @@ def test_every_option_has_a_help_line_and_stage_options_their_type(monkeypatch, 
     import click
 
     from accel.cli import StageCommand, cli
-    from accel.stages import get_stage
+    from accel.registry import get_stage
 
     ctx = click.Context(cli)
     checked = 0

@@ -8,11 +8,11 @@ import pytest
 
 from accel.core.errors import StageError
 from accel.pipeline import default_store
-from accel.runtime import open_engine, open_runtime
+from accel.runtime import open_engine
 from export.onnx_export import example_inputs
 from export.ort_compile import provider_options, target_provider
 from export.parity import compare, describe_failure
-from export.torch_runtime import AotiRuntime, TorchRuntime
+from export.torch_runtime import AotiRuntime, TorchRuntime, open_model
 
 from tiny import build, gpu_target, write_tiny_pipeline
 
@@ -39,7 +39,7 @@ def test_aotinductor_engine_matches_eager_across_its_batch_range(tiny):
     assert engine.metrics["quality_gate"]["value"] < 1e-4  # 70 samples: two calls of <= 64
     runtime, plan = open_engine(engine.path)
     assert isinstance(runtime, AotiRuntime) and len(plan.steps) == 3
-    eager, _ = open_runtime(source.path, steps=3)
+    eager, _ = open_model(source.path, 3)
     feeds = [example_inputs(eager.graph, b, [999, 500, 1], seed=b) for b in (1, 5, 100)]
     report = compare(eager, [runtime], feeds, "fp32")
     assert report["passed"], describe_failure(report)
@@ -132,7 +132,7 @@ def test_aotinductor_on_cuda_matches_eager(tmp_path):
         gate={"metric": "image_rmse", "threshold": 1e-3, "samples": 16},
     )
     runtime, _ = open_engine(engine.path)
-    eager, _ = open_runtime(source.path, steps=2)
+    eager, _ = open_model(source.path, 2)
     feeds = [example_inputs(eager.graph, 4, [999, 1])]
     report = compare(eager, [runtime], feeds, "fp32")
     assert report["passed"], describe_failure(report)
@@ -148,7 +148,7 @@ def test_onnxruntime_cuda_engine_runs_on_the_gpu(tiny):
     engine = build(store, graph, "ort", provider="CUDAExecutionProvider")
     runtime, plan = open_engine(engine.path)
     assert runtime.session.get_providers()[0] == "CUDAExecutionProvider"
-    eager = TorchRuntime(open_runtime(source.path, steps=2)[0].graph)
+    eager = TorchRuntime(open_model(source.path, 2)[0].graph)
     feeds = [example_inputs(eager.graph, 4, [999, 1])]
     assert compare(eager, [runtime], feeds, "fp32")["passed"]
     assert np.isfinite(runtime.infer(feeds[0])["x0"]).all()

@@ -94,9 +94,9 @@ def test_consistency_stage_to_engine_samples_like_torch(tmp_path):
     matches the torch student (the onnx and ort stages check parity themselves)."""
     import numpy as np
 
-    from accel.core.recipe import load_recipe
     from accel.demo.digits import generate
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
     from accel.runtime import open_engine
     from export.torch_runtime import open_model
 

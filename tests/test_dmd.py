@@ -51,8 +51,8 @@ def test_recipe_chains_progressive_rounds_into_an_adversarial_fine_tune(tmp_path
     against the recipe's teacher, then an engine: the guidance baked in travels along."""
     import json
 
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
     from accel.runtime import open_engine
 
     from tiny import write_tiny_pipeline
@@ -80,8 +80,8 @@ def test_recipe_chains_progressive_rounds_into_an_adversarial_fine_tune(tmp_path
 
 def test_progressive_refuses_a_student_of_another_step_count(tmp_path):
     from accel.core.errors import StageError
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
 
     from tiny import write_tiny_pipeline
 

@@ -372,7 +372,7 @@ def test_flow_students_are_stock_pipelines(family, method, tmp_path, monkeypatch
     extra.pop("max_sequence_length", None)  # Sana's instruction)
     extra.pop("complex_human_instruction", None)
     if method == "scm":
-        from distill.scm import scm_flow_grid
+        from distill.students import scm_flow_grid
 
         extra["sigmas"] = [v / 1000 for v in scm_flow_grid(steps, 1000)[:-1]]
     stock = pipe(

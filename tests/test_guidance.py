@@ -55,9 +55,9 @@ def test_w_conditioned_student_matches_the_guided_teacher():
 def test_guidance_stage_exports_w_as_an_input_and_chains_into_progressive(tmp_path):
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from accel.core.recipe import load_recipe
     from accel.demo.digits import generate
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
     from accel.runtime import open_engine
     from export.torch_runtime import open_model
 

@@ -14,19 +14,17 @@ import torch
 from torch import nn
 
 from distill.denoiser import Denoiser
-from distill.meanflow import (
+from distill.meanflow import MeanFlowConfig, average_velocity, meanflow_loss
+from distill.schedule import Schedule
+from distill.students import (
     ATTR,
     INTERVAL_FILE,
     FlowMapDenoiser,
-    MeanFlowConfig,
     attach_interval,
-    average_velocity,
     flow_map_sigmas,
     interval,
-    meanflow_loss,
     without_interval,
 )
-from distill.schedule import Schedule
 
 import families
 from gmm import GMMBackbone, mixture, ode_endpoints, two_class_gmm
@@ -331,7 +329,7 @@ def test_meanflow_students_run_in_the_stock_pipeline_with_flow_map_euler(
     import diffusers
 
     from accel.core.model_info import ModelInfo
-    from distill.meanflow import load_flow_map_pipeline
+    from distill.students import load_flow_map_pipeline
 
     student = _student(family, tmp_path, monkeypatch, capsys)
     info = ModelInfo.read(student)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from accel.core.errors import StageError, TargetMismatch
-from accel.core.recipe import load_recipe
 from accel.core.target import load_target, profiles_dir
 from accel.pipeline import default_store, plan, run_recipe
+from accel.recipe import load_recipe
 from accel.report import load_report
 from accel.runtime import open_engine
 
@@ -110,7 +110,7 @@ def test_shipped_recipes_load():
     from pathlib import Path
 
     import accel
-    from accel.core.recipe import load_recipe
+    from accel.recipe import load_recipe
 
     paths = sorted((Path(accel.__file__).parent / "recipes").glob("*.toml"))
     assert {p.stem for p in paths} >= {"digits-pixel", "text-digits"}

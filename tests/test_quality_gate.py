@@ -57,3 +57,82 @@ def test_the_gates_peak_memory_does_not_grow_with_its_sample_count(graph_64px):
     # 16x the samples: the same batches, so the same peak (measured on an AMD EPYC: 448.5 and
     # 448.7 MiB); drawn in one batch of 256, the gate peaked at 12,019 MiB
     assert large["peak_mib"] - small["peak_mib"] < 128, (small, large)
+
+
+# ---------------------------------------------------------------- prompts come from the model
+
+
+def _text_plan(**fields):
+    from accel.core.plan import SamplerPlan, Step
+
+    return SamplerPlan(
+        steps=[Step(timestep=999, a=0.0, b=1.0)], sample_shape=[1, 4, 4], family="sd",
+        conditioning_kind="text", **fields,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def drawn_prompts(monkeypatch):
+    """The prompts every text draw samples (``accel.runtime.loop.run_pipeline`` recorded: each
+    call returns mid-gray images and, on the calibration path, one step's feeds)."""
+    import numpy as np
+
+    import accel.runtime.loop as loop
+
+    seen: list[str] = []
+
+    def fake_run_pipeline(runtime, plan, noise, prompts, labels=None, rng=None, on_step=None):
+        seen.extend(prompts)
+        if on_step is not None:
+            on_step({"sample": noise})
+        return np.zeros_like(noise)
+
+    monkeypatch.setattr(loop, "run_pipeline", fake_run_pipeline)
+    return seen
+
+
+def test_text_models_are_gated_and_calibrated_on_their_own_or_the_users_prompts(drawn_prompts):
+    from accel.core.errors import StageError
+    from export.quality_gate import GateConfig, quality_gate
+    from export.quantize_onnx import component_calibration_feeds
+
+    model_prompts = ["a red circle", "a blue square"]
+    plan = _text_plan(evaluation_prompts=model_prompts)
+    side = (None, plan)
+    quality_gate("ort", GateConfig(samples=5, threshold=0.0), side, side, lambda m: None, 5)
+    assert drawn_prompts == [model_prompts[i % 2] for i in range(5)] * 2  # parent, candidate
+    drawn_prompts.clear()
+    mine = GateConfig(samples=3, threshold=0.0, prompts=["a green cat"])
+    quality_gate("ort", mine, side, side, lambda m: None, 2)
+    assert set(drawn_prompts) == {"a green cat"}
+
+    drawn_prompts.clear()
+    feeds = component_calibration_feeds(None, plan, 4, seed=0, batch=4)
+    assert drawn_prompts == model_prompts * 2 and len(feeds["denoiser"]) == 1
+    drawn_prompts.clear()
+    component_calibration_feeds(None, plan, 2, seed=0, batch=2, prompts=["a cat"])
+    assert drawn_prompts == ["a cat", "a cat"]
+
+    bare = (None, _text_plan())  # an accel.json without evaluation prompts, and none given
+    with pytest.raises(StageError) as gate_error:
+        quality_gate("ort", GateConfig(samples=2), bare, bare, lambda m: None, 2)
+    with pytest.raises(StageError) as calibration_error:
+        component_calibration_feeds(None, bare[1], 2, seed=0)
+    for error, option in ((gate_error, "gate.prompts"), (calibration_error, "calibration_prompts")):
+        message = str(error.value)
+        assert "\n" not in message and "names no evaluation prompts" in message
+        assert f'give {option} = ["a prompt", ...]' in message
+    assert not drawn_prompts  # refused before anything was drawn
+
+
+def test_a_metric_the_model_names_comes_from_the_metrics_table():
+    from accel.core.errors import StageError
+    from accel.registry import METRICS
+    from export.quality_gate import GateConfig, quality_gate
+
+    assert {"image_rmse", "fd_digits"} <= set(METRICS)
+    with pytest.raises(ValueError, match="unknown metric 'fid'"):
+        GateConfig(metric="fid")
+    plan = _text_plan(evaluation_prompts=["a"], metric="clip_score")
+    with pytest.raises(StageError, match="names the quality metric 'clip_score'"):
+        quality_gate("ort", GateConfig(samples=2), (None, plan), (None, plan), lambda m: None)

@@ -1,9 +1,9 @@
 import pytest
 
-import accel.stages as stage_mod
+import accel.registry as stage_mod
 from accel.core.artifact import artifact_key
 from accel.core.errors import RecipeError
-from accel.core.recipe import load_recipe, plan_keys
+from accel.recipe import load_recipe, plan_keys
 
 import fake_stages
 

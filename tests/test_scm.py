@@ -10,7 +10,8 @@ from torch import nn
 
 from distill.denoiser import Denoiser
 from distill.schedule import Schedule
-from distill.scm import flow_sigma, scm_flow_grid, scm_tangent, trig_velocity, trigflow_grid
+from distill.scm import scm_tangent, trig_velocity
+from distill.students import flow_sigma, scm_flow_grid, trigflow_grid
 
 from gmm import GMMBackbone, TimeResidual, mixture, ode_endpoints, sliced_wasserstein, two_class_gmm
 

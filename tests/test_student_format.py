@@ -10,9 +10,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, UNet2DMode
 
 from accel.cli import main
 from accel.core.model_info import ModelInfo
-from distill.consistency import student_scheduler_config as lcm_config
 from distill.denoiser import TIMESTEP_SCALING, save_pipeline
-from distill.progressive import student_scheduler_config as ddim_config
+from distill.students import ddim_scheduler_config as ddim_config
+from distill.students import lcm_scheduler_config as lcm_config
 
 from tiny import SCHEDULER, tiny_unet
 

@@ -137,9 +137,10 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tmp_path):
         pytest.skip("no CUDA GPU")
     if not (importlib.util.find_spec("tensorrt") and hasattr(__import__("tensorrt"), "Builder")):
         pytest.skip("TensorRT is not installed")
-    from accel.runtime import OrtRuntime, open_engine, open_runtime
+    from accel.runtime import OrtRuntime, open_engine
     from export.onnx_export import example_inputs
     from export.parity import compare, describe_failure
+    from export.torch_runtime import open_model
 
     store = default_store(tmp_path / "store")
     source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
@@ -155,7 +156,7 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tmp_path):
     engine = build(store, graph, "tensorrt", target=str(target), gate=gate)
     assert (engine.path / "trtexec.sh").is_file() and (engine.path / "timing.cache").is_file()
     runtime, _ = open_engine(engine.path)
-    eager, _ = open_runtime(source.path, steps=2)
+    eager, _ = open_model(source.path, 2)
     feeds = [example_inputs(eager.graph, b, [999, 1], seed=b) for b in (1, 4, 16)]
     reference = OrtRuntime(graph.path / "model.onnx", optimize=False)
     # TensorRT may run fp32 convolutions in TF32: the fp16 row of the tolerance table

@@ -198,11 +198,11 @@ def test_imagefolder_latents_are_cached_once(teachers, tmp_path):
 def test_digits_with_captions_train_text_to_image_teachers(teachers, tmp_path):
     """``dataset = "digits"`` for a text-to-image teacher: the digits at its resolution and VAE
     channels, captioned in the text teacher's phrasings, VAE-encoded once."""
-    from accel.demo.digits import caption, captioned_digits
+    from accel.demo.digits import caption, digits_dataset
     from distill.data import load_dataset
     from distill.denoiser import load_denoiser
 
-    images, captions = captioned_digits((32, 32), 3)
+    images, captions = digits_dataset((32, 32), 3, captions=True)
     assert images.shape == (1797, 3, 32, 32) and captions[7] == caption(7, 7)
     den, _ = load_denoiser(teachers["sd"])
     x0, cond = load_dataset("digits", den, tmp_path / "cache")

@@ -453,8 +453,8 @@ def test_a_text_recipe_profiles_the_pipeline_and_keeps_the_teachers_reference(tm
     """consistency on the captioned digits -> onnx -> ort -> profile: the profile has the
     pipeline's stages (text encoding, steps, VAE decode) and the teacher's quality is stored once
     per teacher: a second student reads it back instead of sampling the teacher again."""
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
     from accel.report import load_report
 
     families.write_pipeline("sd15", tmp_path / "teacher")

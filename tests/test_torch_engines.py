@@ -114,9 +114,10 @@ def test_compiled_engine_matches_eager_and_a_second_build_hits_the_stores_cache(
 @pytest.mark.slow
 def test_torch_compile_stage_builds_a_gated_engine_that_reopens_from_the_cache(tmp_path):
     from accel.pipeline import default_store
-    from accel.runtime import open_engine, open_runtime
+    from accel.runtime import open_engine
     from accel.runtime.loop import fused_feeds
     from export.torch_compile import TorchEngineRuntime
+    from export.torch_runtime import open_model
 
     store = default_store(tmp_path / "store")
     source = store.source(write_tiny_pipeline(tmp_path / "teacher"))
@@ -129,7 +130,7 @@ def test_torch_compile_stage_builds_a_gated_engine_that_reopens_from_the_cache(t
     assert engine.metrics["quality_gate"]["value"] < 1e-4
     runtime, plan = open_engine(engine.path)
     assert isinstance(runtime, TorchEngineRuntime) and plan.fused
-    eager_rt, eager_plan = open_runtime(source.path, steps=2)
+    eager_rt, eager_plan = open_model(source.path, 2)
     from accel.runtime import sample
 
     rng = np.random.default_rng(0)

@@ -111,9 +111,9 @@ def test_training_options_that_cannot_run_are_refused(options, message):
 
 
 def test_mixed_precision_target_is_the_targets_and_keys_the_artifact():
-    from accel.core.recipe import stage_key
     from accel.core.target import load_target
-    from accel.stages import get_stage
+    from accel.recipe import stage_key
+    from accel.registry import get_stage
     from distill.trainer import training_precision
 
     cpu, h200, t4 = load_target("cpu"), load_target("h200"), load_target("h200")
@@ -223,8 +223,8 @@ def test_progressive_resumes_inside_its_second_round(tmp_path, monkeypatch):
     """A crash in round 2 of 4 -> 2 -> 1 keeps round 1's student and round 2's checkpoint; the
     resumed stage ends with the uninterrupted run's student."""
     import distill.progressive as progressive
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
 
     write_tiny_pipeline(tmp_path / "teacher")
     recipe = tmp_path / "r.toml"

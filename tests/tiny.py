@@ -48,7 +48,7 @@ def build(store, parent, stage_name, target="cpu", **config):
     """Run one stage on ``parent`` into ``store`` (or take it from the cache); its artifact."""
     from accel.core.target import load_target
     from accel.pipeline import run_or_reuse
-    from accel.stages import get_stage
+    from accel.registry import get_stage
 
     stage = get_stage(stage_name)
     return run_or_reuse(

@@ -20,7 +20,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from accel.core.model_info import ModelInfo
+from accel.core.model_info import Evaluation, ModelInfo
 from accel.demo.digits import TEACHER_DIR, digits_dataset
 from distill.schedule import Schedule
 
@@ -71,6 +71,7 @@ def save(unet: UNet2DModel, log: list[dict], args: argparse.Namespace) -> None:
     ModelInfo(
         null_class_label=NULL_LABEL,
         num_classes=10,
+        evaluation=Evaluation(metric="fd_digits"),
         training={
             "steps": args.steps,
             "batch": args.batch,

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from accel.core.model_info import ModelInfo
+from accel.core.model_info import Evaluation, ModelInfo
 from accel.demo.digits import ASSETS, DIGIT_WORDS, TEMPLATES, caption, digits_dataset
 
 TEXT_TEACHER_DIR = ASSETS / "text_teacher"
@@ -247,13 +247,18 @@ def save(out: Path, vae, text_encoder, tokenizer, unet, info: dict) -> None:
     write_pipeline(pipe, out, info)
 
 
+EVALUATION = Evaluation("fd_digits", [caption(k) for k in range(10)])
+"""How the digits text teachers' images are judged: FD-digits, drawn from the test prompt of each
+digit in order ("a handwritten zero" ... "nine"), so a prompt's index is its digit."""
+
+
 def write_pipeline(pipe, out: Path, info: dict) -> None:
     """``pipe`` saved (safetensors) with its training record into ``out``, which is replaced only
     once the whole directory is written (``out.incomplete`` first, then a rename)."""
     tmp = out.with_name(out.name + ".incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    ModelInfo(training=info).write(tmp)
+    ModelInfo(training=info, evaluation=EVALUATION).write(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -32,6 +32,27 @@ def size_options(f):
     return f
 
 
+def open_runtime(
+    path: Path,
+    target=None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    spin: bool = True,
+    resolution: tuple[int, int] | None = None,
+):
+    """A bundle or an engine artifact (its own runtime, no torch), or a diffusers directory (torch
+    eager), with its sampler plan."""
+    from accel.runtime import artifact_kind
+    from accel.runtime import open_runtime as open_artifact
+
+    if artifact_kind(path) in ("bundle", "engine"):
+        return open_artifact(path, target, steps, guidance, spin, resolution)
+    from export.torch_runtime import open_model
+
+    device = "cuda" if target is not None and target.device == "cuda" else "cpu"
+    return open_model(path, steps, guidance, device, resolution)
+
+
 def _resolution(height: int | None, width: int | None) -> tuple[int, int] | None:
     if (height is None) != (width is None):
         raise click.BadParameter("give both --height and --width, or neither")
@@ -129,8 +150,8 @@ def _copy_out(src: Path, dst: Path) -> None:
 @resume_option
 def run(recipe: Path, store: Path | None, resume: bool) -> None:
     """Run RECIPE (TOML): every stage not already in the store."""
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
 
     artifacts = run_recipe(load_recipe(recipe), default_store(store), resume=resume)
     click.echo(artifacts[-1].path)
@@ -141,9 +162,9 @@ def run(recipe: Path, store: Path | None, resume: bool) -> None:
 @store_option
 def plan(recipe: Path, store: Path | None) -> None:
     """Show which stages of RECIPE are cached (HIT) and which would run (MISS)."""
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store
     from accel.pipeline import plan as make_plan
+    from accel.recipe import load_recipe
 
     r = load_recipe(recipe)
     source, stages = make_plan(r, default_store(store))
@@ -182,8 +203,8 @@ def demo_recipe(name: str) -> Path:
 def demo(out: Path, recipe: str, store: Path | None) -> None:
     """Distil a shipped teacher to a few steps, compile its engines with onnxruntime, bundle
     them and profile them against the teacher (default: prompt -> image, text-digits)."""
-    from accel.core.recipe import load_recipe
     from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
 
     artifacts = run_recipe(load_recipe(demo_recipe(recipe)), default_store(store))
     by_key = {a.key: a for a in artifacts}
@@ -332,7 +353,7 @@ class StageCommand(click.Command):
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not self._config_options:
-            from accel.stages import get_stage
+            from accel.registry import get_stage
 
             self._config_options = True
             seen: set[str] = set()
@@ -361,11 +382,11 @@ class StageCommand(click.Command):
 
         from accel.core.artifact import MANIFEST, Artifact
         from accel.core.errors import CheckpointError
-        from accel.core.processes import Processes
         from accel.core.stage import validation_lines
         from accel.core.target import load_target
         from accel.pipeline import default_store, run_or_reuse
-        from accel.stages import get_stage
+        from accel.processes import Processes
+        from accel.registry import get_stage
 
         s = default_store(store)
         if (input_dir / MANIFEST).is_file():
@@ -626,7 +647,6 @@ def profile(
     from accel.profile.harness import Harness
     from accel.profile.stage import measure_quality, profile_runtimes
     from accel.report import write_report
-    from accel.runtime import open_runtime
 
     if 0 < quality_samples < 10:
         raise click.BadParameter(
@@ -865,7 +885,7 @@ def sample(
     import numpy as np
 
     from accel.core.target import load_target
-    from accel.runtime import open_runtime, run_pipeline
+    from accel.runtime import run_pipeline
     from accel.runtime.loop import check_finite
     from accel.runtime.pipeline import check_prompts
 

@@ -73,17 +73,13 @@ def hash_tree(root: Path) -> dict[str, str]:
 
 
 def _tool_versions() -> dict[str, str]:
-    import accel
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
 
-    version = getattr(accel, "__version__", None)
-    if version is None:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as dist_version
-
-        try:
-            version = dist_version("accel")
-        except PackageNotFoundError:
-            version = "unknown"
+    try:
+        version = dist_version("accel")
+    except PackageNotFoundError:
+        version = "unknown"
     return {"accel": version, "python": platform.python_version()}
 
 

@@ -1,6 +1,8 @@
 """``accel.json``: what accel records beside a diffusers pipeline's ``model_index.json`` (format
-``accel.model/2``; /2 added ``consistency.grid``, and /1 files read as /2). A teacher's names its
-unconditional class; a distilled student's names the method, its step count and how guidance was
+``accel.model/3``; /2 added ``consistency.grid``, /3 ``evaluation``, and older files read as /3).
+A teacher's names its unconditional class and how its images are judged (the quality metric and,
+for a text model, the prompts it is calibrated and gated on: ``evaluation``, which its students
+inherit); a distilled student's names the method, its step count and how guidance was
 distilled, so that ``accel sample``, the exporters and the next distillation stage read the
 student's own defaults. A typed, versioned contract: unknown keys, wrong types and impossible
 values are errors on load; files written before the format key existed (the same keys, no
@@ -17,8 +19,8 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 MODEL_INFO_FILE = "accel.json"
-MODEL_INFO_FORMAT = "accel.model/2"
-READ_FORMATS = ("accel.model/1", MODEL_INFO_FORMAT)  # /1 lacks only the optional grid
+MODEL_INFO_FORMAT = "accel.model/3"
+READ_FORMATS = ("accel.model/1", "accel.model/2", MODEL_INFO_FORMAT)  # older: optional keys only
 METHODS = ("progressive", "consistency", "scm", "meanflow", "dmd2", "add", "guidance")
 
 
@@ -73,6 +75,26 @@ class ConsistencySpec:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """How a model's images are judged: ``metric``, a name in ``accel.registry.METRICS``
+    (checked where it is used: the quality gate), and the ``prompts`` a text model is calibrated
+    and gated on. The quantize and compile stages use them unless their config names others."""
+
+    metric: str | None = None
+    prompts: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric is not None and not isinstance(self.metric, str):
+            raise ValueError(f"evaluation.metric must be a metric name, got {self.metric!r}")
+        if self.prompts is not None and not (
+            isinstance(self.prompts, list)
+            and self.prompts
+            and all(isinstance(p, str) and p.strip() for p in self.prompts)
+        ):
+            raise ValueError("evaluation.prompts must be a non-empty list of non-empty prompts")
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The contents of ``accel.json``. Every field is optional: a pipeline without the file is a
     plain teacher (``ModelInfo()``)."""
@@ -86,6 +108,7 @@ class ModelInfo:
     guidance_embedding: GuidanceEmbedding | None = None
     consistency: ConsistencySpec | None = None
     training: dict[str, Any] | None = None  # provenance of a shipped model (free-form)
+    evaluation: Evaluation | None = None  # its quality metric and evaluation prompts
     format: str = MODEL_INFO_FORMAT
 
     def __post_init__(self) -> None:
@@ -95,6 +118,8 @@ class ModelInfo:
             )
         if isinstance(self.consistency, dict):
             object.__setattr__(self, "consistency", ConsistencySpec(**self.consistency))
+        if isinstance(self.evaluation, dict):
+            object.__setattr__(self, "evaluation", Evaluation(**self.evaluation))
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.num_inference_steps is not None:

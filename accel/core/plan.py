@@ -1,5 +1,5 @@
 """The sampler plan: the numbers that drive a few-step loop, stored beside an engine as JSON
-(``sampler_plan.json``, format ``accel.plan/5``), read by every runtime, bundle and Triton model.
+(``sampler_plan.json``, format ``accel.plan/6``), read by every runtime, bundle and Triton model.
 A typed, versioned contract: unknown keys, missing fields and wrong types are errors on load, and
 plans of the first format (``notes`` flags) are read into the typed fields."""
 
@@ -17,10 +17,10 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 PLAN_FILE = "sampler_plan.json"
-PLAN_FORMAT = "accel.plan/5"
-# /3 added the pipeline fields, /4 ``flow_shift``, /5 the steps' ``r_timestep`` (flow maps): all
-# optional, so older plans read as /5
-READ_FORMATS = ("accel.plan/2", "accel.plan/3", "accel.plan/4", PLAN_FORMAT)
+PLAN_FORMAT = "accel.plan/6"
+# /3 added the pipeline fields, /4 ``flow_shift``, /5 the steps' ``r_timestep`` (flow maps), /6
+# the model's ``metric`` and ``evaluation_prompts``: all optional, so older plans read as /6
+READ_FORMATS = ("accel.plan/2", "accel.plan/3", "accel.plan/4", "accel.plan/5", PLAN_FORMAT)
 COMPONENTS = ("text_encoder", "vae_decoder")
 TOKENIZER_KEYS = {"folder", "input", "max_length", "pad_id"}
 TOKENIZER_OPTIONAL = {"lowercase", "prefix"}  # the prompt clean-up before tokenizing (PixArt, Sana)
@@ -98,10 +98,19 @@ class SamplerPlan:
     conditioning_file: str | None = None
     """safetensors beside the plan: ``static.NAME`` (prompt-independent conditioning, batch 1)
     and ``null.NAME`` (classifier-free guidance's unconditional branch, batch 1)."""
+    metric: str | None = None
+    """The model's quality metric (its ``accel.json`` ``evaluation.metric``, a name in
+    ``accel.registry.METRICS``); None: the gate's default, image RMSE."""
+    evaluation_prompts: list[str] | None = None
+    """The prompts a text model is calibrated and gated on (its ``accel.json``)."""
     format: str = PLAN_FORMAT
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.evaluation_prompts is not None and not (
+            self.evaluation_prompts and all(p.strip() for p in self.evaluation_prompts)
+        ):
+            raise ValueError("evaluation_prompts must be a non-empty list of non-empty prompts")
         steps = [s if isinstance(s, Step) else Step(**s) for s in self.steps]
         object.__setattr__(self, "steps", steps)
         if self.sampler not in SAMPLERS:

@@ -1,6 +1,6 @@
 """Stages: registered functions Artifact -> Artifact with a typed config.
 
-The table of stages (``accel.stages``) maps names to "module:attribute" strings."""
+The table of stages (``accel.registry.STAGES``) maps names to "module:attribute" strings."""
 
 from __future__ import annotations
 

@@ -40,25 +40,27 @@ def caption(label: int, template: int = 0) -> str:
     return TEMPLATES[template % len(TEMPLATES)].format(word=DIGIT_WORDS[label], num=label)
 
 
-def digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1797 digits as float32 N x 1 x 16 x 16 in [-1, 1] and int64 labels.
+def digits_dataset(
+    size: tuple[int, int] | None = None, channels: int = 1, captions: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | list[str]]:
+    """scikit-learn's 1797 digits as float32 N x 1 x 16 x 16 in [-1, 1] and int64 labels (the
+    ``digits`` row of ``accel.registry.DATASETS``).
 
-    8x8 values 0..16 are scaled by 1/16 and upsampled bilinearly to 16x16."""
+    8x8 values 0..16 are scaled by 1/16 and upsampled bilinearly to 16x16. For a text-to-image
+    teacher: resized bilinearly to ``size`` (H, W), ``channels`` copies of the gray channel, with
+    ``captions`` cycling through ``TEMPLATES`` instead of labels."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False)
-    return x * 2 - 1, torch.tensor(d.target, dtype=torch.int64)
-
-
-def captioned_digits(size: tuple[int, int], channels: int = 1) -> tuple[torch.Tensor, list[str]]:
-    """The digits resized bilinearly to ``size`` (H, W), ``channels`` copies of the gray channel,
-    in [-1, 1], with captions cycling through ``TEMPLATES`` (the text-to-image data)."""
-    x, y = digits_dataset()
-    x = nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    captions = [caption(int(label), i) for i, label in enumerate(y)]
-    return x.repeat(1, channels, 1, 1), captions
+    x = nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False) * 2 - 1
+    y = torch.tensor(d.target, dtype=torch.int64)
+    if size is not None:
+        x = nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, channels, 1, 1)
+    if captions:
+        return x, [caption(int(label), i) for i, label in enumerate(y)]
+    return x, y
 
 
 class DigitsClassifier(nn.Module):
@@ -88,7 +90,7 @@ class DigitsClassifier(nn.Module):
 
 @lru_cache(maxsize=1)
 def load_classifier() -> DigitsClassifier:
-    from accel.core.checkpoint import load_safetensors
+    from distill.models import load_safetensors
 
     model = DigitsClassifier()
     model.load_state_dict(load_safetensors(CLASSIFIER_DIR / "model.safetensors"))
@@ -176,39 +178,63 @@ def fd_floor(seed: int = 0) -> float:
     return frechet_distance(feats[perm[:half]], feats[perm[half:]])
 
 
-def draw(runtime, plan, n: int, seed: int, num_classes: int | None, batch: int, on_step=None):
-    """``generate``'s n samples as a stream of (images, labels) batches of at most ``batch``
-    (the target's batch), so that memory is one batch's whatever n is: the noise is drawn batch
-    by batch from the one generator (the same numbers as one draw of all n), labels 0..K-1
-    cycled (digit prompts 0..9 for text models), fresh step noise from ``[seed, 1]``."""
-    from accel.runtime import run_pipeline, sample
-
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
-    noise_rng = np.random.default_rng(seed)
-    step_noise = np.random.default_rng([seed, 1])  # for stochastic (consistency) steps
-    for start in range(0, n, batch):
-        rows = np.arange(start, min(start + batch, n))
-        noise = noise_rng.standard_normal((len(rows), *plan.sample_shape)).astype(np.float32)
-        if plan.conditioning_kind == "text":  # digit prompts, labels 0..9 cycled
-            labels = (rows % 10).astype(np.int64)
-            prompts = [caption(int(k)) for k in labels]
-            images = run_pipeline(runtime, plan, noise, prompts, rng=step_noise, on_step=on_step)
-        else:
-            labels = (rows % num_classes).astype(np.int64) if num_classes else None
-            images = sample(runtime, plan, noise, labels, step_noise, on_step)
-        yield np.clip(images, -1, 1), labels
-
-
 def generate(
     runtime, plan, n: int, seed: int, num_classes: int | None, chunk: int = 64, on_step=None
 ):
     """n samples from a runtime and sampler plan, on the noise and labels ``accel sample`` uses:
-    noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled. Images in [-1, 1],
-    drawn in batches of ``chunk`` (``draw``). ``on_step`` sees the graph's feeds of every step
+    noise ~ numpy default_rng(seed).standard_normal, labels 0..K-1 cycled (a text model: its
+    evaluation prompts cycled, the labels their indices). Images in [-1, 1], drawn in batches of
+    ``chunk`` (``accel.runtime.draw``). ``on_step`` sees the graph's feeds of every step
     (``accel.runtime.sample``)."""
-    parts = list(draw(runtime, plan, n, seed, num_classes, chunk, on_step))
+    from accel.runtime import draw
+
+    stream = draw(runtime, plan, n, seed, chunk, plan.evaluation_prompts, num_classes, on_step)
+    parts = list(stream)
     images = np.concatenate([p[0] for p in parts])
     if parts[0][1] is None:
         return images, None
     return images, np.concatenate([p[1] for p in parts])
+
+
+DIGITS_SHAPE = [1, 16, 16]
+
+
+class FDDigits:
+    """The quality gate's FD-digits (``accel.registry.METRICS["fd_digits"]``): the candidate's
+    FD-digits against its parent's, each the mean over the gate's seeds; the value judged is the
+    relative increase (threshold: the largest allowed, 0.05 = 5%). Reads the pixel digits models'
+    1 x 16 x 16 samples and pipelines' decoded images of digits (gray or RGB, resized); a text
+    model's conditions are the indices of its evaluation prompts, which must be the ten digits in
+    order (as the text teachers' are) for the class accuracy to mean anything."""
+
+    name = "fd_digits"
+    default_threshold = 0.05
+
+    def __init__(self, plan) -> None:
+        if list(plan.sample_shape) != DIGITS_SHAPE and not plan.components:
+            raise ValueError(
+                "the quality gate's FD-digits needs 1x16x16 digit images, but this model samples "
+                + "x".join(map(str, plan.sample_shape))
+            )
+        self.features: dict[int, dict[str, Features]] = {}
+
+    def add(self, seed, parent, candidate, conditions) -> None:
+        sides = self.features.setdefault(seed, {"parent": Features(), "candidate": Features()})
+        sides["parent"].add(parent, conditions)
+        sides["candidate"].add(candidate, conditions)
+
+    def result(self, threshold: float) -> tuple[dict, float, str]:
+        figures = {}
+        for who in ("parent", "candidate"):
+            per_seed = [sides[who].evaluate() for sides in self.features.values()]
+            figures[who] = {
+                key: float(np.mean([s[key] for s in per_seed]))
+                for key in ("fd_digits", "class_accuracy")
+            }
+        before, after = figures["parent"]["fd_digits"], figures["candidate"]["fd_digits"]
+        value = after / before - 1
+        verdict = (
+            f"FD-digits {after:.3f} against the parent's {before:.3f} "
+            f"({value:+.1%}, allowed +{threshold:.1%})"
+        )
+        return figures, value, verdict

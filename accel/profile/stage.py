@@ -251,7 +251,8 @@ def measure_quality(
 
     from safetensors.numpy import load_file, save_file
 
-    from accel.demo.digits import draw, evaluate_batches
+    from accel.demo.digits import evaluate_batches
+    from accel.runtime import draw
 
     quality: dict[str, dict] = {}
     grids: dict[str, np.ndarray] = {}
@@ -269,7 +270,7 @@ def measure_quality(
         per_seed = []
         for seed in seeds:
             kept: list[np.ndarray] = []  # the grid's images: the first seed's first ones
-            stream = draw(rt, plan, samples, seed, plan.num_classes, batch)
+            stream = draw(rt, plan, samples, seed, batch, plan.evaluation_prompts)
             if seed == seeds[0]:
                 stream = _keeping(stream, kept, GRID_IMAGES)
             per_seed.append(dict(evaluate_batches(stream), seed=seed))

@@ -6,11 +6,12 @@ code, in ``export.torch_runtime``."""
 
 from accel.runtime.backends import BACKENDS, Backend, backend, installed_versions, open_backend
 from accel.runtime.bundle import Bundle, bundle_mismatch
-from accel.runtime.engine import open_engine, open_runtime
+from accel.runtime.engine import artifact_kind, open_engine, open_runtime
 from accel.runtime.loop import (
     Conditioning,
     Runtime,
     as_conditioning,
+    draw,
     fused_feeds,
     infer_in_chunks,
     run_pipeline,
@@ -27,6 +28,7 @@ __all__ = [
     "OrtRuntime",
     "Runtime",
     "as_conditioning",
+    "draw",
     "backend",
     "bundle_mismatch",
     "fused_feeds",
@@ -35,6 +37,7 @@ __all__ = [
     "open_backend",
     "open_engine",
     "open_runtime",
+    "artifact_kind",
     "run_pipeline",
     "sample",
     "step_feeds",

@@ -1,6 +1,6 @@
-"""Opening what ``accel sample`` and ``accel profile`` are given: an engine artifact (its backend's
-runtime, from the backend table), a bundle, or a diffusers directory (torch eager, imported only
-then)."""
+"""Opening an engine artifact (its backend's runtime, from the backend table) or a bundle. A
+diffusers directory is torch's to open (``export.torch_runtime.open_model``); the CLI chooses
+between them (``artifact_kind``)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def open_engines(root: Path, info: EngineInfo, plan: SamplerPlan, spin: bool = T
     )
 
 
+def artifact_kind(path: str | Path) -> str | None:
+    """The artifact kind of ``path`` ("bundle", "engine", ...), None for a plain directory."""
+    from accel.core.artifact import MANIFEST, Artifact
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model or engine not found: {path}")
+    return Artifact.load(path).kind if (path / MANIFEST).is_file() else None
+
+
 def open_runtime(
     path: str | Path,
     target: Any = None,
@@ -63,15 +73,9 @@ def open_runtime(
     spin: bool = True,
     resolution: tuple[int, int] | None = None,
 ) -> tuple[Runtime, SamplerPlan]:
-    """A bundle or an engine artifact (its own runtime), or a diffusers directory (torch eager),
-    with its plan. An engine's step count and guidance are fixed at export time: asking for
-    others is an error."""
-    from accel.core.artifact import MANIFEST, Artifact
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model or engine not found: {path}")
-    kind = Artifact.load(path).kind if (path / MANIFEST).is_file() else None
+    """A bundle or an engine artifact (its own runtime) with its plan. An engine's step count and
+    guidance are fixed at export time: asking for others is an error."""
+    kind = artifact_kind(path)
     runtime: Runtime
     if kind == "bundle":
         bundle = Bundle(path, target)
@@ -79,10 +83,7 @@ def open_runtime(
     elif kind == "engine":
         runtime, plan = open_engine(path, target, spin=spin)
     else:
-        device = "cuda" if target is not None and target.device == "cuda" else "cpu"
-        from export.torch_runtime import open_model
-
-        return open_model(path, steps, guidance, device, resolution)
+        raise CheckpointError(f"{path} is not an engine or a bundle")
     if resolution is not None:
         raise CheckpointError(f"{path} is an engine for one resolution; drop --height/--width")
     if steps is not None and steps != len(plan.steps):

@@ -178,6 +178,44 @@ def run_pipeline(
     return x
 
 
+def draw(
+    runtime: Runtime,
+    plan: SamplerPlan,
+    n: int,
+    seed: int,
+    batch: int,
+    prompts: list[str] | None = None,
+    num_classes: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+):
+    """n samples as a stream of (images in [-1, 1], conditions) batches of at most ``batch`` (the
+    target's batch), so that memory is one batch's whatever n is. The noise is drawn batch by
+    batch from numpy's ``default_rng(seed)`` (the same numbers as one draw of all n), fresh step
+    noise from ``default_rng([seed, 1])``. Conditions: a text model's prompts cycled (the
+    conditions are each image's index in ``prompts``), a class model's labels 0..K-1 cycled
+    (``num_classes``, default the plan's), else None. The draw behind the quality gate, INT8
+    calibration and the profile's quality figures."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    text = plan.conditioning_kind == "text"
+    if text and not prompts:
+        raise ValueError("a text-to-image model draws from prompts, and none were given")
+    num_classes = plan.num_classes if num_classes is None else num_classes
+    noise_rng = np.random.default_rng(seed)
+    step_noise = np.random.default_rng([seed, 1])  # for stochastic (consistency) steps
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(start + batch, n))
+        noise = noise_rng.standard_normal((len(rows), *plan.sample_shape)).astype(np.float32)
+        if text:
+            conditions = (rows % len(prompts)).astype(np.int64)  # type: ignore[arg-type]
+            chosen = [prompts[k] for k in conditions]  # type: ignore[index]
+            images = run_pipeline(runtime, plan, noise, chosen, rng=step_noise, on_step=on_step)
+        else:
+            conditions = (rows % num_classes).astype(np.int64) if num_classes else None
+            images = sample(runtime, plan, noise, conditions, step_noise, on_step)
+        yield np.clip(images, -1, 1), conditions
+
+
 def check_finite(images: np.ndarray, what: str) -> None:
     """CheckpointError when ``images`` hold NaN or Inf: a healthy model draws finite images, so
     its weights, graph or sampler plan are damaged (or its fp16 range overflowed)."""

@@ -10,15 +10,15 @@ from typing import Any
 from accel.core.errors import CheckpointError
 from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, concat_conditioning
 
-# denoiser class -> (adapter module, adapter class)
-ADAPTERS: dict[str, tuple[str, str]] = {
-    "UNet2DModel": ("distill.models.unet2d", "UNet2DAdapter"),
-    "UNet2DConditionModel": ("distill.models.sd", "StableDiffusionAdapter"),
-    "SD3Transformer2DModel": ("distill.models.sd3", "SD3Adapter"),
-    "FluxTransformer2DModel": ("distill.models.flux", "FluxAdapter"),
-    "PixArtTransformer2DModel": ("distill.models.pixart", "PixArtAdapter"),
-    "SanaTransformer2DModel": ("distill.models.sana", "SanaAdapter"),
-    "DiTTransformer2DModel": ("distill.models.dit", "DiTAdapter"),
+# denoiser class -> "adapter module:adapter class"
+ADAPTERS: dict[str, str] = {
+    "UNet2DModel": "distill.models.unet2d:UNet2DAdapter",
+    "UNet2DConditionModel": "distill.models.sd:StableDiffusionAdapter",
+    "SD3Transformer2DModel": "distill.models.sd3:SD3Adapter",
+    "FluxTransformer2DModel": "distill.models.flux:FluxAdapter",
+    "PixArtTransformer2DModel": "distill.models.pixart:PixArtAdapter",
+    "SanaTransformer2DModel": "distill.models.sana:SanaAdapter",
+    "DiTTransformer2DModel": "distill.models.dit:DiTAdapter",
 }
 DENOISER_FOLDERS = ("unet", "transformer")
 
@@ -32,8 +32,33 @@ __all__ = [
     "denoiser_folder",
     "family_of",
     "load_pipeline",
+    "load_safetensors",
     "stock_defaults",
 ]
+
+
+def load_safetensors(path: str | Path) -> dict[str, Any]:
+    """Load a safetensors file into torch tensors; missing, corrupt or NaN/Inf weights are errors."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for truncated/garbled headers
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); re-save it with "
+            "safetensors.torch.save_file or re-download it"
+        ) from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"{path} holds NaN or Inf weights in {shown}; the checkpoint is unusable"
+        )
+    return tensors
 
 
 def denoiser_folder(root: Path, index: dict[str, Any]) -> str:
@@ -65,7 +90,7 @@ def adapter_class(cls_name: str, where: Path) -> type[ModelAdapter]:
             f"{where}: denoiser class {cls_name or '(none)'!r} is not supported; accel supports "
             f"{', '.join(ADAPTERS)}"
         )
-    module, name = ADAPTERS[cls_name]
+    module, _, name = ADAPTERS[cls_name].partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -75,7 +100,7 @@ def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapte
     ``load_components``, the text encoders, tokenizers and VAE sampling needs."""
     import diffusers
 
-    from accel.core.checkpoint import load_safetensors, read_json
+    from accel.core.checkpoint import read_json
 
     root = Path(root)
     if not root.is_dir():

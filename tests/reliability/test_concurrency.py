@@ -19,9 +19,9 @@ TESTS = Path(__file__).resolve().parents[1]
 RUN = """
 import sys
 sys.path.insert(0, {tests!r})
-import accel.stages, fake_stages
-accel.stages.STAGES.update(fake_stages.TABLE)
-from accel.core.recipe import load_recipe
+import accel.registry, fake_stages
+accel.registry.STAGES.update(fake_stages.TABLE)
+from accel.recipe import load_recipe
 from accel.pipeline import default_store, run_recipe
 def progress(m):
     print(m, flush=True)

@@ -19,7 +19,7 @@ from accel.core.artifact import artifact_key
 from accel.core.errors import RecipeError, TargetError
 from accel.core.stage import Stage, StageConfig, did_you_mean, validation_lines
 from accel.core.target import Target, load_target
-from accel.stages import get_stage
+from accel.registry import get_stage
 
 SOURCE_KIND = "checkpoint"
 DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")

@@ -1,0 +1,102 @@
+"""The registries: names to "module:attribute" strings, imported lazily when a name is used, so
+printing ``--help`` never imports torch and no import order fills a table. This is the plug-in seam
+of the layers (``docs/ARCHITECTURE.md``): a lower layer finds a stage, a dataset, a quality metric
+or a backend's runtime here by name, without importing the layer that implements it (the digits
+demo plugs its dataset and FD-digits in here). Tests add their own rows by patching the tables.
+
+- ``STAGES``: stage names (the one place they are defined) to ``Stage`` objects;
+- ``DATASETS``: training data by name, functions ``(size=None, channels=1, captions=False)`` ->
+  (images N x C x H x W in [-1, 1], int64 labels or one caption per image) (``distill.data``);
+- ``METRICS``: image-quality metrics (``accel.core.metrics.Metric``) by the name a model's
+  ``accel.json`` and the gate configs use;
+- ``BACKENDS``: the engine backends, one ``Backend`` row each (``accel.runtime.backends``)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from accel.core.errors import RecipeError
+
+if TYPE_CHECKING:  # the stage module imports pydantic, which the torch-free runtime does not
+    from accel.core.stage import Stage
+
+STAGES: dict[str, str] = {
+    "progressive": "distill.progressive:STAGE",
+    "consistency": "distill.consistency:STAGE",
+    "scm": "distill.scm:STAGE",
+    "meanflow": "distill.meanflow:STAGE",
+    "adversarial": "distill.dmd:STAGE",
+    "add": "distill.add:STAGE",
+    "guidance": "distill.guidance:STAGE",
+    "onnx": "export.onnx_export:STAGE",
+    "optimize": "export.optimize_onnx:STAGE",
+    "fp16": "export.fp16:STAGE",
+    "quantize": "export.quantize_onnx:STAGE",
+    "quantize_torch": "export.quantize_torch:STAGE",
+    "ort": "export.ort_compile:STAGE",
+    "aoti": "export.aoti_compile:STAGE",
+    "torch_compile": "export.torch_compile:STAGE",
+    "tensorrt": "export.tensorrt_compile:STAGE",
+    "profile": "accel.profile.stage:STAGE",
+    "bundle": "accel.deploy.bundle:STAGE",
+}
+
+DATASETS: dict[str, str] = {"digits": "accel.demo.digits:digits_dataset"}
+
+METRICS: dict[str, str] = {
+    "image_rmse": "accel.core.metrics:ImageRMSE",
+    "fd_digits": "accel.demo.digits:FDDigits",
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # an engine's info["backend"]
+    runtime: str  # "module:Class" with a from_engine(file, info, spin) classmethod
+    library: str  # the library that builds and runs its engines (manifest "libraries" key)
+    distributions: tuple[str, ...]  # the PyPI names that library installs as
+    exact_version: bool  # engines run only under the version that built them (unless
+    # built version-compatible); otherwise any later minor of the same major
+    concurrent: bool  # one runtime serves concurrent calls; else calls are serialised
+    triton: str | None  # Triton's backend / platform for it; None: Triton cannot serve it
+    suffix: str  # engine file suffix in a Triton repository
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("onnxruntime", "accel.runtime.ort:OrtRuntime", "onnxruntime",
+                ("onnxruntime", "onnxruntime-gpu"), False, True, "onnxruntime", ".onnx"),
+        Backend("tensorrt", "accel.runtime.tensorrt:TensorRTRuntime", "tensorrt",
+                ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"), True, False, "tensorrt_plan",
+                ".plan"),
+        Backend("aotinductor", "export.torch_runtime:AotiRuntime", "torch", ("torch",), True,
+                False, None, ".pt2"),
+        # a folder (the checkpoint) compiled in-process: no bundle, no Triton (export.torch_compile)
+        Backend("torch-compiled", "export.torch_compile:TorchEngineRuntime", "torch", ("torch",),
+                True, False, None, ""),
+    )
+}  # fmt: skip
+
+
+def resolve(ref: str) -> Any:
+    """The attribute a registry's "module:attribute" string names, imported now."""
+    module_name, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def get_stage(name: str) -> Stage:
+    """Import and return the stage registered under `name`."""
+    from accel.core.stage import Stage, did_you_mean
+
+    if name not in STAGES:
+        known = ", ".join(sorted(STAGES))
+        best = did_you_mean(name, STAGES)
+        hint = f"did you mean {best!r}? " if best else ""
+        raise RecipeError(f"unknown stage {name!r}; {hint}known stages: {known}")
+    stage = resolve(STAGES[name])
+    if not isinstance(stage, Stage) or stage.name != name:
+        raise TypeError(f"STAGES[{name!r}] = {STAGES[name]!r} is not a Stage named {name!r}")
+    return stage
