@@ -34,19 +34,21 @@ def plan(recipe: Recipe, store: Store) -> tuple[Artifact, list[PlannedStage]]:
     ]
 
 
-def _check_family(stage, parent: Artifact) -> None:
-    """A stage refuses, before anything is written, a checkpoint of a family it does not take."""
+def _check_capabilities(stage, parent: Artifact) -> None:
+    """A stage refuses, before anything is written, a checkpoint without a capability it requires
+    (``Stage.requires``: asked of the model's adapter, never of its family's name)."""
     if stage.consumes != "checkpoint" or parent.kind != "checkpoint":
         return
-    from distill.models import family_of
+    from distill.models import CAPABILITIES, capabilities_of
 
-    family = family_of(parent.path)
-    if family not in stage.families:
+    family, capabilities = capabilities_of(parent.path)
+    missing = [CAPABILITIES[c] for c in stage.requires if c not in capabilities]
+    if missing:
         raise StageError(
             stage.name,
-            f"{family} models are not supported by this stage yet (it takes "
-            f"{', '.join(stage.families)} checkpoints); `accel sample` and `accel profile` run "
-            "every family in eager torch",
+            f"{family} models are not supported by this stage yet: it needs "
+            f"{' and '.join(missing)}; `accel sample` and `accel profile` run every family in "
+            "eager torch",
         )
 
 
@@ -62,7 +64,7 @@ def run_stage(
     """Run one stage into a pending artifact; any failure leaves the store as it was, apart from
     the stage's work dir (training checkpoints), which ``resume`` continues from. Under
     ``accelerate launch`` process 0 writes the artifact and the others get it from the store."""
-    _check_family(planned.plan.stage, parent)
+    _check_capabilities(planned.plan.stage, parent)
     procs = Processes()
     if procs.is_main:
         stage = planned.plan.stage.name

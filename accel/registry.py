@@ -23,13 +23,13 @@ if TYPE_CHECKING:  # the stage module imports pydantic, which the torch-free run
     from accel.core.stage import Stage
 
 STAGES: dict[str, str] = {
-    "progressive": "distill.progressive:STAGE",
-    "consistency": "distill.consistency:STAGE",
-    "scm": "distill.scm:STAGE",
-    "meanflow": "distill.meanflow:STAGE",
-    "adversarial": "distill.dmd:STAGE",
-    "add": "distill.add:STAGE",
-    "guidance": "distill.guidance:STAGE",
+    "progressive": "distill.configs:PROGRESSIVE",
+    "consistency": "distill.configs:CONSISTENCY",
+    "scm": "distill.configs:SCM",
+    "meanflow": "distill.configs:MEANFLOW",
+    "adversarial": "distill.configs:ADVERSARIAL",
+    "add": "distill.configs:ADD",
+    "guidance": "distill.configs:GUIDANCE",
     "onnx": "export.onnx_export:STAGE",
     "optimize": "export.optimize_onnx:STAGE",
     "fp16": "export.fp16:STAGE",

@@ -75,7 +75,7 @@ def medium_unet_check(store: Store, target, iterations: int) -> dict:
 
     from accel.profile.harness import measure_interleaved
     from accel.runtime import open_engine, step_feeds
-    from distill.denoiser import save_pipeline
+    from distill.checkpoint import save_pipeline
     from export.onnx_export import graph_and_plan
 
     torch.manual_seed(0)

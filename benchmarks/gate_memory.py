@@ -40,7 +40,7 @@ def build_graph(root: Path) -> Path:
     from accel.core.target import load_target
     from accel.pipeline import default_store, run_or_reuse
     from accel.registry import get_stage
-    from distill.denoiser import save_pipeline
+    from distill.checkpoint import save_pipeline
 
     torch.manual_seed(0)
     unet = UNet2DModel(

@@ -204,7 +204,8 @@ def check_pytest(args) -> dict:
 
 def check_digits(args) -> dict:
     from accel.demo.digits import TEACHER_DIR
-    from distill.denoiser import DenoiserGraph, load_denoiser
+    from distill.checkpoint import load_denoiser
+    from distill.graph import DenoiserGraph
     from distill.samplers import sampler_plan
     from export.fused_sampler import FusedSampler, example_feeds
 
@@ -348,9 +349,9 @@ def check_training(args) -> dict:
     iterations."""
     import distill.trainer as trainer
     from accel.demo.digits import TEACHER_DIR
+    from distill.checkpoint import load_denoiser
     from distill.consistency import ConsistencyConfig, distill
     from distill.data import load_dataset
-    from distill.denoiser import load_denoiser
 
     its = 20 if args.tiny else 200
     bf16 = "bf16" if args.device == "cuda" else "no"

@@ -45,12 +45,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset, concat, take, to_device
+from accel.core.stage import StageContext, say
+from distill.configs import AddConfig
+from distill.data import concat, take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
@@ -61,45 +61,7 @@ from distill.denoiser import (
 from distill.gan import Discriminator, FeatureTap, feature_module, find_teacher
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.students import save_lcm_student
-from distill.trainer import Trainer, TrainingConfig
-
-
-class AddConfig(TrainingConfig):
-    student_steps: int = Field(4, ge=1, le=64)
-    """ADD's T_student: the student is trained (and samples) on this many timesteps from T - 1."""
-    guidance_scale: float = Field(1.0, ge=0)
-    """Classifier-free guidance of the teacher's distillation target, baked into the student."""
-    iterations: int = Field(1000, ge=1)
-    """Generator updates, each followed by one discriminator update."""
-    learning_rate: float = Field(1e-5, gt=0)
-    """Of the student (ADD: 1e-5 with AdamW)."""
-    discriminator_learning_rate: float | None = Field(None, gt=0)
-    """Of the discriminator head (default: ``learning_rate``)."""
-    distillation_weight: float = Field(2.5, ge=0)
-    """lambda in ADD eq. 5; 0 gives the adversarial term alone."""
-    adversarial_weight: float = Field(1.0, ge=0)
-    """Weight of the generator's adversarial term (ADD: 1); 0 gives the distillation term alone."""
-    r1_weight: float = Field(1e-5, ge=0)
-    """gamma of the R1 penalty on real data (ADD: 1e-5)."""
-    min_timestep: float = Field(0.02, ge=0, lt=1)
-    """Lower end of the discriminator's noise level range (with max_timestep below)."""
-    max_timestep: float = Field(0.98, gt=0, le=1)
-    """Range of the discriminator's noise level t_D, as fractions of T."""
-    feature_module: str | None = None
-    """Submodule of the frozen teacher whose output feeds the discriminator head (default: the
-    family's bottleneck: a UNet's ``mid_block``, a transformer's middle block's MLP)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas of the student and the discriminator."""
-    weight_decay: float = Field(0.01, ge=0)
-    """AdamW weight decay of the student and the discriminator."""
-    dataset: Dataset = "digits"
-    """Real images: the student's noised inputs and the discriminator's real class (``distill.data``)."""
-
-    @model_validator(mode="after")
-    def _range(self) -> AddConfig:
-        if self.min_timestep >= self.max_timestep:
-            raise ValueError("min_timestep must be below max_timestep")
-        return self
+from distill.trainer import Trainer
 
 
 def distill(
@@ -220,16 +182,3 @@ def run(ctx: StageContext) -> None:
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
     save_lcm_student(ctx, student, teacher, info, "add", config.guidance_scale, log)
-
-
-STAGE = Stage(
-    name="add",
-    version=2,  # 2: the distillation distance is ADD's squared norm (a sum), no longer a mean
-    config=AddConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="ADD (Sauer et al. 2023): adversarial loss on frozen teacher features + distillation",
-    data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
-)

@@ -44,27 +44,23 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
-from accel.core.model_info import ConsistencySpec, ModelInfo
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset, take, to_device
+from accel.core.stage import StageContext, say
+from distill.checkpoint import guidance_info, load_teacher
+from distill.configs import ConsistencyConfig
+from distill.data import take, to_device
 from distill.denoiser import (
-    TIMESTEP_SCALING,
     ConsistencyDenoiser,
     Denoiser,
     FlowConsistencyDenoiser,
-    guidance_info,
-    load_teacher,
-    save_pipeline,
     takes_w,
     w_conditioning,
 )
 from distill.samplers import ddim_step, flow_grid
 from distill.schedule import _bcast
-from distill.students import lcm_scheduler_config
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+from distill.students import lcm_scheduler_config, lcm_spec, save_student
+from distill.trainer import Trainer, mean_tail
 
 
 def consistency_grid(num_train_timesteps: int, solver_steps: int) -> list[int]:
@@ -197,32 +193,6 @@ def sample_consistency(
     return x0
 
 
-class ConsistencyConfig(TrainingConfig):
-    solver_steps: int = Field(50, ge=2, le=1000)
-    """N of the skipping-step grid (k = T / N): LCM's original_inference_steps."""
-    num_inference_steps: int = Field(4, ge=1)
-    """The student's default step count (it samples with any count from 1 to solver_steps)."""
-    guidance_scale: float = Field(1.0, ge=0)
-    """Classifier-free guidance scale of the teacher's DDIM step, distilled into the student."""
-    iterations: int = Field(2000, ge=1)
-    """Optimizer steps of training."""
-    ema_decay: float = Field(0.95, ge=0, lt=1)
-    """Decay of the target network theta- (LCM uses 0.95)."""
-    loss: Literal["l2", "huber"] = "huber"
-    """Distance between the student's and the target network's x0: l2, or LCM's pseudo-Huber."""
-    dataset: Dataset = "digits"
-    """Training images (``distill.data``)."""
-
-    @model_validator(mode="after")
-    def _steps(self) -> ConsistencyConfig:
-        if self.num_inference_steps > self.solver_steps:
-            raise ValueError(
-                f"num_inference_steps ({self.num_inference_steps}) cannot exceed solver_steps "
-                f"({self.solver_steps})"
-            )
-        return self
-
-
 def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
@@ -236,36 +206,18 @@ def run(ctx: StageContext) -> None:
         )
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
-    save_pipeline(
-        ctx.out,
+    save_student(
+        ctx,
         student.backbone,
         lcm_scheduler_config(teacher.scheduler_config, config.solver_steps, flow),
-        ModelInfo(
+        info.student(
             method="consistency",
             num_inference_steps=config.num_inference_steps,
             # w is an input of a student whose backbone takes it, else baked in
             **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
-            num_classes=info.num_classes,
-            evaluation=info.evaluation,
-            # flow students: no boundary scalings (f = z - s v), recorded as zeros
-            consistency=ConsistencySpec(
-                config.solver_steps, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING))
-            ),
+            consistency=lcm_spec(config.solver_steps, flow),
         ),
         teacher,
+        log,
+        {"final_loss": mean_tail(log)},
     )
-    ctx.metrics["final_loss"] = mean_tail(log)
-    write_loss_log(ctx.out, log)
-
-
-STAGE = Stage(
-    name="consistency",
-    version=2,
-    config=ConsistencyConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="consistency distillation (Song et al. 2023; LCM, Luo et al. 2023)",
-    data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
-)

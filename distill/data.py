@@ -28,33 +28,16 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import AfterValidator
 
 from accel.core.errors import RecipeError
 from accel.registry import DATASETS, resolve
-
-KINDS = ("imagefolder", "prompts")
+from distill.configs import KINDS, check_dataset_name
 
 Conditioning = torch.Tensor | dict[str, torch.Tensor] | None
 TrainingData = tuple[torch.Tensor, Conditioning]
-
-
-def check_dataset_name(name: str) -> str:
-    """A stage config validator: ``name`` is a table name or KIND:PATH."""
-    kind, _, path = name.partition(":")
-    if name in DATASETS or (kind in KINDS and path):
-        return name
-    raise ValueError(
-        f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}, imagefolder:DIR (images "
-        "with captions in metadata.jsonl) or prompts:FILE (one prompt per line)"
-    )
-
-
-Dataset = Annotated[str, AfterValidator(check_dataset_name)]
-"""A stage config's ``dataset`` field."""
 
 
 def take(cond: Conditioning, idx: torch.Tensor) -> Conditioning:
@@ -98,20 +81,30 @@ def load_dataset(
     adapter = getattr(denoiser, "adapter", None)
     if kind not in KINDS:
         dataset = resolve(DATASETS[check])
-        if adapter is not None and adapter.conditioning == "text":
+        if adapter is not None and adapter.conditioning in ("text", "class"):
             size = adapter.default_resolution()
             channels = adapter.modules["vae"].config.in_channels
-            images, captions = dataset(size, channels, captions=True)
+            text = adapter.conditioning == "text"
+            images, conditions = dataset(size, channels, captions=text)
             return _cached(
                 cache_dir,
-                (check, str(adapter.root), list(size), channels),
-                lambda: _encode_images(adapter, images, captions),
+                (check, str(adapter.root), list(size), channels, *([] if text else ["labels"])),
+                lambda: _encode_images(adapter, images, conditions),
             )
         return dataset()
+    latent_class = adapter is not None and adapter.conditioning == "class"
+    if kind == "imagefolder" and latent_class:  # a class-conditional latent model (DiT)
+        images, labels = read_imagefolder(Path(path), adapter.default_resolution(), "label")
+        return _cached(
+            cache_dir,
+            ("imagefolder", str(adapter.root), labels, _digest(images)),
+            lambda: _encode_images(adapter, images, labels),
+        )
     if adapter is None or adapter.conditioning != "text":
         raise RecipeError(
             f"dataset {name!r} holds captions; it trains text-to-image models, and this teacher "
-            'is not one (use dataset = "digits" for the digits models)'
+            'is not one (use dataset = "digits", or an imagefolder with a label column for a '
+            "class-conditional latent model)"
         )
     if kind == "prompts":
         prompts = read_prompts(Path(path))
@@ -169,9 +162,12 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
-    """Images (float32 N x 3 x H x W in [-1, 1]) and captions of an imagefolder, every line of
-    ``metadata.jsonl`` checked."""
+def read_imagefolder(
+    folder: Path, resolution: tuple[int, int], column: str = "text"
+) -> tuple[torch.Tensor, list]:
+    """Images (float32 N x 3 x H x W in [-1, 1]) and their ``column`` of an imagefolder: the
+    captions (``text``) of a text-to-image model's, the class ids (``label``, integers) of a
+    class-conditional one's; every line of ``metadata.jsonl`` checked."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -181,8 +177,9 @@ def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.T
     if not meta.is_file():
         raise RecipeError(
             f"{folder} has no metadata.jsonl; write one line per image: "
-            '{"file_name": "0001.png", "text": "a caption"}'
-        )
+            + ('{"file_name": "0001.png", "text": "a caption"}' if column == "text"
+               else '{"file_name": "0001.png", "label": 7}')
+        )  # fmt: skip
     h, w = resolution
     images, captions = [], []
     try:
@@ -199,12 +196,17 @@ def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.T
             raise RecipeError(f"{where} is not a JSON object ({e})") from None
         if not isinstance(row, dict):
             raise RecipeError(f"{where} is not a JSON object")
-        for column in ("file_name", "text"):
-            if column not in row:
-                raise RecipeError(f"{where} has no {column!r} column (it has {sorted(row)})")
-        caption = row["text"]
-        if not isinstance(caption, str) or not caption.strip():
+        for key in ("file_name", column):
+            if key not in row:
+                raise RecipeError(f"{where} has no {key!r} column (it has {sorted(row)})")
+        value = row[column]
+        if column == "text" and (not isinstance(value, str) or not value.strip()):
             raise RecipeError(f"{where}: the caption of {row['file_name']!r:.80} is empty")
+        if column == "label" and (type(value) is not int or value < 0):
+            raise RecipeError(
+                f"{where}: the label of {row['file_name']!r:.80} must be a class id (an integer "
+                f">= 0), got {value!r:.80}"
+            )
         name = row["file_name"]
         if not isinstance(name, str) or not name:
             raise RecipeError(f"{where}: file_name must be a file name, got {name!r:.80}")
@@ -233,7 +235,7 @@ def read_imagefolder(folder: Path, resolution: tuple[int, int]) -> tuple[torch.T
                 "resize the images to that size"
             )
         images.append(np.asarray(rgb, dtype=np.float32))
-        captions.append(caption.strip())
+        captions.append(value.strip() if column == "text" else value)
     if not images:
         raise RecipeError(f"{meta} lists no images")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
@@ -277,15 +279,23 @@ def _encode_text(adapter: Any, captions: list[str], chunk: int = 64) -> dict[str
 
 
 @torch.no_grad()
-def _encode_images(
-    adapter: Any, images: torch.Tensor, captions: list[str], chunk: int = 64
-) -> TrainingData:
+def _encode_images(adapter: Any, images: torch.Tensor, conditions, chunk: int = 64) -> TrainingData:
     """Latents (the VAE posterior's mean, scaled as the pipeline scales them: deterministic, as
-    diffusers' training scripts are when they cache latents) and text conditioning."""
+    diffusers' training scripts are when they cache latents) and their conditioning: the text
+    encoders' of captions, or a class-conditional model's labels."""
+    images = images[:, : adapter.modules["vae"].config.in_channels]
     latents = torch.cat(
         [adapter.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)]
     )
-    return latents.float(), _encode_text(adapter, captions)
+    if adapter.conditioning == "class":
+        labels = torch.as_tensor(conditions, dtype=torch.int64)
+        if len(labels) and int(labels.max()) >= adapter.num_classes:
+            raise RecipeError(
+                f"the training data has class {int(labels.max())}, and this {adapter.family} "
+                f"model has classes 0..{adapter.num_classes - 1}"
+            )
+        return latents.float(), adapter.encode(labels=labels)
+    return latents.float(), _encode_text(adapter, conditions)
 
 
 def _encode_prompts(

@@ -69,64 +69,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Conditioning, Dataset, concat, take, to_device
+from accel.core.stage import StageContext, say
+from distill.configs import AdversarialConfig
+from distill.data import Conditioning, concat, take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
     FlowConsistencyDenoiser,
-    from_x0_eps,
     takes_w,
     w_conditioning,
 )
 from distill.gan import Discriminator, FeatureTap, dmd_gradient, feature_module, find_teacher
+from distill.parameterisation import from_x0_eps
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
 from distill.students import save_lcm_student
-from distill.trainer import Trainer, TrainingConfig
-
-
-class AdversarialConfig(TrainingConfig):
-    student_steps: int = Field(1, ge=1, le=64)
-    """Denoising steps of the student: 1, or a multi-step student trained with backward simulation."""
-    guidance_scale: float = Field(1.0, ge=0)
-    """Classifier-free guidance of the real score (the teacher), distilled into the student."""
-    iterations: int = Field(1000, ge=1)
-    """Critic updates; the generator is updated every ``critic_updates_per_generator`` of them."""
-    learning_rate: float = Field(5e-5, gt=0)
-    """Of the generator (the frontier benchmark's setting; DMD2 used 2e-6 for far longer runs)."""
-    critic_updates_per_generator: int = Field(5, ge=1)
-    """Fake-score and discriminator updates per generator update (DMD2's TTUR: 5)."""
-    critic_learning_rate: float | None = Field(None, gt=0)
-    """Learning rate of the fake score and discriminator (default: ``learning_rate``)."""
-    gan_weight_generator: float = Field(3e-3, ge=0)
-    """Weight of the GAN term in the generator's loss."""
-    gan_weight_critic: float = Field(1e-2, ge=0)
-    """Weight of the GAN term in the critic's loss."""
-    backward_simulation: bool = True
-    """Train on the student's own multi-step inputs (DMD2's backward simulation), not noised data."""
-    min_timestep: float = Field(0.02, ge=0, lt=1)
-    """Lower end of DMD's timestep range (with max_timestep below)."""
-    max_timestep: float = Field(0.98, gt=0, le=1)
-    """DMD's timestep range for the distribution-matching gradient, as fractions of T."""
-    feature_module: str | None = None
-    """Submodule of the fake score whose output feeds the discriminator head (default: the
-    family's bottleneck: a UNet's ``mid_block``, a transformer's middle block's MLP)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas of both players (with weight_decay below)."""
-    weight_decay: float = Field(0.01, ge=0)
-    """AdamW settings of both players; DMD2's official code keeps PyTorch's defaults."""
-    dataset: Dataset = "digits"
-    """Real images for the GAN term (``distill.data``)."""
-
-    @model_validator(mode="after")
-    def _range(self) -> AdversarialConfig:
-        if self.min_timestep >= self.max_timestep:
-            raise ValueError("min_timestep must be below max_timestep")
-        return self
+from distill.trainer import Trainer
 
 
 def distill(
@@ -293,16 +253,3 @@ def run(ctx: StageContext) -> None:
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
     save_lcm_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)
-
-
-STAGE = Stage(
-    name="adversarial",
-    version=2,
-    config=AdversarialConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="DMD2 (Yin et al. 2024): distribution matching + GAN, 1-step or multi-step",
-    data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
-)

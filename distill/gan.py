@@ -13,7 +13,8 @@ from torch import nn
 from accel.core.errors import StageError
 from accel.core.model_info import ModelInfo
 from accel.core.stage import StageContext
-from distill.denoiser import Denoiser, load_denoiser, load_teacher
+from distill.checkpoint import load_denoiser, load_teacher
+from distill.denoiser import Denoiser
 
 
 class Discriminator(nn.Module):

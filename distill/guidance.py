@@ -54,48 +54,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from accel.core.errors import StageError
-from accel.core.model_info import GuidanceEmbedding, ModelInfo
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset, TrainingData, take, to_device
-from distill.denoiser import Denoiser, load_teacher, save_pipeline, takes_w, to_x0_eps
+from accel.core.model_info import GuidanceEmbedding
+from accel.core.stage import StageContext, say
+from distill.checkpoint import load_teacher
+from distill.configs import GuidanceConfig
+from distill.data import TrainingData, take, to_device
+from distill.denoiser import Denoiser, takes_w
 from distill.models import concat_conditioning
+from distill.parameterisation import to_x0_eps
 from distill.schedule import Schedule, _bcast
-from distill.students import ddim_scheduler_config
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
-
-
-class GuidanceConfig(TrainingConfig):
-    guidance_min: float = Field(1.0, ge=0)
-    """Smallest w the student learns (see guidance_step)."""
-    guidance_max: float = Field(3.0, ge=0)
-    """Largest w the student learns (see guidance_step)."""
-    guidance_step: float = Field(0.25, gt=0)
-    """The grid of w the student learns: guidance_min, guidance_min + step, ..., guidance_max."""
-    guidance_scale: float = Field(1.5, ge=0)
-    """The student's default w (on the grid)."""
-    iterations: int = Field(2000, ge=1)
-    """Optimizer steps of training."""
-    dataset: Dataset = "digits"
-    """Training images x ~ D (``distill.data``)."""
-
-    @model_validator(mode="after")
-    def _grid(self) -> GuidanceConfig:
-        scales = self.scales()
-        if self.guidance_max < self.guidance_min or len(scales) > 64:
-            raise ValueError(
-                "the guidance grid needs guidance_min <= guidance_max, 64 points at most"
-            )
-        if min(abs(w - self.guidance_scale) for w in scales) > 1e-6:
-            raise ValueError(f"guidance_scale {self.guidance_scale} is not on the grid {scales}")
-        return self
-
-    def scales(self) -> list[float]:
-        n = int(round((self.guidance_max - self.guidance_min) / self.guidance_step)) + 1
-        return [round(self.guidance_min + i * self.guidance_step, 6) for i in range(n)]
+from distill.students import ddim_scheduler_config, save_student
+from distill.trainer import Trainer, mean_tail
 
 
 def w_conditioned_backbone(backbone: nn.Module, grid_size: int) -> nn.Module:
@@ -270,17 +242,11 @@ def run(ctx: StageContext) -> None:
             f"{ctx.input.path} has no null_class_label in accel.json: guidance distillation "
             "needs a teacher trained for classifier-free guidance",
         )
-    if teacher.adapter is not None:
-        from distill.models.base import ModelAdapter
-
-        if type(teacher.adapter).with_guidance_input is ModelAdapter.with_guidance_input:
-            raise StageError("guidance", _NO_W_INPUT.format(family=teacher.adapter.family))
+    # a family without a w input is refused before this runs (the stage requires "w_input")
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     if teacher.adapter is not None:  # the family's w input (SD, SDXL: LCM's; Flux: guidance)
         student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
-        student_info = ModelInfo(
-            method="guidance", guidance_scale=config.guidance_scale, evaluation=info.evaluation
-        )
+        student_info = info.student(method="guidance", guidance_scale=config.guidance_scale)
     else:  # a class-label UNet2DModel: w on a grid of label-table rows
         scales = config.scales()
         num_labels = int(teacher.backbone.config.num_class_embeds)
@@ -289,32 +255,17 @@ def run(ctx: StageContext) -> None:
             teacher, student_backbone, num_labels, data, config, ctx.work, ctx.resume,
             ctx.progress,
         )  # fmt: skip
-        student_info = ModelInfo(
+        student_info = info.student(
             method="guidance",
             guidance_scale=config.guidance_scale,
-            num_classes=info.num_classes,
-            evaluation=info.evaluation,
             guidance_embedding=GuidanceEmbedding(scales, num_labels),
         )
-    save_pipeline(
-        ctx.out,
+    save_student(
+        ctx,
         student.backbone,
         ddim_scheduler_config(teacher.scheduler_config, teacher.schedule.kind == "flow"),
         student_info,
         teacher,
+        log,
+        {"final_loss": mean_tail(log)},
     )
-    ctx.metrics["final_loss"] = mean_tail(log)
-    write_loss_log(ctx.out, log)
-
-
-STAGE = Stage(
-    name="guidance",
-    version=1,
-    config=GuidanceConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="guidance distillation (Meng et al. 2023): a w-conditioned one-pass student",
-    data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
-)

@@ -69,24 +69,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from accel.core.errors import StageError
-from accel.core.model_info import ModelInfo
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset, take, to_device
-from distill.denoiser import (
-    Denoiser,
-    guidance_info,
-    load_teacher,
-    save_pipeline,
-    takes_w,
-    w_conditioning,
-)
+from accel.core.stage import StageContext, say
+from distill.checkpoint import guidance_info, load_teacher
+from distill.configs import MeanFlowConfig
+from distill.data import take, to_device
+from distill.denoiser import Denoiser, takes_w, w_conditioning
 from distill.schedule import _bcast
 from distill.students import (
     FlowMapDenoiser,
@@ -95,55 +87,11 @@ from distill.students import (
     flow_map_sigmas,
     interval,
     save_interval,
+    save_student,
     shifted,
     without_interval,
 )
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
-
-
-class MeanFlowConfig(TrainingConfig):
-    num_inference_steps: int = Field(2, ge=1)
-    """The student's default step count (it samples at any count)."""
-    guidance_scale: float = Field(1.0, ge=0)
-    """Classifier-free guidance scale of the teacher's velocity, distilled into the student."""
-    iterations: int = Field(2000, ge=1)
-    """Optimizer steps of training."""
-    flow_map_ratio: float = Field(0.75, ge=0, le=1)
-    """Share of the batch with r != t (MeanFlow from scratch: 25%; the rest is velocity
-    distillation, which a student initialised at the teacher already does)."""
-    objective: Literal["jvp", "split"] = "split"
-    """"split": the interval-splitting form (SplitMeanFlow) with the teacher's Euler step over the
-    first sub-interval; "jvp": MeanFlow's identity with du/dt by forward-mode AD (module
-    docstring; on the shipped flow teacher "split" reads FD 50.4 at 1 step, "jvp" 144-157)."""
-    split_step: float = Field(1 / 28, gt=0, le=1)
-    """"split": length of the sub-interval [s, t] the teacher's Euler step covers (default: one
-    step of the teacher's 28-step sampler)."""
-    p_mean: float = -0.4
-    """Mean of the logit-normal proposal (with p_std below)."""
-    p_std: float = Field(2.0, gt=0)
-    """The logit-normal time proposal of t and r (MeanFlow's best from scratch: -0.4, 1.0; wider
-    here, so that the long jumps of 1-step sampling are drawn)."""
-    shift: float | None = Field(None, gt=0)
-    """Time shift of the proposal and of the student's scheduler (default: the teacher's, e^mu at
-    its default resolution for a dynamic shift)."""
-    adaptive_p: float = Field(1.0, ge=0)
-    """p of the adaptive weight 1 / (||delta||^2 + c)^p (0: plain squared error)."""
-    adaptive_c: float = Field(1e-3, gt=0)
-    """c of the adaptive weight 1 / (||delta||^2 + c)^p."""
-    ema_decay: float = Field(0.99, ge=0, lt=1)
-    """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
-    dataset: Dataset = "digits"
-    """Training images (``distill.data``)."""
-
-    @model_validator(mode="after")
-    def _no_compile_with_jvp(self):
-        if self.compile and self.objective == "jvp":
-            raise ValueError(
-                "compile: the jvp objective's du/dt is a forward-mode JVP, which torch.compile "
-                'does not support; drop compile or use objective = "split"'
-            )
-        return self
-
+from distill.trainer import Trainer, mean_tail
 
 # ---------------------------------------------------------------- the interval input
 
@@ -311,34 +259,19 @@ def run(ctx: StageContext) -> None:
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
     backbone = student.backbone
-    with without_interval(backbone):
-        save_pipeline(
-            ctx.out,
+    with without_interval(backbone):  # stock weights stay stock; the interval beside them
+        save_student(
+            ctx,
             backbone,
             flow_map_scheduler_config(student.flow_map_shift),  # type: ignore[attr-defined]
-            ModelInfo(
+            info.student(
                 method="meanflow",
                 num_inference_steps=config.num_inference_steps,
                 **guidance_info(info, config.guidance_scale, takes_w(backbone)),
-                num_classes=info.num_classes,
-                evaluation=info.evaluation,
             ),
             teacher,
+            log,
+            {"final_loss": mean_tail(log)},
         )
     folder = teacher.adapter.denoiser_folder if teacher.adapter is not None else "unet"
     save_interval(backbone, ctx.out / folder)
-    ctx.metrics["final_loss"] = mean_tail(log)
-    write_loss_log(ctx.out, log)
-
-
-STAGE = Stage(
-    name="meanflow",
-    version=1,
-    config=MeanFlowConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="flow-map distillation by MeanFlow (Geng et al. 2025): any step count, one student",
-    data_parallel=True,
-    families=("sd3", "flux", "sana"),
-)

@@ -37,55 +37,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
-from accel.core.model_info import ModelInfo
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset, take, to_device
-from distill.denoiser import Denoiser, guidance_info, load_teacher, save_pipeline, takes_w
+from accel.core.stage import StageContext, say
+from distill.checkpoint import guidance_info, load_teacher
+from distill.configs import ProgressiveConfig
+from distill.data import take, to_device
+from distill.denoiser import Denoiser, takes_w
 from distill.samplers import flow_grid
 from distill.schedule import _bcast
-from distill.students import ddim_scheduler_config
-from distill.trainer import Trainer, TrainingConfig, mean_tail, seeded_generator, write_loss_log
+from distill.students import ddim_scheduler_config, save_student
+from distill.trainer import Trainer, mean_tail, seeded_generator, write_loss_log
 
 MIN_EPSILON_ALPHA_RATIO = 1e-2
 """Epsilon teachers are distilled where alpha/sigma at the last timestep is at least this (SD's
 scaled-linear schedule: 0.068), so x0 = (z - sigma eps) / alpha stays a bounded function of
 eps; schedules ending at (near) zero SNR need v- or x0-prediction (Salimans & Ho 2022, sec. 4)."""
-
-
-class ProgressiveConfig(TrainingConfig):
-    teacher_steps: int = Field(16, ge=2, le=1000)
-    """DDIM steps of the teacher where halving starts: pick where its DDIM is already close to its
-    50-step quality, each round only inherits what the previous one reached."""
-    student_steps: int = Field(4, ge=1)
-    """Sampling steps of the final student; the teacher's steps halve each round until they reach
-    it."""
-    guidance_scale: float = Field(1.0, ge=0)
-    """Classifier-free guidance scale of the teacher's output that the first round distils."""
-    iterations_per_round: int = Field(1000, ge=1)
-    """Optimizer steps per halving round."""
-    dataset: Dataset = "digits"
-    """Training images x ~ D of Algorithm 2 (``distill.data``): ``digits``, ``imagefolder:DIR``
-    (images with captions), or ``prompts:FILE`` (data-free: the teacher's own samples at those
-    prompts; Algorithm 2 only needs noised points to match the teacher's two DDIM steps from, and
-    the teacher's samples are points of its own distribution)."""
-
-    @model_validator(mode="after")
-    def _halvings(self) -> ProgressiveConfig:
-        ratio = self.teacher_steps // max(self.student_steps, 1)
-        if (
-            self.student_steps < 1
-            or ratio < 2
-            or ratio * self.student_steps != self.teacher_steps
-            or ratio & (ratio - 1)
-        ):
-            raise ValueError(
-                f"teacher_steps / student_steps must be a power of two >= 2 "
-                f"(got {self.teacher_steps} / {self.student_steps})"
-            )
-        return self
 
 
 def progressive_target(
@@ -253,32 +220,16 @@ def run(ctx: StageContext) -> None:
             f"progressive: {steps * 2} -> {steps} steps, loss {rounds[-1]['final_loss']:.4f}"
         )
         steps //= 2
-    save_pipeline(
-        ctx.out,
+    save_student(
+        ctx,
         teacher.backbone,
         ddim_scheduler_config(teacher.scheduler_config, flow),
-        ModelInfo(
+        info.student(
             method="progressive",
             num_inference_steps=config.student_steps,
             **guidance_info(info, config.guidance_scale, takes_w(teacher.backbone)),
-            num_classes=info.num_classes,
-            evaluation=info.evaluation,
         ),
         teacher,
+        {"rounds": rounds},
+        {"rounds": [{k: v for k, v in r.items() if k != "losses"} for r in rounds]},
     )
-    ctx.metrics["rounds"] = [{k: v for k, v in r.items() if k != "losses"} for r in rounds]
-    write_loss_log(ctx.out, {"rounds": rounds})
-
-
-STAGE = Stage(
-    name="progressive",
-    version=2,
-    config=ProgressiveConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="progressive distillation (Salimans & Ho 2022): halve the DDIM (flow: Euler) step "
-    "count per round",
-    data_parallel=True,
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
-)

@@ -41,6 +41,12 @@ def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
     return torch.tensor(betas, dtype=torch.float64)
 
 
+def is_flow(scheduler_config: dict[str, Any]) -> bool:
+    """The scheduler config is a flow-matching one (FlowMatch*, or Sana's ``use_flow_sigmas``)."""
+    name = scheduler_config.get("_class_name", "")
+    return name in FLOW_SCHEDULERS or bool(scheduler_config.get("use_flow_sigmas"))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """alpha(t), sigma(t) of a diffusion process, in float64."""
@@ -53,9 +59,8 @@ class Schedule:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Schedule:
         """Build from a diffusers ``scheduler_config.json`` dict (any DDPM/DDIM/Euler/LCM/FlowMatch)."""
-        name = config.get("_class_name", "")
         T = int(config.get("num_train_timesteps", 1000))
-        if name in FLOW_SCHEDULERS or config.get("use_flow_sigmas"):
+        if is_flow(config):
             return cls(kind="flow", num_train_timesteps=T, shift=float(config.get("shift", 1.0)))
         if config.get("rescale_betas_zero_snr"):
             raise CheckpointError(

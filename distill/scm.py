@@ -57,69 +57,25 @@ student is sampled from its EMA (``ema_decay``), as the paper evaluates EMA weig
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from accel.core.errors import CheckpointError, StageError
-from accel.core.model_info import ConsistencySpec, ModelInfo
-from accel.core.stage import Stage, StageContext, say
-from distill.data import Dataset, take, to_device
-from distill.denoiser import (
-    Denoiser,
-    FlowConsistencyDenoiser,
-    guidance_info,
-    load_teacher,
-    save_pipeline,
-    takes_w,
-    w_conditioning,
-)
+from accel.core.errors import StageError
+from accel.core.model_info import ConsistencySpec
+from accel.core.stage import StageContext, say
+from distill.checkpoint import guidance_info, load_teacher
+from distill.configs import SCMConfig
+from distill.data import take, to_device
+from distill.denoiser import Denoiser, FlowConsistencyDenoiser, takes_w, w_conditioning
 from distill.gan import dmd_gradient
 from distill.schedule import _bcast
-from distill.students import flow_sigma, scm_flow_grid, trigflow_scheduler_config
-from distill.trainer import Trainer, TrainingConfig, mean_tail, write_loss_log
+from distill.students import flow_sigma, save_student, scm_flow_grid, trigflow_scheduler_config
+from distill.trainer import Trainer, mean_tail
 
 TANGENT_NORM = 0.1  # c of the tangent normalisation g / (||g|| + c)
-
-
-class SCMConfig(TrainingConfig):
-    num_inference_steps: int = Field(2, ge=1)
-    """The student's default step count (a consistency model samples at any count)."""
-    guidance_scale: float = Field(1.0, ge=0)
-    """Classifier-free guidance scale of the teacher's velocity, distilled into the student."""
-    iterations: int = Field(2000, ge=1)
-    """Optimizer steps of training."""
-    p_mean: float = -1.0
-    """Mean of tau's normal proposal (with p_std below)."""
-    p_std: float = Field(1.4, gt=0)
-    """The log-normal time proposal: t = arctan(exp(tau) / sigma_data), tau ~ N(p_mean, p_std^2)."""
-    sigma_data: float = Field(1.0, gt=0)
-    """The data's standard deviation in model units (the time proposal's sigma_d)."""
-    tangent_warmup: int = Field(500, ge=0)
-    """Iterations over which r of the tangent's second term rises from 0 to 1."""
-    adaptive_weighting: bool = True
-    """Learn sCM's adaptive weight w(t) of the loss (sCM's Eq. 8)."""
-    ema_decay: float = Field(0.99, ge=0, lt=1)
-    """Decay of the EMA weights the student is sampled with (0: the trained weights)."""
-    dmd_weight: float = Field(0.0, ge=0)
-    """rCM's lambda: weight of the DMD regulariser (0: plain sCM)."""
-    critic_learning_rate: float | None = Field(None, gt=0)
-    """rCM: learning rate of the fake score (default: ``learning_rate``)."""
-    dataset: Dataset = "digits"
-    """Training images (``distill.data``)."""
-
-    @model_validator(mode="after")
-    def _no_compile_with_jvp(self):
-        if self.compile:
-            raise ValueError(
-                "compile: sCM's tangent is a forward-mode JVP, which torch.compile does not "
-                "support; drop compile"
-            )
-        return self
 
 
 def trig_velocity(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
@@ -309,56 +265,6 @@ def sample_scm(
     return x0
 
 
-def load_sana_sprint_pipeline(path: str | Path, **kwargs):
-    """A Sana sCM (or rCM) student as diffusers' ``SanaSprintPipeline`` with ``SCMScheduler``,
-    the sampler SANA-Sprint ships: the pipeline converts TrigFlow states to the flow input
-    (x_t / (cos t + sin t) at s = sin t / (sin t + cos t)) and the transformer's flow velocity to
-    TrigFlow's F, which is how this stage trains (module docstring), so the student's weights run
-    unchanged. Three things differ from a SANA-Sprint checkpoint and are set here: the transformer
-    takes a guidance embedding (``guidance_embeds``; the student's is a zero-output
-    ``guidance_embedder``, since its guidance is baked in), SANA-Sprint feeds the transformer s in
-    [0, 1] where the student reads s x 1000 (the time projection's ``scale``), and
-    ``sigma_data`` is 1 (the student's model units). ``kwargs`` go to ``from_pretrained``. Call
-    it as SANA-Sprint is called: ``intermediate_timesteps=None`` at step counts other than 2 and
-    ``use_resolution_binning=False`` at sizes outside its 1024 px bins."""
-    from diffusers import SanaPipeline, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
-
-    path = Path(path)
-    info = ModelInfo.read(path)
-    index = json.loads((path / "model_index.json").read_text())
-    if info.method != "scm" or index.get("_class_name") != "SanaPipeline":
-        raise CheckpointError(
-            f"{path} is not a Sana sCM student (accel.json method "
-            f"{info.method!r}, pipeline {index.get('_class_name')!r})"
-        )
-    pipe = SanaPipeline.from_pretrained(str(path), **kwargs)
-    old = pipe.transformer
-    config = {k: v for k, v in old.config.items() if not k.startswith("_")}
-    sprint = SanaTransformer2DModel.from_config({**config, "guidance_embeds": True})
-    prefix = "time_embed.emb.timestep_embedder."
-    state = {
-        ("time_embed.timestep_embedder." + k[len(prefix) :] if k.startswith(prefix) else k): v
-        for k, v in old.state_dict().items()
-    }
-    missing, unexpected = sprint.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):
-        raise CheckpointError(
-            f"{path}: the transformer's weights do not map onto SanaSprint's (missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    torch.nn.init.zeros_(sprint.time_embed.guidance_embedder.linear_2.weight)
-    torch.nn.init.zeros_(sprint.time_embed.guidance_embedder.linear_2.bias)
-    sprint.time_embed.time_proj.scale = pipe.scheduler.config.num_train_timesteps
-    sprint.to(old.dtype)
-    return SanaSprintPipeline(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        vae=pipe.vae,
-        transformer=sprint,
-        scheduler=SCMScheduler(sigma_data=1.0),
-    )
-
-
 def run(ctx: StageContext) -> None:
     config: SCMConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
@@ -366,33 +272,18 @@ def run(ctx: StageContext) -> None:
     teacher, info = load_teacher(ctx.input.path, "scm", config.guidance_scale, flow=True)
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
-    save_pipeline(
-        ctx.out,
+    save_student(
+        ctx,
         student.backbone,
         trigflow_scheduler_config(teacher.scheduler_config),
-        ModelInfo(
+        info.student(
             method="scm",
             num_inference_steps=config.num_inference_steps,
             # w is an input of a student whose backbone takes it, else baked in
             **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
-            num_classes=info.num_classes,
-            evaluation=info.evaluation,
             consistency=ConsistencySpec(1000, 0.0, 0.0, grid="trigflow"),
         ),
         teacher,
+        log,
+        {"final_loss": mean_tail(log)},
     )
-    ctx.metrics["final_loss"] = mean_tail(log)
-    write_loss_log(ctx.out, log)
-
-
-STAGE = Stage(
-    name="scm",
-    version=1,
-    config=SCMConfig,
-    consumes="checkpoint",
-    produces="checkpoint",
-    run=run,
-    description="continuous-time consistency distillation (sCM; Lu & Song 2024)",
-    data_parallel=True,
-    families=("sd3", "flux", "sana"),
-)

@@ -8,7 +8,7 @@ imports another to borrow one.
 - LCM (consistency, DMD2, ADD; flow teachers: flow LCM): ``lcm_scheduler_config``,
   ``save_lcm_student``;
 - TrigFlow (sCM/rCM, Lu & Song 2024): ``trigflow_grid``, ``scm_flow_grid``,
-  ``trigflow_scheduler_config``;
+  ``trigflow_scheduler_config``, ``load_sana_sprint_pipeline``;
 - flow map (MeanFlow, Geng et al. 2025): the interval embedding that gives a stock transformer
   its r input (``attach_interval``, ``interval``, ``load_interval``), ``FlowMapDenoiser``,
   ``flow_map_sigmas``, ``flow_map_scheduler_config``, ``load_flow_map_pipeline``.
@@ -17,6 +17,7 @@ imports another to borrow one.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,13 +29,32 @@ from torch import nn
 
 from accel.core.errors import CheckpointError
 from accel.core.model_info import ConsistencySpec, ModelInfo
-from distill.denoiser import TIMESTEP_SCALING, Denoiser, save_pipeline, takes_w
+from distill.checkpoint import save_pipeline
+from distill.denoiser import Denoiser, takes_w
+from distill.parameterisation import TIMESTEP_SCALING
 from distill.schedule import process_config
 from distill.trainer import mean_tail, write_loss_log
 
 if TYPE_CHECKING:
     from accel.core.stage import StageContext
     from distill.denoiser import ConsistencyDenoiser
+
+
+def save_student(
+    ctx: StageContext,
+    backbone: nn.Module,
+    scheduler_config: dict,
+    info: ModelInfo,
+    teacher: Denoiser,
+    log: list[dict[str, float]] | dict,
+    metrics: dict[str, Any],
+) -> None:
+    """The end of every training stage: the student's pipeline directory (``save_pipeline``:
+    backbone, the kind's stock scheduler, ``info`` as accel.json, the teacher's other
+    components), its figures in the artifact's ``metrics`` and its loss log."""
+    save_pipeline(ctx.out, backbone, scheduler_config, info, teacher)
+    ctx.metrics.update(metrics)
+    write_loss_log(ctx.out, log)
 
 
 # ---------------------------------------------------------------- DDIM (and flow Euler)
@@ -97,6 +117,12 @@ def lcm_scheduler_config(teacher_scheduler: dict, solver_steps: int, flow: bool 
     )
 
 
+def lcm_spec(solver_steps: int, flow: bool) -> ConsistencySpec:
+    """An LCM-form student's boundary condition; flow students: x0 = z - s v, no boundary
+    scalings (recorded as zeros)."""
+    return ConsistencySpec(solver_steps, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING)))
+
+
 def save_lcm_student(
     ctx: StageContext,
     student: ConsistencyDenoiser,
@@ -110,11 +136,11 @@ def save_lcm_student(
     its final losses and loss log."""
     N = student.solver_steps
     flow = teacher.schedule.kind == "flow"
-    save_pipeline(
-        ctx.out,
+    save_student(
+        ctx,
         student.backbone,
         lcm_scheduler_config(teacher.scheduler_config, N, flow),
-        ModelInfo(
+        info.student(
             method=method,
             num_inference_steps=N,
             # w is an input of LCM-form students (sample with w), else baked in (sample with 1)
@@ -123,15 +149,12 @@ def save_lcm_student(
                 if takes_w(student.backbone)
                 else {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
             ),
-            num_classes=info.num_classes,
-            evaluation=info.evaluation,
-            # flow students: x0 = z - s v, no boundary scalings (recorded as zeros)
-            consistency=ConsistencySpec(N, *((0.0, 0.0) if flow else (0.5, TIMESTEP_SCALING))),
+            consistency=lcm_spec(N, flow),
         ),
         teacher,
+        log,
+        {"final_loss": {k: mean_tail(log, k) for k in log[-1]}},
     )
-    ctx.metrics["final_loss"] = {k: mean_tail(log, k) for k in log[-1]}
-    write_loss_log(ctx.out, log)
 
 
 # ---------------------------------------------------------------- TrigFlow (sCM)
@@ -160,6 +183,56 @@ def trigflow_scheduler_config(teacher_scheduler: dict) -> dict:
     TrigFlow grid's, which the sampler passes as ``sigmas`` (``scm_flow_grid``)."""
     config = lcm_scheduler_config(teacher_scheduler, 1000, flow=True)
     return config | {"shift": 1.0, "use_dynamic_shifting": False}
+
+
+def load_sana_sprint_pipeline(path: str | Path, **kwargs):
+    """A Sana sCM (or rCM) student as diffusers' ``SanaSprintPipeline`` with ``SCMScheduler``,
+    the sampler SANA-Sprint ships: the pipeline converts TrigFlow states to the flow input
+    (x_t / (cos t + sin t) at s = sin t / (sin t + cos t)) and the transformer's flow velocity to
+    TrigFlow's F, which is how this stage trains (module docstring), so the student's weights run
+    unchanged. Three things differ from a SANA-Sprint checkpoint and are set here: the transformer
+    takes a guidance embedding (``guidance_embeds``; the student's is a zero-output
+    ``guidance_embedder``, since its guidance is baked in), SANA-Sprint feeds the transformer s in
+    [0, 1] where the student reads s x 1000 (the time projection's ``scale``), and
+    ``sigma_data`` is 1 (the student's model units). ``kwargs`` go to ``from_pretrained``. Call
+    it as SANA-Sprint is called: ``intermediate_timesteps=None`` at step counts other than 2 and
+    ``use_resolution_binning=False`` at sizes outside its 1024 px bins."""
+    from diffusers import SanaPipeline, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+
+    path = Path(path)
+    info = ModelInfo.read(path)
+    index = json.loads((path / "model_index.json").read_text())
+    if info.method != "scm" or index.get("_class_name") != "SanaPipeline":
+        raise CheckpointError(
+            f"{path} is not a Sana sCM student (accel.json method "
+            f"{info.method!r}, pipeline {index.get('_class_name')!r})"
+        )
+    pipe = SanaPipeline.from_pretrained(str(path), **kwargs)
+    old = pipe.transformer
+    config = {k: v for k, v in old.config.items() if not k.startswith("_")}
+    sprint = SanaTransformer2DModel.from_config({**config, "guidance_embeds": True})
+    prefix = "time_embed.emb.timestep_embedder."
+    state = {
+        ("time_embed.timestep_embedder." + k[len(prefix) :] if k.startswith(prefix) else k): v
+        for k, v in old.state_dict().items()
+    }
+    missing, unexpected = sprint.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):
+        raise CheckpointError(
+            f"{path}: the transformer's weights do not map onto SanaSprint's (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    torch.nn.init.zeros_(sprint.time_embed.guidance_embedder.linear_2.weight)
+    torch.nn.init.zeros_(sprint.time_embed.guidance_embedder.linear_2.bias)
+    sprint.time_embed.time_proj.scale = pipe.scheduler.config.num_train_timesteps
+    sprint.to(old.dtype)
+    return SanaSprintPipeline(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        transformer=sprint,
+        scheduler=SCMScheduler(sigma_data=1.0),
+    )
 
 
 # ---------------------------------------------------------------- flow map (MeanFlow)

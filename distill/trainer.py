@@ -51,61 +51,17 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from accel.core.errors import StageError
-from accel.core.stage import StageConfig, say
+from accel.core.stage import say
+from distill.configs import TrainingConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOG_EVERY = 16  # optimizer steps between host reads of the losses (each read syncs a GPU)
 ON_READ_BACK: list[Callable[[int], None]] = []  # called with the step after each read-back
-
-
-class TrainingConfig(StageConfig):
-    """Fields every training stage takes (the recipe keys and `accel distill` options)."""
-
-    batch_size: int = Field(64, ge=1)
-    """Training examples per optimizer step (per process under accelerate launch)."""
-    learning_rate: float = Field(1e-4, gt=0)
-    """AdamW learning rate of the student."""
-    seed: int = 0
-    """Seed of the weights' noise, the data order and every random draw of training."""
-    checkpoint_every: int = Field(500, ge=0)
-    """Optimizer steps between resumable checkpoints in the stage's work dir (0: none)."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches whose gradients add up to one optimizer step."""
-    mixed_precision: Literal["no", "fp16", "bf16", "target"] = "no"
-    """Autocast precision (Accelerate; FSDP's MixedPrecisionPolicy under ``fsdp``); fp16 needs a
-    GPU; "target": bf16 on a CUDA target with compute capability 8.0 and up, fp16 below, fp32 on
-    a CPU target."""
-    fsdp: bool = False
-    """Fully shard every trained model over the processes (FSDP2); see the module docstring."""
-    gradient_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of keeping them."""
-    compile: bool = False
-    """``torch.compile`` (inductor) the trained models and the frozen teacher, in place; on CUDA
-    the teacher's no-grad calls are also captured as CUDA graphs (mode "reduce-overhead": a
-    training batch has static shapes). Pays where a step is launch-bound (small models on GPUs);
-    the first steps compile. The JVP methods (``scm``, ``meanflow`` with ``objective = "jvp"``)
-    refuse it: forward-mode AD through compiled graphs is not supported."""
-
-    def for_target(self, target) -> TrainingConfig:
-        if self.mixed_precision != "target":
-            return self
-        return self.model_copy(update={"mixed_precision": training_precision(target)})
-
-
-def training_precision(target) -> Literal["no", "fp16", "bf16"]:
-    """The mixed precision to train in for a deployment target: bf16 where the GPU has it
-    (compute capability 8.0 and up: Ampere, Ada, Hopper, Blackwell), fp16 on older GPUs, none
-    (fp32) on CPU targets."""
-    if target.device != "cuda":
-        return "no"
-    return "bf16" if float(target.compute_capability) >= 8.0 else "fp16"
 
 
 def process_seed(seed: int, rank: int) -> int:

@@ -262,7 +262,8 @@ def graph_and_plan(
     """The checkpoint's DenoiserGraph and its sampler plan for ``steps`` and ``guidance``
     (defaults: ``plan_defaults``) and a pipeline's ``resolution`` ([height, width]; default: its
     own)."""
-    from distill.denoiser import DenoiserGraph, load_denoiser
+    from distill.checkpoint import load_denoiser
+    from distill.graph import DenoiserGraph
     from distill.samplers import sampler_plan
 
     steps, guidance = plan_defaults(stage, path, steps, guidance, progress)
@@ -432,5 +433,5 @@ STAGE = Stage(
     target_specific=True,  # its dynamic axes come from the target's shape profile
     description="export the denoiser graph (and a pipeline's text encoder and VAE decoder) to "
     "ONNX, check it, and prove parity with torch",
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana", "dit"),
+    requires=(),
 )

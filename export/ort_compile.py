@@ -23,7 +23,7 @@ from typing import Literal
 
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
-from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.plan import PLAN_FILE, SamplerPlan, batch_factor
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.quality_gate import GateConfig, quality_gate
 
@@ -178,8 +178,6 @@ def run(ctx: StageContext) -> None:
         for f in ctx.input.path.glob(MODEL_FILE + "*"):
             shutil.copy(f, ctx.out / f.name)
         cache = f"trt-cache-{ctx.target.fingerprint}-ort{ort.__version__}"
-        from export.tensorrt_compile import batch_factor
-
         factor = batch_factor(plan, reference.inputs())
         options = provider_options(
             ctx.target, provider, cache, reference.inputs(), factor, config.cuda_graph

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
-from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.plan import PLAN_FILE, SamplerPlan, batch_factor
 from accel.core.stage import Stage, StageConfig, StageContext
 from accel.runtime.tensorrt import TensorRTRuntime, tensorrt_missing
 from export.quality_gate import GateConfig, quality_gate
@@ -68,13 +68,6 @@ def import_tensorrt() -> None:
     why = tensorrt_missing()
     if why:
         raise StageError("tensorrt", why)
-
-
-def batch_factor(plan: SamplerPlan, inputs) -> int:
-    """2 when the per-step graph runs classifier-free guidance's doubled batch, else 1."""
-    conditioned = bool(plan.conditioning) or "class_labels" in inputs
-    doubled = plan.guidance_scale != 1.0 and conditioned and not plan.guidance_in_model
-    return 2 if doubled and not plan.guidance_input and not plan.fused else 1
 
 
 def profile_shapes(

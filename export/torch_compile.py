@@ -84,7 +84,8 @@ class TorchEngineRuntime:
     def __init__(self, folder: Path, info: EngineInfo, cache: Path | None = None) -> None:
         import torch
 
-        from distill.denoiser import DenoiserGraph, load_denoiser
+        from distill.checkpoint import load_denoiser
+        from distill.graph import DenoiserGraph
         from export.fused_sampler import FusedPipelineSampler, FusedSampler
         from export.torch_runtime import PipelineRuntime
 
@@ -263,5 +264,5 @@ STAGE = Stage(
     run=run,
     target_specific=True,
     description="compile the student's fused sampler with torch.compile (CUDA graphs on GPUs)",
-    families=("unet2d", "sd", "sdxl", "sd3", "flux", "pixart", "sana"),
+    requires=("fused_sampler",),
 )

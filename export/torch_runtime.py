@@ -203,7 +203,8 @@ def open_model(
     """A diffusers directory in torch eager on ``device``, with the DDIM plan (Euler steps for
     flow models) for ``steps`` (default: a student's own step count, else 50), ``guidance``
     (default: the model's) and, for latent families, ``resolution`` (H, W; default the model's)."""
-    from distill.denoiser import DenoiserGraph, load_denoiser
+    from distill.checkpoint import load_denoiser
+    from distill.graph import DenoiserGraph
     from distill.samplers import sampler_plan
 
     den, info = load_denoiser(path, guidance_scale=guidance)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from distill.denoiser import from_x0_eps
+from distill.parameterisation import from_x0_eps
 from distill.schedule import Schedule, _bcast
 
 

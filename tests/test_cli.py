@@ -174,7 +174,7 @@ def test_sample_writes_npz_and_refuses_bad_steps(monkeypatch, capsys, tmp_path):
 
 def test_epsilon_teacher_is_refused_by_progressive(monkeypatch, capsys, tmp_path):
     from accel.core.model_info import ModelInfo
-    from distill.denoiser import save_pipeline
+    from distill.checkpoint import save_pipeline
 
     from tiny import SCHEDULER, tiny_unet
 

@@ -12,7 +12,8 @@ from distill.consistency import (
     distill,
     sample_consistency,
 )
-from distill.denoiser import ConsistencyDenoiser, Denoiser, boundary_scalings
+from distill.denoiser import ConsistencyDenoiser, Denoiser
+from distill.parameterisation import boundary_scalings
 from distill.samplers import sample_ddim
 from distill.schedule import Schedule
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from distill.denoiser import Denoiser, from_x0_eps, to_x0_eps
+from distill.denoiser import Denoiser
+from distill.parameterisation import from_x0_eps, to_x0_eps
 from distill.samplers import ddim_step
 from distill.schedule import Schedule, _bcast
 

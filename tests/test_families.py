@@ -237,10 +237,10 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
     ("command", "family"),
     [
         # progressive, consistency, adversarial and guidance take sd and sdxl (test_text_distill),
-        # sd3 and flux (test_flow_distill; guidance refuses sd3 itself: no w input)
-        (["distill", "progressive"], "dit"),
-        (["distill", "adversarial"], "dit"),
-        (["distill", "guidance"], "dit"),
+        # sd3 and flux (test_flow_distill; guidance refuses sd3: no w input), dit (test_dit)
+        (["distill", "guidance"], "dit"),  # needs a w input
+        (["distill", "scm"], "sdxl"),  # needs a flow teacher
+        (["compile", "--backend", "torch"], "dit"),  # needs a fused sampler
         (["compile", "--backend", "aoti"], "sdxl"),
         (["quantize"], "sdxl"),
     ],
@@ -261,7 +261,8 @@ def test_stages_refuse_families_they_do_not_take_yet(
 def test_denoiser_guidance_is_the_mix_of_two_graph_calls(family, pipeline_dir):
     """The torch Denoiser's classifier-free guidance (one doubled batch, null conditioning from
     the adapter) equals x0_u + w (x0_c - x0_u) from two calls of the graph."""
-    from distill.denoiser import DenoiserGraph, load_denoiser
+    from distill.checkpoint import load_denoiser
+    from distill.graph import DenoiserGraph
 
     den, _ = load_denoiser(pipeline_dir(family), guidance_scale=3.0)
     adapter = den.adapter

@@ -392,7 +392,7 @@ def test_a_sana_scm_student_runs_in_sana_sprint_with_scm_scheduler(tmp_path, mon
     import diffusers.schedulers.scheduling_scm as scm_module
     from diffusers import SanaSprintPipeline, SCMScheduler
 
-    from distill.scm import load_sana_sprint_pipeline
+    from distill.students import load_sana_sprint_pipeline
 
     teacher = families.write_pipeline("sana", tmp_path / "teacher")
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -446,5 +446,5 @@ def test_guidance_refuses_families_without_a_w_input_in_one_line(
         "--store", tmp_path / "store",
     )  # fmt: skip
     assert code != 0 and len(err.strip().splitlines()) == 1, err
-    assert "no w input that the stock pipeline feeds" in err and "progressive" in err
+    assert "needs a w input that the stock pipeline feeds" in err and "progressive" in err
     assert not (tmp_path / "out").exists()

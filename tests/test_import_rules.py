@@ -91,6 +91,12 @@ def edges(root: Path = ROOT) -> list[tuple[str, str, str]]:
                 and isinstance(node.args[0], ast.Constant)
             ):
                 found.append((mod, node.args[0].value, where))
+        for node in ast.walk(tree):  # a stage declaration's run="module:function"
+            if isinstance(node, ast.Call):
+                for kw in node.keywords:
+                    if kw.arg == "run" and isinstance(kw.value, ast.Constant):
+                        if m := REF.match(str(kw.value.value)):
+                            found.append((mod, m[1], f"{path.relative_to(root)}:{kw.lineno} (run)"))
         for node in tree.body:
             targets = (
                 node.targets
@@ -122,10 +128,9 @@ def _under(module: str, prefixes) -> bool:
 
 
 def method_modules(root: Path = ROOT) -> set[str]:
-    """The modules of the distillation stages, read from the stage table."""
+    """The modules of the distillation stages: where their declarations' ``run`` lives."""
     return {
-        dst for src, dst, where in edges(root)
-        if src == "accel.registry" and "(registry)" in where and dst.startswith("distill.")
+        dst for _, dst, where in edges(root) if "(run)" in where and dst.startswith("distill.")
     }  # fmt: skip
 
 
@@ -140,10 +145,11 @@ def forbidden_edges(root: Path = ROOT) -> list[str]:
         prefix, allowed, banned = layer
         top = dst.split(".")[0]
         if top in first_party:
+            named = "(registry)" in where or "(run)" in where
             registry = "(registry)" in where and _under(src, REGISTRY_NAMES_ANYTHING)
             if not registry and not _under(dst, allowed):
                 problems.append(f"{where}: {src} ({prefix}) imports {dst}")
-            elif dst in methods and src.startswith("distill.") and src != dst:
+            elif dst in methods and src.startswith("distill.") and src != dst and not named:
                 problems.append(f"{where}: {src} imports the method {dst}; share it in a module")
         elif top in banned:
             problems.append(f"{where}: {src} ({prefix}) imports {dst}")
@@ -155,11 +161,12 @@ def unresolved_registry_strings(root: Path = ROOT) -> list[str]:
     modules = _modules(root)
     bad = []
     for src, dst, where in edges(root):
-        if "(registry)" not in where:
+        if "(registry)" not in where and "(run)" not in where:
             continue
         line = int(where.split(":")[1].split()[0])
         text = modules[src].read_text().splitlines()[line - 1]
-        attr = next(m[2] for s in re.findall(r'"([^"]+)"', text) if (m := REF.match(s)))
+        refs = [m for s in re.findall(r'"([^"]+)"', text) if (m := REF.match(s)) and m[1] == dst]
+        attr = refs[0][2]
         if dst not in modules:
             bad.append(f"{where}: no module {dst}")
             continue
@@ -181,6 +188,7 @@ def test_no_forbidden_edge():
 
 
 def test_registry_strings_name_what_exists():
+    assert method_modules() >= {"distill.consistency", "distill.dmd", "distill.meanflow"}
     assert not unresolved_registry_strings()
 
 
@@ -260,3 +268,13 @@ def test_targets_commands_import_no_torch(args):
     code, heavy, err = heavy_modules_of_command(*args)
     assert code == 0, err
     assert heavy == [], f"accel {' '.join(args)} imports {heavy}"
+
+
+@pytest.mark.parametrize("recipe", ["digits-pixel", "text-digits"])
+def test_accel_plan_imports_no_torch(recipe, tmp_path):
+    """Checking a recipe and computing its keys needs the stages' declarations only (their
+    configs and versions), which import no torch."""
+    path = ROOT / "accel" / "recipes" / f"{recipe}.toml"
+    code, heavy, err = heavy_modules_of_command("plan", path, "--store", tmp_path / "store")
+    assert code == 0, err
+    assert not set(heavy) & TORCH_WORLD, f"accel plan imports {heavy}"

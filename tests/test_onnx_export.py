@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from accel.runtime import OrtRuntime
-from distill.denoiser import DenoiserGraph
+from distill.graph import DenoiserGraph
 from distill.schedule import Schedule
 from export.onnx_export import example_inputs, onnx_from_torch
 from export.parity import compare, describe_failure

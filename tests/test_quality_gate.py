@@ -9,7 +9,7 @@ import pytest
 
 from accel.core.model_info import ModelInfo
 from accel.pipeline import default_store
-from distill.denoiser import save_pipeline
+from distill.checkpoint import save_pipeline
 
 from tiny import SCHEDULER, build, tiny_unet
 
@@ -113,6 +113,7 @@ def test_text_models_are_gated_and_calibrated_on_their_own_or_the_users_prompts(
     component_calibration_feeds(None, plan, 2, seed=0, batch=2, prompts=["a cat"])
     assert drawn_prompts == ["a cat", "a cat"]
 
+    drawn_prompts.clear()
     bare = (None, _text_plan())  # an accel.json without evaluation prompts, and none given
     with pytest.raises(StageError) as gate_error:
         quality_gate("ort", GateConfig(samples=2), bare, bare, lambda m: None, 2)

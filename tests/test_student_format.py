@@ -10,7 +10,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, UNet2DMode
 
 from accel.cli import main
 from accel.core.model_info import ModelInfo
-from distill.denoiser import TIMESTEP_SCALING, save_pipeline
+from distill.checkpoint import save_pipeline
+from distill.parameterisation import TIMESTEP_SCALING
 from distill.students import ddim_scheduler_config as ddim_config
 from distill.students import lcm_scheduler_config as lcm_config
 

@@ -165,8 +165,7 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tmp_path):
 
 
 def test_guided_graphs_get_a_doubled_batch_profile():
-    from accel.core.plan import SamplerPlan
-    from export.tensorrt_compile import batch_factor
+    from accel.core.plan import SamplerPlan, batch_factor
 
     dims = {"sample": [-1, 1, 16, 16], "timestep": [-1], "class_labels": [-1]}
     guided = SamplerPlan(steps=[], sample_shape=[1, 16, 16], guidance_scale=1.5, null_label=10)

@@ -178,8 +178,8 @@ def test_bad_prompt_files_and_dataset_names_are_one_line(teachers, tmp_path, mon
 
 
 def test_imagefolder_latents_are_cached_once(teachers, tmp_path):
+    from distill.checkpoint import load_denoiser
     from distill.data import load_dataset
-    from distill.denoiser import load_denoiser
 
     den, _ = load_denoiser(teachers["sd"])
     name = f"imagefolder:{write_imagefolder(tmp_path / 'images')}"
@@ -199,8 +199,8 @@ def test_digits_with_captions_train_text_to_image_teachers(teachers, tmp_path):
     """``dataset = "digits"`` for a text-to-image teacher: the digits at its resolution and VAE
     channels, captioned in the text teacher's phrasings, VAE-encoded once."""
     from accel.demo.digits import caption, digits_dataset
+    from distill.checkpoint import load_denoiser
     from distill.data import load_dataset
-    from distill.denoiser import load_denoiser
 
     images, captions = digits_dataset((32, 32), 3, captions=True)
     assert images.shape == (1797, 3, 32, 32) and captions[7] == caption(7, 7)

@@ -114,7 +114,7 @@ def test_mixed_precision_target_is_the_targets_and_keys_the_artifact():
     from accel.core.target import load_target
     from accel.recipe import stage_key
     from accel.registry import get_stage
-    from distill.trainer import training_precision
+    from distill.configs import training_precision
 
     cpu, h200, t4 = load_target("cpu"), load_target("h200"), load_target("h200")
     t4 = t4.model_copy(update={"compute_capability": "7.5", "gpu": "T4"})
@@ -274,9 +274,9 @@ def test_compiled_training_follows_eager_training(tmp_path):
     """``compile = true``: the student and the frozen teacher run compiled (in place, so the
     weights and their names stay the module's) and train to what eager training reaches, up to
     inductor's rounding."""
+    from distill.checkpoint import load_denoiser
     from distill.consistency import ConsistencyConfig, distill
     from distill.data import load_dataset
-    from distill.denoiser import load_denoiser
 
     path = write_tiny_pipeline(tmp_path / "teacher")
     runs = {}

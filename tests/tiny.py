@@ -3,7 +3,7 @@
 from diffusers import UNet2DModel
 
 from accel.core.model_info import ModelInfo
-from distill.denoiser import save_pipeline
+from distill.checkpoint import save_pipeline
 
 
 def tiny_unet(seed: int = 0, num_class_embeds: int | None = 11) -> UNet2DModel:

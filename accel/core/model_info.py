@@ -136,6 +136,14 @@ class ModelInfo:
             raise ValueError(f"format {self.format!r} is not {MODEL_INFO_FORMAT}")
         object.__setattr__(self, "format", MODEL_INFO_FORMAT)
 
+    def student(self, **fields: Any) -> ModelInfo:
+        """A distilled student's ``accel.json``: the method's ``fields`` (method, step count,
+        guidance, ...) over what a student keeps of its teacher's (this file's): its class count
+        and how its images are judged."""
+        return ModelInfo(
+            **{"num_classes": self.num_classes, "evaluation": self.evaluation, **fields}
+        )
+
     @property
     def is_student(self) -> bool:
         """A step-distilled student (its ODE is not the teacher's)."""

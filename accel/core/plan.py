@@ -251,3 +251,11 @@ def _file_name(name: Any, what: str) -> None:
 
 
 _NOTES = ("sampler", "graph_output", "prediction_type", "guidance_input", "fused")
+
+
+def batch_factor(plan: SamplerPlan, inputs) -> int:
+    """How many graph rows one image takes: 2 when the per-step graph runs classifier-free
+    guidance's doubled batch, else 1 (the batch profiles of compilers and Triton scale by it)."""
+    conditioned = bool(plan.conditioning) or "class_labels" in inputs
+    doubled = plan.guidance_scale != 1.0 and conditioned and not plan.guidance_in_model
+    return 2 if doubled and not plan.guidance_input and not plan.fused else 1

@@ -62,22 +62,43 @@ class Stage:
     config: type[BaseModel]
     consumes: str
     produces: str
-    run: Callable[..., None]
+    run: Callable[..., None] | str
+    """The stage's function of a ``StageContext``, or its "module:function" (imported on the
+    first call: the declarations of the torch stages stay importable without torch)."""
     target_specific: bool = False
     description: str = ""
     data_parallel: bool = False
     """Under ``accelerate launch`` every process runs it (a training stage, on its own batches) and
     process 0 writes the artifact; other stages run on process 0 while the rest wait."""
-    families: tuple[str, ...] = ("unet2d",)
-    """The model families (``distill.models``) whose checkpoints it takes, when it consumes one."""
+    requires: tuple[str, ...] = ("pixel",)
+    """What a checkpoint it consumes must be able to do (``distill.models.CAPABILITIES``: the
+    adapter's ``capabilities_of``); the default, the pixel-space models only."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.run, str):
+            object.__setattr__(self, "run", _Imported(self.run))
         for role in ("consumes", "produces"):
             if getattr(self, role) not in KINDS:
                 kind = getattr(self, role)
                 raise ValueError(f"stage {self.name!r} {role} {kind!r}; use one of {KINDS}")
         if not (isinstance(self.config, type) and issubclass(self.config, BaseModel)):
             raise TypeError(f"stage {self.name!r}: config must be a pydantic model class")
+
+
+class _Imported:
+    """A "module:function" imported when first called."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def __call__(self, *args, **kwargs):
+        import importlib
+
+        module, _, name = self.ref.partition(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return self.ref
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -156,7 +156,7 @@ def triton_repository(
     """Fill ``out`` (an empty directory) with the model repository for the bundle; returns the
     model names, the one clients call first."""
     from accel.core.artifact import Artifact
-    from export.tensorrt_compile import batch_factor
+    from accel.core.plan import batch_factor
 
     bundle = Artifact.load(bundle_dir)
     if bundle.kind != "bundle":

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from accel.core.errors import CheckpointError
-from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec, concat_conditioning
+from distill.models.base import (
+    CAPABILITIES,
+    ConditioningSpec,
+    ModelAdapter,
+    TensorSpec,
+    concat_conditioning,
+)
 
 # denoiser class -> "adapter module:adapter class"
 ADAPTERS: dict[str, str] = {
@@ -24,10 +30,12 @@ DENOISER_FOLDERS = ("unet", "transformer")
 
 __all__ = [
     "ADAPTERS",
+    "CAPABILITIES",
     "ConditioningSpec",
     "ModelAdapter",
     "TensorSpec",
     "adapter_class",
+    "capabilities_of",
     "concat_conditioning",
     "denoiser_folder",
     "family_of",
@@ -149,6 +157,21 @@ def family_of(root: str | Path) -> str:
     config_path = root / denoiser_folder(root, index) / "config.json"
     config = read_json(config_path)
     return adapter_class(config.get("_class_name", ""), config_path).family_of(config)
+
+
+def capabilities_of(root: str | Path) -> tuple[str, frozenset[str]]:
+    """The family of the pipeline at ``root`` and its capabilities (``CAPABILITIES``), from its
+    configs alone."""
+    from accel.core.checkpoint import read_json
+
+    root = Path(root)
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    config_path = root / denoiser_folder(root, index) / "config.json"
+    config = read_json(config_path)
+    adapter = adapter_class(config.get("_class_name", ""), config_path)
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_file) if scheduler_file.is_file() else {}
+    return adapter.family_of(config), adapter.capabilities_of(scheduler)
 
 
 def stock_defaults(root: str | Path) -> tuple[str, int | None, float | None]:

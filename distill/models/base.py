@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from distill.schedule import Schedule
+from distill.schedule import Schedule, is_flow
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,18 @@ def _finite(module: nn.Module, where: Path) -> None:
         raise CheckpointError(f"{where} holds NaN or Inf weights in {', '.join(bad[:3])}")
 
 
+CAPABILITIES = {
+    "training_data": "training data accel makes for it (labelled or captioned images)",
+    "flow": "a flow-matching teacher",
+    "w_input": "a w input that the stock pipeline feeds (without one, bake the guidance into a "
+    "step-distilled student instead: progressive or consistency with guidance_scale)",
+    "fused_sampler": "a fused torch sampler",
+    "pixel": "a pixel-space model (no text encoder or VAE)",
+}
+"""What a model can do that a stage may require (``Stage.requires``), in the words of a refusal:
+"it needs ..."."""
+
+
 class ModelAdapter:
     """Base of the family adapters (one module per family in ``distill.models``).
 
@@ -94,6 +106,9 @@ class ModelAdapter:
     guidance_in_model: ClassVar[bool] = False  # w is a model input (Flux-dev), not two passes
     w_inputs: ClassVar[tuple[str, ...]] = ()  # conditioning that carries w, not the prompt
     resolution: tuple[int, int] | None = None  # (H, W) being sampled, set by the runtime
+    training_data: ClassVar[bool] = True  # distill.data makes its training data
+    fused_sampler: ClassVar[bool] = True  # its sampler fuses into one torch graph (torch_compile)
+    pixel: ClassVar[bool] = False  # samples pixels: no text encoder, no VAE
 
     def __init__(
         self,
@@ -120,6 +135,19 @@ class ModelAdapter:
     def family_of(cls, config: dict[str, Any]) -> str:
         """The family name of a denoiser config, without loading anything."""
         return cls.family
+
+    @classmethod
+    def capabilities_of(cls, scheduler_config: dict[str, Any]) -> frozenset[str]:
+        """What a checkpoint of this family with this scheduler can do (``CAPABILITIES``), from
+        configs alone: stages ask for capabilities, never for family names."""
+        caps = {name for name in ("training_data", "fused_sampler", "pixel") if getattr(cls, name)}
+        if is_flow(scheduler_config):
+            caps.add("flow")
+        # a pixel model's w is a row of its label table (distill.guidance); a latent family's, the
+        # input its stock few-step pipeline feeds (with_guidance_input)
+        if cls.pixel or cls.with_guidance_input is not ModelAdapter.with_guidance_input:
+            caps.add("w_input")
+        return frozenset(caps)
 
     # ------------------------------------------------------------------ loading
 

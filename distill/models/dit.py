@@ -15,6 +15,7 @@ from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
 
 class DiTAdapter(ModelAdapter):
     family = "dit"
+    fused_sampler = False  # untested
     components = ("vae",)
     conditioning = "class"
 

@@ -12,6 +12,7 @@ from distill.models.base import ConditioningSpec, ModelAdapter, TensorSpec
 class UNet2DAdapter(ModelAdapter):
     family = "unet2d"
     denoiser_folder = "unet"
+    pixel = True
 
     @property
     def conditioning(self) -> str:  # type: ignore[override]

@@ -1,0 +1,184 @@
+"""Denoisers in and out of diffusers pipeline directories: ``load_denoiser`` (a checkpoint with its
+``accel.json``, as the denoiser its student kind samples with), ``load_teacher`` (one a
+distillation stage may learn from) and ``save_pipeline`` (a student the stock pipeline loads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from accel.core.errors import CheckpointError
+from accel.core.model_info import ModelInfo
+from distill.denoiser import ConsistencyDenoiser, Denoiser, FlowConsistencyDenoiser
+from distill.parameterisation import TIMESTEP_SCALING
+
+
+def load_denoiser(
+    model_dir: str | Path, guidance_scale: float | None = None, load_components: bool = True
+) -> tuple[Denoiser, ModelInfo]:
+    """Load a diffusers pipeline directory (``model_index.json``, the denoiser's folder,
+    ``scheduler/`` and, for latent text-to-image families, the text encoders, tokenizers and VAE)
+    as a Denoiser through its family's adapter (``distill.models``), reading weights through
+    safetensors only (corrupt files and NaN weights are errors).
+
+    ``accel.json`` beside ``model_index.json`` (``accel.core.model_info.ModelInfo``) may name
+    ``null_class_label`` (for guidance), ``num_inference_steps`` and ``guidance_scale`` (a
+    student's defaults); it is returned. The scheduler's config is the denoiser's
+    ``scheduler_config``."""
+    from distill.models import load_pipeline
+
+    root = Path(model_dir)
+    adapter = load_pipeline(root, load_components=load_components)
+    info = ModelInfo.read(root)
+    sched_cfg = adapter.scheduler_config
+    w = guidance_scale if guidance_scale is not None else info.guidance_scale
+    args = (adapter.backbone, adapter.schedule, adapter.prediction_type)
+    kwargs: dict[str, Any]
+    if adapter.family != "unet2d":
+        default = getattr(adapter, "default_guidance", 1.0) if adapter.guidance_in_model else 1.0
+        w = float(default if w is None else w)
+        if adapter.guidance_in_model:
+            adapter.guidance_scale = w
+        kwargs = {"guidance_scale": w, "adapter": adapter}
+    else:
+        w = 1.0 if w is None else float(w)
+        null = info.null_class_label
+        embedding = info.guidance_embedding  # a guidance-distilled model: w is an input
+        if w != 1.0 and null is None and embedding is None:
+            raise CheckpointError(
+                f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
+                "null_class_label (students with guidance baked in sample with guidance 1)"
+            )
+        kwargs = {"guidance_scale": w, "null_label": null}
+        if embedding is not None:
+            kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
+    if info.method == "meanflow":
+        from distill.students import FlowMapDenoiser, load_interval
+
+        load_interval(adapter.backbone, root / adapter.denoiser_folder)
+        denoiser: Denoiser = FlowMapDenoiser(*args, **kwargs)
+        denoiser.flow_map_shift = float(sched_cfg.get("shift", 1.0))  # type: ignore[attr-defined]
+    elif info.consistency is not None and adapter.schedule.kind == "flow":
+        denoiser = FlowConsistencyDenoiser(
+            *args, solver_steps=info.consistency.solver_steps, **kwargs
+        )
+        denoiser.trigflow = info.consistency.grid == "trigflow"  # type: ignore[attr-defined]
+    elif info.consistency is not None:
+        if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
+            raise CheckpointError(
+                f"{root}: timestep_scaling other than {TIMESTEP_SCALING} is not "
+                "supported for consistency students"
+            )
+        denoiser = ConsistencyDenoiser(*args, solver_steps=info.consistency.solver_steps, **kwargs)
+    else:
+        denoiser = Denoiser(*args, **kwargs)
+    denoiser.scheduler_config = sched_cfg
+    return denoiser, info
+
+
+def load_teacher(
+    path: str | Path,
+    stage: str,
+    guidance_scale: float,
+    students: tuple[str, ...] = (),
+    flow: bool = False,
+) -> tuple[Denoiser, ModelInfo]:
+    """A teacher for a step-distillation stage: a discrete-time model (or a flow-matching one where
+    the stage has its flow form, ``flow``) that is not itself a distilled student (distillation
+    needs the teacher's own ODE), unless it is a student of one of the ``students`` methods (a
+    progressive student is a deterministic DDIM sampler of the ODE)."""
+    from accel.core.errors import StageError
+
+    teacher, info = load_denoiser(path, guidance_scale=guidance_scale)
+    if teacher.schedule.kind != "discrete" and not flow:
+        raise StageError(
+            stage,
+            f"flow-matching teachers are not supported by {stage} yet (its students step a "
+            "discrete VP schedule); progressive distillation takes them",
+        )
+    if info.is_student and info.method not in students:
+        raise StageError(
+            stage,
+            f"the input is already a distilled {info.method or ''} student; distil from "
+            "the teacher, which holds the ODE the student learns",
+        )
+    return teacher, info
+
+
+def guidance_info(
+    teacher_info: ModelInfo, guidance_scale: float, w_input: bool = False
+) -> dict[str, Any]:
+    """accel.json guidance fields of a step-distilled student: guidance baked in at
+    ``guidance_scale`` (sample with 1), or, from a guidance-distilled teacher (or one whose
+    backbone takes w, ``w_input``: FLUX.1-dev), the same w input."""
+    if w_input:
+        return {"guidance_scale": guidance_scale}
+    embedding = teacher_info.guidance_embedding
+    if embedding is None:
+        if guidance_scale == 1.0:  # a student of a student: the guidance its teacher baked in
+            guidance_scale = teacher_info.distilled_guidance_scale or 1.0
+        return {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
+    return {"guidance_scale": guidance_scale, "guidance_embedding": embedding}
+
+
+def save_pipeline(
+    out_dir: str | Path,
+    backbone: nn.Module,
+    scheduler_config: dict[str, Any],
+    info: ModelInfo,
+    teacher: Denoiser | None = None,
+) -> None:
+    """Write a diffusers pipeline directory that stock diffusers loads: model_index.json, the
+    backbone (safetensors), the scheduler named in scheduler_config["_class_name"], and accel.json.
+
+    A student of a family pipeline (``teacher`` with an adapter: SD, SDXL) is the whole pipeline:
+    the teacher's model_index.json with the new scheduler class, and its other components (text
+    encoders, tokenizers, VAE) hard-linked from the teacher's directory (store artifacts are never
+    modified, so the bytes are stored once; copied where links are impossible)."""
+    import diffusers
+
+    out = Path(out_dir)
+    adapter = getattr(teacher, "adapter", None)
+    folder = adapter.denoiser_folder if adapter is not None else "unet"
+    backbone.save_pretrained(out / folder, safe_serialization=True)
+    sched_cls = getattr(diffusers, scheduler_config["_class_name"])
+    sched_cls.from_config(scheduler_config).save_pretrained(out / "scheduler")
+    if adapter is not None:
+        index = dict(adapter.index, scheduler=["diffusers", scheduler_config["_class_name"]])
+        if adapter.family == "sd" and scheduler_config["_class_name"] == "LCMScheduler":
+            index["_class_name"] = "LatentConsistencyModelPipeline"  # as LCM checkpoints ship
+        for name, entry in adapter.index.items():
+            if name in (folder, "scheduler") or not isinstance(entry, list) or entry[0] is None:
+                continue
+            if (adapter.root / name).is_dir():
+                _link_tree(adapter.root / name, out / name)
+    else:
+        # DDPMPipeline makes DiffusionPipeline.from_pretrained load the components; its __call__
+        # knows no class labels, so the contract is the unet/ and scheduler/ pair in a plain loop.
+        index = {
+            "_class_name": "DDPMPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", scheduler_config["_class_name"]],
+            "unet": ["diffusers", type(backbone).__name__],
+        }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    info.write(out)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    for file in sorted(src.rglob("*")):
+        target = dst / file.relative_to(src)
+        if file.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:
+            shutil.copy2(file, target)
