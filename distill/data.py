@@ -283,7 +283,6 @@ def _encode_images(adapter: Any, images: torch.Tensor, conditions, chunk: int = 
     """Latents (the VAE posterior's mean, scaled as the pipeline scales them: deterministic, as
     diffusers' training scripts are when they cache latents) and their conditioning: the text
     encoders' of captions, or a class-conditional model's labels."""
-    images = images[:, : adapter.modules["vae"].config.in_channels]
     latents = torch.cat(
         [adapter.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)]
     )

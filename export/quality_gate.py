@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from accel.core.errors import StageError
+from accel.core.model_info import check_prompt_list
 from accel.core.plan import SamplerPlan
 from accel.core.stage import StageConfig, say
 from accel.registry import METRICS, resolve
@@ -37,8 +38,7 @@ def _metric_name(name: str | None) -> str | None:
 
 
 def _prompt_list(prompts: list[str] | None) -> list[str] | None:
-    if prompts is not None and not (prompts and all(p.strip() for p in prompts)):
-        raise ValueError("prompts must be a non-empty list of non-empty prompts")
+    check_prompt_list("prompts", prompts)
     return prompts
 
 

@@ -62,6 +62,9 @@ def test_the_shipped_teacher_of_the_first_format_reads(tmp_path):
         ({"consistency": {"solver_steps": 4, "sigma": 1}}, "unexpected keyword argument 'sigma'"),
         ({"guidance_embedding": {"scales": [], "num_labels": 2}}, "non-empty list"),
         ({"format": "accel.model/7"}, "format 'accel.model/7'"),
+        ({"evaluation": {"prompt": ["a"]}}, r"unknown keys \['prompt'\] in evaluation"),
+        ({"evaluation": {"metric": 3}}, "evaluation.metric must be a metric name"),
+        ({"evaluation": {"prompts": ["a", " "]}}, "evaluation.prompts must be a non-empty list"),
         ([1, 2], "must hold a JSON object"),
     ],
 )

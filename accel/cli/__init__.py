@@ -29,7 +29,7 @@ def size_options(f):
     return f
 
 
-def open_runtime(
+def open_model_or_engine(
     path: Path,
     target=None,
     steps: int | None = None,

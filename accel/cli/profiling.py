@@ -10,7 +10,7 @@ from accel.cli import (
     _publish,
     _resolution,
     cli,
-    open_runtime,
+    open_model_or_engine,
     size_options,
 )
 from accel.cli.inspection import _detected
@@ -101,7 +101,7 @@ def profile(
     short = [p.resolve().name for p in artifacts]
     for path, label in zip(artifacts, short, strict=True):
         # onnxruntime's idle threads must not spin: they would take the cores of the next call
-        runtime, plan = open_runtime(path, target, steps, spin=False, resolution=resolution)
+        runtime, plan = open_model_or_engine(path, target, steps, spin=False, resolution=resolution)
         if quality_samples and plan.decode:
             raise click.BadParameter(
                 "FD-digits measures the digits models only", param_hint="--quality-samples"

@@ -10,7 +10,7 @@ import click
 from accel.cli import (
     _resolution,
     cli,
-    open_runtime,
+    open_model_or_engine,
     size_options,
 )
 from accel.core.errors import RecipeError
@@ -94,7 +94,7 @@ def sample(
         raise RecipeError(f"--prompt: {e}") from None
     target = load_target(target_name) if target_name else None
     resolution = _resolution(height, width)
-    runtime, plan = open_runtime(model, target, steps, guidance, resolution=resolution)
+    runtime, plan = open_model_or_engine(model, target, steps, guidance, resolution=resolution)
     kind = plan.conditioning_kind or ("class" if plan.num_classes else None)
     if prompts and kind != "text":
         what = "class-conditional (give --label)" if kind == "class" else "not text-conditioned"

@@ -14,7 +14,6 @@ from accel.core.plan import SamplerPlan
 
 
 class Metric(Protocol):
-    name: str
     default_threshold: float
 
     def add(
@@ -30,7 +29,6 @@ class ImageRMSE:
     """RMS difference between the candidate's and the parent's images from the same noise
     (images in [-1, 1]); the threshold is that RMS. Reads any model's images."""
 
-    name = "image_rmse"
     default_threshold = 0.05
 
     def __init__(self, plan: SamplerPlan) -> None:

@@ -74,6 +74,17 @@ class ConsistencySpec:
         _number("consistency.timestep_scaling", self.timestep_scaling, 0.0)
 
 
+def check_prompt_list(what: str, prompts: Any) -> None:
+    """ValueError unless ``prompts`` is None or a non-empty list of non-empty prompts (``what``
+    names the field)."""
+    if prompts is not None and not (
+        isinstance(prompts, list)
+        and prompts
+        and all(isinstance(p, str) and p.strip() for p in prompts)
+    ):
+        raise ValueError(f"{what} must be a non-empty list of non-empty prompts")
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """How a model's images are judged: ``metric``, a name in ``accel.registry.METRICS``
@@ -86,12 +97,7 @@ class Evaluation:
     def __post_init__(self) -> None:
         if self.metric is not None and not isinstance(self.metric, str):
             raise ValueError(f"evaluation.metric must be a metric name, got {self.metric!r}")
-        if self.prompts is not None and not (
-            isinstance(self.prompts, list)
-            and self.prompts
-            and all(isinstance(p, str) and p.strip() for p in self.prompts)
-        ):
-            raise ValueError("evaluation.prompts must be a non-empty list of non-empty prompts")
+        check_prompt_list("evaluation.prompts", self.prompts)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,9 @@ class ModelInfo:
         if isinstance(self.consistency, dict):
             object.__setattr__(self, "consistency", ConsistencySpec(**self.consistency))
         if isinstance(self.evaluation, dict):
+            unknown = sorted(set(self.evaluation) - {f.name for f in fields(Evaluation)})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown} in evaluation (it takes metric, prompts)")
             object.__setattr__(self, "evaluation", Evaluation(**self.evaluation))
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from accel.core.errors import CheckpointError
+from accel.core.model_info import check_prompt_list
 
 PLAN_FILE = "sampler_plan.json"
 PLAN_FORMAT = "accel.plan/6"
@@ -107,10 +108,7 @@ class SamplerPlan:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.evaluation_prompts is not None and not (
-            self.evaluation_prompts and all(p.strip() for p in self.evaluation_prompts)
-        ):
-            raise ValueError("evaluation_prompts must be a non-empty list of non-empty prompts")
+        check_prompt_list("evaluation_prompts", self.evaluation_prompts)
         steps = [s if isinstance(s, Step) else Step(**s) for s in self.steps]
         object.__setattr__(self, "steps", steps)
         if self.sampler not in SAMPLERS:

@@ -207,7 +207,6 @@ class FDDigits:
     model's conditions are the indices of its evaluation prompts, which must be the ten digits in
     order (as the text teachers' are) for the class accuracy to mean anything."""
 
-    name = "fd_digits"
     default_threshold = 0.05
 
     def __init__(self, plan) -> None:

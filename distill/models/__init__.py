@@ -38,7 +38,6 @@ __all__ = [
     "capabilities_of",
     "concat_conditioning",
     "denoiser_folder",
-    "family_of",
     "load_pipeline",
     "load_safetensors",
     "stock_defaults",
@@ -147,16 +146,14 @@ def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapte
     return adapter_cls(root, backbone, read_json(sched_path), index, load_components)
 
 
-def family_of(root: str | Path) -> str:
-    """The family of the pipeline at ``root`` ("unet2d", "sd", "sdxl", "sd3", "flux", "pixart",
-    "sana", "dit"), from its configs alone; an unsupported denoiser class is a CheckpointError."""
+def _denoiser_config(root: Path) -> tuple[type[ModelAdapter], dict[str, Any]]:
+    """The adapter class of the pipeline at ``root`` and its denoiser's config, read alone."""
     from accel.core.checkpoint import read_json
 
-    root = Path(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     config_path = root / denoiser_folder(root, index) / "config.json"
     config = read_json(config_path)
-    return adapter_class(config.get("_class_name", ""), config_path).family_of(config)
+    return adapter_class(config.get("_class_name", ""), config_path), config
 
 
 def capabilities_of(root: str | Path) -> tuple[str, frozenset[str]]:
@@ -165,10 +162,7 @@ def capabilities_of(root: str | Path) -> tuple[str, frozenset[str]]:
     from accel.core.checkpoint import read_json
 
     root = Path(root)
-    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
-    config_path = root / denoiser_folder(root, index) / "config.json"
-    config = read_json(config_path)
-    adapter = adapter_class(config.get("_class_name", ""), config_path)
+    adapter, config = _denoiser_config(root)
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_file) if scheduler_file.is_file() else {}
     return adapter.family_of(config), adapter.capabilities_of(scheduler)
