@@ -53,7 +53,11 @@ METRICS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # an engine's info["backend"]
+    """One engine backend. Its ``name`` is the one name it has everywhere: its compile stage
+    (a ``STAGES`` key), ``accel compile --backend``, an engine description's ``backend``, a
+    bundle's manifest and a target's ``backends``."""
+
+    name: str
     runtime: str  # "module:Class" with a from_engine(file, info, spin) classmethod
     library: str  # the library that builds and runs its engines (manifest "libraries" key)
     distributions: tuple[str, ...]  # the PyPI names that library installs as
@@ -62,23 +66,44 @@ class Backend:
     concurrent: bool  # one runtime serves concurrent calls; else calls are serialised
     triton: str | None  # Triton's backend / platform for it; None: Triton cannot serve it
     suffix: str  # engine file suffix in a Triton repository
+    options: dict[str, type]  # the engine description's options: name -> JSON type
+    legacy: tuple[str, ...] = ()  # the names engine descriptions and bundles written before
+    # accel.engine/2 (and targets before it) gave it; read, never written
+
+    @property
+    def stage(self) -> str:
+        """The compile stage that builds its engines."""
+        return self.name
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("onnxruntime", "accel.runtime.ort:OrtRuntime", "onnxruntime",
-                ("onnxruntime", "onnxruntime-gpu"), False, True, "onnxruntime", ".onnx"),
+        Backend("ort", "accel.runtime.ort:OrtRuntime", "onnxruntime",
+                ("onnxruntime", "onnxruntime-gpu"), False, True, "onnxruntime", ".onnx",
+                {"provider": str, "provider_options": dict},
+                ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")),
         Backend("tensorrt", "accel.runtime.tensorrt:TensorRTRuntime", "tensorrt",
                 ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"), True, False, "tensorrt_plan",
-                ".plan"),
-        Backend("aotinductor", "export.torch_runtime:AotiRuntime", "torch", ("torch",), True,
-                False, None, ".pt2"),
+                ".plan",
+                {"gpu": str, "compute_capability": str, "hardware_compatibility": str,
+                 "version_compatible": bool, "strongly_typed": bool, "cuda_graph": bool}),
+        Backend("aoti", "export.torch_runtime:AotiRuntime", "torch", ("torch",), True,
+                False, None, ".pt2", {"inputs": list}, ("aotinductor",)),
         # a folder (the checkpoint) compiled in-process: no bundle, no Triton (export.torch_compile)
-        Backend("torch-compiled", "export.torch_compile:TorchEngineRuntime", "torch", ("torch",),
-                True, False, None, ""),
+        Backend("torch_compile", "export.torch_compile:TorchEngineRuntime", "torch", ("torch",),
+                True, False, None, "",
+                {"mode": str, "cuda_graph": bool, "opt_batch": int, "target_fingerprint": str},
+                ("torch-compiled", "torch")),
     )
 }  # fmt: skip
+
+
+def backend_name(name: str) -> str | None:
+    """The backend ``name`` is, or was before accel.engine/2 (``onnxruntime`` is ``ort``), or None."""
+    if name in BACKENDS:
+        return name
+    return next((b.name for b in BACKENDS.values() if name in b.legacy), None)
 
 
 def resolve(ref: str) -> Any:

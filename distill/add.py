@@ -54,13 +54,12 @@ from distill.data import concat, take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
-    FlowConsistencyDenoiser,
     takes_w,
     w_conditioning,
 )
 from distill.gan import Discriminator, FeatureTap, feature_module, find_teacher
 from distill.samplers import consistency_timesteps, flow_grid
-from distill.students import save_lcm_student
+from distill.students import lcm_kind, save_lcm_student
 from distill.trainer import Trainer
 
 
@@ -103,7 +102,7 @@ def distill(
     lr_d = config.discriminator_learning_rate or config.learning_rate
     opt_d = torch.optim.AdamW(disc.parameters(), lr=lr_d, **kw)
     g_net, disc, opt_g, opt_d = trainer.prepare(g_net, disc, opt_g, opt_d)
-    kind = FlowConsistencyDenoiser if flow else ConsistencyDenoiser
+    kind = lcm_kind(flow).wrapper
     student = kind(g_net, sched, ptype, solver_steps=N, adapter=adapter)
     # its sampling grid: LCMScheduler's, or FlowMatchLCMScheduler's (flow time, shift included)
     timesteps = flow_grid(teacher, N)[:-1] if flow else consistency_timesteps(T, N, N)

@@ -12,8 +12,7 @@ from torch import nn
 
 from accel.core.errors import CheckpointError
 from accel.core.model_info import ModelInfo
-from distill.denoiser import ConsistencyDenoiser, Denoiser, FlowConsistencyDenoiser
-from distill.parameterisation import TIMESTEP_SCALING
+from distill.denoiser import Denoiser
 
 
 def load_denoiser(
@@ -55,26 +54,10 @@ def load_denoiser(
         kwargs = {"guidance_scale": w, "null_label": null}
         if embedding is not None:
             kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
-    if info.method == "meanflow":
-        from distill.students import FlowMapDenoiser, load_interval
+    from distill.students import kind_of
 
-        load_interval(adapter.backbone, root / adapter.denoiser_folder)
-        denoiser: Denoiser = FlowMapDenoiser(*args, **kwargs)
-        denoiser.flow_map_shift = float(sched_cfg.get("shift", 1.0))  # type: ignore[attr-defined]
-    elif info.consistency is not None and adapter.schedule.kind == "flow":
-        denoiser = FlowConsistencyDenoiser(
-            *args, solver_steps=info.consistency.solver_steps, **kwargs
-        )
-        denoiser.trigflow = info.consistency.grid == "trigflow"  # type: ignore[attr-defined]
-    elif info.consistency is not None:
-        if float(sched_cfg.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
-            raise CheckpointError(
-                f"{root}: timestep_scaling other than {TIMESTEP_SCALING} is not "
-                "supported for consistency students"
-            )
-        denoiser = ConsistencyDenoiser(*args, solver_steps=info.consistency.solver_steps, **kwargs)
-    else:
-        denoiser = Denoiser(*args, **kwargs)
+    kind = kind_of(info, adapter.schedule.kind == "flow")
+    denoiser = kind.denoiser(args, kwargs, info, sched_cfg, root / adapter.denoiser_folder)
     denoiser.scheduler_config = sched_cfg
     return denoiser, info
 

@@ -53,13 +53,12 @@ from distill.data import take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
-    FlowConsistencyDenoiser,
     takes_w,
     w_conditioning,
 )
 from distill.samplers import ddim_step, flow_grid
 from distill.schedule import _bcast
-from distill.students import lcm_scheduler_config, lcm_spec, save_student
+from distill.students import lcm_kind, save_student
 from distill.trainer import Trainer, mean_tail
 
 
@@ -142,7 +141,7 @@ def distill(
     trainer.ema(ema, backbone, config.ema_decay)
     trainer.place_teacher(teacher)
 
-    kind = FlowConsistencyDenoiser if sched.kind == "flow" else ConsistencyDenoiser
+    kind = lcm_kind(sched.kind == "flow").wrapper
 
     def consistency(net: torch.nn.Module) -> ConsistencyDenoiser:
         return teacher.student_of(net, kind, solver_steps=config.solver_steps)  # type: ignore[return-value]
@@ -209,13 +208,13 @@ def run(ctx: StageContext) -> None:
     save_student(
         ctx,
         student.backbone,
-        lcm_scheduler_config(teacher.scheduler_config, config.solver_steps, flow),
+        lcm_kind(flow).scheduler_config(teacher.scheduler_config, solver_steps=config.solver_steps),
         info.student(
             method="consistency",
             num_inference_steps=config.num_inference_steps,
             # w is an input of a student whose backbone takes it, else baked in
             **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
-            consistency=lcm_spec(config.solver_steps, flow),
+            consistency=lcm_kind(flow).spec(config.solver_steps),
         ),
         teacher,
         log,

@@ -77,7 +77,6 @@ from distill.data import Conditioning, concat, take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
-    FlowConsistencyDenoiser,
     takes_w,
     w_conditioning,
 )
@@ -85,7 +84,7 @@ from distill.gan import Discriminator, FeatureTap, dmd_gradient, feature_module,
 from distill.parameterisation import from_x0_eps
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
-from distill.students import save_lcm_student
+from distill.students import lcm_kind, save_lcm_student
 from distill.trainer import Trainer
 
 
@@ -103,7 +102,7 @@ def distill(
     sched, ptype = teacher.schedule, teacher.prediction_type
     T, N = sched.num_train_timesteps, config.student_steps
     flow = sched.kind == "flow"
-    student_kind = FlowConsistencyDenoiser if flow else ConsistencyDenoiser
+    student_kind = lcm_kind(flow).wrapper
     x_data, y_data = to_device(data, trainer.device)
     trainer.place_teacher(teacher)
     adapter = teacher.adapter

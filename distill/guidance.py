@@ -66,7 +66,7 @@ from distill.denoiser import Denoiser, takes_w
 from distill.models import concat_conditioning
 from distill.parameterisation import to_x0_eps
 from distill.schedule import Schedule, _bcast
-from distill.students import ddim_scheduler_config, save_student
+from distill.students import euler_kind, save_student
 from distill.trainer import Trainer, mean_tail
 
 
@@ -263,7 +263,7 @@ def run(ctx: StageContext) -> None:
     save_student(
         ctx,
         student.backbone,
-        ddim_scheduler_config(teacher.scheduler_config, teacher.schedule.kind == "flow"),
+        euler_kind(teacher.schedule.kind == "flow").scheduler_config(teacher.scheduler_config),
         student_info,
         teacher,
         log,

@@ -81,9 +81,9 @@ from distill.data import take, to_device
 from distill.denoiser import Denoiser, takes_w, w_conditioning
 from distill.schedule import _bcast
 from distill.students import (
+    FLOW_MAP,
     FlowMapDenoiser,
     attach_interval,
-    flow_map_scheduler_config,
     flow_map_sigmas,
     interval,
     save_interval,
@@ -263,7 +263,7 @@ def run(ctx: StageContext) -> None:
         save_student(
             ctx,
             backbone,
-            flow_map_scheduler_config(student.flow_map_shift),  # type: ignore[attr-defined]
+            FLOW_MAP.scheduler_config({}, shift=student.flow_map_shift),  # type: ignore[attr-defined]
             info.student(
                 method="meanflow",
                 num_inference_steps=config.num_inference_steps,

@@ -46,7 +46,7 @@ from distill.data import take, to_device
 from distill.denoiser import Denoiser, takes_w
 from distill.samplers import flow_grid
 from distill.schedule import _bcast
-from distill.students import ddim_scheduler_config, save_student
+from distill.students import euler_kind, save_student
 from distill.trainer import Trainer, mean_tail, seeded_generator, write_loss_log
 
 MIN_EPSILON_ALPHA_RATIO = 1e-2
@@ -223,7 +223,7 @@ def run(ctx: StageContext) -> None:
     save_student(
         ctx,
         teacher.backbone,
-        ddim_scheduler_config(teacher.scheduler_config, flow),
+        euler_kind(flow).scheduler_config(teacher.scheduler_config),
         info.student(
             method="progressive",
             num_inference_steps=config.student_steps,

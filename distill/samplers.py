@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from accel.core.errors import RecipeError
+from accel.core.errors import CheckpointError, RecipeError
 from accel.core.model_info import ModelInfo
 from accel.core.plan import SamplerPlan
 from distill.denoiser import Denoiser, sample_shape
@@ -215,8 +215,16 @@ def sampler_plan(
     }
     if denoiser.adapter is not None:
         return replace(_adapter_plan(denoiser, steps, resolution), **judged)
+    from distill.students import kind_of_denoiser
+
     num_classes = info.num_classes
-    coefficients, sampler = _discrete_steps(denoiser, steps)
+    kind = kind_of_denoiser(denoiser)
+    if kind.flow:  # the flow kinds' grids are their family adapter's
+        raise CheckpointError(
+            f"a pixel-space model samples on a discrete VP schedule; this one is a {kind.name} "
+            "model, whose sampling grid needs a family adapter"
+        )
+    coefficients, sampler, _ = kind.steps(denoiser, steps)
     labelled = denoiser.class_conditional and num_classes is not None
     return SamplerPlan(
         steps=coefficients,
@@ -234,15 +242,6 @@ def sampler_plan(
     )
 
 
-def _discrete_steps(denoiser: Denoiser, steps: int) -> tuple[list[dict[str, float]], str]:
-    """Multistep consistency sampling for consistency students, DDIM otherwise."""
-    if denoiser.consistency:
-        T = denoiser.schedule.num_train_timesteps
-        timesteps = consistency_timesteps(T, denoiser.solver_steps, steps)
-        return consistency_coefficients(denoiser.schedule, timesteps), "consistency"
-    return ddim_coefficients(denoiser.schedule, steps), "ddim"
-
-
 def _adapter_plan(
     denoiser: Denoiser, steps: int, resolution: tuple[int, int] | None
 ) -> SamplerPlan:
@@ -250,31 +249,12 @@ def _adapter_plan(
     h, w = resolution or adapter.default_resolution()
     adapter.check_resolution(h, w)
     schedule = denoiser.schedule
-    flow_shift = adapter.flow_shift(steps, h, w)
-    if denoiser.flow_map:  # FlowMapEulerDiscreteScheduler's loop: jumps from t to r
-        from distill.students import flow_map_sigmas
+    from distill.students import kind_of_denoiser
 
-        shift = float(getattr(denoiser, "flow_map_shift", 1.0))
-        T = schedule.num_train_timesteps
-        grid = [s * T for s in flow_map_sigmas(steps, shift)]
-        coefficients = [
-            {**c, "r_timestep": r}
-            for c, r in zip(flow_coefficients(grid, T), grid[1:], strict=True)
-        ]
-        sampler, flow_shift = "flow_map", {"shift": shift}
-    elif schedule.kind == "flow" and denoiser.consistency:  # FlowMatchLCMScheduler's loop
-        if getattr(denoiser, "trigflow", False):  # an sCM student: SCMScheduler's grid
-            from distill.students import scm_flow_grid
-
-            grid = scm_flow_grid(steps, schedule.num_train_timesteps)
-        else:
-            grid = adapter.timestep_grid(steps, h, w)
-        coefficients, sampler = consistency_coefficients(schedule, grid[:-1]), "consistency"
-    elif schedule.kind == "flow":
-        grid = adapter.timestep_grid(steps, h, w)
-        coefficients, sampler = flow_coefficients(grid, schedule.num_train_timesteps), "flow_euler"
-    else:
-        coefficients, sampler = _discrete_steps(denoiser, steps)
+    coefficients, sampler, shift = kind_of_denoiser(denoiser).steps(
+        denoiser, steps, adapter, (h, w)
+    )
+    flow_shift = adapter.flow_shift(steps, h, w) if shift is None else shift
     num_classes = getattr(adapter, "num_classes", None) if adapter.conditioning == "class" else None
     null_label = None
     if num_classes is not None:  # the null class of guidance (DiT: the table's extra row)

@@ -64,7 +64,6 @@ import torch
 from torch import nn
 
 from accel.core.errors import StageError
-from accel.core.model_info import ConsistencySpec
 from accel.core.stage import StageContext, say
 from distill.checkpoint import guidance_info, load_teacher
 from distill.configs import SCMConfig
@@ -72,7 +71,7 @@ from distill.data import take, to_device
 from distill.denoiser import Denoiser, FlowConsistencyDenoiser, takes_w, w_conditioning
 from distill.gan import dmd_gradient
 from distill.schedule import _bcast
-from distill.students import flow_sigma, save_student, scm_flow_grid, trigflow_scheduler_config
+from distill.students import TRIGFLOW, flow_sigma, save_student, scm_flow_grid
 from distill.trainer import Trainer, mean_tail
 
 TANGENT_NORM = 0.1  # c of the tangent normalisation g / (||g|| + c)
@@ -275,13 +274,13 @@ def run(ctx: StageContext) -> None:
     save_student(
         ctx,
         student.backbone,
-        trigflow_scheduler_config(teacher.scheduler_config),
+        TRIGFLOW.scheduler_config(teacher.scheduler_config),
         info.student(
             method="scm",
             num_inference_steps=config.num_inference_steps,
             # w is an input of a student whose backbone takes it, else baked in
             **guidance_info(info, config.guidance_scale, takes_w(student.backbone)),
-            consistency=ConsistencySpec(1000, 0.0, 0.0, grid="trigflow"),
+            consistency=TRIGFLOW.spec(1000),
         ),
         teacher,
         log,

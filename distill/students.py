@@ -1,8 +1,10 @@
 """Student kinds: what a distilled student is, apart from the method that trained it. Each kind
-owns the stock diffusers scheduler config it writes (so the student loads in its family's stock
-pipeline), its sampling grid and, where the backbone needs more than its stock weights, its
-wrapper. Methods produce a kind; loaders and plan builders dispatch on it, and no method
-imports another to borrow one.
+is one ``StudentKind`` object (``DDIM``, ``FLOW_EULER``, ``LCM``, ``FLOW_LCM``, ``TRIGFLOW``,
+``FLOW_MAP``; ``KINDS``) that owns the stock diffusers scheduler config it writes (so the
+student loads in its family's stock pipeline), its sampler plan's grid and the denoiser wrapper
+its checkpoint loads as. Methods produce a kind; ``load_denoiser`` (``kind_of``, from accel.json)
+and ``sampler_plan`` (``kind_of_denoiser``) dispatch on it, and no method imports another to
+borrow one. The helpers each kind is built from:
 
 - DDIM (progressive and guidance students; flow teachers: flow Euler): ``ddim_scheduler_config``;
 - LCM (consistency, DMD2, ADD; flow teachers: flow LCM): ``lcm_scheduler_config``,
@@ -30,14 +32,13 @@ from torch import nn
 from accel.core.errors import CheckpointError
 from accel.core.model_info import ConsistencySpec, ModelInfo
 from distill.checkpoint import save_pipeline
-from distill.denoiser import Denoiser, takes_w
+from distill.denoiser import ConsistencyDenoiser, Denoiser, FlowConsistencyDenoiser, takes_w
 from distill.parameterisation import TIMESTEP_SCALING
 from distill.schedule import process_config
 from distill.trainer import mean_tail, write_loss_log
 
 if TYPE_CHECKING:
     from accel.core.stage import StageContext
-    from distill.denoiser import ConsistencyDenoiser
 
 
 def save_student(
@@ -136,10 +137,11 @@ def save_lcm_student(
     its final losses and loss log."""
     N = student.solver_steps
     flow = teacher.schedule.kind == "flow"
+    kind = lcm_kind(flow)
     save_student(
         ctx,
         student.backbone,
-        lcm_scheduler_config(teacher.scheduler_config, N, flow),
+        kind.scheduler_config(teacher.scheduler_config, solver_steps=N),
         info.student(
             method=method,
             num_inference_steps=N,
@@ -149,7 +151,7 @@ def save_lcm_student(
                 if takes_w(student.backbone)
                 else {"guidance_scale": 1.0, "distilled_guidance_scale": guidance_scale}
             ),
-            consistency=lcm_spec(N, flow),
+            consistency=kind.spec(N),
         ),
         teacher,
         log,
@@ -416,3 +418,214 @@ def load_flow_map_pipeline(path: str | Path, **kwargs):
 
     backbone.register_forward_pre_hook(set_interval, with_kwargs=True)
     return pipe
+
+
+# ---------------------------------------------------------------- the kinds as objects
+
+
+class StudentKind:
+    """One kind of student (or teacher, as accel samples it): the denoiser wrapper its checkpoint
+    loads as, the sampling grid of its sampler plan and the stock diffusers scheduler config it
+    is saved with. ``kind_of`` (from a checkpoint's accel.json) and ``kind_of_denoiser`` (from a
+    denoiser) find it; ``load_denoiser``, ``sampler_plan`` and every training stage's ending
+    dispatch through it."""
+
+    name = ""
+    flow = False
+    wrapper: type[Denoiser] = Denoiser
+
+    def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
+        """The stock scheduler config the student is saved with (from its teacher's)."""
+        raise NotImplementedError(f"{self.name} students are not saved")
+
+    def denoiser(
+        self, args: tuple, kwargs: dict, info: ModelInfo, scheduler_config: dict, folder: Path
+    ) -> Denoiser:
+        """The wrapper of a checkpoint loaded from ``folder`` (``args``, ``kwargs``: ``Denoiser``'s;
+        ``scheduler_config``: the checkpoint's)."""
+        return self.wrapper(*args, **kwargs)
+
+    def steps(
+        self, denoiser: Denoiser, steps: int, adapter: Any = None, size: tuple[int, int] = (0, 0)
+    ) -> tuple[list[dict[str, float]], str, dict | None]:
+        """The plan's step coefficients, its sampler name and, where the kind sets it, the
+        plan's ``flow_shift`` (None: the adapter's)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<student kind {self.name}>"
+
+
+class _Ddim(StudentKind):
+    """DDIM on a discrete VP schedule (progressive and guidance students, VP teachers):
+    ``DDIMScheduler``, trailing spacing."""
+
+    name = "ddim"
+
+    def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
+        return ddim_scheduler_config(teacher_scheduler)
+
+    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+        from distill.samplers import ddim_coefficients
+
+        return ddim_coefficients(denoiser.schedule, steps), "ddim", None
+
+
+class _FlowEuler(StudentKind):
+    """Euler steps of a flow-matching ODE (flow teachers, their progressive and guidance
+    students): ``FlowMatchEulerDiscreteScheduler``, the adapter's shifted grid."""
+
+    name = "flow_euler"
+    flow = True
+
+    def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
+        return ddim_scheduler_config(teacher_scheduler, flow=True)
+
+    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+        from distill.samplers import flow_coefficients
+
+        grid = adapter.timestep_grid(steps, *size)
+        return flow_coefficients(grid, denoiser.schedule.num_train_timesteps), "flow_euler", None
+
+
+class _Lcm(StudentKind):
+    """Multistep consistency sampling (Luo et al. 2023, LCM) on a discrete schedule (consistency,
+    DMD2 and ADD students): ``LCMScheduler``."""
+
+    name = "lcm"
+
+    wrapper = ConsistencyDenoiser
+
+    def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
+        return lcm_scheduler_config(teacher_scheduler, kw["solver_steps"], flow=self.flow)
+
+    def spec(self, solver_steps: int) -> ConsistencySpec:
+        """The student's boundary condition, for its accel.json."""
+        return lcm_spec(solver_steps, self.flow)
+
+    def denoiser(self, args, kwargs, info, scheduler_config, folder):
+        if float(scheduler_config.get("timestep_scaling", TIMESTEP_SCALING)) != TIMESTEP_SCALING:
+            raise CheckpointError(
+                f"{folder}: timestep_scaling other than {TIMESTEP_SCALING} is not "
+                "supported for consistency students"
+            )
+        assert info.consistency is not None
+        return self.wrapper(*args, solver_steps=info.consistency.solver_steps, **kwargs)
+
+    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+        from distill.samplers import consistency_coefficients, consistency_timesteps
+
+        T = denoiser.schedule.num_train_timesteps
+        timesteps = consistency_timesteps(T, denoiser.solver_steps, steps)
+        return consistency_coefficients(denoiser.schedule, timesteps), "consistency", None
+
+
+class _FlowLcm(_Lcm):
+    """Multistep consistency sampling on a flow schedule (x0 = z - s v):
+    ``FlowMatchLCMScheduler`` with the teacher's shift, the adapter's grid."""
+
+    name = "flow_lcm"
+    flow = True
+
+    wrapper = FlowConsistencyDenoiser
+
+    def denoiser(self, args, kwargs, info, scheduler_config, folder):
+        assert info.consistency is not None
+        denoiser = self.wrapper(*args, solver_steps=info.consistency.solver_steps, **kwargs)
+        denoiser.trigflow = self is TRIGFLOW  # type: ignore[attr-defined]
+        return denoiser
+
+    def grid(self, denoiser, steps, adapter, size) -> list[float]:
+        return adapter.timestep_grid(steps, *size)
+
+    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+        from distill.samplers import consistency_coefficients
+
+        grid = self.grid(denoiser, steps, adapter, size)
+        return consistency_coefficients(denoiser.schedule, grid[:-1]), "consistency", None
+
+
+class _TrigFlow(_FlowLcm):
+    """sCM/rCM students (Lu & Song 2024): the flow form of LCM on ``SCMScheduler``'s TrigFlow
+    grid (``scm_flow_grid``), saved with an unshifted ``FlowMatchLCMScheduler``."""
+
+    name = "trigflow"
+
+    def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
+        return trigflow_scheduler_config(teacher_scheduler)
+
+    def grid(self, denoiser, steps, adapter, size) -> list[float]:
+        return scm_flow_grid(steps, denoiser.schedule.num_train_timesteps)
+
+    def spec(self, solver_steps: int) -> ConsistencySpec:
+        return ConsistencySpec(solver_steps, 0.0, 0.0, grid="trigflow")
+
+
+class _FlowMap(StudentKind):
+    """Flow-map students (MeanFlow, Geng et al. 2025): ``FlowMapDenoiser`` with the interval
+    embedding, ``FlowMapEulerDiscreteScheduler``'s jumps from t to r."""
+
+    name = "flow_map"
+    flow = True
+    wrapper = FlowMapDenoiser
+
+    def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
+        return flow_map_scheduler_config(kw["shift"])
+
+    def denoiser(self, args, kwargs, info, scheduler_config, folder):
+        load_interval(args[0], folder)
+        denoiser = FlowMapDenoiser(*args, **kwargs)
+        denoiser.flow_map_shift = float(scheduler_config.get("shift", 1.0))  # type: ignore[attr-defined]
+        return denoiser
+
+    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+        from distill.samplers import flow_coefficients
+
+        shift = float(getattr(denoiser, "flow_map_shift", 1.0))
+        T = denoiser.schedule.num_train_timesteps
+        grid = [s * T for s in flow_map_sigmas(steps, shift)]
+        coefficients = [
+            {**c, "r_timestep": r}
+            for c, r in zip(flow_coefficients(grid, T), grid[1:], strict=True)
+        ]
+        return coefficients, "flow_map", {"shift": shift}
+
+
+DDIM, FLOW_EULER, LCM, FLOW_LCM = _Ddim(), _FlowEuler(), _Lcm(), _FlowLcm()
+TRIGFLOW, FLOW_MAP = _TrigFlow(), _FlowMap()
+KINDS: dict[str, StudentKind] = {
+    k.name: k for k in (DDIM, FLOW_EULER, LCM, FLOW_LCM, TRIGFLOW, FLOW_MAP)
+}
+
+
+def euler_kind(flow: bool) -> StudentKind:
+    """The kind of a teacher and of its step-halving students: DDIM, or flow Euler."""
+    return FLOW_EULER if flow else DDIM
+
+
+def lcm_kind(flow: bool) -> _Lcm:
+    """The kind of an LCM-form student: LCM, or flow LCM."""
+    return FLOW_LCM if flow else LCM
+
+
+def kind_of(info: ModelInfo, flow: bool) -> StudentKind:
+    """The kind of the checkpoint whose accel.json is ``info`` (``flow``: a flow schedule)."""
+    if info.method == "meanflow":
+        return FLOW_MAP
+    if info.consistency is not None:
+        if flow:
+            return TRIGFLOW if info.consistency.grid == "trigflow" else FLOW_LCM
+        return LCM
+    return euler_kind(flow)
+
+
+def kind_of_denoiser(denoiser: Denoiser) -> StudentKind:
+    """The kind a denoiser samples as (loaded, or built by a training stage)."""
+    if denoiser.flow_map:
+        return FLOW_MAP
+    flow = denoiser.schedule.kind == "flow"
+    if denoiser.consistency:
+        if flow:
+            return TRIGFLOW if getattr(denoiser, "trigflow", False) else FLOW_LCM
+        return LCM
+    return euler_kind(flow)

@@ -24,8 +24,9 @@ from pydantic import Field
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import StageError
 from accel.core.plan import PLAN_FILE
-from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, quality_gate
+from accel.core.stage import StageConfig, StageContext
+from export.compile_stage import compile_stage, verify_engine
+from export.quality_gate import GateConfig
 
 ENGINE_FILE = "model.pt2"
 # builds and loads a one-layer CUDA package in a child process: torch 2.11 on the lent H100/H200
@@ -116,9 +117,7 @@ def run(ctx: StageContext) -> None:
     if device == "cuda":
         why = cuda_probe_failure()
         if why:
-            raise StageError(
-                "aoti", f"{why}; compile with the torch_compile stage (--backend torch) instead"
-            )
+            raise StageError("aoti", f"{why}; compile with --backend torch_compile instead")
     graph, plan = graph_and_plan(
         "aoti", ctx.input.path, config.num_inference_steps, config.guidance_scale
     )
@@ -142,33 +141,26 @@ def run(ctx: StageContext) -> None:
     compile_s = time.perf_counter() - t0
     plan.save(ctx.out / PLAN_FILE)
     info = EngineInfo(
-        backend="aotinductor",
+        backend="aoti",
         engine_file=ENGINE_FILE,
         library_version=torch.__version__,
         device=device,
         batch_range=[want.min, batch_max],
-        inputs=names,
+        options={"inputs": names},
     )
-    ctx.info.update(info.to_dict())
     engine = AotiRuntime(ctx.out / ENGINE_FILE, info)
-    gate = quality_gate(
-        "aoti",
-        config.gate,
-        (TorchRuntime(graph.cpu()), plan),
-        (engine, plan),
-        ctx.progress,
-        batch=ctx.target.draw_batch,
-    )
-    ctx.metrics.update(compile_seconds=compile_s, quality_gate=gate)
+    eager = TorchRuntime(graph.cpu())
+    verify_engine(
+        ctx, info, (eager, engine, plan), config.gate, (eager, plan), (engine, plan),
+        compile_seconds=compile_s,
+    )  # fmt: skip
 
 
-STAGE = Stage(
-    name="aoti",
+STAGE = compile_stage(
+    "aoti",
     version=1,
     config=AotiConfig,
     consumes="checkpoint",
-    produces="engine",
     run=run,
-    target_specific=True,
     description="compile the student into an AOTInductor .pt2 package for the target",
 )

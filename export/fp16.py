@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ast
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,10 +41,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from accel.core.errors import CheckpointError, StageError
-from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.errors import StageError
 from accel.core.stage import Stage, StageConfig, StageContext
-from export.onnx_export import MODEL_FILE, save_graph
+from export.onnx_export import save_graph
+from export.onnx_pass import OnnxPass
 from export.quality_gate import GateConfig, quality_gate
 
 SCOPES = "pkg.torch.onnx.name_scopes"
@@ -169,11 +168,6 @@ def run(ctx: StageContext) -> None:
     config: Fp16Config = ctx.config  # type: ignore[assignment]
     import onnx
 
-    from accel.runtime import OrtRuntime
-    from accel.runtime.pipeline import copy_pipeline_files, open_pipeline
-    from export.parity import compare, describe_failure, plan_feeds
-    from export.pipeline_export import component_feeds
-
     if ctx.input.info.get("precision") in ("int8", "fp8"):
         raise StageError(
             "fp16",
@@ -181,35 +175,13 @@ def run(ctx: StageContext) -> None:
             'high_precision_dtype = "fp16"',
         )
     src_dir, out_dir = ctx.input.path, ctx.out
-    plan = SamplerPlan.load(src_dir / PLAN_FILE)
-    files = {"denoiser": MODEL_FILE, **plan.components}
-    unknown = [c for c in config.components if c not in files]
-    if unknown:
-        raise StageError(
-            "fp16",
-            f"this graph has no {', '.join(unknown)} (it has {', '.join(files)}); "
-            "set components accordingly",
-        )
-    shutil.copy(src_dir / PLAN_FILE, out_dir / PLAN_FILE)
-    copy_pipeline_files(src_dir, out_dir, plan)  # fp32 until a component is converted
-    if "denoiser" not in config.components:
-        for part in src_dir.glob(MODEL_FILE + "*"):
-            shutil.copy(part, out_dir / part.name)
-
-    def pipeline(root: Path) -> tuple:
-        try:
-            return open_pipeline(
-                root, plan, OrtRuntime(root / MODEL_FILE), lambda f: OrtRuntime(root / f)
-            ), plan
-        except CheckpointError as e:
-            raise StageError("fp16", str(e)) from None
-
-    parent = pipeline(src_dir)
-    feeds_of = component_feeds(src_dir, plan, [1, 3]) if plan.components else {}
+    # every graph copied fp32, until a component is converted
+    graph_pass = OnnxPass(ctx, "fp16", config.components, copy_rewritten=True)
+    parent = graph_pass.pipeline(src_dir, optimize=True)
     results: dict[str, dict] = {}
     gate: dict = {}
     for component in config.components:
-        file = files[component]
+        file = graph_pass.files[component]
         # the denoiser graph's sampler arithmetic (alpha/sigma tables, the x0 conversion, a fused
         # sampler's updates) stays fp32; a text encoder or VAE decoder is all backbone
         graph = onnx.load(str(src_dir / file), load_external_data=False)
@@ -224,29 +196,15 @@ def run(ctx: StageContext) -> None:
             exposed(src_dir / file, edges, graph) as ref_path,
             exposed(out_dir / file, edges) as path,
         ):
-            try:
-                reference = OrtRuntime(ref_path, optimize=False)
-                half = OrtRuntime(path, optimize=False)
-            except CheckpointError as e:
-                raise StageError("fp16", str(e)) from None
-            half.name += ":fp16"
-            feeds = (
-                plan_feeds(plan, reference.inputs(), [1, 3])
-                if component == "denoiser"
-                else feeds_of[component]
-            )
-            report = compare(reference, [half], feeds, "fp16", judged)
-            del reference, half  # their sessions' memory, before the gate opens the pipelines
+            report, failure = graph_pass.parity(component, ref_path, path, "fp16", judged, "fp16")
         try:
-            if not report["passed"]:
-                raise StageError(
-                    "fp16", f"the fp16 {component} disagrees with fp32: " + describe_failure(report)
-                )
+            if failure:
+                raise StageError("fp16", failure)
             gate = quality_gate(
                 "fp16",
                 config.gate,
                 parent,
-                pipeline(out_dir),
+                graph_pass.pipeline(out_dir, optimize=True),
                 ctx.progress,
                 batch=ctx.target.draw_batch,
             )
@@ -254,10 +212,7 @@ def run(ctx: StageContext) -> None:
             if component == "denoiser":
                 raise
             ctx.progress(f"fp16: the {component} stays fp32 ({e.message})")
-            for part in out_dir.glob(file + "*"):
-                part.unlink()
-            for part in src_dir.glob(file + "*"):
-                shutil.copy(part, out_dir / part.name)
+            graph_pass.restore(component)
             results[component] = {"precision": "fp32", "refused": e.message, "parity": report}
             continue
         types = {onnx.TensorProto.FLOAT16: 0, onnx.TensorProto.FLOAT: 0}
@@ -285,10 +240,10 @@ def run(ctx: StageContext) -> None:
     if "denoiser" in results:  # the single-graph figures, where they were before
         ctx.metrics.update({k: v for k, v in results["denoiser"].items() if k != "precision"})
     ctx.info.update(precision="fp16")
-    if plan.components:
+    if graph_pass.plan.components:
         ctx.info["component_precision"] = {
             c: results[c]["precision"] if c in results else ctx.input.info.get("precision", "fp32")
-            for c in files
+            for c in graph_pass.files
         }
 
 

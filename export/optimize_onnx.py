@@ -10,14 +10,13 @@ must stay dynamic.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 
-from accel.core.errors import CheckpointError, StageError
-from accel.core.plan import PLAN_FILE, SamplerPlan
+from accel.core.errors import StageError
 from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE, save_graph
+from export.onnx_pass import OnnxPass
 
 
 class OptimizeConfig(StageConfig):
@@ -28,11 +27,8 @@ def run(ctx: StageContext) -> None:
     import onnx
     import onnxslim
 
-    from accel.runtime import OrtRuntime
-    from export.parity import compare, describe_failure, plan_feeds
-
+    graph_pass = OnnxPass(ctx, "optimize")  # the denoiser; a pipeline's other graphs as they are
     src = ctx.input.path / MODEL_FILE
-    plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
     model = onnx.load(str(src))
     before = Counter(n.op_type for n in model.graph.node)
     t0 = time.perf_counter()
@@ -45,20 +41,7 @@ def run(ctx: StageContext) -> None:
     for value in list(slim.graph.input) + list(slim.graph.output):
         if not value.type.tensor_type.shape.dim[0].dim_param:
             raise StageError("optimize", f"onnxslim made the batch axis of {value.name!r} static")
-    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
-    from accel.runtime.pipeline import copy_pipeline_files
-
-    copy_pipeline_files(ctx.input.path, ctx.out, plan)  # a pipeline's other graphs, as they are
-    try:
-        original = OrtRuntime(src, optimize=False)
-        rewritten = OrtRuntime(ctx.out / MODEL_FILE, optimize=False)
-    except CheckpointError as e:
-        raise StageError("optimize", str(e)) from None
-    original.name += ":original"
-    feeds = plan_feeds(plan, original.inputs(), [1, 3])
-    report = compare(original, [rewritten], feeds, "fp32")
-    if not report["passed"]:
-        raise StageError("optimize", "the rewritten graph disagrees: " + describe_failure(report))
+    report = graph_pass.check_parity("denoiser", src, ctx.out / MODEL_FILE, "fp32")
     after = Counter(n.op_type for n in slim.graph.node)
     ctx.metrics.update(
         optimize_seconds=seconds,

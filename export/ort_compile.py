@@ -24,25 +24,19 @@ from typing import Literal
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan, batch_factor
-from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, quality_gate
+from accel.core.stage import StageConfig, StageContext
+from export.compile_stage import compile_stage, parity_batches, verify_engine
+from export.quality_gate import GateConfig
 
 ENGINE_FILE = "model.onnx"
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-
-
-PROVIDERS = {
-    "onnxruntime": "CPUExecutionProvider",
-    "onnxruntime-cuda": "CUDAExecutionProvider",
-    "onnxruntime-tensorrt": "TensorrtExecutionProvider",
-}
 
 
 class OrtConfig(StageConfig):
     provider: (
         Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"] | None
     ) = None
-    """Default: the first onnxruntime backend in the target's preference order."""
+    """Default: the target's first (its ``providers``; CPU on cpu targets, CUDA on cuda ones)."""
     optimization_level: Literal["basic", "extended", "all"] = "all"
     """onnxruntime's graph optimization level of the engine's session."""
     intra_op_threads: int | None = None
@@ -53,20 +47,6 @@ class OrtConfig(StageConfig):
     session otherwise). Best on fused samplers, where one replay is the whole few-step loop."""
     gate: GateConfig = GateConfig()
     """The quality gate against the ONNX parent (``export.quality_gate.GateConfig``)."""
-
-
-def target_provider(target) -> str:
-    """The execution provider of the first onnxruntime backend the target prefers."""
-    for backend in target.backends:
-        if backend in PROVIDERS:
-            if target.device == "cuda" and backend == "onnxruntime":
-                return PROVIDERS["onnxruntime-cuda"]
-            return PROVIDERS[backend]
-    raise StageError(
-        "ort",
-        f"target {target.name!r} lists no onnxruntime backend ({target.backends}); "
-        f"add one of {sorted(PROVIDERS)} to its backends, or set provider in the stage config",
-    )
 
 
 def provider_options(
@@ -142,11 +122,11 @@ def run(ctx: StageContext) -> None:
 
     from accel.runtime import OrtRuntime
     from export.onnx_export import MODEL_FILE
-    from export.parity import compare, describe_failure, plan_feeds
+    from export.parity import compare, describe_failure
 
     src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
-    provider = config.provider or target_provider(ctx.target)
+    provider = config.provider or ctx.target.provider
     if provider not in ort.get_available_providers():
         raise StageError(
             "ort",
@@ -185,7 +165,6 @@ def run(ctx: StageContext) -> None:
         if config.cuda_graph:
             graph_batches = [ctx.target.shapes.batch.min, ctx.target.shapes.batch.max * factor]
     shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
-    batches = sorted({1, ctx.target.shapes.batch.opt})
     fp16 = options.get("trt_fp16_enable") == "true" or ctx.input.info.get("precision") == "fp16"
     precision = "fp16" if fp16 else "fp32"
     component_reports = {}
@@ -194,7 +173,7 @@ def run(ctx: StageContext) -> None:
         from export.pipeline_export import component_feeds
 
         copy_pipeline_files(ctx.input.path, ctx.out, plan, [] if cpu else None)
-        feeds_of = component_feeds(ctx.input.path, plan, batches)
+        feeds_of = component_feeds(ctx.input.path, plan, parity_batches(ctx))
         for role, file in plan.components.items():
             ctx.progress(f"ort: optimising the {role.replace('_', ' ')}")
             if cpu:
@@ -217,15 +196,6 @@ def run(ctx: StageContext) -> None:
             component_reports[role] = report
     compile_s = time.perf_counter() - t0
     engine = _open(ctx.out / ENGINE_FILE, provider, options, graph_batches)
-
-    feeds = plan_feeds(plan, engine.inputs(), batches)
-    quantized = ctx.input.info.get("precision") in ("int8", "fp8")
-    report = compare(reference, [engine], feeds, precision)
-    if not report["passed"] and not quantized:
-        raise StageError(
-            "ort", "the engine disagrees with its ONNX graph: " + describe_failure(report)
-        )
-    # integer kernels round differently from the Q/DQ reference: the gate judges them on images
     from accel.runtime.pipeline import open_pipeline
 
     src_dir, out_dir = ctx.input.path, ctx.out
@@ -235,38 +205,29 @@ def run(ctx: StageContext) -> None:
     eng_rt = open_pipeline(
         out_dir, plan, engine, lambda f: _open(out_dir / f, provider, options, graph_batches)
     )
-    gate = quality_gate(
-        "ort",
-        config.gate,
-        (ref_rt, plan),
-        (eng_rt, plan),
-        ctx.progress,
-        batch=ctx.target.draw_batch,
+    info = EngineInfo(
+        backend="ort",
+        engine_file=ENGINE_FILE,
+        library_version=ort.__version__,
+        precision=ctx.input.info.get("precision", precision),
+        device=ctx.target.device,
+        batch_range=graph_batches,
+        options={"provider": provider, "provider_options": options},
     )
-    ctx.metrics.update(compile_seconds=compile_s, parity=report, quality_gate=gate)
+    figures: dict = {"compile_seconds": compile_s}
     if component_reports:
-        ctx.metrics["component_parity"] = component_reports
-    ctx.info.update(
-        EngineInfo(
-            backend="onnxruntime",
-            engine_file=ENGINE_FILE,
-            library_version=ort.__version__,
-            precision=ctx.input.info.get("precision", precision),
-            device=ctx.target.device,
-            provider=provider,
-            provider_options=options,
-            batch_range=graph_batches,
-        ).to_dict()
-    )
+        figures["component_parity"] = component_reports
+    verify_engine(
+        ctx, info, (reference, engine, plan), config.gate, (ref_rt, plan), (eng_rt, plan),
+        tolerance=precision, **figures,
+    )  # fmt: skip
 
 
-STAGE = Stage(
-    name="ort",
+STAGE = compile_stage(
+    "ort",
     version=2,
     config=OrtConfig,
     consumes="onnx",
-    produces="engine",
     run=run,
-    target_specific=True,
     description="compile the ONNX graph into an onnxruntime engine for the target",
 )

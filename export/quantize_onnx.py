@@ -35,10 +35,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from accel.core.errors import CheckpointError, StageError
+from accel.core.errors import StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
-from export.onnx_export import MODEL_FILE
+from export.onnx_pass import OnnxPass
 from export.quality_gate import GateConfig, Prompts, evaluation_prompts, quality_gate
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -247,9 +247,7 @@ def _modelopt_onnx_ptq(
 def run(ctx: StageContext) -> None:
     config: QuantizeConfig = ctx.config  # type: ignore[assignment]
     from accel.runtime import OrtRuntime
-    from accel.runtime.pipeline import open_pipeline
 
-    src = ctx.input.path / MODEL_FILE
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
     if plan.fused:
         raise StageError(
@@ -257,21 +255,8 @@ def run(ctx: StageContext) -> None:
             "this is a fused-sampler graph; quantize the per-step graph (calibration replays its "
             "steps), or export the fused sampler from a quantize_torch student",
         )
-    try:
-        denoiser = OrtRuntime(src)
-        parent = open_pipeline(
-            ctx.input.path, plan, denoiser, lambda f: OrtRuntime(ctx.input.path / f)
-        )
-    except CheckpointError as e:
-        raise StageError("quantize", str(e)) from None
-    files = {"denoiser": MODEL_FILE, **plan.components}
-    unknown = [c for c in config.components if c not in files]
-    if unknown:
-        raise StageError(
-            "quantize",
-            f"this graph has no {', '.join(unknown)} (it has {', '.join(files)}); "
-            "set components accordingly",
-        )
+    graph_pass = OnnxPass(ctx, "quantize", config.components)
+    parent, _ = graph_pass.pipeline(ctx.input.path)
     ctx.progress(
         f"quantize: calibrating {config.method} of the {', '.join(config.components)} on the "
         f"sampling of {config.calibration_samples} images ({len(plan.steps)} steps each)"
@@ -284,15 +269,10 @@ def run(ctx: StageContext) -> None:
         ctx.target.draw_batch,
         config.calibration_prompts,
     )
-    if plan.components:
-        from accel.runtime.pipeline import copy_pipeline_files
-
-        keep = [r for r in plan.components if r not in config.components]
-        copy_pipeline_files(ctx.input.path, ctx.out, plan, keep)
     t0 = time.perf_counter()
     qdq: dict[str, int] = {}
     for component in config.components:
-        file = files[component]
+        file = graph_pass.files[component]
         graph = OrtRuntime(ctx.input.path / file)
         feeds = [{k: v for k, v in f.items() if k in graph.inputs()} for f in feeds_of[component]]
         ops = quantize_graph(ctx.input.path, ctx.out, file, feeds, config)
@@ -304,17 +284,11 @@ def run(ctx: StageContext) -> None:
             )
         qdq[component] = ops[QDQ_OPS[0]]
     quantize_s = time.perf_counter() - t0
-    shutil.copy(ctx.input.path / PLAN_FILE, ctx.out / PLAN_FILE)
     fp8 = config.method == "modelopt_fp8"
     try:  # FP8 Q/DQ: onnxruntime's CPU optimisers cannot fold them
-        quantized = open_pipeline(
-            ctx.out,
-            plan,
-            OrtRuntime(ctx.out / MODEL_FILE, optimize=not fp8),
-            lambda f: OrtRuntime(ctx.out / f, optimize=not fp8),
-        )
-    except CheckpointError as e:
-        raise StageError("quantize", f"the quantized graph does not load: {e}") from None
+        quantized, _ = graph_pass.pipeline(ctx.out, optimize=not fp8)
+    except StageError as e:
+        raise StageError("quantize", f"the quantized graph does not load: {e.message}") from None
     gate = quality_gate(
         "quantize",
         config.gate,

@@ -27,9 +27,10 @@ from pydantic import Field
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan, batch_factor
-from accel.core.stage import Stage, StageConfig, StageContext
+from accel.core.stage import StageConfig, StageContext
 from accel.runtime.tensorrt import TensorRTRuntime, tensorrt_missing
-from export.quality_gate import GateConfig, quality_gate
+from export.compile_stage import compile_stage, verify_engine
+from export.quality_gate import GateConfig
 
 if TYPE_CHECKING:
     from accel.core.target import Target
@@ -282,37 +283,33 @@ def run(ctx: StageContext) -> None:
         precision=ctx.input.info.get("precision", target.precision),
         device="cuda",
         batch_range=[target.shapes.batch.min * factor, target.shapes.batch.max * factor],
-        gpu=torch.cuda.get_device_name(),
-        compute_capability=f"{major}.{minor}",
-        hardware_compatibility=target.builder.hardware_compatibility,
-        version_compatible=target.builder.version_compatible,
-        strongly_typed=bool(strongly_typed),
-        provider_options={"cuda_graph": "1" if config.cuda_graph else "0"},
+        options={
+            "gpu": torch.cuda.get_device_name(),
+            "compute_capability": f"{major}.{minor}",
+            "hardware_compatibility": target.builder.hardware_compatibility,
+            "version_compatible": target.builder.version_compatible,
+            "strongly_typed": bool(strongly_typed),
+            "cuda_graph": config.cuda_graph,
+        },
     )
-    ctx.info.update(info.to_dict())
     engine_rt = TensorRTRuntime(ctx.out / ENGINE_FILE, info)
     try:
         reference = OrtRuntime(src, optimize=False)
     except CheckpointError:  # FP8 Q/DQ in TensorRT's own ops: gate against the fp32 student
         reference = fp32_student(ctx, plan)
-    gate = quality_gate(
-        "tensorrt",
-        config.gate,
-        (reference, plan),
-        (engine_rt, plan),
-        ctx.progress,
-        batch=ctx.target.draw_batch,
-    )
-    ctx.metrics.update(build_seconds=build_s, quality_gate=gate, engine_bytes=len(engine))
+    # fp32 builds run matmuls and convolutions in TF32 (TensorRT's default on Ampere and later)
+    tolerance = "tf32" if info.precision == "fp32" else None
+    verify_engine(
+        ctx, info, (reference, engine_rt, plan), config.gate, (reference, plan), (engine_rt, plan),
+        tolerance=tolerance, build_seconds=build_s, engine_bytes=len(engine),
+    )  # fmt: skip
 
 
-STAGE = Stage(
-    name="tensorrt",
+STAGE = compile_stage(
+    "tensorrt",
     version=1,
     config=TensorRTConfig,
     consumes="onnx",
-    produces="engine",
     run=run,
-    target_specific=True,
     description="build a native TensorRT engine (strongly typed for Q/DQ graphs) for a GPU target",
 )

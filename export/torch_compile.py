@@ -10,10 +10,11 @@ the target's optimal batch and single-stream batch, and which the runtime reuses
 the engine from the same store (elsewhere inductor compiles on first use). The build is gated on
 image quality against eager fp32, like every compile stage.
 
-Options (the engine description's ``provider_options``): ``mode``, torch.compile's: "default",
-or "max-autotune-no-cudagraphs" when the target's builder optimization level is 4 or 5 (TensorRT's
+Options (the engine description's ``options``): ``mode``, torch.compile's: "default", or
+"max-autotune-no-cudagraphs" when the target's builder optimization level is 4 or 5 (TensorRT's
 levels that search more tactics; the CUDA graph is accel's own, so inductor's is off);
-``cuda_graph``: "1" on CUDA targets unless the stage turns it off.
+``cuda_graph``: true on CUDA targets unless the stage turns it off; ``opt_batch`` and the target's
+fingerprint (its inductor cache in the store).
 
 These engines need torch: they run in accel's own process (``accel sample``, ``accel profile``,
 a Python server), not in a bundle for torch-free runtimes; bundle an ONNX or TensorRT engine for
@@ -33,9 +34,11 @@ from pydantic import Field
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
-from accel.core.stage import Stage, StageConfig, StageContext
-from export.quality_gate import GateConfig, quality_gate
+from accel.core.stage import StageConfig, StageContext
+from export.compile_stage import compile_stage, verify_engine
+from export.quality_gate import GateConfig
 from export.torch_engines import (
+    BucketedEngine,
     CompiledEngine,
     CudaGraphEngine,
     ShapeBuckets,
@@ -73,7 +76,7 @@ def engine_precision(target) -> str:
 
 
 class TorchEngineRuntime:
-    """A ``torch-compiled`` engine: the checkpoint's fused sampler (``FusedSampler``; for a latent
+    """A ``torch_compile`` engine: the checkpoint's fused sampler (``FusedSampler``; for a latent
     pipeline ``FusedPipelineSampler``: steps and VAE decode, text encoders outside) compiled, and
     on CUDA replayed from CUDA graphs, at the buckets of its batch range. ``infer`` takes the
     fused sampler's feeds and returns images; a pipeline's ``encode`` runs its text encoders
@@ -100,9 +103,9 @@ class TorchEngineRuntime:
         if info.device == "cuda" and not torch.cuda.is_available():
             raise CheckpointError(f"{folder.parent} is a CUDA engine, and torch sees no GPU here")
         self.plan = plan = SamplerPlan.load(folder.parent / PLAN_FILE)
-        options = info.provider_options or {}
+        options = info.options
         lo, hi = info.batch_range or [1, 64]
-        buckets = ShapeBuckets(lo, int(options.get("opt_batch", lo)), hi, str(folder.parent))
+        buckets = ShapeBuckets(lo, options.get("opt_batch", lo), hi, str(folder.parent))
         den, _ = load_denoiser(folder, guidance_scale=plan.guidance_scale)
         self.pipeline = None
         unbatched: list[str] = []
@@ -122,10 +125,14 @@ class TorchEngineRuntime:
             mode=options.get("mode", "default"), cache=cache, shapes=shapes, unbatched=unbatched,
         )  # fmt: skip
         self.engine: CompiledEngine | CudaGraphEngine = compiled
-        if info.device == "cuda" and options.get("cuda_graph") == "1":
+        # the same module uncompiled, at the same buckets and precision: parity's reference
+        self.eager = BucketedEngine(module, names, buckets, info.device, info.precision,
+                                    shapes=shapes, unbatched=unbatched)  # fmt: skip
+        self.eager.name = f"torch-eager:{info.device}"
+        if info.device == "cuda" and options.get("cuda_graph"):
             self.engine = CudaGraphEngine(compiled, names, buckets, "cuda", info.precision, shapes,
                                           unbatched=unbatched)  # fmt: skip
-        self.name = f"torch-compiled:{info.device}" + (
+        self.name = f"torch_compile:{info.device}" + (
             "+cudagraph" if isinstance(self.engine, CudaGraphEngine) else ""
         )
         self._prompts: dict[str, dict] = {}
@@ -158,7 +165,7 @@ class TorchEngineRuntime:
         cache = None
         root = file.parent.parent.parent
         if file.parent.parent.name == "artifacts" and (root / "cache").is_dir():
-            fingerprint = (info.provider_options or {}).get("target_fingerprint")
+            fingerprint = info.options.get("target_fingerprint")
             if fingerprint:
                 cache = compile_cache_dir(root, fingerprint)
         return cls(file, info, cache)
@@ -215,54 +222,46 @@ def run(ctx: StageContext) -> None:
     precision = engine_precision(target)
     cuda_graph = target.device == "cuda" and config.cuda_graph
     info = EngineInfo(
-        backend="torch-compiled",
+        backend="torch_compile",
         engine_file=ENGINE_DIR,
         library_version=torch.__version__,
         precision=precision,
         device=target.device,
         batch_range=[b.min, b.max],
-        provider_options={
+        options={
             "mode": compile_mode(target),
-            "cuda_graph": "1" if cuda_graph else "0",
-            "opt_batch": str(b.opt),
+            "cuda_graph": cuda_graph,
+            "opt_batch": b.opt,
             "target_fingerprint": target.fingerprint,
         },
     )
-    ctx.info.update(info.to_dict())
     cache = compile_cache_dir(ctx.store.root, target.fingerprint)
     torch._dynamo.reset()  # compile from the disk cache alone, as a fresh process would
     before = cache_counters()
     t0 = time.perf_counter()
     engine = TorchEngineRuntime(ctx.out / ENGINE_DIR, info, cache)
+    feeds = []
     for batch in sorted({target.scenarios.single_stream_batch, b.opt}):
         ctx.progress(f"torch_compile: compiling the fused sampler at batch {batch} ({engine.name})")
-        engine.infer(warm_feeds(engine, fused_plan, batch))
+        feeds.append(warm_feeds(engine, fused_plan, batch))
+        engine.infer(feeds[-1])
     compile_s = time.perf_counter() - t0
     after = cache_counters()
+    # parity: the compiled sampler against itself uncompiled on the compile's feeds; the gate:
     # against the eager per-step loop (and a pipeline's eager VAE decode)
-    gate = quality_gate(
-        "torch_compile",
-        config.gate,
-        (eager, plan),
-        (engine, fused_plan),
-        ctx.progress,
-        batch=ctx.target.draw_batch,
-    )
-    ctx.metrics.update(
-        compile_seconds=compile_s,
+    verify_engine(
+        ctx, info, (engine.eager, engine, fused_plan), config.gate, (eager, plan),
+        (engine, fused_plan), feeds=feeds, compile_seconds=compile_s,
         compile_cache={k: after[k] - before[k] for k in after},
-        quality_gate=gate,
-    )
+    )  # fmt: skip
 
 
-STAGE = Stage(
-    name="torch_compile",
+STAGE = compile_stage(
+    "torch_compile",
     version=1,
     config=TorchCompileConfig,
     consumes="checkpoint",
-    produces="engine",
     run=run,
-    target_specific=True,
     description="compile the student's fused sampler with torch.compile (CUDA graphs on GPUs)",
     requires=("fused_sampler",),
 )

@@ -83,6 +83,8 @@ class BucketedEngine:
     diffusers' ``torch_dtype=torch.float16`` does), for components every op of which is fine in
     half precision (a UNet, a VAE decoder), not for samplers with fp32 arithmetic."""
 
+    name = "torch-eager"
+
     def __init__(
         self,
         module: Any,

@@ -155,7 +155,7 @@ class AotiRuntime:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise CheckpointError(f"{path} was compiled for CUDA, and torch sees no GPU here")
         self.batch_range = info.batch_range or [1, 2**31]
-        self._names = info.inputs or ["sample", "timestep", "class_labels"]
+        self._names = info.options.get("inputs") or ["sample", "timestep", "class_labels"]
         try:
             self.model = torch._inductor.aoti_load_package(str(path))
         except Exception as e:
@@ -164,7 +164,7 @@ class AotiRuntime:
                 f"{info.library_version}, this is {torch.__version__}): "
                 f"{str(e).strip()[:300]}"
             ) from None
-        self.name = f"aotinductor:{self.device}"
+        self.name = f"aoti:{self.device}"
         self._torch = torch
 
     @classmethod

@@ -40,7 +40,7 @@ def bundles(tmp_path_factory):
 def test_bundle_manifest_card_and_files(bundles):
     _, _, b = bundles
     info = b[False].info
-    assert info["format"] == "accel.deploy.bundle/1" and info["backend"] == "onnxruntime"
+    assert info["format"] == "accel.deploy.bundle/2" and info["backend"] == "ort"
     assert info["target"]["name"] == "cpu" and info["target"]["fingerprint"]
     assert info["target"]["cpu_flags"] == ["avx2", "fma"]
     assert set(info["libraries"]) >= {"onnxruntime", "numpy"}
@@ -118,7 +118,7 @@ def test_a_bundle_for_another_cpu_fails_before_any_engine_opens(tmp_path, monkey
 
 def test_library_and_gpu_checks_name_the_fix():
     info = {
-        "backend": "onnxruntime",
+        "backend": "ort",
         "target": {"name": "cpu", "device": "cpu", "cpu_flags": []},
         "libraries": {"onnxruntime": "1.32.0"},
     }

@@ -10,7 +10,7 @@ from accel.core.errors import StageError
 from accel.pipeline import default_store
 from accel.runtime import open_engine
 from export.onnx_export import example_inputs
-from export.ort_compile import provider_options, target_provider
+from export.ort_compile import provider_options
 from export.parity import compare, describe_failure
 from export.torch_runtime import AotiRuntime, TorchRuntime, open_model
 
@@ -34,7 +34,8 @@ def test_aotinductor_engine_matches_eager_across_its_batch_range(tiny):
         num_inference_steps=3,
         gate={"metric": "image_rmse", "threshold": 1e-4, "samples": 70},
     )
-    assert engine.info["backend"] == "aotinductor" and engine.target["name"] == "cpu"
+    assert engine.info["backend"] == "aoti" and engine.target["name"] == "cpu"
+    assert engine.metrics["parity"]["passed"]  # per step, against eager torch
     assert engine.info["batch_range"][0] == 1 and engine.info["batch_range"][1] in (63, 64)
     assert engine.metrics["quality_gate"]["value"] < 1e-4  # 70 samples: two calls of <= 64
     runtime, plan = open_engine(engine.path)
@@ -48,11 +49,23 @@ def test_aotinductor_engine_matches_eager_across_its_batch_range(tiny):
 def test_ort_provider_follows_the_target():
     from accel.core.target import load_target
 
-    assert target_provider(load_target("cpu")) == "CPUExecutionProvider"
-    assert target_provider(gpu_target()) == "TensorrtExecutionProvider"
-    assert target_provider(gpu_target(backends=["onnxruntime"])) == "CUDAExecutionProvider"
-    with pytest.raises(StageError, match="lists no onnxruntime backend"):
-        target_provider(gpu_target(backends=["tensorrt"]))
+    assert load_target("cpu").provider == "CPUExecutionProvider"
+    assert gpu_target().provider == "TensorrtExecutionProvider"
+    assert gpu_target(providers=[]).provider == "CUDAExecutionProvider"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("onnxruntime", "backend 'onnxruntime' is now 'ort'"),
+        ("onnxruntime-cuda", r"'ort' with providers = \[.CUDAExecutionProvider.\]"),
+        ("torch", "backend 'torch' is now 'torch_compile'"),
+        ("openvino", "unknown backend 'openvino'; the backends are ort, tensorrt, aoti"),
+    ],
+)
+def test_a_target_names_backends_by_their_one_name(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        gpu_target(backends=[name])
 
 
 def test_tensorrt_ep_options_carry_the_targets_profile_precision_and_cache():
@@ -119,7 +132,7 @@ def test_aotinductor_on_cuda_matches_eager(tmp_path):
     target = tmp_path / "gpu.toml"
     target.write_text(
         'name = "gpu"\ndescription = "t"\ndevice = "cuda"\ngpu = "GPU"\ncompute_capability = "9.0"\n'
-        'backends = ["aotinductor"]\n'
+        'backends = ["aoti"]\n'
         "[shapes]\nbatch = { min = 1, opt = 4, max = 32 }\n"
         "resolution = { min = 16, opt = 16, max = 16 }\n"
     )

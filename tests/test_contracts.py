@@ -89,11 +89,11 @@ def test_a_pipeline_with_a_broken_accel_json_is_one_line_from_the_cli(
 
 
 def _ort(**kw):
-    return EngineInfo(backend="onnxruntime", engine_file="model.onnx", library_version="1.23.0",
-                      provider="CPUExecutionProvider", **kw)  # fmt: skip
+    return EngineInfo(backend="ort", engine_file="model.onnx", library_version="1.23.0",
+                      options={"provider": "CPUExecutionProvider"}, **kw)  # fmt: skip
 
 
-def test_engine_info_round_trip_and_the_first_format():
+def test_engine_info_round_trip_and_the_earlier_formats():
     info = _ort(batch_range=[1, 8], precision="int8")
     assert (
         EngineInfo.from_dict(info.to_dict()) == info and info.to_dict()["format"] == ENGINE_FORMAT
@@ -102,12 +102,29 @@ def test_engine_info_round_trip_and_the_first_format():
     legacy = {"backend": "onnxruntime", "provider": "CPUExecutionProvider", "provider_options": {},
               "onnxruntime_version": "1.22.1", "engine_file": "model.onnx", "precision": "fp32"}  # fmt: skip
     old = EngineInfo.from_dict(legacy)
-    assert old.library_version == "1.22.1" and old.provider_options == {} and old.device == "cpu"
+    assert old.backend == "ort" and old.library_version == "1.22.1" and old.device == "cpu"
+    assert old.options == {"provider": "CPUExecutionProvider", "provider_options": {}}
     trt = {"backend": "tensorrt", "engine_file": "model.plan", "tensorrt_version": "10.13",
            "gpu": "H100", "compute_capability": "9.0", "hardware_compatibility": "none",
            "version_compatible": False, "strongly_typed": True, "precision": "fp8",
            "batch_range": [1, 32]}  # fmt: skip
-    assert EngineInfo.from_dict(trt).library_version == "10.13"
+    t = EngineInfo.from_dict(trt)
+    assert t.library_version == "10.13" and t.options["strongly_typed"] is True
+    assert t.options["compute_capability"] == "9.0"
+    v1 = {"backend": "torch-compiled", "engine_file": "checkpoint", "library_version": "2.13.0",
+          "precision": "fp32", "device": "cpu", "batch_range": [1, 64], "inputs": None,
+          "provider": None, "gpu": None, "compute_capability": None,
+          "hardware_compatibility": None, "version_compatible": False, "strongly_typed": False,
+          "provider_options": {"mode": "default", "cuda_graph": "0", "opt_batch": "4",
+                               "target_fingerprint": "abc"}, "format": "accel.engine/1"}  # fmt: skip
+    torch_engine = EngineInfo.from_dict(v1)
+    assert torch_engine.backend == "torch_compile" and torch_engine.format == ENGINE_FORMAT
+    assert torch_engine.options == {
+        "mode": "default", "cuda_graph": False, "opt_batch": 4, "target_fingerprint": "abc"
+    }  # fmt: skip
+    aoti = dict(v1, backend="aotinductor", engine_file="model.pt2", provider_options=None,
+                inputs=["sample", "timestep"])  # fmt: skip
+    assert EngineInfo.from_dict(aoti).options == {"inputs": ["sample", "timestep"]}
 
 
 @pytest.mark.parametrize(
@@ -120,7 +137,9 @@ def test_engine_info_round_trip_and_the_first_format():
         ({"batch_range": [1]}, "batch_range must be"),
         ({"engine_file": "../../etc/passwd"}, "engine_file must be a file name"),
         ({"library_version": ""}, "library_version must be a non-empty string"),
-        ({"version_compatible": "yes"}, "version_compatible must be true or false"),
+        ({"backend": "onnxruntime"}, "backend 'onnxruntime' is not one of ort, "),
+        ({"options": {"gpu": "H100"}}, r"unknown ort options \['gpu'\]"),
+        ({"options": {"provider": 3}}, "option provider must be a JSON str"),
         ({"format": "accel.engine/0"}, "format 'accel.engine/0'"),
     ],
 )

@@ -240,7 +240,7 @@ def test_prompt_to_a_class_conditional_model(pipeline_dir, tmp_path, monkeypatch
         # sd3 and flux (test_flow_distill; guidance refuses sd3: no w input), dit (test_dit)
         (["distill", "guidance"], "dit"),  # needs a w input
         (["distill", "scm"], "sdxl"),  # needs a flow teacher
-        (["compile", "--backend", "torch"], "dit"),  # needs a fused sampler
+        (["compile", "--backend", "torch_compile"], "dit"),  # needs a fused sampler
         (["compile", "--backend", "aoti"], "sdxl"),
         (["quantize"], "sdxl"),
     ],

@@ -30,7 +30,7 @@ TORCH_WORLD = {"torch", "torchvision", "diffusers", "transformers", "accelerate"
 # (module prefix, first-party prefixes it may import, third-party roots it may not); the first
 # matching prefix is a module's layer, and anything under `accel` not listed is the driver.
 LAYERS: list[tuple[str, tuple[str, ...], set[str]]] = [
-    ("accel.core", ("accel.core",), TORCH_WORLD),
+    ("accel.core", ("accel.core", "accel.registry"), TORCH_WORLD),
     ("accel.registry", ("accel.core",), TORCH_WORLD | {"pydantic"}),
     (
         "accel.runtime",

@@ -68,7 +68,7 @@ def test_parity_fails_above_tolerance_and_on_nan(exported):
 def resolution_target(tmp_path, lo, hi, opt=16):
     path = tmp_path / f"res{lo}-{hi}.toml"
     path.write_text(
-        f'name = "res"\ndescription = "t"\ndevice = "cpu"\nbackends = ["onnxruntime"]\n'
+        f'name = "res"\ndescription = "t"\ndevice = "cpu"\nbackends = ["ort"]\n'
         f"[shapes]\nbatch = {{ min = 1, opt = 2, max = 8 }}\n"
         f"resolution = {{ min = {lo}, opt = {opt}, max = {hi} }}\n"
     )

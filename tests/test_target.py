@@ -17,7 +17,7 @@ def write(tmp_path: Path, text: str, name: str = "t.toml") -> Path:
 def test_cpu_profile_loads():
     target = load_target("cpu")
     assert target.device == "cpu"
-    assert target.backends[0] == "onnxruntime"
+    assert target.backends[0] == "ort" and target.provider == "CPUExecutionProvider"
     assert (target.shapes.batch.min, target.shapes.batch.opt, target.shapes.batch.max) == (1, 4, 64)
     assert target.harness.duration_ms == 3000 and target.harness.iterations is None
     assert "cpu" in list_targets()
@@ -104,7 +104,7 @@ def test_shipped_targets_validate(name):
         assert t.precision in ("fp16", "bf16", "fp8", "int8")
         assert t.builder.workspace_mib
     else:
-        assert t.cpu_flags and t.backends[0] == "onnxruntime"
+        assert t.cpu_flags and t.backends[0] == "ort"
 
 
 def test_every_profile_file_is_a_valid_target():

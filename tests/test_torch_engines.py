@@ -124,8 +124,9 @@ def test_torch_compile_stage_builds_a_gated_engine_that_reopens_from_the_cache(t
     gate = {"metric": "image_rmse", "threshold": 1e-4, "samples": 70}
     engine = build(store, source, "torch_compile", num_inference_steps=2, gate=gate)
     info = engine.info
-    assert info["backend"] == "torch-compiled" and info["batch_range"] == [1, 64]
-    assert info["provider_options"]["cuda_graph"] == "0"  # a CPU target
+    assert info["backend"] == "torch_compile" and info["batch_range"] == [1, 64]
+    assert info["options"]["cuda_graph"] is False  # a CPU target
+    assert engine.metrics["parity"]["passed"]  # against the same sampler uncompiled
     assert engine.metrics["compile_cache"]["misses"] >= 1
     assert engine.metrics["quality_gate"]["value"] < 1e-4
     runtime, plan = open_engine(engine.path)
@@ -151,7 +152,7 @@ def test_torch_compile_stage_builds_a_gated_engine_that_reopens_from_the_cache(t
         gpu = tmp_path / "gpu.toml"
         gpu.write_text(
             'name = "gpu"\ndescription = "t"\ndevice = "cuda"\ngpu = "GPU"\n'
-            'compute_capability = "9.0"\nbackends = ["torch"]\n'
+            'compute_capability = "9.0"\nbackends = ["torch_compile"]\n'
             "[shapes]\nbatch = { min = 1, opt = 4, max = 32 }\n"
             "resolution = { min = 16, opt = 16, max = 16 }\n"
         )

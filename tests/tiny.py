@@ -67,7 +67,8 @@ def gpu_target(**fields):
             "device": "cuda",
             "gpu": "H100",
             "compute_capability": "9.0",
-            "backends": ["onnxruntime-tensorrt", "onnxruntime-cuda"],
+            "backends": ["ort", "tensorrt"],
+            "providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
             "precision": "fp16",
             "shapes": {
                 "batch": {"min": 1, "opt": 8, "max": 32},

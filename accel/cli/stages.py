@@ -15,6 +15,7 @@ from accel.cli import (
     store_option,
 )
 from accel.core.errors import RecipeError
+from accel.registry import BACKENDS
 
 
 def _parse_value(raw: str):
@@ -293,10 +294,10 @@ cli.add_command(
 cli.add_command(
     StageCommand(
         "compile",
-        {"ort": "ort", "tensorrt": "tensorrt", "aoti": "aoti", "torch": "torch_compile"},
+        {name: row.stage for name, row in BACKENDS.items()},
         "Compile INPUT into an engine for --target: an ONNX artifact with onnxruntime (ort) or "
         "TensorRT (tensorrt, GPU targets), a student checkpoint with AOTInductor (aoti) or "
-        "torch.compile of its fused sampler, replayed from CUDA graphs on GPUs (torch).",
+        "torch.compile of its fused sampler, replayed from CUDA graphs on GPUs (torch_compile).",
         choice=("backend", "Which compiler builds the engine."),
     )
 )

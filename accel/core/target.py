@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from accel.core.artifact import canonical_json
 from accel.core.errors import TargetError
@@ -141,7 +141,15 @@ class Target(_Strict):
     compute_capability: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
     memory_gib: float | None = Field(default=None, gt=0)
     """Device memory (GPU, or unified memory on Jetson); host memory for CPU targets."""
-    backends: list[str] = Field(min_length=1)  # preference order
+    backends: list[str] = Field(min_length=1)
+    """The engine backends it runs, in preference order: names of ``accel.registry.BACKENDS``
+    (``ort``, ``tensorrt``, ``aoti``, ``torch_compile``), the names of ``accel compile
+    --backend``."""
+    providers: list[
+        Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    ] = []
+    """onnxruntime's execution providers for the ``ort`` backend, in preference order (default:
+    CPU on cpu targets, CUDA on cuda targets)."""
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
     shapes: Shapes
     builder: BuilderOptions = BuilderOptions()
@@ -149,6 +157,32 @@ class Target(_Strict):
     scenarios: ScenarioDefaults = ScenarioDefaults()
     latency_budget_ms: float | None = Field(default=None, gt=0)
     """The end-to-end latency one query may take; checked against SingleStream's p90."""
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, backends: list[str]) -> list[str]:
+        from accel.registry import BACKENDS, backend_name
+
+        for name in backends:
+            if name in BACKENDS:
+                continue
+            now = backend_name(name)
+            if name.startswith("onnxruntime-"):
+                ep = {"cuda": "CUDA", "tensorrt": "Tensorrt"}.get(name.split("-", 1)[1], "")
+                raise ValueError(
+                    f"backend {name!r} is now 'ort' with providers = [\"{ep}ExecutionProvider\"]"
+                )
+            if now:
+                raise ValueError(f"backend {name!r} is now {now!r}")
+            raise ValueError(f"unknown backend {name!r}; the backends are {', '.join(BACKENDS)}")
+        return backends
+
+    @property
+    def provider(self) -> str:
+        """The onnxruntime execution provider the ``ort`` backend uses on this target."""
+        if self.providers:
+            return self.providers[0]
+        return "CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"
 
     @model_validator(mode="after")
     def _gpu_fields(self) -> Target:

@@ -23,7 +23,7 @@ from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import Stage, StageConfig, StageContext
 from accel.runtime.backends import BACKENDS
 
-BUNDLE_FORMAT = "accel.deploy.bundle/1"
+BUNDLE_FORMAT = "accel.deploy.bundle/2"  # /1: backend names before accel.engine/2
 CARD_FILE = "README.md"
 ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32"}
 
@@ -241,8 +241,6 @@ def run(ctx: StageContext) -> None:
         format=BUNDLE_FORMAT,
         name=config.name,
         backend=backend,
-        provider=described.provider,
-        provider_options=described.provider_options,
         engine_file=described.engine_file,
         device=described.device,
         batch_range=described.batch_range,
@@ -255,7 +253,8 @@ def run(ctx: StageContext) -> None:
             "fingerprint": t.fingerprint,
             "device": t.device,
             "gpu": t.gpu,
-            "compute_capability": described.compute_capability or t.compute_capability,
+            "compute_capability": described.options.get("compute_capability")
+            or t.compute_capability,
             "cpu_flags": list(t.cpu_flags),
             "batch": t.shapes.batch.model_dump(),
             "version_compatible": t.builder.version_compatible,

@@ -11,17 +11,19 @@ from pathlib import Path
 from accel.core.engine_info import EngineInfo
 from accel.core.errors import CheckpointError
 from accel.core.hardware import installed_version
-from accel.registry import BACKENDS, Backend, resolve
+from accel.registry import BACKENDS, Backend, backend_name, resolve
 
 __all__ = ["BACKENDS", "Backend", "backend", "installed_versions", "open_backend"]
 
 
 def backend(name: str | None) -> Backend:
-    if name not in BACKENDS:
+    """The row of backend ``name`` (or the name a bundle written before accel.engine/2 gave it)."""
+    known = backend_name(name) if isinstance(name, str) else None
+    if known is None:
         raise CheckpointError(
             f"unknown engine backend {name!r}; accel runs {', '.join(BACKENDS)} engines"
         )
-    return BACKENDS[name]
+    return BACKENDS[known]
 
 
 def installed_versions() -> dict[str, str | None]:

@@ -18,6 +18,9 @@ from accel.core.plan import SamplerPlan
 from accel.runtime.backends import backend, installed_versions
 from accel.runtime.loop import Runtime, check_finite, run_pipeline
 
+# /1 named backends as accel.engine/1 did (onnxruntime, aotinductor): read through their rows
+BUNDLE_FORMATS = ("accel.deploy.bundle/2", "accel.deploy.bundle/1")
+
 
 class Bundle:
     """A deployable bundle (``accel bundle``), run with numpy and the engine's own runtime.
@@ -47,9 +50,9 @@ class Bundle:
             if p.is_file() and p.name != "manifest.json"
         }
         try:
-            if info.get("format") != "accel.deploy.bundle/1":
+            if info.get("format") not in BUNDLE_FORMATS:
                 raise CheckpointError(
-                    f"its format is {info.get('format')!r}, not accel.deploy.bundle/1"
+                    f"its format is {info.get('format')!r}, not {' or '.join(BUNDLE_FORMATS)}"
                 )
             engine_info = EngineInfo.from_dict(info.get("engine"), "its manifest")
             plan = SamplerPlan.load(bundle.path / PLAN_FILE)
@@ -74,10 +77,10 @@ class Bundle:
         self.path, self.info = Path(path), info
         self.plan = plan
         engine = backend(engine_info.backend)
-        if engine.name == "onnxruntime":
+        if engine.name == "ort":
             import onnxruntime as ort
 
-            provider = engine_info.provider or "CPUExecutionProvider"
+            provider = engine_info.options.get("provider", "CPUExecutionProvider")
             if provider not in ort.get_available_providers():
                 raise TargetMismatch(
                     f"bundle {path} cannot run here: its engine runs on {provider}, which this "

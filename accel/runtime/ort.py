@@ -97,9 +97,9 @@ class OrtRuntime:
     def from_engine(cls, file: Path, info: EngineInfo, spin: bool = True) -> OrtRuntime:
         return cls(
             file,
-            provider=info.provider or "CPUExecutionProvider",
+            provider=info.options.get("provider", "CPUExecutionProvider"),
             spin=spin,
-            options=info.provider_options,
+            options=info.options.get("provider_options"),
             batch_range=info.batch_range,
         )
 

@@ -59,13 +59,13 @@ class TensorRTRuntime:
         self._stream = Stream()  # fails with CUDA's reason where there is no usable GPU
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        runtime.engine_host_code_allowed = info.version_compatible
+        runtime.engine_host_code_allowed = info.options.get("version_compatible", False)
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise CheckpointError(
                 f"TensorRT {trt.__version__} cannot load {path} (built with TensorRT "
                 f"{info.library_version} for compute capability "
-                f"{info.compute_capability or '?'}); rebuild it on this machine"
+                f"{info.options.get('compute_capability', '?')}); rebuild it on this machine"
             )
         self._engine, self._context = engine, engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -76,7 +76,7 @@ class TensorRTRuntime:
         self._max_batch = info.max_batch
         self.name = "tensorrt"
         self._buckets = None
-        if (info.provider_options or {}).get("cuda_graph") == "1" and info.batch_range:
+        if info.options.get("cuda_graph") and info.batch_range:
             lo, hi = info.batch_range
             self._buckets = ShapeBuckets(lo, lo, hi, str(path))
             self.name = "tensorrt+cudagraph"
