@@ -42,9 +42,9 @@ from typing import Literal
 from pydantic import Field
 
 from accel.core.errors import StageError
-from accel.core.stage import Stage, StageConfig, StageContext
+from accel.core.stage import StageConfig, StageContext
 from export.onnx_export import save_graph
-from export.onnx_pass import OnnxPass
+from export.onnx_pass import OnnxPass, pass_stage
 from export.quality_gate import GateConfig, quality_gate
 
 SCOPES = "pkg.torch.onnx.name_scopes"
@@ -247,12 +247,10 @@ def run(ctx: StageContext) -> None:
         }
 
 
-STAGE = Stage(
-    name="fp16",
+STAGE = pass_stage(
+    "fp16",
     version=3,
     config=Fp16Config,
-    consumes="onnx",
-    produces="onnx",
     run=run,
     description="convert the ONNX graph (a pipeline's components where the gate allows) to "
     "fp16, keeping IO, normalisations and sampler arithmetic in fp32",

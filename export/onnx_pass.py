@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accel.core.errors import CheckpointError, StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
-from accel.core.stage import StageContext
+from accel.core.stage import Stage, StageConfig, StageContext
 from export.onnx_export import MODEL_FILE
 
 PARITY_BATCHES = [1, 3]  # an odd batch too: catches a batch axis a rewrite made static
@@ -120,3 +120,18 @@ class OnnxPass:
         if failure:
             raise StageError(self.stage, failure)
         return report
+
+
+def pass_stage(
+    name: str, *, version: int, config: type[StageConfig], run, description: str
+) -> Stage:
+    """The ``Stage`` of an ONNX-to-ONNX pass: it consumes an ONNX artifact and makes one."""
+    return Stage(
+        name=name,
+        version=version,
+        config=config,
+        consumes="onnx",
+        produces="onnx",
+        run=run,
+        description=description,
+    )

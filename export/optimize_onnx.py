@@ -14,9 +14,9 @@ import time
 from collections import Counter
 
 from accel.core.errors import StageError
-from accel.core.stage import Stage, StageConfig, StageContext
+from accel.core.stage import StageConfig, StageContext
 from export.onnx_export import MODEL_FILE, save_graph
-from export.onnx_pass import OnnxPass
+from export.onnx_pass import OnnxPass, pass_stage
 
 
 class OptimizeConfig(StageConfig):
@@ -53,12 +53,10 @@ def run(ctx: StageContext) -> None:
     ctx.info.update({k: v for k, v in ctx.input.info.items() if k in ("precision", "quantizer")})
 
 
-STAGE = Stage(
-    name="optimize",
+STAGE = pass_stage(
+    "optimize",
     version=1,
     config=OptimizeConfig,
-    consumes="onnx",
-    produces="onnx",
     run=run,
     description="clean up the ONNX graph with onnxslim, with parity against the original",
 )

@@ -37,8 +37,8 @@ from pydantic import Field, model_validator
 
 from accel.core.errors import StageError
 from accel.core.plan import PLAN_FILE, SamplerPlan
-from accel.core.stage import Stage, StageConfig, StageContext
-from export.onnx_pass import OnnxPass
+from accel.core.stage import StageConfig, StageContext
+from export.onnx_pass import OnnxPass, pass_stage
 from export.quality_gate import GateConfig, Prompts, evaluation_prompts, quality_gate
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -350,12 +350,10 @@ def quantize_graph(src_dir: Path, out_dir: Path, file: str, feeds: list[dict], c
     return count_ops(out_dir / file)
 
 
-STAGE = Stage(
-    name="quantize",
+STAGE = pass_stage(
+    "quantize",
     version=1,
     config=QuantizeConfig,
-    consumes="onnx",
-    produces="onnx",
     run=run,
     description="INT8/FP8 post-training quantization of the ONNX graph, calibrated on its own "
     "sampling trajectory, behind a quality gate",
