@@ -72,7 +72,7 @@ def io_spec(engine: Artifact, store: Store, plan: SamplerPlan) -> dict[str, list
             return _onnx_io(a.path / "model.onnx")
         if a.kind == "checkpoint":
             break
-    names = EngineInfo.from_dict(engine.info, str(engine.path)).inputs
+    names = EngineInfo.from_dict(engine.info, str(engine.path)).options.get("inputs")
     return _plan_io(plan, names or ["sample", "timestep", "class_labels"])
 
 

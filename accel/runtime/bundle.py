@@ -54,6 +54,7 @@ class Bundle:
                 raise CheckpointError(
                     f"its format is {info.get('format')!r}, not {' or '.join(BUNDLE_FORMATS)}"
                 )
+            check_manifest(info)
             engine_info = EngineInfo.from_dict(info.get("engine"), "its manifest")
             plan = SamplerPlan.load(bundle.path / PLAN_FILE)
             needed = {engine_info.engine_file, PLAN_FILE, *pipeline_files(plan, bundle.path)}
@@ -136,6 +137,38 @@ class Bundle:
         images = run_pipeline(self, self.plan, noise.astype(np.float32), prompts, labels, rng)
         check_finite(images, f"bundle {self.path}")
         return images
+
+
+# what Bundle and bundle_mismatch read from a manifest's info, and its JSON type
+_TARGET_KEYS = {"name": str, "fingerprint": str, "device": str}
+_TARGET_OPTIONAL = {
+    "gpu": (str, type(None)), "compute_capability": (str, type(None)), "cpu_flags": list,
+    "hardware_compatibility": str, "version_compatible": bool, "batch": dict,
+}  # fmt: skip
+
+
+def check_manifest(info: dict) -> None:
+    """The parts of a bundle manifest's info the checks before opening read: the target's
+    identity and device, the backend name, the libraries; a ``CheckpointError`` naming the
+    first that is missing or of the wrong type."""
+    target = info.get("target")
+    if not isinstance(target, dict):
+        raise CheckpointError("its target must be a JSON object")
+    for key, kind in _TARGET_KEYS.items():
+        if not isinstance(target.get(key), kind):
+            raise CheckpointError(f"its target has no {key} string")
+    for key, kinds in _TARGET_OPTIONAL.items():
+        if key in target and not isinstance(target[key], kinds):
+            raise CheckpointError(f"its target's {key} is of the wrong type")
+    if target["device"] == "cuda" and not isinstance(target.get("gpu"), str):
+        raise CheckpointError("its CUDA target names no gpu")
+    if not isinstance(info.get("backend"), str):
+        raise CheckpointError("it names no backend")
+    libraries = info.get("libraries")
+    if not isinstance(libraries, dict) or not all(
+        isinstance(v, (str, type(None))) for v in libraries.values()
+    ):
+        raise CheckpointError("its libraries must map names to version strings")
 
 
 def pipeline_files(plan: SamplerPlan, root: Path) -> list[str]:
