@@ -526,13 +526,14 @@ class _FlowLcm(_Lcm):
 
     name = "flow_lcm"
     flow = True
+    trigflow = False  # SCMScheduler's grid (the TrigFlow kind)
 
     wrapper = FlowConsistencyDenoiser
 
     def denoiser(self, args, kwargs, info, scheduler_config, folder):
         assert info.consistency is not None
         denoiser = self.wrapper(*args, solver_steps=info.consistency.solver_steps, **kwargs)
-        denoiser.trigflow = self is TRIGFLOW  # type: ignore[attr-defined]
+        denoiser.trigflow = self.trigflow  # type: ignore[attr-defined]
         return denoiser
 
     def grid(self, denoiser, steps, adapter, size) -> list[float]:
@@ -550,6 +551,7 @@ class _TrigFlow(_FlowLcm):
     grid (``scm_flow_grid``), saved with an unshifted ``FlowMatchLCMScheduler``."""
 
     name = "trigflow"
+    trigflow = True
 
     def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
         return trigflow_scheduler_config(teacher_scheduler)
