@@ -89,7 +89,7 @@ def distill(
     assert tap.value is not None
     disc = Discriminator(tap.value.shape).to(x_data.dtype)
     g_net = copy.deepcopy(student_init)
-    if adapter is not None and not takes_w(g_net):
+    if not takes_w(g_net):
         g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL), as DMD2
     g_net = g_net.requires_grad_(True).train()
     with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)

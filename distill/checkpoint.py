@@ -36,13 +36,13 @@ def load_denoiser(
     w = guidance_scale if guidance_scale is not None else info.guidance_scale
     args = (adapter.backbone, adapter.schedule, adapter.prediction_type)
     kwargs: dict[str, Any]
-    if adapter.family != "unet2d":
+    if not adapter.null_from_info:  # guidance against the adapter's null conditioning
         default = getattr(adapter, "default_guidance", 1.0) if adapter.guidance_in_model else 1.0
         w = float(default if w is None else w)
         if adapter.guidance_in_model:
             adapter.guidance_scale = w
         kwargs = {"guidance_scale": w, "adapter": adapter}
-    else:
+    else:  # guidance against accel.json's null class, or w in the label table's rows
         w = 1.0 if w is None else float(w)
         null = info.null_class_label
         embedding = info.guidance_embedding  # a guidance-distilled model: w is an input
@@ -51,7 +51,7 @@ def load_denoiser(
                 f"guidance scale {w} needs an unconditional class; {root} has no accel.json with "
                 "null_class_label (students with guidance baked in sample with guidance 1)"
             )
-        kwargs = {"guidance_scale": w, "null_label": null}
+        kwargs = {"guidance_scale": w, "null_label": null, "adapter": adapter}
         if embedding is not None:
             kwargs.update(guidance_scales=embedding.scales, num_labels=embedding.num_labels)
     from distill.students import kind_of
@@ -117,36 +117,29 @@ def save_pipeline(
     """Write a diffusers pipeline directory that stock diffusers loads: model_index.json, the
     backbone (safetensors), the scheduler named in scheduler_config["_class_name"], and accel.json.
 
-    A student of a family pipeline (``teacher`` with an adapter: SD, SDXL) is the whole pipeline:
-    the teacher's model_index.json with the new scheduler class, and its other components (text
+    A student is its teacher's whole pipeline (``ModelAdapter.student_index``: for a latent family,
+    the teacher's model_index.json with the new scheduler class), its other components (text
     encoders, tokenizers, VAE) hard-linked from the teacher's directory (store artifacts are never
     modified, so the bytes are stored once; copied where links are impossible)."""
     import diffusers
 
     out = Path(out_dir)
-    adapter = getattr(teacher, "adapter", None)
-    folder = adapter.denoiser_folder if adapter is not None else "unet"
-    backbone.save_pretrained(out / folder, safe_serialization=True)
-    sched_cls = getattr(diffusers, scheduler_config["_class_name"])
-    sched_cls.from_config(scheduler_config).save_pretrained(out / "scheduler")
-    if adapter is not None:
-        index = dict(adapter.index, scheduler=["diffusers", scheduler_config["_class_name"]])
-        if adapter.family == "sd" and scheduler_config["_class_name"] == "LCMScheduler":
-            index["_class_name"] = "LatentConsistencyModelPipeline"  # as LCM checkpoints ship
-        for name, entry in adapter.index.items():
-            if name in (folder, "scheduler") or not isinstance(entry, list) or entry[0] is None:
-                continue
-            if (adapter.root / name).is_dir():
-                _link_tree(adapter.root / name, out / name)
+    if teacher is not None:
+        adapter = teacher.adapter
     else:
-        # DDPMPipeline makes DiffusionPipeline.from_pretrained load the components; its __call__
-        # knows no class labels, so the contract is the unet/ and scheduler/ pair in a plain loop.
-        index = {
-            "_class_name": "DDPMPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "scheduler": ["diffusers", scheduler_config["_class_name"]],
-            "unet": ["diffusers", type(backbone).__name__],
-        }
+        from distill.models.unet2d import UNet2DAdapter
+
+        adapter = UNet2DAdapter.bare(backbone)
+    folder = adapter.denoiser_folder
+    backbone.save_pretrained(out / folder, safe_serialization=True)
+    sched_name = scheduler_config["_class_name"]
+    getattr(diffusers, sched_name).from_config(scheduler_config).save_pretrained(out / "scheduler")
+    index = adapter.student_index(backbone, sched_name)
+    for name, entry in index.items():
+        if name in (folder, "scheduler") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if (adapter.root / name).is_dir():
+            _link_tree(adapter.root / name, out / name)
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     info.write(out)
 

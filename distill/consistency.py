@@ -129,11 +129,7 @@ def distill(
     teacher.labels_carry_guidance = teacher.guidance_scales is not None
     backbone = copy.deepcopy(teacher.backbone)
     adapter = teacher.adapter
-    embedded = (
-        adapter.with_guidance_input(backbone)
-        if adapter is not None and not takes_w(backbone)
-        else None
-    )
+    embedded = None if takes_w(backbone) else adapter.with_guidance_input(backbone)
     backbone = (embedded or backbone).requires_grad_(True).train()
     ema = copy.deepcopy(backbone).requires_grad_(False)
     opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)

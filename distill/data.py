@@ -78,10 +78,11 @@ def load_dataset(
     learn from the teacher's own samples."""
     check = _checked(name)
     kind, _, path = name.partition(":")
-    adapter = getattr(denoiser, "adapter", None)
+    adapter = getattr(denoiser, "adapter", None)  # no model given: the images as they are
+    pixel = adapter is None or adapter.pixel
     if kind not in KINDS:
         dataset = resolve(DATASETS[check])
-        if adapter is not None and adapter.conditioning in ("text", "class"):
+        if not pixel and adapter.conditioning in ("text", "class"):
             size = adapter.default_resolution()
             channels = adapter.modules["vae"].config.in_channels
             text = adapter.conditioning == "text"
@@ -92,7 +93,7 @@ def load_dataset(
                 lambda: _encode_images(adapter, images, conditions),
             )
         return dataset()
-    latent_class = adapter is not None and adapter.conditioning == "class"
+    latent_class = not pixel and adapter.conditioning == "class"
     if kind == "imagefolder" and latent_class:  # a class-conditional latent model (DiT)
         images, labels = read_imagefolder(Path(path), adapter.default_resolution(), "label")
         return _cached(
@@ -100,7 +101,7 @@ def load_dataset(
             ("imagefolder", str(adapter.root), labels, _digest(images)),
             lambda: _encode_images(adapter, images, labels),
         )
-    if adapter is None or adapter.conditioning != "text":
+    if pixel or adapter.conditioning != "text":
         raise RecipeError(
             f"dataset {name!r} holds captions; it trains text-to-image models, and this teacher "
             'is not one (use dataset = "digits", or an imagefolder with a label column for a '

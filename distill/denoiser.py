@@ -68,21 +68,19 @@ class Denoiser(nn.Module):
         null_conditioning: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        # A family adapter (distill.models) calls the backbone with a conditioning dict; without
-        # one, the backbone is a class-conditional UNet2DModel called with class labels.
+        # Every backbone is called through its family's adapter with a conditioning dict; a bare
+        # one (built in memory, no pipeline directory) is a pixel UNet2DModel's.
+        if adapter is None:
+            from distill.models.unet2d import UNet2DAdapter
+
+            adapter = UNet2DAdapter.bare(backbone)
         self.adapter = adapter
-        self.null_conditioning = null_conditioning  # adapter models: encoded on first use
+        self.null_conditioning = null_conditioning  # encoded on first use (_null)
         self.scheduler_config: dict[str, Any] | None = None  # the pipeline's (load_denoiser)
-        # an unconditional UNet2DModel is never fed labels (diffusers refuses them); backbones
-        # without a diffusers config (the Gaussian-mixture teachers of the tests) take them as given
-        cfg = getattr(backbone, "config", None)
-        self.class_conditional = cfg is None or bool(
-            cfg.get("num_class_embeds") or cfg.get("class_embed_type")
-        )
         if prediction_type not in PREDICTION_TYPES:
             raise _unknown_prediction_type(prediction_type)
         if (
-            adapter is None
+            adapter.null_from_info
             and guidance_scale != 1.0
             and null_label is None
             and guidance_scales is None
@@ -137,42 +135,50 @@ class Denoiser(nn.Module):
             return labels
         return labels + self.num_labels * randint(len(self.guidance_scales), len(labels))
 
+    @property
+    def class_conditional(self) -> bool:
+        """It is conditioned on class labels (a class-conditional pixel UNet, DiT)."""
+        return self.adapter.conditioning == "class"
+
     def raw(self, x: torch.Tensor, t: torch.Tensor, labels: Any) -> torch.Tensor:
         """The backbone's (guided) output, in its own prediction type. ``labels`` is the
-        conditioning: a dict of named tensors for adapter models, class labels otherwise."""
+        conditioning: a dict of named tensors (``ModelAdapter.encode``), or a pixel UNet's class
+        labels."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        if self.adapter is not None:
-            return self._raw_conditioned(x, t, labels or {})
-        if not self.class_conditional:
-            labels = None
-        if self.guidance_scales is not None and labels is not None:
+        cond = self.adapter.as_conditioning(labels)
+        if self.guidance_scales is not None and "class_labels" in cond:
+            # a guidance-distilled pixel UNet: w is a row of its label table, one pass
             if not self.labels_carry_guidance:
                 scales = torch.tensor(self.guidance_scales, dtype=torch.float64)
-                labels = guidance_labels(labels, self.guidance_scale, scales, self.num_labels)
-            return self.backbone(x, t, class_labels=labels).sample
-        if self.guidance_scale == 1.0 or labels is None:
-            return self.backbone(x, t, class_labels=labels).sample
-        null = torch.full_like(labels, self.null_label)
-        out = self.backbone(
-            torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])
-        ).sample
-        cond, uncond = out.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
-
-    def _raw_conditioned(
-        self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+                w_labels = guidance_labels(
+                    cond["class_labels"], self.guidance_scale, scales, self.num_labels
+                )
+                cond = {**cond, "class_labels": w_labels}
+            return self.adapter.forward(self.backbone, x, t, cond)
+        if self.guidance_scale == 1.0 or self.adapter.guidance_in_model or not cond:
+            return self.adapter.forward(self.backbone, x, t, cond)
         from distill.models import concat_conditioning
 
-        if self.guidance_scale == 1.0 or self.adapter.guidance_in_model:
-            return self.adapter.forward(self.backbone, x, t, cond)
-        if self.null_conditioning is None:
-            size = self.adapter.resolution or self.adapter.default_resolution()
-            self.null_conditioning = self.adapter.null_conditioning(*size)
-        both = concat_conditioning(self.adapter.conditioning_spec(), cond, self.null_conditioning)
+        both = concat_conditioning(self.adapter.conditioning_spec(), cond, self._null())
         out = self.adapter.forward(self.backbone, torch.cat([x, x]), torch.cat([t, t]), both)
         c, u = out.chunk(2)
         return u + self.guidance_scale * (c - u)
+
+    def _null(self) -> dict[str, torch.Tensor]:
+        """The conditioning of guidance's unconditional branch, batch 1: the checkpoint's null
+        class (pixel UNets) or the adapter's (the empty prompt's, DiT's extra class)."""
+        if self.null_conditioning is None:
+            if self.adapter.null_from_info:
+                if self.null_label is None:
+                    raise ValueError(
+                        "classifier-free guidance needs the null label of the unconditional branch"
+                    )
+                null = torch.tensor([int(self.null_label)])
+                self.null_conditioning = self.adapter.as_conditioning(null)
+            else:
+                size = self.adapter.resolution or self.adapter.default_resolution()
+                self.null_conditioning = self.adapter.null_conditioning(*size)
+        return self.null_conditioning
 
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
@@ -238,7 +244,7 @@ def w_conditioning(
     ``w`` into ``backbone`` (LCM's w embedding, FLUX.1-dev's guidance), so that a student with a
     w input learns the teacher guided at w, given w; the conditioning unchanged for backbones
     without one (or no ``backbone``)."""
-    inputs = {} if adapter is None or backbone is None else adapter.guidance_inputs(backbone, w, 1)
+    inputs = {} if backbone is None else adapter.guidance_inputs(backbone, w, 1)
     inputs = {k: v.to(device) for k, v in inputs.items()}
 
     def add(cond: Any, n: int) -> Any:

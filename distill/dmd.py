@@ -111,7 +111,7 @@ def distill(
         return cls(net, sched, ptype, adapter=adapter, **kw)
 
     g_net = copy.deepcopy(generator_init)
-    if adapter is not None and not takes_w(g_net):
+    if not takes_w(g_net):
         g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL)
     g_net = g_net.requires_grad_(True).train()
     # the conditioning that carries w into a generator with a w input: it learns the teacher

@@ -34,8 +34,14 @@ class DenoiserGraph(nn.Module):
         flow_map: bool = False,
     ) -> None:
         super().__init__()
-        if schedule.kind != "discrete" and adapter is None:
-            raise CheckpointError("only discrete-time (DDPM-family) schedules export so far")
+        if adapter is None:
+            from distill.models.unet2d import UNet2DAdapter
+
+            adapter = UNet2DAdapter.bare(backbone)
+        if schedule.kind != "discrete" and adapter.pixel:
+            raise CheckpointError(
+                "a pixel-space model exports on a discrete-time (DDPM-family) schedule only"
+            )
         self.backbone = backbone
         self.prediction_type = prediction_type
         self.adapter = adapter
@@ -50,10 +56,7 @@ class DenoiserGraph(nn.Module):
             self.register_buffer(name, table.float(), persistent=False)
         self.consistency = consistency
         self.flow_map = flow_map  # a flow-map student: r_timestep is an input
-        cfg = getattr(backbone, "config", {})
-        self.conditional = bool(cfg.get("num_class_embeds") or cfg.get("class_embed_type"))
-        if adapter is not None:
-            self.conditional = bool(adapter.conditioning_spec())
+        self.conditional = bool(adapter.conditioning_spec())
         # a guidance-distilled backbone: w is a graph input, mapped to its class ids in the graph
         self.guidance_input = guidance_scales is not None
         if self.guidance_input:
@@ -84,16 +87,14 @@ class DenoiserGraph(nn.Module):
         return self._x0(sample, timestep, class_labels, guidance_scale, conditioning)
 
     def _x0(self, sample, timestep, class_labels, guidance_scale, conditioning) -> torch.Tensor:
-        if self.adapter is not None:
-            if class_labels is not None:
-                conditioning["class_labels"] = class_labels
-            out = self.adapter.forward(self.backbone, sample, timestep, conditioning)
-        else:
-            if self.guidance_input and class_labels is not None and guidance_scale is not None:
-                class_labels = guidance_labels(
-                    class_labels, guidance_scale, self.scales, self.num_labels
-                )
-            out = self.backbone(sample, timestep, class_labels=class_labels).sample
+        if self.guidance_input and class_labels is not None and guidance_scale is not None:
+            # a guidance-distilled pixel UNet: w picks the row of its label table
+            class_labels = guidance_labels(
+                class_labels, guidance_scale, self.scales, self.num_labels
+            )
+        if class_labels is not None:
+            conditioning["class_labels"] = class_labels
+        out = self.adapter.forward(self.backbone, sample, timestep, conditioning)
         shape = (-1, *([1] * (sample.dim() - 1)))
         if self.flow:
             sigma = (timestep.float() / self.num_train_timesteps).reshape(shape)

@@ -236,7 +236,8 @@ def run(ctx: StageContext) -> None:
         raise StageError(
             "guidance", "the input is already guidance-distilled (it takes w as an input)"
         )
-    if teacher.adapter is None and teacher.null_label is None:
+    label_grid = teacher.adapter.null_from_info  # w as label-table rows, not a w input
+    if label_grid and teacher.null_label is None:
         raise StageError(
             "guidance",
             f"{ctx.input.path} has no null_class_label in accel.json: guidance distillation "
@@ -244,7 +245,7 @@ def run(ctx: StageContext) -> None:
         )
     # a family without a w input is refused before this runs (the stage requires "w_input")
     data = stage_data(ctx, teacher, config.dataset, config.seed)
-    if teacher.adapter is not None:  # the family's w input (SD, SDXL: LCM's; Flux: guidance)
+    if not label_grid:  # the family's w input (SD, SDXL: LCM's; Flux: guidance)
         student, log = distill_w_input(teacher, data, config, ctx.work, ctx.resume, ctx.progress)
         student_info = info.student(method="guidance", guidance_scale=config.guidance_scale)
     else:  # a class-label UNet2DModel: w on a grid of label-table rows

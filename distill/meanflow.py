@@ -184,7 +184,7 @@ def teacher_shift(teacher: Denoiser) -> float:
     import math
 
     adapter = teacher.adapter
-    if adapter is None:
+    if adapter.pixel:  # a bare backbone's schedule (the Gaussian-mixture flow teachers)
         return float(teacher.schedule.shift)
     shift = adapter.flow_shift(1, *adapter.default_resolution()) or {"shift": 1.0}
     return float(shift["shift"]) if "shift" in shift else math.exp(shift["mu"])
@@ -273,5 +273,5 @@ def run(ctx: StageContext) -> None:
             log,
             {"final_loss": mean_tail(log)},
         )
-    folder = teacher.adapter.denoiser_folder if teacher.adapter is not None else "unet"
+    folder = teacher.adapter.denoiser_folder
     save_interval(backbone, ctx.out / folder)

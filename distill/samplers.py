@@ -155,7 +155,7 @@ def flow_grid(denoiser: Denoiser, steps: int) -> list[float]:
     """The ``steps + 1`` flow timesteps (sigma * T, the last 0) the model's stock scheduler visits
     at its default resolution (a bare backbone: ``FlowMatchEulerDiscreteScheduler`` with the
     schedule's shift)."""
-    if denoiser.adapter is not None:
+    if not denoiser.adapter.pixel:
         return denoiser.adapter.timestep_grid(steps, *denoiser.adapter.default_resolution())
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -213,8 +213,14 @@ def sampler_plan(
         "metric": evaluation.metric if evaluation else None,
         "evaluation_prompts": evaluation.prompts if evaluation else None,
     }
-    if denoiser.adapter is not None:
-        return replace(_adapter_plan(denoiser, steps, resolution), **judged)
+    if denoiser.adapter.pixel:
+        return replace(_pixel_plan(denoiser, steps, info), **judged)
+    return replace(_adapter_plan(denoiser, steps, resolution), **judged)
+
+
+def _pixel_plan(denoiser: Denoiser, steps: int, info: ModelInfo) -> SamplerPlan:
+    """A pixel UNet's plan: one size, class labels counted by ``accel.json``'s ``num_classes``
+    (the label table's other rows are the null class and, guidance-distilled, the w grid)."""
     from distill.students import kind_of_denoiser
 
     num_classes = info.num_classes
@@ -238,7 +244,6 @@ def sampler_plan(
         guidance_input=denoiser.guidance_scales is not None,
         conditioning={"class_labels": {"axes": ["batch"], "dtype": "int64"}} if labelled else {},
         conditioning_kind="class" if labelled else None,
-        **judged,
     )
 
 
@@ -251,9 +256,7 @@ def _adapter_plan(
     schedule = denoiser.schedule
     from distill.students import kind_of_denoiser
 
-    coefficients, sampler, shift = kind_of_denoiser(denoiser).steps(
-        denoiser, steps, adapter, (h, w)
-    )
+    coefficients, sampler, shift = kind_of_denoiser(denoiser).steps(denoiser, steps, (h, w))
     flow_shift = adapter.flow_shift(steps, h, w) if shift is None else shift
     num_classes = getattr(adapter, "num_classes", None) if adapter.conditioning == "class" else None
     null_label = None
@@ -272,7 +275,7 @@ def _adapter_plan(
         conditioning_kind=adapter.conditioning,
         timestep_dtype="float32" if schedule.kind == "flow" else "int64",
         guidance_in_model=adapter.guidance_in_model,
-        decode=adapter.family != "unet2d",
+        decode=True,
         resolution=[h, w],
         flow_shift=flow_shift,
     )

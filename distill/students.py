@@ -446,10 +446,10 @@ class StudentKind:
         return self.wrapper(*args, **kwargs)
 
     def steps(
-        self, denoiser: Denoiser, steps: int, adapter: Any = None, size: tuple[int, int] = (0, 0)
+        self, denoiser: Denoiser, steps: int, size: tuple[int, int] = (0, 0)
     ) -> tuple[list[dict[str, float]], str, dict | None]:
-        """The plan's step coefficients, its sampler name and, where the kind sets it, the
-        plan's ``flow_shift`` (None: the adapter's)."""
+        """The plan's step coefficients at image size ``size``, its sampler name and, where the
+        kind sets it, the plan's ``flow_shift`` (None: the adapter's)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -465,7 +465,7 @@ class _Ddim(StudentKind):
     def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
         return ddim_scheduler_config(teacher_scheduler)
 
-    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+    def steps(self, denoiser, steps, size=(0, 0)):
         from distill.samplers import ddim_coefficients
 
         return ddim_coefficients(denoiser.schedule, steps), "ddim", None
@@ -481,10 +481,10 @@ class _FlowEuler(StudentKind):
     def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
         return ddim_scheduler_config(teacher_scheduler, flow=True)
 
-    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+    def steps(self, denoiser, steps, size=(0, 0)):
         from distill.samplers import flow_coefficients
 
-        grid = adapter.timestep_grid(steps, *size)
+        grid = denoiser.adapter.timestep_grid(steps, *size)
         return flow_coefficients(grid, denoiser.schedule.num_train_timesteps), "flow_euler", None
 
 
@@ -512,7 +512,7 @@ class _Lcm(StudentKind):
         assert info.consistency is not None
         return self.wrapper(*args, solver_steps=info.consistency.solver_steps, **kwargs)
 
-    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+    def steps(self, denoiser, steps, size=(0, 0)):
         from distill.samplers import consistency_coefficients, consistency_timesteps
 
         T = denoiser.schedule.num_train_timesteps
@@ -536,13 +536,13 @@ class _FlowLcm(_Lcm):
         denoiser.trigflow = self.trigflow  # type: ignore[attr-defined]
         return denoiser
 
-    def grid(self, denoiser, steps, adapter, size) -> list[float]:
-        return adapter.timestep_grid(steps, *size)
+    def grid(self, denoiser, steps, size) -> list[float]:
+        return denoiser.adapter.timestep_grid(steps, *size)
 
-    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+    def steps(self, denoiser, steps, size=(0, 0)):
         from distill.samplers import consistency_coefficients
 
-        grid = self.grid(denoiser, steps, adapter, size)
+        grid = self.grid(denoiser, steps, size)
         return consistency_coefficients(denoiser.schedule, grid[:-1]), "consistency", None
 
 
@@ -556,7 +556,7 @@ class _TrigFlow(_FlowLcm):
     def scheduler_config(self, teacher_scheduler: dict, **kw: Any) -> dict:
         return trigflow_scheduler_config(teacher_scheduler)
 
-    def grid(self, denoiser, steps, adapter, size) -> list[float]:
+    def grid(self, denoiser, steps, size) -> list[float]:
         return scm_flow_grid(steps, denoiser.schedule.num_train_timesteps)
 
     def spec(self, solver_steps: int) -> ConsistencySpec:
@@ -580,7 +580,7 @@ class _FlowMap(StudentKind):
         denoiser.flow_map_shift = float(scheduler_config.get("shift", 1.0))  # type: ignore[attr-defined]
         return denoiser
 
-    def steps(self, denoiser, steps, adapter=None, size=(0, 0)):
+    def steps(self, denoiser, steps, size=(0, 0)):
         from distill.samplers import flow_coefficients
 
         shift = float(getattr(denoiser, "flow_map_shift", 1.0))

@@ -268,7 +268,7 @@ def graph_and_plan(
 
     steps, guidance = plan_defaults(stage, path, steps, guidance, progress)
     denoiser, info = load_denoiser(path, guidance_scale=guidance)
-    if resolution is not None and denoiser.adapter is None:
+    if resolution is not None and denoiser.adapter.pixel:
         raise StageError(stage, "resolution applies to text-to-image pipelines only")
     size = None if resolution is None else (resolution[0], resolution[1])
     return DenoiserGraph.of(denoiser), sampler_plan(denoiser, steps, info, size)
@@ -395,7 +395,7 @@ def run(ctx: StageContext) -> None:
     resolutions = [None] if spatial is None else [spatial[0], spatial[1]]
     if spatial:
         ctx.info["resolution_range"] = list(spatial[:2])
-    if graph.adapter is not None:  # a pipeline: text encoder, denoiser, VAE decoder
+    if not graph.adapter.pixel:  # a pipeline: text encoder, denoiser, VAE decoder
         from export.pipeline_export import export_pipeline
 
         export_pipeline(ctx, config, graph, plan, spatial)

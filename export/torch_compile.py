@@ -109,7 +109,7 @@ class TorchEngineRuntime:
         den, _ = load_denoiser(folder, guidance_scale=plan.guidance_scale)
         self.pipeline = None
         unbatched: list[str] = []
-        if den.adapter is None:
+        if den.adapter.pixel:
             module = FusedSampler(DenoiserGraph.of(den), plan).eval()
         else:
             h, w = plan.resolution or den.adapter.default_resolution()
@@ -211,7 +211,7 @@ def run(ctx: StageContext) -> None:
         "torch_compile", ctx.input.path, config.num_inference_steps, config.guidance_scale,
         config.resolution,
     )  # fmt: skip
-    if graph.adapter is None:
+    if graph.adapter.pixel:
         eager = TorchRuntime(graph)
     else:  # the steps and the VAE decode in the graph, the text encoders outside
         eager = PipelineRuntime(graph, tuple(plan.resolution))

@@ -209,7 +209,7 @@ def open_model(
 
     den, info = load_denoiser(path, guidance_scale=guidance)
     steps = steps or info.num_inference_steps or 50
-    if den.adapter is None:
+    if den.adapter.pixel:  # one graph, one size
         if resolution is not None:
             raise CheckpointError(f"{path} draws one size only: drop --height/--width")
         plan = sampler_plan(den, steps, info)

@@ -73,3 +73,29 @@ def test_an_unconditional_model_is_never_fed_labels():
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([500, 500])
     with torch.no_grad():
         torch.testing.assert_close(den(x, t, torch.tensor([3, 4])), den(x, t, None))
+
+
+def test_every_model_runs_through_its_adapter():
+    """The shipped digits UNet loads with its family's adapter (no adapter-less path), a bare
+    backbone gets the pixel adapter, and classifier-free guidance against accel.json's null class
+    is out_u + w (out_c - out_u) of two plain backbone calls."""
+    from accel.demo.digits import TEACHER_DIR
+    from distill.checkpoint import load_denoiser
+    from distill.models.unet2d import UNet2DAdapter
+
+    den, info = load_denoiser(TEACHER_DIR, guidance_scale=2.0)
+    assert isinstance(den.adapter, UNet2DAdapter) and den.adapter.root == TEACHER_DIR
+    assert den.adapter.pixel and den.class_conditional
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor(500), torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        got = den.raw(x, t, labels)
+        ts = t.expand(3)
+        c = den.backbone(x, ts, class_labels=labels).sample
+        u = den.backbone(x, ts, class_labels=torch.full_like(labels, info.null_class_label)).sample
+    torch.testing.assert_close(got, u + 2.0 * (c - u), rtol=1e-5, atol=1e-5)
+
+    bare = Denoiser(den.backbone, den.schedule, den.prediction_type)
+    assert isinstance(bare.adapter, UNet2DAdapter) and bare.adapter.index == {}
+    with pytest.raises(ValueError, match="null label"):
+        Denoiser(den.backbone, den.schedule, den.prediction_type, guidance_scale=2.0)

@@ -94,3 +94,37 @@ def test_dit_trains_on_an_imagefolder_with_a_label_column(teacher, tmp_path):
     too_many = _imagefolder(tmp_path / "many", [0, denoiser.adapter.num_classes])
     with pytest.raises(RecipeError, match="has classes 0.."):
         load_dataset(f"imagefolder:{too_many}", denoiser, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "stage, options, method, steps",
+    [
+        ("progressive", "teacher_steps = 4\nstudent_steps = 2\niterations_per_round = 2",
+         "progressive", 2),
+        ("adversarial", "student_steps = 1\niterations = 2\ncritic_updates_per_generator = 1",
+         "dmd2", 1),
+        ("add", "student_steps = 2\niterations = 2", "add", 2),
+    ],
+)  # fmt: skip
+def test_every_latent_training_stage_takes_dit(
+    stage, options, method, steps, teacher, tmp_path, monkeypatch, capsys
+):
+    """DiT takes every training stage a latent family takes, on the digits VAE-encoded with their
+    labels, and its student samples the labels asked for."""
+    from accel.pipeline import default_store, run_recipe
+    from accel.recipe import load_recipe
+
+    (tmp_path / "r.toml").write_text(
+        f'name = "dit-{stage}"\nsource = "{teacher}"\ntarget = "cpu"\n'
+        f'[[stages]]\nstage = "{stage}"\nbatch_size = 4\n{options}\n'
+    )
+    (student,) = run_recipe(
+        load_recipe(tmp_path / "r.toml"), default_store(tmp_path / "s"), progress=lambda m: None
+    )
+    info = json.loads((student.path / "accel.json").read_text())
+    assert info["method"] == method and info["num_inference_steps"] == steps
+    code, _, err = run_cli(monkeypatch, capsys, "sample", student.path, "--label", 3,
+                           "--out", tmp_path / "s.npz")  # fmt: skip
+    assert code == 0, err
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape[0] == 1 and np.isfinite(images).all()

@@ -109,6 +109,8 @@ class ModelAdapter:
     training_data: ClassVar[bool] = True  # distill.data makes its training data
     fused_sampler: ClassVar[bool] = True  # its sampler fuses into one torch graph (torch_compile)
     pixel: ClassVar[bool] = False  # samples pixels: no text encoder, no VAE
+    null_from_info: ClassVar[bool] = False  # the unconditional branch of guidance is the
+    # checkpoint's null class (accel.json's null_class_label), not null_conditioning's
 
     def __init__(
         self,
@@ -328,6 +330,24 @@ class ModelAdapter:
         """The prompt-dependent conditioning from ``tokenize``'s ids: what a text-encoder graph
         computes."""
         raise NotImplementedError
+
+    def as_conditioning(self, cond: Any) -> dict[str, torch.Tensor]:
+        """The conditioning dict of what a sampler or training loop passes as ``labels``: an
+        ``encode`` output as it is (the pixel UNets also take a tensor of class labels)."""
+        return cond or {}
+
+    def student_index(self, backbone: nn.Module, scheduler_class: str) -> dict[str, Any]:
+        """The ``model_index.json`` of a student of this pipeline (``backbone``, sampled with
+        ``scheduler_class``): the teacher's, with the new scheduler and ``pipeline_class``; the
+        components it lists besides the denoiser are the teacher's (``save_pipeline`` links them)."""
+        index = dict(self.index, scheduler=["diffusers", scheduler_class])
+        pipeline = self.pipeline_class(scheduler_class)
+        return index if pipeline is None else {**index, "_class_name": pipeline}
+
+    def pipeline_class(self, scheduler_class: str) -> str | None:
+        """The stock pipeline class of a student of this pipeline sampled with
+        ``scheduler_class`` (the teacher's own by default)."""
+        return self.index.get("_class_name")
 
     def training_conditioning(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The per-example text conditioning of ``encode``'s output, as training data keeps it:

@@ -54,6 +54,11 @@ class StableDiffusionAdapter(ModelAdapter):
     def family_of(cls, config) -> str:
         return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
+    def pipeline_class(self, scheduler_class: str) -> str | None:
+        if self.family == "sd" and scheduler_class == "LCMScheduler":
+            return "LatentConsistencyModelPipeline"  # as LCM checkpoints ship
+        return super().pipeline_class(scheduler_class)
+
     def conditioning_spec(self) -> ConditioningSpec:
         spec = {
             "encoder_hidden_states": TensorSpec(
