@@ -9,7 +9,6 @@ change meant to alter the numbers, and say why in the commit."""
 import json
 
 import pytest
-
 from golden import CASES, GOLDEN_FILE, figures
 
 GOLDEN = json.loads(GOLDEN_FILE.read_text())
