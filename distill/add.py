@@ -38,7 +38,6 @@ The teacher's full forward pass runs though only the bottleneck is read.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -54,10 +53,8 @@ from distill.data import concat, take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
-    takes_w,
-    w_conditioning,
 )
-from distill.gan import Discriminator, FeatureTap, feature_module, find_teacher
+from distill.gan import Discriminator, FeatureTap, feature_module, find_teacher, generator_with_w
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.students import lcm_kind, save_lcm_student
 from distill.trainer import Trainer
@@ -88,11 +85,7 @@ def distill(
         feature_net.raw(x_data[:2], torch.full((2,), float(T - 1)), take(y_data, probe))
     assert tap.value is not None
     disc = Discriminator(tap.value.shape).to(x_data.dtype)
-    g_net = copy.deepcopy(student_init)
-    if not takes_w(g_net):
-        g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL), as DMD2
-    g_net = g_net.requires_grad_(True).train()
-    with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)
+    g_net, with_w = generator_with_w(adapter, student_init, config.guidance_scale, trainer.device)
 
     def conditioning(idx: torch.Tensor):
         return with_w(take(y_data, idx), len(idx))

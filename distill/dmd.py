@@ -77,10 +77,15 @@ from distill.data import Conditioning, concat, take, to_device
 from distill.denoiser import (
     ConsistencyDenoiser,
     Denoiser,
-    takes_w,
-    w_conditioning,
 )
-from distill.gan import Discriminator, FeatureTap, dmd_gradient, feature_module, find_teacher
+from distill.gan import (
+    Discriminator,
+    FeatureTap,
+    dmd_gradient,
+    feature_module,
+    find_teacher,
+    generator_with_w,
+)
 from distill.parameterisation import from_x0_eps
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
@@ -110,13 +115,7 @@ def distill(
     def make(net: nn.Module, cls: type[Denoiser] = Denoiser, **kw) -> Denoiser:
         return cls(net, sched, ptype, adapter=adapter, **kw)
 
-    g_net = copy.deepcopy(generator_init)
-    if not takes_w(g_net):
-        g_net = adapter.with_guidance_input(g_net) or g_net  # LCM's w input (SD, SDXL)
-    g_net = g_net.requires_grad_(True).train()
-    # the conditioning that carries w into a generator with a w input: it learns the teacher
-    # guided at w, given w (the teacher and the critic have no such input and ignore it)
-    with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)
+    g_net, with_w = generator_with_w(adapter, generator_init, config.guidance_scale, trainer.device)
 
     def conditioning(idx: torch.Tensor):
         return with_w(take(y_data, idx), len(idx))

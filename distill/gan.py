@@ -1,11 +1,13 @@
 """The adversarial parts DMD2 (Yin et al. 2024) and ADD (Sauer et al. 2023) share, and the
 distribution-matching gradient DMD2 and rCM share: the discriminator head on the critic's (or the
-teacher's) features, the forward hook that taps them, the default tap per backbone, and the
-teacher of a student being fine-tuned."""
+teacher's) features, the forward hook that taps them, the default tap per backbone, the
+generator with its w input, and the teacher of a student being fine-tuned."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +16,23 @@ from accel.core.errors import StageError
 from accel.core.model_info import ModelInfo
 from accel.core.stage import StageContext
 from distill.checkpoint import load_denoiser, load_teacher
-from distill.denoiser import Denoiser
+from distill.denoiser import Denoiser, takes_w, w_conditioning
+
+
+def generator_with_w(
+    adapter: Any, init: nn.Module, w: float, device: torch.device | str
+) -> tuple[nn.Module, Callable[[Any, int], Any]]:
+    """The trainable generator of the GAN methods (DMD2, ADD): a copy of ``init`` given the
+    family's w input where it has none (LCM's, SD and SDXL), and ``w_conditioning``'s ``add`` for
+    it, so that it learns the teacher guided at ``w``, given w (the teacher and the critic have no
+    such input and ignore it)."""
+    import copy
+
+    net = copy.deepcopy(init)
+    if not takes_w(net):
+        net = adapter.with_guidance_input(net) or net
+    net = net.requires_grad_(True).train()
+    return net, w_conditioning(adapter, net, w, device)
 
 
 class Discriminator(nn.Module):

@@ -30,6 +30,15 @@ CASES = {
         'stage = "progressive"\nteacher_steps = 8\nstudent_steps = 4\n'
         "iterations_per_round = 2\nbatch_size = 8\nguidance_scale = 1.5\n",
     ),
+    "pixel_adversarial": (
+        "teacher",
+        'stage = "adversarial"\nstudent_steps = 2\niterations = 2\nbatch_size = 8\n'
+        "critic_updates_per_generator = 2\nguidance_scale = 1.5\n",
+    ),
+    "text_add": (
+        "text_teacher",
+        'stage = "add"\nstudent_steps = 2\niterations = 2\nbatch_size = 8\nguidance_scale = 1.5\n',
+    ),
     "text_consistency": (
         "text_teacher",
         'stage = "consistency"\nsolver_steps = 10\nnum_inference_steps = 2\n'
