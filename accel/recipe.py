@@ -25,6 +25,8 @@ SOURCE_KIND = "checkpoint"
 DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")
 PIPELINE_FILES = ("scheduler/scheduler_config.json",)
 TOP_LEVEL: dict[str, type] = {"name": str, "source": str, "target": str, "stages": list}
+OPTIONAL: dict[str, type] = {"revision": str, "variant": str}
+"""A Hub id's revision, and the weights variant read (``accel.core.hub.resolve_model``)."""
 
 
 @dataclass
@@ -47,9 +49,26 @@ class Recipe:
     stages: list[StagePlan]
 
 
-def _check_source(raw: str, recipe_dir: Path, problems: list[str]) -> Path:
+def _check_source(
+    raw: str, recipe_dir: Path, problems: list[str], revision=None, variant=None
+) -> Path:
+    from accel.core.errors import CheckpointError
+    from accel.core.hub import is_hub_id, resolve_model
+
     source = Path(raw).expanduser()
     source = (source if source.is_absolute() else recipe_dir / source).resolve()
+    if is_hub_id(raw) and not source.exists():
+        try:
+            source = resolve_model(raw, revision, variant)
+        except CheckpointError as e:
+            problems.append(f"source: {e}")
+            return source
+    elif (variant or revision) and source.is_dir():
+        try:
+            source = resolve_model(source, revision, variant)
+        except CheckpointError as e:
+            problems.append(f"source: {e}")
+            return source
     if not source.exists():
         problems.append(
             f"source: {source} does not exist; 'source' is a diffusers directory, absolute or "
@@ -141,10 +160,11 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"recipe {path} is not valid TOML: {e}") from None
 
     problems: list[str] = []
+    known = {**TOP_LEVEL, **OPTIONAL}
     for key in raw:
-        if key not in TOP_LEVEL:
-            best = did_you_mean(key, TOP_LEVEL)
-            hint = f"did you mean {best!r}?" if best else f"valid keys: {', '.join(TOP_LEVEL)}"
+        if key not in known:
+            best = did_you_mean(key, known)
+            hint = f"did you mean {best!r}?" if best else f"valid keys: {', '.join(known)}"
             problems.append(f"unknown top-level key {key!r}; {hint}")
     ok = {}
     for key, kind in TOP_LEVEL.items():
@@ -155,8 +175,15 @@ def load_recipe(path: str | Path) -> Recipe:
             problems.append(f"{key!r} must be {expected}, got {raw[key]!r}")
         else:
             ok[key] = raw[key]
-
-    source = _check_source(ok["source"], path.parent, problems) if "source" in ok else None
+    for key, kind in OPTIONAL.items():
+        if key in raw and not isinstance(raw[key], kind):
+            problems.append(f"{key!r} must be a string, got {raw[key]!r}")
+    revision, variant = (raw.get(k) if isinstance(raw.get(k), str) else None for k in OPTIONAL)
+    source = (
+        _check_source(ok["source"], path.parent, problems, revision, variant)
+        if "source" in ok
+        else None
+    )
     target = None
     if "target" in ok:
         try:

@@ -21,6 +21,24 @@ store_option = click.option(
 )
 
 
+def source_options(f):
+    """--revision and --variant of a model named by a Hub id or folder (``accel.core.hub``)."""
+    f = click.option("--variant", default=None,
+                     help="Weights variant to read (fp16: the *.fp16.safetensors files).")(f)  # fmt: skip
+    return click.option("--revision", default=None,
+                        help="Hub revision (branch, tag or commit) of a Hub id.")(f)  # fmt: skip
+
+
+def resolve_input(name: Path, revision: str | None, variant: str | None) -> Path:
+    """The local folder of a model named by a path or a Hub id (``accel.core.hub``); a bundle,
+    engine or other artifact folder as it is."""
+    from accel.core.hub import is_hub_id, resolve_model
+
+    if revision is None and variant is None and not is_hub_id(name):
+        return name
+    return resolve_model(name, revision, variant)
+
+
 def size_options(f):
     """--height and --width of the images latent models draw (default: the model's own)."""
     for side in ("width", "height"):

@@ -11,7 +11,9 @@ from accel.cli import (
     _resolution,
     cli,
     open_model_or_engine,
+    resolve_input,
     size_options,
+    source_options,
 )
 from accel.core.errors import RecipeError
 
@@ -39,6 +41,7 @@ from accel.core.errors import RecipeError
     "For models with a guidance embedding (Flux-dev), the embedded guidance.",
 )
 @size_options
+@source_options
 @click.option(
     "--seed",
     type=int,
@@ -68,6 +71,8 @@ def sample(
     guidance: float | None,
     height: int | None,
     width: int | None,
+    revision: str | None,
+    variant: str | None,
     seed: int,
     target_name: str | None,
     out: Path,
@@ -94,6 +99,7 @@ def sample(
         raise RecipeError(f"--prompt: {e}") from None
     target = load_target(target_name) if target_name else None
     resolution = _resolution(height, width)
+    model = resolve_input(model, revision, variant)
     runtime, plan = open_model_or_engine(model, target, steps, guidance, resolution=resolution)
     kind = plan.conditioning_kind or ("class" if plan.num_classes else None)
     if prompts and kind != "text":

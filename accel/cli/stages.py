@@ -11,7 +11,9 @@ import click
 from accel.cli import (
     _copy_out,
     cli,
+    resolve_input,
     resume_option,
+    source_options,
     store_option,
 )
 from accel.core.errors import RecipeError
@@ -106,6 +108,7 @@ class StageCommand(click.Command):
             ),
             *store_option(lambda: None).__click_params__,
             *resume_option(lambda: None).__click_params__,
+            *source_options(lambda: None).__click_params__,
         ]
         self.stages = {"": stages} if isinstance(stages, str) else dict(stages)
         self.choice = choice  # (option name, help): the option picks the stage
@@ -147,6 +150,8 @@ class StageCommand(click.Command):
         target_name: str,
         store: Path | None,
         resume: bool,
+        revision: str | None = None,
+        variant: str | None = None,
         choice: str | None = None,
         **options,
     ) -> None:
@@ -161,6 +166,7 @@ class StageCommand(click.Command):
         from accel.registry import get_stage
 
         s = default_store(store)
+        input_dir = resolve_input(input_dir, revision, variant)
         if (input_dir / MANIFEST).is_file():
             parent = Artifact.load(input_dir)
             parent.verify()
