@@ -12,6 +12,7 @@ from pathlib import Path
 
 from accel.core.artifact import Artifact, Store
 from accel.core.errors import AccelError, StageError
+from accel.core.memory import PeakMemory
 from accel.core.stage import Stage, StageConfig, StageContext, say
 from accel.core.target import Target
 from accel.processes import Processes
@@ -199,7 +200,8 @@ def _run_and_commit(
         )
         t0 = time.perf_counter()
         try:
-            stage.run(ctx)
+            with PeakMemory() as peak:
+                stage.run(ctx)
         except StageError as e:
             e.completed = list(completed)
             raise
@@ -210,6 +212,7 @@ def _run_and_commit(
                 raise
             raise StageError(stage.name, _lower(stage, config, target), completed) from None
         pending.metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        pending.metrics.update(peak.metrics())
         if parent.stage == "source" and not store.has(parent.key):
             store.add_source(parent.path)  # a source is kept once something is built from it
     assert pending.artifact is not None
