@@ -217,3 +217,77 @@ def open_model(
     plan = sampler_plan(den, steps, info, resolution)
     h, w = plan.resolution or (0, 0)
     return PipelineRuntime(DenoiserGraph.of(den), (h, w), device=device), plan
+
+
+class StockScheduler:
+    """A checkpoint sampled as its stock diffusers pipeline samples it: the scheduler its
+    ``scheduler/`` folder names (PNDM for SD1.5, Euler for SDXL, DPM-Solver for PixArt, FlowMatch
+    Euler for SD3 and Flux), set to ``steps`` with the family's ``set_timesteps`` arguments, the
+    initial noise scaled by ``init_noise_sigma``, each step ``scale_model_input``, the guided
+    model output in its own prediction type, then ``scheduler.step``, as the pipelines'
+    ``__call__`` loops do; in torch eager on the CPU. ``plan`` is the model's plan for the shape
+    and conditioning of its inputs (its steps are not used). Schedulers that draw noise inside
+    ``step`` (DDPM, the ancestral ones) are refused: their noise is not accel's to reproduce."""
+
+    STOCHASTIC = (
+        "DDPMScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+    )
+
+    def __init__(
+        self,
+        path: str | Path,
+        steps: int | None = None,
+        guidance: float | None = None,
+        resolution: tuple[int, int] | None = None,
+    ) -> None:
+        import diffusers
+
+        from distill.checkpoint import load_denoiser
+        from distill.samplers import sampler_plan
+
+        den, info = load_denoiser(path, guidance_scale=guidance)
+        if info.is_student:
+            raise CheckpointError(
+                f"{path} is a distilled {info.method} student: it samples with its own few-step "
+                "plan, not a scheduler's loop; drop --scheduler stock"
+            )
+        config = den.scheduler_config or {}
+        name = config.get("_class_name", "")
+        if name in self.STOCHASTIC or not hasattr(diffusers, name):
+            raise CheckpointError(
+                f"{path}: its scheduler {name or '(none)'} draws noise inside each step (or is "
+                "not diffusers'); --scheduler stock runs deterministic schedulers only"
+            )
+        self.denoiser = den
+        self.steps = steps or info.num_inference_steps or 50
+        if den.adapter.pixel and resolution is not None:
+            raise CheckpointError(f"{path} draws one size only: drop --height/--width")
+        self.plan = sampler_plan(den, self.steps, info, None if den.adapter.pixel else resolution)
+        self.scheduler_class = getattr(diffusers, name)
+        self.config = config
+
+    def __call__(
+        self, noise: np.ndarray, prompts: list[str] | None, labels: np.ndarray | None
+    ) -> np.ndarray:
+        import torch
+
+        den, adapter = self.denoiser, self.denoiser.adapter
+        h, w = self.plan.resolution or adapter.default_resolution()
+        adapter.resolution = (h, w)
+        sched = self.scheduler_class.from_config(self.config)
+        sched.set_timesteps(self.steps, **adapter.timestep_kwargs(self.steps, h, w))
+        lab = None if labels is None else torch.as_tensor(labels).long()
+        with torch.inference_mode():
+            cond = adapter.encode(prompts, lab, h, w)
+            # the flow schedulers neither scale the noise nor the model input
+            x = torch.from_numpy(np.asarray(noise, np.float32))
+            x = x * getattr(sched, "init_noise_sigma", 1.0)
+            scale = getattr(sched, "scale_model_input", lambda x, t: x)
+            for t in sched.timesteps:
+                out = den.raw(scale(x, t), t, cond)
+                x = sched.step(out, t, x, return_dict=False)[0]
+            return adapter.decode(x).float().numpy()

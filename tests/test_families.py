@@ -33,8 +33,8 @@ def pipeline_dir(tmp_path_factory):
     return get
 
 
-def _sample(monkeypatch, capsys, path, family, out, *extra):
-    args = ["sample", path, "--steps", 2, "--guidance", 2.0, "--out", out, *extra]
+def _sample(monkeypatch, capsys, path, family, out, *extra, steps=2):
+    args = ["sample", path, "--steps", steps, "--guidance", 2.0, "--out", out, *extra]
     if family == "dit":
         args += ["--label", 1]
     else:
@@ -45,13 +45,13 @@ def _sample(monkeypatch, capsys, path, family, out, *extra):
     return np.load(out)
 
 
-def _stock(family, path, latents, prompts):
+def _stock(family, path, latents, prompts, steps=2):
     pipe = families.load_pipeline(family, path)
     kw = families.stock_kwargs(family)
     # accel runs the stock pipelines' own defaults (T5 / Gemma lengths, Sana's instruction)
     kw.pop("max_sequence_length", None)
     kw.pop("complex_human_instruction", None)
-    common = dict(num_inference_steps=2, guidance_scale=2.0, output_type="np")
+    common = dict(num_inference_steps=steps, guidance_scale=2.0, output_type="np")
     if family == "dit":  # DiTPipeline takes no latents=: hand it ours where it draws noise
         import diffusers.pipelines.dit.pipeline_dit as dit
 
@@ -81,6 +81,48 @@ def test_accel_sample_matches_the_stock_pipeline(
     stock = _stock(family, path, latents, [PROMPT])
     ours = out["images"].transpose(0, 2, 3, 1)
     assert np.abs(stock - ours).max() <= TOLERANCE
+
+
+# The schedulers the real checkpoints ship (families.py's tiny pipelines stand in with DDIM where
+# accel's plans sample with it): SD1.5 PNDM (PLMS, skip_prk_steps), SDXL Euler (leading spacing),
+# PixArt-Sigma DPM-Solver++ 2M; SD3, Flux and Sana keep FlowMatch Euler, DiT DDIM.
+REAL_SCHEDULERS = {
+    "sd15": (
+        "PNDMScheduler",
+        {"skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False},
+    ),
+    "sdxl": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    "pixart_sigma": ("DPMSolverMultistepScheduler", {}),
+}
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_a_teacher_sampled_with_its_stock_scheduler_matches_its_stock_pipeline(
+    family, tmp_path, monkeypatch, capsys
+):
+    """``accel sample --scheduler stock`` runs the pipeline's own scheduler (the real
+    checkpoint's: PNDM, Euler, DPM-Solver, FlowMatch Euler) and draws what the stock pipeline
+    draws from the same latents, 3 steps (PLMS and DPM-Solver use their history)."""
+    import diffusers
+
+    pipe = families.build_pipeline(family)
+    if family in REAL_SCHEDULERS:
+        name, overrides = REAL_SCHEDULERS[family]
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    path = tmp_path / family
+    pipe.save_pretrained(path, safe_serialization=True)
+    if family != "dit":
+        from accel.core.model_info import Evaluation, ModelInfo
+
+        ModelInfo(evaluation=Evaluation(prompts=families.EVALUATION_PROMPTS)).write(path)
+    out = _sample(monkeypatch, capsys, path, family, tmp_path / "s.npz", "--scheduler", "stock",
+                  steps=3)  # fmt: skip
+    stock = _stock(family, path, out["latents"], [PROMPT], steps=3)
+    ours = out["images"].transpose(0, 2, 3, 1)
+    assert np.abs(stock - ours).max() <= TOLERANCE
+    if family in REAL_SCHEDULERS:  # and accel's own DDIM plan draws something else
+        plan = _sample(monkeypatch, capsys, path, family, tmp_path / "p.npz", steps=3)
+        assert np.abs(plan["images"] - out["images"]).max() > 10 * TOLERANCE
 
 
 def test_prompts_batch_and_cycle(pipeline_dir, tmp_path, monkeypatch, capsys):
@@ -339,3 +381,13 @@ def test_sd3_folds_the_zero_t5_block_into_one_token_exactly(sd35):
     exported = torch.export.export(Wrapped(), (x.detach(), t, context, cond["pooled_projections"]))
     ops = [n for n in exported.graph.nodes if n.op == "call_function"]
     assert not any("nonzero" in str(n.target) for n in ops)  # the stock graph, no data checks
+
+
+def test_a_stochastic_stock_scheduler_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """The digits teacher ships DDPMScheduler, which draws its own noise in every step."""
+    from accel.demo.digits import TEACHER_DIR
+
+    code, _, err = run_cli(monkeypatch, capsys, "sample", TEACHER_DIR, "--scheduler", "stock",
+                           "-n", 1, "--out", tmp_path / "x.npz")  # fmt: skip
+    assert code != 0 and "draws noise inside each step" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.npz").exists()

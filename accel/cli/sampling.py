@@ -43,6 +43,14 @@ from accel.core.errors import RecipeError
 @size_options
 @source_options
 @click.option(
+    "--scheduler",
+    type=click.Choice(["plan", "stock"]),
+    default="plan",
+    show_default=True,
+    help="plan: accel's sampler plan (DDIM, Euler, consistency), as engines run it; stock: a "
+    "teacher's own scheduler loop, as its stock diffusers pipeline runs it (torch eager).",
+)
+@click.option(
     "--seed",
     type=int,
     default=0,
@@ -73,6 +81,7 @@ def sample(
     width: int | None,
     revision: str | None,
     variant: str | None,
+    scheduler: str,
     seed: int,
     target_name: str | None,
     out: Path,
@@ -100,7 +109,20 @@ def sample(
     target = load_target(target_name) if target_name else None
     resolution = _resolution(height, width)
     model = resolve_input(model, revision, variant)
-    runtime, plan = open_model_or_engine(model, target, steps, guidance, resolution=resolution)
+    stock = None
+    if scheduler == "stock":
+        from accel.runtime import artifact_kind
+        from export.torch_runtime import StockScheduler
+
+        if artifact_kind(model) in ("bundle", "engine"):
+            raise RecipeError(
+                f"{model} is an engine: it runs its sampler plan; --scheduler stock samples a "
+                "diffusers folder"
+            )
+        stock = StockScheduler(model, steps, guidance, resolution)
+        runtime, plan = None, stock.plan
+    else:
+        runtime, plan = open_model_or_engine(model, target, steps, guidance, resolution=resolution)
     kind = plan.conditioning_kind or ("class" if plan.num_classes else None)
     if prompts and kind != "text":
         what = "class-conditional (give --label)" if kind == "class" else "not text-conditioned"
@@ -125,19 +147,16 @@ def sample(
     # memory follows the batch, not -n; one step-noise stream, as one batch would draw it
     batch = (target or load_target("cpu")).draw_batch
     step_noise = np.random.default_rng([seed, 1])
-    images = np.concatenate(
-        [
-            run_pipeline(
-                runtime,
-                plan,
-                noise[i : i + batch].astype(np.float32),
-                None if prompt_list is None else prompt_list[i : i + batch],
-                None if label_out is None else label_out[i : i + batch],
-                step_noise,
-            )
-            for i in range(0, num, batch)
-        ]
-    )
+
+    def draw(i: int) -> np.ndarray:
+        part = noise[i : i + batch].astype(np.float32)
+        texts = None if prompt_list is None else prompt_list[i : i + batch]
+        labs = None if label_out is None else label_out[i : i + batch]
+        if stock is not None:
+            return stock(part, texts, labs)
+        return run_pipeline(runtime, plan, part, texts, labs, step_noise)
+
+    images = np.concatenate([draw(i) for i in range(0, num, batch)])
     if not plan.decode:
         images = np.clip(images, -1, 1)
     check_finite(images, str(model))
