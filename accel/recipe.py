@@ -57,15 +57,10 @@ def _check_source(
 
     source = Path(raw).expanduser()
     source = (source if source.is_absolute() else recipe_dir / source).resolve()
-    if is_hub_id(raw) and not source.exists():
+    hub = is_hub_id(raw) and not source.exists()
+    if hub or ((variant or revision) and source.is_dir()):
         try:
-            source = resolve_model(raw, revision, variant)
-        except CheckpointError as e:
-            problems.append(f"source: {e}")
-            return source
-    elif (variant or revision) and source.is_dir():
-        try:
-            source = resolve_model(source, revision, variant)
+            source = resolve_model(raw if hub else source, revision, variant)
         except CheckpointError as e:
             problems.append(f"source: {e}")
             return source

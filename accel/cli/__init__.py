@@ -29,16 +29,6 @@ def source_options(f):
                         help="Hub revision (branch, tag or commit) of a Hub id.")(f)  # fmt: skip
 
 
-def resolve_input(name: Path, revision: str | None, variant: str | None) -> Path:
-    """The local folder of a model named by a path or a Hub id (``accel.core.hub``); a bundle,
-    engine or other artifact folder as it is."""
-    from accel.core.hub import is_hub_id, resolve_model
-
-    if revision is None and variant is None and not is_hub_id(name):
-        return name
-    return resolve_model(name, revision, variant)
-
-
 def size_options(f):
     """--height and --width of the images latent models draw (default: the model's own)."""
     for side in ("width", "height"):

@@ -11,11 +11,11 @@ from accel.cli import (
     _resolution,
     cli,
     open_model_or_engine,
-    resolve_input,
     size_options,
     source_options,
 )
 from accel.core.errors import RecipeError
+from accel.core.hub import resolve_model
 
 
 @cli.command()
@@ -108,7 +108,7 @@ def sample(
         raise RecipeError(f"--prompt: {e}") from None
     target = load_target(target_name) if target_name else None
     resolution = _resolution(height, width)
-    model = resolve_input(model, revision, variant)
+    model = resolve_model(model, revision, variant)
     stock = None
     if scheduler == "stock":
         from accel.runtime import artifact_kind

@@ -11,12 +11,12 @@ import click
 from accel.cli import (
     _copy_out,
     cli,
-    resolve_input,
     resume_option,
     source_options,
     store_option,
 )
 from accel.core.errors import RecipeError
+from accel.core.hub import resolve_model
 from accel.registry import BACKENDS
 
 
@@ -166,7 +166,7 @@ class StageCommand(click.Command):
         from accel.registry import get_stage
 
         s = default_store(store)
-        input_dir = resolve_input(input_dir, revision, variant)
+        input_dir = resolve_model(input_dir, revision, variant)
         if (input_dir / MANIFEST).is_file():
             parent = Artifact.load(input_dir)
             parent.verify()
