@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "adversarial": "distill.configs:ADVERSARIAL",
     "add": "distill.configs:ADD",
     "guidance": "distill.configs:GUIDANCE",
+    "lora": "distill.configs:LORA",
     "onnx": "export.onnx_export:STAGE",
     "optimize": "export.optimize_onnx:STAGE",
     "fp16": "export.fp16:STAGE",

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from accel.core.errors import CheckpointError
-from accel.core.model_info import ModelInfo
+from accel.core.model_info import LoraSpec, ModelInfo
 from distill.denoiser import Denoiser
 
 
@@ -26,12 +26,17 @@ def load_denoiser(
     ``accel.json`` beside ``model_index.json`` (``accel.core.model_info.ModelInfo``) may name
     ``null_class_label`` (for guidance), ``num_inference_steps`` and ``guidance_scale`` (a
     student's defaults); it is returned. The scheduler's config is the denoiser's
-    ``scheduler_config``."""
+    ``scheduler_config``. A LoRA student (accel.json's ``lora``) loads as its teacher's denoiser
+    with the adapters fused in (``distill.lora.apply_lora``)."""
     from distill.models import load_pipeline
 
     root = Path(model_dir)
     adapter = load_pipeline(root, load_components=load_components)
     info = ModelInfo.read(root)
+    if info.lora is not None:  # a LoRA student: its adapters fused into the teacher's weights
+        from distill.lora import apply_lora
+
+        apply_lora(adapter, root / info.lora.weight_name)
     sched_cfg = adapter.scheduler_config
     w = guidance_scale if guidance_scale is not None else info.guidance_scale
     args = (adapter.backbone, adapter.schedule, adapter.prediction_type)
@@ -120,8 +125,17 @@ def save_pipeline(
     A student is its teacher's whole pipeline (``ModelAdapter.student_index``: for a latent family,
     the teacher's model_index.json with the new scheduler class), its other components (text
     encoders, tokenizers, VAE) hard-linked from the teacher's directory (store artifacts are never
-    modified, so the bytes are stored once; copied where links are impossible)."""
+    modified, so the bytes are stored once; copied where links are impossible).
+
+    A LoRA student (``backbone`` a ``distill.lora.AdapterView``) is the teacher's denoiser,
+    linked too, plus ``pytorch_lora_weights.safetensors`` in diffusers' format, named in
+    accel.json's ``lora``; where the stock pipeline has no LoRA loader, the adapters are fused
+    into a full copy of the teacher's weights."""
+    import dataclasses
+
     import diffusers
+
+    from distill.lora import LORA_FILE, AdapterView, fused_copy, save_lora
 
     out = Path(out_dir)
     if teacher is not None:
@@ -131,20 +145,30 @@ def save_pipeline(
 
         adapter = UNet2DAdapter.bare(backbone)
     folder = adapter.denoiser_folder
-    backbone.save_pretrained(out / folder, safe_serialization=True)
     sched_name = scheduler_config["_class_name"]
+    index = adapter.student_index(getattr(backbone, "base", backbone), sched_name)
+    linked = [folder] if isinstance(backbone, AdapterView) else []
+    if not isinstance(backbone, AdapterView):
+        backbone.save_pretrained(out / folder, safe_serialization=True)
+    elif save_lora(out, backbone, adapter, index.get("_class_name")):
+        assert backbone.shape is not None
+        lora = LoraSpec(LORA_FILE, backbone.shape.rank, backbone.shape.alpha)
+        info = dataclasses.replace(info, lora=lora)
+    else:  # no LoRA loader in the stock pipeline: a full student
+        linked = []
+        fused_copy(backbone, adapter.root).save_pretrained(out / folder, safe_serialization=True)
     getattr(diffusers, sched_name).from_config(scheduler_config).save_pretrained(out / "scheduler")
-    index = adapter.student_index(backbone, sched_name)
     for name, entry in index.items():
-        if name in (folder, "scheduler") or not isinstance(entry, list) or entry[0] is None:
+        if name == "scheduler" or not isinstance(entry, list) or entry[0] is None:
             continue
-        if (adapter.root / name).is_dir():
-            _link_tree(adapter.root / name, out / name)
+        if (name != folder or linked) and (adapter.root / name).is_dir():
+            link_tree(adapter.root / name, out / name)
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     info.write(out)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
+    """``dst`` a copy of the folder ``src`` whose files are hard links to its files."""
     import os
     import shutil
 

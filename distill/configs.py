@@ -75,6 +75,73 @@ def training_precision(target) -> Literal["no", "fp16", "bf16"]:
     return "bf16" if float(target.compute_capability) >= 8.0 else "fp16"
 
 
+class LoraFields(StageConfig):
+    """A LoRA student (``distill.lora``): adapters on one frozen base instead of full copies."""
+
+    lora_rank: int = Field(0, ge=0, le=1024)
+    """Rank r of a LoRA student's adapters (LCM-LoRA: 64); 0 trains every weight."""
+    lora_alpha: float | None = Field(None, gt=0)
+    """The adapters' scale numerator: they add (alpha / r) B A (default: alpha = r)."""
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """The frozen base's precision: "auto" computes in bf16 on GPUs that have it (fp16 on older
+    ones) and on CPUs with AVX512-BF16 or AMX, float32 on other CPUs; the adapters train in
+    float32."""
+
+    @model_validator(mode="after")
+    def _lora_alone(self):
+        if self.lora_rank and getattr(self, "fsdp", False):
+            raise ValueError("fsdp shards full-weight students; a LoRA student (lora_rank) trains "
+                             "its adapters on one process, drop fsdp")  # fmt: skip
+        if not self.lora_rank and (self.lora_alpha is not None or self.base_dtype != "auto"):
+            raise ValueError("lora_alpha and base_dtype are a LoRA student's: set lora_rank")
+        return self
+
+
+class LoraConfig(StageConfig):
+    """A user's LoRA fused into a checkpoint's weights (``distill.fuse_lora``)."""
+
+    file: str
+    """The LoRA, a .safetensors file in diffusers' keys or kohya's (as ``load_lora_weights``
+    reads them)."""
+    scale: float = 1.0
+    """Strength: the adapters add scale x (alpha / r) B A (``fuse_lora``'s ``lora_scale``)."""
+    sha256: str | None = None
+    """The file's sha256; read from the file when the config is made, so that an edited file is
+    a new artifact (given, it must match)."""
+
+    @model_validator(mode="after")
+    def _digest(self) -> LoraConfig:
+        import hashlib
+        from pathlib import Path
+
+        path = Path(self.file)
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ValueError(
+                f"LoRA file {self.file} not found or not a .safetensors file (accel reads LoRAs "
+                "in safetensors only)"
+            )
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if self.sha256 is not None and self.sha256 != digest.hexdigest():
+            raise ValueError(f"{self.file} has sha256 {digest.hexdigest()}, not {self.sha256}")
+        object.__setattr__(self, "sha256", digest.hexdigest())
+        return self
+
+
+LORA = Stage(
+    name="lora",
+    version=1,
+    config=LoraConfig,
+    consumes="checkpoint",
+    produces="checkpoint",
+    run="distill.fuse_lora:run",
+    description="fuse a LoRA (diffusers or kohya keys) into a teacher's or a student's weights",
+    requires=(),
+)
+
+
 class ProgressiveConfig(TrainingConfig):
     teacher_steps: int = Field(16, ge=2, le=1000)
     """DDIM steps of the teacher where halving starts: pick where its DDIM is already close to its
@@ -108,7 +175,7 @@ class ProgressiveConfig(TrainingConfig):
         return self
 
 
-class ConsistencyConfig(TrainingConfig):
+class ConsistencyConfig(TrainingConfig, LoraFields):
     solver_steps: int = Field(50, ge=2, le=1000)
     """N of the skipping-step grid (k = T / N): LCM's original_inference_steps."""
     num_inference_steps: int = Field(4, ge=1)
@@ -241,7 +308,7 @@ class GanConfig(TrainingConfig):
         return self
 
 
-class AdversarialConfig(GanConfig):
+class AdversarialConfig(GanConfig, LoraFields):
     student_steps: int = Field(1, ge=1, le=64)
     """Denoising steps of the student: 1, or a multi-step student trained with backward simulation."""
     guidance_scale: float = Field(1.0, ge=0)

@@ -27,6 +27,12 @@ baked in (the student takes one unguided pass), so the SD student runs in the st
 ``LCMScheduler``, both at guidance 1; with the family's w input (SD/SDXL: LCM's
 ``time_cond_proj_dim`` embedding, added to the student) the student takes w instead.
 
+With ``lora_rank`` the student is LCM-LoRA's (Luo et al. 2023, "LCM-LoRA"): adapters on one frozen
+base (``distill.lora``), the teacher the base with its adapters off and the target network
+theta- a second adapter, the EMA of the student's (``ema_decay``; diffusers' LCM-LoRA script
+takes theta- = theta, which ``ema_decay = 0`` gives). Its guidance is baked in (a LoRA adds no w
+input), and it is written as the teacher's pipeline plus ``pytorch_lora_weights.safetensors``.
+
 Flow-matching teachers (SD3; rectified flow, z_s = (1 - s) x0 + s eps): the consistency function
 is the flow student's own x0, f(z, s) = z - s v(z, s), which meets the boundary f(z, 0) = z by
 its parameterisation (no c_skip/c_out; it is the x0 of diffusers' ``FlowMatchLCMScheduler``, as
@@ -56,6 +62,7 @@ from distill.denoiser import (
     takes_w,
     w_conditioning,
 )
+from distill.lora import lora_networks
 from distill.samplers import ddim_step, flow_grid
 from distill.schedule import _bcast
 from distill.students import lcm_kind, save_student
@@ -127,14 +134,21 @@ def distill(
     trainer = Trainer("consistency", config, config.iterations, work, resume, progress=progress)
     sched = teacher.schedule
     teacher.labels_carry_guidance = teacher.guidance_scales is not None
-    backbone = copy.deepcopy(teacher.backbone)
     adapter = teacher.adapter
-    embedded = None if takes_w(backbone) else adapter.with_guidance_input(backbone)
-    backbone = (embedded or backbone).requires_grad_(True).train()
-    ema = copy.deepcopy(backbone).requires_grad_(False)
-    opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
-    backbone, opt = trainer.prepare(backbone, opt)
-    trainer.ema(ema, backbone, config.ema_decay)
+    if config.lora_rank:  # one frozen base: the teacher, the student and the EMA target
+        backbone, ema, trained, averaged = lora_networks(teacher, config, trainer, ("ema",))
+        embedded = None  # the guidance is baked in: a LoRA adds no w input
+        opt = torch.optim.Adam(trained.parameters(), lr=config.learning_rate)
+        _, opt = trainer.prepare(backbone.base, opt)
+        trainer.ema(averaged, trained, config.ema_decay)
+    else:
+        backbone = copy.deepcopy(teacher.backbone)
+        embedded = None if takes_w(backbone) else adapter.with_guidance_input(backbone)
+        backbone = (embedded or backbone).requires_grad_(True).train()
+        ema = copy.deepcopy(backbone).requires_grad_(False)
+        opt = torch.optim.Adam(backbone.parameters(), lr=config.learning_rate)
+        backbone, opt = trainer.prepare(backbone, opt)
+        trainer.ema(ema, backbone, config.ema_decay)
     trainer.place_teacher(teacher)
 
     kind = lcm_kind(sched.kind == "flow").wrapper

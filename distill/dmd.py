@@ -59,6 +59,12 @@ The "real" images of the GAN term are ``imagefolder:`` latents, or, data-free (`
 teacher's own samples, which the DMD term does not need at all (it is driven by the real and fake
 scores at the generator's own samples) and the GAN term then pulls toward the teacher's
 distribution rather than the data's.
+
+With ``lora_rank`` the three networks are one frozen base (``distill.lora``), as DMD2's SDXL LoRA
+student is trained on one UNet: the real score is the base with its adapters off, the generator
+one adapter and the fake score a second (initialised, like the generator, at the teacher); the
+discriminator head stays a separate float32 module. The guidance is baked in (no w input), and
+the student is the teacher's pipeline plus ``pytorch_lora_weights.safetensors``.
 """
 
 from __future__ import annotations
@@ -71,13 +77,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accel.core.errors import StageError
 from accel.core.stage import StageContext, say
 from distill.configs import AdversarialConfig
 from distill.data import Conditioning, concat, take, to_device
-from distill.denoiser import (
-    ConsistencyDenoiser,
-    Denoiser,
-)
+from distill.denoiser import ConsistencyDenoiser, Denoiser, w_conditioning
 from distill.gan import (
     Discriminator,
     FeatureTap,
@@ -86,6 +90,7 @@ from distill.gan import (
     find_teacher,
     generator_with_w,
 )
+from distill.lora import lora_networks
 from distill.parameterisation import from_x0_eps
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
@@ -115,12 +120,26 @@ def distill(
     def make(net: nn.Module, cls: type[Denoiser] = Denoiser, **kw) -> Denoiser:
         return cls(net, sched, ptype, adapter=adapter, **kw)
 
-    g_net, with_w = generator_with_w(adapter, generator_init, config.guidance_scale, trainer.device)
+    if config.lora_rank:  # one frozen base: the real score, the generator and the fake score
+        if generator_init is not teacher.backbone or config.gradient_checkpointing:
+            raise StageError(
+                "adversarial",
+                "a LoRA student (lora_rank) is adapters on the teacher itself, its three networks "
+                "one base: it cannot fine-tune another student, and gradient_checkpointing "
+                "would recompute the critic's blocks with the generator's adapter; drop one",
+            )
+        g_net, f_net, g_params, f_params = lora_networks(teacher, config, trainer, ("critic",))
+        with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)
+    else:
+        g_net, with_w = generator_with_w(
+            adapter, generator_init, config.guidance_scale, trainer.device
+        )
+        f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
+        g_params, f_params = g_net, f_net
 
     def conditioning(idx: torch.Tensor):
         return with_w(take(y_data, idx), len(idx))
 
-    f_net = copy.deepcopy(teacher.backbone).requires_grad_(True).train()
     tap = FeatureTap(f_net, config.feature_module or feature_module(f_net))
     with torch.no_grad():
         probe = torch.arange(2, device=trainer.device)
@@ -130,15 +149,18 @@ def distill(
     betas = config.adam_betas
     decay = config.weight_decay
     opt_g = torch.optim.AdamW(
-        g_net.parameters(), lr=config.learning_rate, betas=betas, weight_decay=decay
+        g_params.parameters(), lr=config.learning_rate, betas=betas, weight_decay=decay
     )
     opt_c = torch.optim.AdamW(
-        [*f_net.parameters(), *disc.parameters()],
+        [*f_params.parameters(), *disc.parameters()],
         lr=config.critic_learning_rate or config.learning_rate,
         betas=betas,
         weight_decay=decay,
     )
-    g_net, f_net, disc, opt_g, opt_c = trainer.prepare(g_net, f_net, disc, opt_g, opt_c)
+    if config.lora_rank:
+        _, disc, opt_g, opt_c = trainer.prepare(g_net.base, disc, opt_g, opt_c)
+    else:
+        g_net, f_net, disc, opt_g, opt_c = trainer.prepare(g_net, f_net, disc, opt_g, opt_c)
     generator = make(g_net, student_kind, solver_steps=N)
     fake = make(f_net)
     # the student's own sampling grid: LCMScheduler's, or FlowMatchLCMScheduler's (flow time)

@@ -57,6 +57,7 @@ class Discriminator(nn.Module):
             self.net = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.to(next(self.parameters()).dtype)  # a half-precision LoRA base's
         if features.dim() == 3:  # tokens: the per-token head, averaged over tokens
             return self.net(features).mean(1).squeeze(-1)
         return self.net(features).squeeze(-1)

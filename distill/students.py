@@ -53,7 +53,17 @@ def save_student(
     """The end of every training stage: the student's pipeline directory (``save_pipeline``:
     backbone, the kind's stock scheduler, ``info`` as accel.json, the teacher's other
     components), its figures in the artifact's ``metrics`` and its loss log."""
+    from distill.lora import AdapterView, lora_size
+
     save_pipeline(ctx.out, backbone, scheduler_config, info, teacher)
+    if isinstance(backbone, AdapterView):  # a LoRA student: its size beside the teacher's
+        assert backbone.shape is not None
+        named = backbone.base.named_parameters()
+        teacher_params = sum(p.numel() for n, p in named if "lora_" not in n)
+        metrics = {**metrics, "lora": {
+            "rank": backbone.shape.rank, "alpha": backbone.shape.alpha,
+            **lora_size(backbone.state()), "base_parameters": teacher_params,
+        }}  # fmt: skip
     ctx.metrics.update(metrics)
     write_loss_log(ctx.out, log)
 

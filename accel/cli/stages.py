@@ -1,5 +1,5 @@
-"""The single-stage commands (`accel distill ...`, `accel export ...`, `accel quantize`,
-`accel compile`, `accel bundle`), their options typed from the stage configs' fields."""
+"""The single-stage commands (`accel distill ...`, `accel export ...`, `accel lora`,
+`accel quantize`, `accel compile`, `accel bundle`), their options typed from the stage configs' fields."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def _config_option(field: str, info) -> click.Option:
                 bounds[f"{key}_open"] = is_open
     flag = field.replace("_", "-")
     text = " ".join((info.description or "").replace("``", "").split())
-    shown = f"{text} (default: {_toml_literal(info.default)})".strip()
+    default = "required" if info.is_required() else f"default: {_toml_literal(info.default)}"
+    shown = f"{text} ({default})".strip()
     decls = [f"--{flag}", field]
     if kind is bool:
         return click.Option([f"--{flag}/--no-{flag}", field], default=None, help=shown)
@@ -286,6 +287,15 @@ export.add_command(
         "optimize",
         "optimize",
         "Clean up the ONNX graph at INPUT with onnxslim, with a parity check against it.",
+    )
+)
+cli.add_command(
+    StageCommand(
+        "lora",
+        "lora",
+        "Fuse a LoRA (--file, diffusers or kohya keys, through diffusers' load_lora_weights) into "
+        "the weights of the pipeline at INPUT: a teacher before distillation, or a student before "
+        "export.",
     )
 )
 cli.add_command(

@@ -1,5 +1,6 @@
 """``accel.json``: what accel records beside a diffusers pipeline's ``model_index.json`` (format
-``accel.model/3``; /2 added ``consistency.grid``, /3 ``evaluation``, and older files read as /3).
+``accel.model/4``; /2 added ``consistency.grid``, /3 ``evaluation``, /4 ``lora``; older files read
+as /4).
 A teacher's names its unconditional class and how its images are judged (the quality metric and,
 for a text model, the prompts it is calibrated and gated on: ``evaluation``, which its students
 inherit); a distilled student's names the method, its step count and how guidance was
@@ -19,8 +20,9 @@ from typing import Any
 from accel.core.errors import CheckpointError
 
 MODEL_INFO_FILE = "accel.json"
-MODEL_INFO_FORMAT = "accel.model/3"
-READ_FORMATS = ("accel.model/1", "accel.model/2", MODEL_INFO_FORMAT)  # older: optional keys only
+MODEL_INFO_FORMAT = "accel.model/4"
+# older formats lack optional keys only
+READ_FORMATS = ("accel.model/1", "accel.model/2", "accel.model/3", MODEL_INFO_FORMAT)
 METHODS = ("progressive", "consistency", "scm", "meanflow", "dmd2", "add", "guidance")
 
 
@@ -74,6 +76,23 @@ class ConsistencySpec:
         _number("consistency.timestep_scaling", self.timestep_scaling, 0.0)
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA student (``distill.lora``): its adapters, in diffusers' format in ``weight_name``
+    beside model_index.json, apply to the denoiser the pipeline directory holds (its
+    teacher's)."""
+
+    weight_name: str
+    rank: int
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight_name, str) or "/" in self.weight_name:
+            raise ValueError(f"lora.weight_name must be a file name, got {self.weight_name!r}")
+        _integer("lora.rank", self.rank, 1)
+        _number("lora.alpha", self.alpha, 0.0)
+
+
 def check_prompt_list(what: str, prompts: Any) -> None:
     """ValueError unless ``prompts`` is None or a non-empty list of non-empty prompts (``what``
     names the field)."""
@@ -115,6 +134,7 @@ class ModelInfo:
     consistency: ConsistencySpec | None = None
     training: dict[str, Any] | None = None  # provenance of a shipped model (free-form)
     evaluation: Evaluation | None = None  # its quality metric and evaluation prompts
+    lora: LoraSpec | None = None  # a LoRA student's adapters
     format: str = MODEL_INFO_FORMAT
 
     def __post_init__(self) -> None:
@@ -124,6 +144,8 @@ class ModelInfo:
             )
         if isinstance(self.consistency, dict):
             object.__setattr__(self, "consistency", ConsistencySpec(**self.consistency))
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
         if isinstance(self.evaluation, dict):
             unknown = sorted(set(self.evaluation) - {f.name for f in fields(Evaluation)})
             if unknown:

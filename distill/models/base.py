@@ -111,6 +111,13 @@ class ModelAdapter:
     pixel: ClassVar[bool] = False  # samples pixels: no text encoder, no VAE
     null_from_info: ClassVar[bool] = False  # the unconditional branch of guidance is the
     # checkpoint's null class (accel.json's null_class_label), not null_conditioning's
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+        "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )  # fmt: skip
+    """The layers a LoRA student adapts (peft ``target_modules``, name suffixes): a transformer's
+    attention projections and MLPs, as diffusers' LoRA training scripts for SD3, Flux and Sana
+    target them."""
 
     def __init__(
         self,
@@ -341,11 +348,11 @@ class ModelAdapter:
         ``scheduler_class``): the teacher's, with the new scheduler and ``pipeline_class``; the
         components it lists besides the denoiser are the teacher's (``save_pipeline`` links them)."""
         index = dict(self.index, scheduler=["diffusers", scheduler_class])
-        pipeline = self.pipeline_class(scheduler_class)
+        pipeline = self.pipeline_class(backbone, scheduler_class)
         return index if pipeline is None else {**index, "_class_name": pipeline}
 
-    def pipeline_class(self, scheduler_class: str) -> str | None:
-        """The stock pipeline class of a student of this pipeline sampled with
+    def pipeline_class(self, backbone: nn.Module, scheduler_class: str) -> str | None:
+        """The stock pipeline class of a student of this pipeline (``backbone``) sampled with
         ``scheduler_class`` (the teacher's own by default)."""
         return self.index.get("_class_name")
 

@@ -26,6 +26,14 @@ class StableDiffusionAdapter(ModelAdapter):
     components = ("vae", "text_encoder", "tokenizer")
     optional_components = ("text_encoder_2", "tokenizer_2")
 
+    lora_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+        "time_emb_proj",
+    )  # fmt: skip
+    """LCM-LoRA's layers (diffusers' ``train_lcm_distill_lora_sd*.py``): attention, the ResNets'
+    convolutions and time projections, the samplers."""
+
     default_guidance = 8.5  # LatentConsistencyModelPipeline's guidance_scale default
     guidance_scale: float | None = None  # set by the loader: the embedded w to sample with
 
@@ -54,10 +62,13 @@ class StableDiffusionAdapter(ModelAdapter):
     def family_of(cls, config) -> str:
         return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
-    def pipeline_class(self, scheduler_class: str) -> str | None:
-        if self.family == "sd" and scheduler_class == "LCMScheduler":
-            return "LatentConsistencyModelPipeline"  # as LCM checkpoints ship
-        return super().pipeline_class(scheduler_class)
+    def pipeline_class(self, backbone: nn.Module, scheduler_class: str) -> str | None:
+        # an LCM student with LCM's w input ships as LCM checkpoints do; LatentConsistencyModel-
+        # Pipeline always feeds that input, so one without it (LCM-LoRA) runs in the teacher's
+        w_input = bool(backbone.config.get("time_cond_proj_dim"))
+        if self.family == "sd" and scheduler_class == "LCMScheduler" and w_input:
+            return "LatentConsistencyModelPipeline"
+        return super().pipeline_class(backbone, scheduler_class)
 
     def conditioning_spec(self) -> ConditioningSpec:
         spec = {

@@ -24,6 +24,11 @@ class UNet2DAdapter(ModelAdapter):
     denoiser_folder = "unet"
     pixel = True
     null_from_info = True
+    lora_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut",
+        "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+    )  # fmt: skip
+    """The UNet's attention and ResNet layers, as LCM-LoRA adapts a latent UNet's."""
 
     @classmethod
     def bare(cls, backbone: nn.Module, scheduler_config: dict[str, Any] | None = None):
