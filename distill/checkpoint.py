@@ -15,8 +15,17 @@ from accel.core.model_info import LoraSpec, ModelInfo
 from distill.denoiser import Denoiser
 
 
+def _half() -> tuple:
+    import torch
+
+    return (torch.float16, torch.bfloat16)
+
+
 def load_denoiser(
-    model_dir: str | Path, guidance_scale: float | None = None, load_components: bool = True
+    model_dir: str | Path,
+    guidance_scale: float | None = None,
+    load_components: bool = True,
+    dtype=None,
 ) -> tuple[Denoiser, ModelInfo]:
     """Load a diffusers pipeline directory (``model_index.json``, the denoiser's folder,
     ``scheduler/`` and, for latent text-to-image families, the text encoders, tokenizers and VAE)
@@ -27,11 +36,12 @@ def load_denoiser(
     ``null_class_label`` (for guidance), ``num_inference_steps`` and ``guidance_scale`` (a
     student's defaults); it is returned. The scheduler's config is the denoiser's
     ``scheduler_config``. A LoRA student (accel.json's ``lora``) loads as its teacher's denoiser
-    with the adapters fused in (``distill.lora.apply_lora``)."""
+    with the adapters fused in (``distill.lora.apply_lora``). ``dtype``: the denoiser's in memory
+    (``load_pipeline``; default float32)."""
     from distill.models import load_pipeline
 
     root = Path(model_dir)
-    adapter = load_pipeline(root, load_components=load_components)
+    adapter = load_pipeline(root, load_components=load_components, dtype=dtype)
     info = ModelInfo.read(root)
     if info.lora is not None:  # a LoRA student: its adapters fused into the teacher's weights
         from distill.lora import apply_lora
@@ -39,7 +49,12 @@ def load_denoiser(
         apply_lora(adapter, root / info.lora.weight_name)
     sched_cfg = adapter.scheduler_config
     w = guidance_scale if guidance_scale is not None else info.guidance_scale
-    args = (adapter.backbone, adapter.schedule, adapter.prediction_type)
+    backbone = adapter.backbone
+    if dtype in _half():
+        from distill.lora import AdapterView
+
+        backbone = AdapterView(backbone, None)  # float32 in and out, autocast inside
+    args = (backbone, adapter.schedule, adapter.prediction_type)
     kwargs: dict[str, Any]
     if not adapter.null_from_info:  # guidance against the adapter's null conditioning
         default = getattr(adapter, "default_guidance", 1.0) if adapter.guidance_in_model else 1.0
@@ -73,6 +88,7 @@ def load_teacher(
     guidance_scale: float,
     students: tuple[str, ...] = (),
     flow: bool = False,
+    dtype=None,
 ) -> tuple[Denoiser, ModelInfo]:
     """A teacher for a step-distillation stage: a discrete-time model (or a flow-matching one where
     the stage has its flow form, ``flow``) that is not itself a distilled student (distillation
@@ -80,7 +96,7 @@ def load_teacher(
     progressive student is a deterministic DDIM sampler of the ODE)."""
     from accel.core.errors import StageError
 
-    teacher, info = load_denoiser(path, guidance_scale=guidance_scale)
+    teacher, info = load_denoiser(path, guidance_scale=guidance_scale, dtype=dtype)
     if teacher.schedule.kind != "discrete" and not flow:
         raise StageError(
             stage,

@@ -62,7 +62,7 @@ from distill.denoiser import (
     takes_w,
     w_conditioning,
 )
-from distill.lora import lora_networks
+from distill.lora import lora_networks, teacher_dtype
 from distill.samplers import ddim_step, flow_grid
 from distill.schedule import _bcast
 from distill.students import lcm_kind, save_student
@@ -206,7 +206,9 @@ def run(ctx: StageContext) -> None:
     config: ConsistencyConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
 
-    teacher, info = load_teacher(ctx.input.path, "consistency", config.guidance_scale, flow=True)
+    teacher, info = load_teacher(
+        ctx.input.path, "consistency", config.guidance_scale, flow=True, dtype=teacher_dtype(config)
+    )
     flow = teacher.schedule.kind == "flow"
     T = teacher.schedule.num_train_timesteps
     if not flow and T % config.solver_steps:

@@ -135,12 +135,30 @@ def stage_data(ctx: Any, teacher: Any, name: str, seed: int, sample_steps: int |
     from distill.samplers import TEACHER_SAMPLE_STEPS, teacher_samples
 
     steps = sample_steps or TEACHER_SAMPLE_STEPS
-    return load_dataset(
+    data = load_dataset(
         name,
         teacher,
         ctx.store.root / "cache",
         lambda prompts: teacher_samples(teacher, prompts, steps, seed),
     )
+    release_encoders(teacher)
+    return data
+
+
+def release_encoders(teacher: Any) -> None:
+    """Free the text encoders' and the VAE's weights once the data is encoded: training sees
+    latents and embeddings only (as diffusers' and DMD2's scripts train on cached ones). The
+    guidance branch's null conditioning is encoded first; the modules stay, on the meta device,
+    so their configs still answer (a latent's size) and any later use fails loudly."""
+    adapter = teacher.adapter
+    if adapter.pixel or not adapter.modules:
+        return
+    if not adapter.null_from_info:
+        with torch.no_grad():
+            teacher._null()
+    for name, module in adapter.modules.items():
+        if isinstance(module, torch.nn.Module) and (name == "vae" or name.startswith("text_")):
+            module.to("meta")
 
 
 def _checked(name: str) -> str:

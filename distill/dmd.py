@@ -90,7 +90,7 @@ from distill.gan import (
     find_teacher,
     generator_with_w,
 )
-from distill.lora import lora_networks
+from distill.lora import lora_networks, teacher_dtype
 from distill.parameterisation import from_x0_eps
 from distill.samplers import consistency_timesteps, flow_grid
 from distill.schedule import _bcast
@@ -269,7 +269,7 @@ def run(ctx: StageContext) -> None:
     config: AdversarialConfig = ctx.config  # type: ignore[assignment]
     from distill.data import stage_data
 
-    teacher, init, info = find_teacher(ctx, config.guidance_scale)
+    teacher, init, info = find_teacher(ctx, config.guidance_scale, dtype=teacher_dtype(config))
     data = stage_data(ctx, teacher, config.dataset, config.seed)
     student, log = distill(teacher, init, data, config, ctx.work, ctx.resume, ctx.progress)
     save_lcm_student(ctx, student, teacher, info, "dmd2", config.guidance_scale, log)

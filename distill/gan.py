@@ -105,16 +105,17 @@ def feature_module(backbone: nn.Module) -> str:
 
 
 def find_teacher(
-    ctx: StageContext, guidance_scale: float, stage: str = "adversarial"
+    ctx: StageContext, guidance_scale: float, stage: str = "adversarial", dtype=None
 ) -> tuple[Denoiser, nn.Module, ModelInfo]:
     """(teacher, generator initialisation, teacher info). The input is the teacher, or a distilled
-    student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from."""
+    student to fine-tune, whose teacher is the checkpoint its lineage in the store starts from.
+    ``dtype``: the teacher's denoiser's in memory (a LoRA student's base; default float32)."""
 
     def is_student(path: Path) -> bool:
         return ModelInfo.read(path).is_student
 
     if not is_student(ctx.input.path):
-        teacher, info = load_teacher(ctx.input.path, stage, guidance_scale, flow=True)
+        teacher, info = load_teacher(ctx.input.path, stage, guidance_scale, flow=True, dtype=dtype)
         return teacher, teacher.backbone, info
     for artifact in ctx.store.lineage(ctx.input)[1:]:
         if artifact.kind == "checkpoint" and not is_student(artifact.path):

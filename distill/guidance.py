@@ -194,7 +194,7 @@ def distill_w_input(
     trainer.place_teacher(teacher)
     student = Denoiser(backbone, sched, ptype, adapter=adapter)  # one pass, w as an input
     spec = adapter.conditioning_spec()
-    null = adapter.null_conditioning(*adapter.default_resolution())
+    null = teacher._null()  # encoded before the text encoders were released (stage_data)
     x_data, y_data = to_device(data, trainer.device)
     lo, hi = config.guidance_min, config.guidance_max
 

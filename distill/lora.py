@@ -45,6 +45,17 @@ def _lora_layers(base: nn.Module) -> list[nn.Module]:
     return [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def training_device() -> torch.device:
+    """The device a training stage's ``Trainer`` takes (Accelerate's default)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def teacher_dtype(config) -> torch.dtype | None:
+    """The dtype a stage with ``LoraFields`` loads its teacher's denoiser in: a LoRA student's
+    base dtype (loaded straight into it), else None (float32: full weights train in it)."""
+    return base_dtype(config.base_dtype, training_device()) if config.lora_rank else None
+
+
 def base_dtype(choice: str, device: torch.device) -> torch.dtype:
     """The frozen base's dtype: ``choice`` ("fp32", "bf16", "fp16") or, for "auto", the half
     precision the device computes in: bf16 on a GPU that has it (fp16 on older GPUs), bf16 on a
@@ -122,8 +133,10 @@ def _activate(base: nn.Module, name: str | None) -> None:
 
 
 def _active(base: nn.Module) -> str | None:
-    layer = _lora_layers(base)[0]
-    return None if layer.disable_adapters else layer.active_adapters[0]
+    layers = _lora_layers(base)
+    if not layers:
+        return None
+    return None if layers[0].disable_adapters else layers[0].active_adapters[0]
 
 
 @contextmanager
@@ -139,9 +152,10 @@ def active(base: nn.Module, name: str | None) -> Iterator[None]:
 
 class AdapterView(nn.Module):
     """One network of a LoRA base: ``base`` called with adapter ``name`` active (None: the
-    teacher), under autocast to the base's dtype where that is half precision, its output
-    ``sample`` back in float32. Its other attributes (``config``, ...) are the base's, so
-    adapters and denoisers read it as a backbone."""
+    teacher; or a base without adapters, a denoiser loaded in half precision), under autocast
+    to the base's dtype where that is half precision, its output ``sample`` back in float32.
+    Its other attributes (``config``, ...) are the base's, so adapters and denoisers read it
+    as a backbone."""
 
     def __init__(self, base: nn.Module, name: str | None, shape: LoraShape | None = None):
         super().__init__()
@@ -190,8 +204,10 @@ def lora_base(teacher, shape: LoraShape, names: tuple[str, ...], dtype: torch.dt
     cast to ``dtype``, and the teacher's own backbone replaced by the base with its adapters off;
     returns one ``AdapterView`` per name."""
     base = teacher.backbone
-    if isinstance(base, AdapterView):
-        raise StageError("lora", "the teacher is already a LoRA base")
+    if isinstance(base, AdapterView):  # loaded in half precision (``load_denoiser``)
+        if _lora_layers(base.base):
+            raise StageError("lora", "the teacher already carries adapters")
+        base = base.base
     base.to(dtype)
     add_adapters(base, shape, names)
     teacher.backbone = AdapterView(base, None)

@@ -67,16 +67,26 @@ class Fp16Config(StageConfig):
 
 def outside_backbone(model) -> list[str]:
     """Names of the nodes that the exporter did not place inside a ``backbone`` module. The
-    dynamo exporter records module scopes in each node's metadata; the TorchScript exporter names
-    nodes by module path (``/graph/backbone/conv_in/Conv``). A graph with neither (a pass such as
+    dynamo exporter records module scopes in each node's metadata (a node its optimiser made has
+    none: it is inside when every node it reads from is); the TorchScript exporter names nodes by
+    module path (``/graph/backbone/conv_in/Conv``). A graph with neither (a pass such as
     onnxslim dropped them) is refused."""
     nodes = [n for n in model.graph.node if n.name]
     if any(p.key == SCOPES for n in nodes for p in n.metadata_props):
+        producer = {o: n for n in model.graph.node for o in n.output}
+        placed: dict[str, bool] = {}
 
         def inside(node) -> bool:
             meta = {p.key: p.value for p in node.metadata_props}
-            scopes = ast.literal_eval(meta.get(SCOPES, "[]"))
-            return any(s.split(".")[-1] == "backbone" for s in scopes)
+            if SCOPES in meta:
+                scopes = ast.literal_eval(meta[SCOPES])
+                placed[node.name] = any(s.split(".")[-1] == "backbone" for s in scopes)
+            else:  # a node the optimiser made (a Split of a GEGLU's chunk): where its inputs are
+                sources = [producer[i] for i in node.input if i in producer]
+                placed[node.name] = bool(sources) and all(
+                    placed.get(src.name, False) for src in sources
+                )
+            return placed[node.name]
 
     elif any("/backbone/" in n.name for n in nodes):
 

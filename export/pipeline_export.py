@@ -180,30 +180,32 @@ def export_component(
     """Export ``module`` to ``ctx.out / file`` with the first of ``EXPORTERS`` whose graph loads
     and passes parity (the dynamo exporter; the same without its onnxscript optimiser; the
     TorchScript one); the figures for the stage's metrics."""
-    from export.onnx_export import onnx_from_torch, onnx_parity
+    from export.onnx_export import batch_bound, onnx_from_torch, onnx_parity
 
     path = ctx.out / file
     tried: dict[str, str] = {}
     t0 = time.perf_counter()
     report: dict = {}
     captured = False  # the last exporter wrote a graph (its failure, if any, came after)
+    max_batch = 1024
     for exporter in EXPORTERS:
         if exporter == "dynamo-unoptimized" and "dynamo" in tried and not captured:
             continue  # torch.export itself failed: the optimiser is not the problem
         captured = False
         ctx.progress(f"onnx: exporting the {name} ({exporter} exporter, opset {opset})")
         try:
-            onnx_from_torch(
-                module,
-                path,
-                opset,
-                dynamo=exporter != "legacy",
-                optimize=exporter == "dynamo",
-                inputs=feeds,
-                output=outputs,
-                spatial=spatial,
-                unbatched=unbatched or (),
-            )
+            kwargs = dict(inputs=feeds, output=outputs, spatial=spatial, unbatched=unbatched or ())
+            try:
+                onnx_from_torch(module, path, opset, dynamo=exporter != "legacy",
+                                optimize=exporter == "dynamo", max_batch=max_batch, **kwargs)  # fmt: skip
+            except Exception as e:
+                bound = batch_bound(e) if exporter != "legacy" else None
+                if bound is None or bound >= max_batch:
+                    raise
+                max_batch = bound  # diffusers' UNets: the same graph, proved for batch <= 63
+                ctx.progress(f"onnx: the {name}'s guards bound its batch at {bound}; again")
+                onnx_from_torch(module, path, opset, dynamo=True, optimize=exporter == "dynamo",
+                                max_batch=max_batch, **kwargs)  # fmt: skip
             captured = True
             seconds = time.perf_counter() - t0
             # a graph that onnxruntime cannot load or that disagrees with torch counts as a
@@ -226,6 +228,7 @@ def export_component(
         "export_seconds": seconds,
         "parity": report,
         "onnx_bytes": sum(p.stat().st_size for p in ctx.out.glob(file + "*")),
+        **({"dynamo_max_batch": max_batch} if max_batch != 1024 and exporter != "legacy" else {}),
     }
 
 

@@ -16,6 +16,8 @@ evaluation prompts (``accel.json``), or ``gate.prompts``; with neither it is ref
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Annotated
 
@@ -55,7 +57,13 @@ class GateConfig(StageConfig):
     image_rmse: largest RMS image difference from the parent (default 0.05)."""
     samples: int = Field(1000, ge=2)
     """Images each side draws per seed, in batches of the target's batch (memory does not grow
-    with it)."""
+    with it); a per-image metric stops earlier at ``max_seconds``."""
+    max_seconds: float | None = Field(600.0, gt=0)
+    """A per-image metric (image_rmse: each image against the parent's from the same noise)
+    stops drawing after this many seconds, at least one batch and one image per seed in, so
+    that a gate at real size (tens of seconds per image on a CPU) finishes; the images drawn
+    are in the result. A distribution metric (fd_digits) needs its samples and draws them all.
+    None: no limit."""
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
     """Noise seeds; the gate compares the mean over them."""
     prompts: Prompts = None
@@ -100,6 +108,7 @@ def quality_gate(
     ``StageError`` when the candidate is worse than ``gate`` allows."""
     from accel.core.metrics import ImageRMSE
     from accel.runtime import draw
+    from accel.runtime.loop import bounded_batch
 
     plan: SamplerPlan = parent[1]
     name = gate.metric or default_metric(plan)
@@ -120,16 +129,21 @@ def quality_gate(
             stage, f'{e}: set gate.metric = "image_rmse" (or "off") in the stage config'
         ) from None
     threshold = metric.default_threshold if gate.threshold is None else gate.threshold
+    batch = bounded_batch(plan, batch)
+    per_image = metric is rmse
+    budget = gate.max_seconds if per_image and gate.max_seconds is not None else math.inf
     progress(
         f"{stage}: quality gate ({name}, {gate.samples} samples x {len(gate.seeds)}, "
-        f"batches of {batch})"
+        f"batches of {batch}" + (f", at most {budget:g} s" if budget < math.inf else "") + ")"
     )
-    for seed in gate.seeds:
+    start, drawn, stopped = time.perf_counter(), 0, False  # drawn: images per side
+    for k, seed in enumerate(gate.seeds):
         streams = [
             draw(rt, p, gate.samples, seed, batch, prompts, p.num_classes)
             for rt, p in (parent, candidate)
         ]
         for (a, conditions), (b, _) in zip(*streams, strict=True):
+            drawn += len(a)
             for who, images in (("parent", a), ("candidate", b)):
                 if not np.isfinite(images).all():
                     raise StageError(stage, f"the {who} sampled NaN or Inf images")
@@ -141,11 +155,20 @@ def quality_gate(
                         stage, f'{e}: set gate.metric = "image_rmse" in the stage config'
                     ) from None
             rmse.add(seed, a, b, conditions)
+            # each seed has an equal share of the time: seed k stops at (k + 1) / len(seeds)
+            deadline = budget * (k + 1) / len(gate.seeds)
+            if time.perf_counter() - start > deadline and drawn < gate.samples * (k + 1):
+                stopped = True
+                break
     figures, value, verdict = metric.result(threshold)
+    if stopped:
+        progress(f"{stage}: quality gate drew {drawn} images in its {budget:g} s (max_seconds)")
     result: dict = {
         "metric": name,
         "threshold": threshold,
         "samples": gate.samples,
+        "drawn": drawn,
+        "stopped_at_max_seconds": stopped,
         "seeds": list(gate.seeds),
         "batch": batch,
         "image_rmse": rmse.result(threshold)[1],

@@ -137,3 +137,44 @@ def test_a_metric_the_model_names_comes_from_the_metrics_table():
     plan = _text_plan(evaluation_prompts=["a"], metric="clip_score")
     with pytest.raises(StageError, match="names the quality metric 'clip_score'"):
         quality_gate("ort", GateConfig(samples=2), (None, plan), (None, plan), lambda m: None)
+
+
+# ---------------------------------------------------------------- sized to the model
+
+
+def test_a_per_image_gate_stops_at_max_seconds_and_says_how_many_it_drew(
+    drawn_prompts, monkeypatch
+):
+    """A clock that advances 10 s per reading: a 25 s budget over two seeds gives each seed
+    its half, so each stops after the batch that crossed its share; a distribution metric
+    would draw everything (max_seconds applies to per-image metrics only)."""
+    import itertools
+
+    import export.quality_gate as qg
+
+    ticks = itertools.count(0.0, 10.0)
+    monkeypatch.setattr(qg.time, "perf_counter", lambda: next(ticks))
+    plan = _text_plan(evaluation_prompts=["a red circle"])
+    side = (None, plan)
+    gate = qg.GateConfig(samples=100, seeds=[0, 1], threshold=0.0, max_seconds=25.0)
+    result = qg.quality_gate("ort", gate, side, side, lambda m: None, 4)
+    assert result["passed"] and result["stopped_at_max_seconds"]
+    assert 0 < result["drawn"] < 200 and result["drawn"] % 4 == 0
+    ticks = itertools.count(0.0, 10.0)
+    unlimited = qg.GateConfig(samples=12, seeds=[0], threshold=0.0, max_seconds=None)
+    result = qg.quality_gate("ort", unlimited, side, side, lambda m: None, 4)
+    assert result["drawn"] == 12 and not result["stopped_at_max_seconds"]
+
+
+def test_draws_take_fewer_images_per_batch_as_the_images_grow():
+    from accel.core.plan import SamplerPlan, Step
+    from accel.runtime.loop import bounded_batch
+
+    def plan(shape):
+        return SamplerPlan(steps=[Step(timestep=999, a=0.0, b=1.0)], sample_shape=shape)
+
+    assert bounded_batch(plan([1, 16, 16]), 64) == 64  # the digits: the target's batch
+    assert bounded_batch(plan([4, 16, 16]), 64) == 64  # the tiny text teacher's latents
+    assert bounded_batch(plan([4, 64, 64]), 64) == 4  # SD1.5 at 512 px
+    assert bounded_batch(plan([4, 128, 128]), 64) == 1  # SDXL at 1024 px
+    assert bounded_batch(plan([4, 64, 64]), 2) == 2  # never more than the target's

@@ -6,6 +6,7 @@ sampling needs nothing but numpy and a runtime."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -178,6 +179,17 @@ def run_pipeline(
     return x
 
 
+DRAW_ELEMENTS = 1 << 16
+"""Noise values per batch of a draw: 64 tiny latents (4 x 16 x 16), 4 of SD1.5's at 512 px, 1 of
+SDXL's at 1024 px, so that a draw's activations stay bounded as the model's images grow."""
+
+
+def bounded_batch(plan: SamplerPlan, batch: int) -> int:
+    """The batch a draw of ``plan`` takes: the target's ``batch``, fewer where one example's
+    noise is large (``DRAW_ELEMENTS``)."""
+    return max(1, min(batch, DRAW_ELEMENTS // math.prod(plan.sample_shape)))
+
+
 def draw(
     runtime: Runtime,
     plan: SamplerPlan,
@@ -189,14 +201,15 @@ def draw(
     on_step: Callable[[dict], None] | None = None,
 ):
     """n samples as a stream of (images in [-1, 1], conditions) batches of at most ``batch`` (the
-    target's batch), so that memory is one batch's whatever n is. The noise is drawn batch by
-    batch from numpy's ``default_rng(seed)`` (the same numbers as one draw of all n), fresh step
-    noise from ``default_rng([seed, 1])``. Conditions: a text model's prompts cycled (the
+    target's batch, ``bounded_batch``), so that memory is one batch's whatever n is. The noise is
+    drawn batch by batch from numpy's ``default_rng(seed)`` (the same numbers as one draw of all
+    n), fresh step noise from ``default_rng([seed, 1])``. Conditions: a text model's prompts cycled (the
     conditions are each image's index in ``prompts``), a class model's labels 0..K-1 cycled
     (``num_classes``, default the plan's), else None. The draw behind the quality gate, INT8
     calibration and the profile's quality figures."""
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
+    batch = bounded_batch(plan, batch)
     text = plan.conditioning_kind == "text"
     if text and not prompts:
         raise ValueError("a text-to-image model draws from prompts, and none were given")

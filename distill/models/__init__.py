@@ -40,6 +40,7 @@ __all__ = [
     "denoiser_folder",
     "load_pipeline",
     "load_safetensors",
+    "load_weights",
     "stock_defaults",
 ]
 
@@ -101,10 +102,52 @@ def adapter_class(cls_name: str, where: Path) -> type[ModelAdapter]:
     return getattr(importlib.import_module(module), name)
 
 
-def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapter:
+def load_weights(module, file: Path, config_path: Path) -> None:
+    """``file``'s tensors into ``module``'s parameters and buffers, one tensor at a time (peak
+    memory: the module plus one tensor, not plus the whole file), each cast to the module's own
+    dtype; strict (missing or unexpected keys, other shapes) and NaN/Inf-checked, each failure a
+    ``CheckpointError`` naming the file."""
+    import torch
+    from safetensors import safe_open
+
+    state = module.state_dict(keep_vars=True)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(state.keys() - keys), sorted(keys - state.keys())
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{file} does not match {config_path}: missing keys {missing[:3]}, "
+                    f"unexpected keys {unexpected[:3]}"
+                )
+            with torch.no_grad():
+                for key in sorted(keys):
+                    tensor, target = f.get_tensor(key), state[key]
+                    if tensor.shape != target.shape:
+                        raise CheckpointError(
+                            f"{file} does not match {config_path}: {key} has shape "
+                            f"{list(tensor.shape)}, the config builds {list(target.shape)}"
+                        )
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise CheckpointError(
+                            f"{file} holds NaN or Inf weights in {key}; the checkpoint is unusable"
+                        )
+                    target.copy_(tensor)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises several types for truncated/garbled headers
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({e}); re-save it with "
+            "safetensors.torch.save_file or re-download it"
+        ) from None
+
+
+def load_pipeline(root: str | Path, load_components: bool = True, dtype=None) -> ModelAdapter:
     """A diffusers pipeline directory as its family's adapter, the denoiser loaded strictly from
     safetensors (corrupt files, mismatched shapes and NaN weights are errors) and, with
-    ``load_components``, the text encoders, tokenizers and VAE sampling needs."""
+    ``load_components``, the text encoders, tokenizers and VAE sampling needs. ``dtype`` (a torch
+    dtype; default float32) is the denoiser's in memory: built in it and filled tensor by tensor,
+    so an fp16 checkpoint read as bf16 never holds a float32 copy."""
     import diffusers
 
     from accel.core.checkpoint import read_json
@@ -131,17 +174,17 @@ def load_pipeline(root: str | Path, load_components: bool = True) -> ModelAdapte
             f"{weights} not found; accel reads safetensors only (convert .bin weights with "
             "save_pretrained(safe_serialization=True); sharded weights are not supported yet)"
         )
+    import torch
+
+    default = torch.get_default_dtype()
     try:
+        torch.set_default_dtype(dtype or torch.float32)  # built in it: no float32 copy first
         backbone = cls.from_config(config)
     except Exception as e:
         raise CheckpointError(f"{config_path} does not build a {cls_name}: {e}") from None
-    try:
-        backbone.load_state_dict(load_safetensors(weights), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f"{weights} does not match {config_path}: {' '.join(first[:3])}"
-        ) from None
+    finally:
+        torch.set_default_dtype(default)
+    load_weights(backbone, weights, config_path)
     backbone.eval().requires_grad_(False)
     return adapter_cls(root, backbone, read_json(sched_path), index, load_components)
 
