@@ -207,7 +207,8 @@ def manifest_metrics(artifact: Path) -> dict:
     if not file.is_file():
         return {}
     metrics = json.loads(file.read_text()).get("metrics", {})
-    keep = {k: metrics[k] for k in ("peak_rss_mb", "peak_child_rss_mb", "lora") if k in metrics}
+    keep = {f"stage_{k}": metrics[k] for k in ("peak_rss_mb", "peak_child_rss_mb") if k in metrics}
+    keep.update({k: metrics[k] for k in ("wall_seconds", "lora") if k in metrics})
     if "components" in metrics:
         keep["components"] = {
             name: {
@@ -295,11 +296,13 @@ def main() -> None:
         "environment": environment(),
         "beside": "nothing else heavy (see docs/BENCHMARKS.md for each run)",
     }
-    out = (
-        a.out
-        or ROOT / "benchmarks" / "results" / f"real_size_{a.model}{'_tiny' if a.tiny else ''}.json"
-    )
+    name = f"real_size_{a.model}{'_tiny' if a.tiny else ''}{'_fp16' if a.dtype == 'fp16' else ''}"
+    out = a.out or ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # stages run apart (one command each) add up in one record
+        earlier = json.loads(out.read_text())
+        if earlier.get("model") == record["model"] and earlier.get("dtype") == a.dtype:
+            record["stages"] = {**earlier.get("stages", {}), **results}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(out)
 

@@ -322,9 +322,12 @@ class PerStepLoop:
         return {"images": images}
 
 
-def onnx_parity(path: Path, reference, feeds: list[dict], extra: list | None = None) -> dict:
+def onnx_parity(
+    path: Path, reference, feeds: list[dict], extra: list | None = None, then=None
+) -> dict:
     """torch against onnxruntime with its graph optimisations off and on (and ``extra``
-    runtimes), fp32 tolerances; StageError on any disagreement."""
+    runtimes), fp32 tolerances; StageError on any disagreement. ``then`` is called once the
+    reference's outputs are computed, before any onnxruntime session opens."""
     from accel.runtime import OrtRuntime
     from export.parity import compare, describe_failure
 
@@ -339,7 +342,8 @@ def onnx_parity(path: Path, reference, feeds: list[dict], extra: list | None = N
 
         return open_session
 
-    report = compare(reference, [opened(False), opened(True), *(extra or [])], feeds, "fp32")
+    runtimes = [opened(False), opened(True), *(extra or [])]
+    report = compare(reference, runtimes, feeds, "fp32", then=then)
     if not report["passed"]:
         raise StageError("onnx", "the runtimes disagree: " + describe_failure(report))
     return report

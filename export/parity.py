@@ -38,16 +38,20 @@ def compare(
     feeds: list[dict[str, np.ndarray]],
     precision: str = "fp32",
     judged: set[str] | None = None,
+    then: Callable[[], None] | None = None,
 ) -> dict:
     """Run every feed through ``reference`` and ``others``; per runtime and output, the worst
     statistics over the feeds and whether all outputs are within tolerance. Only the outputs in
     ``judged`` (default: all) must be within tolerance to pass; every output must be finite and
-    of the reference's shape, and every output's statistics are reported."""
+    of the reference's shape, and every output's statistics are reported. ``then`` runs once the
+    reference's outputs are computed (to release the reference's memory)."""
     tol = TOLERANCES[precision]
     report: dict = {"precision": precision, "tolerance": tol, "runtimes": {}, "passed": True}
     if judged is not None:
         report["judged"] = sorted(judged)
     refs = [reference.infer(f) for f in feeds]
+    if then is not None:
+        then()
     for entry in others:
         # a runtime, or a function that opens one: then it is open only while it is compared
         # (two onnxruntime sessions of a 3.4 GB UNet would hold the weights twice)

@@ -23,6 +23,7 @@ it (``components``, ``tokenizers``, ``text_outputs``, ``conditioning_file``).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -165,6 +166,14 @@ t = 999 (its x0 divides by alpha = 0.068) where TorchScript's is within 1e-4; T5
 Model Optimizer's quantizers export only with TorchScript."""
 
 
+RELEASE_BYTES = 1 << 30
+"""A component whose weights exceed this is released after its torch reference outputs."""
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def export_component(
     ctx: StageContext,
     name: str,
@@ -176,6 +185,7 @@ def export_component(
     spatial,
     parity_feeds: list[dict[str, np.ndarray]],
     unbatched: list[str] | None = None,
+    max_batch: int = 1024,
 ) -> dict:
     """Export ``module`` to ``ctx.out / file`` with the first of ``EXPORTERS`` whose graph loads
     and passes parity (the dynamo exporter; the same without its onnxscript optimiser; the
@@ -187,7 +197,13 @@ def export_component(
     t0 = time.perf_counter()
     report: dict = {}
     captured = False  # the last exporter wrote a graph (its failure, if any, came after)
-    max_batch = 1024
+    released = False
+    asked = max_batch
+
+    def release() -> None:
+        module.to("meta")
+        gc.collect()
+
     for exporter in EXPORTERS:
         if exporter == "dynamo-unoptimized" and "dynamo" in tried and not captured:
             continue  # torch.export itself failed: the optimiser is not the problem
@@ -195,6 +211,7 @@ def export_component(
         ctx.progress(f"onnx: exporting the {name} ({exporter} exporter, opset {opset})")
         try:
             kwargs = dict(inputs=feeds, output=outputs, spatial=spatial, unbatched=unbatched or ())
+            bound = None
             try:
                 onnx_from_torch(module, path, opset, dynamo=exporter != "legacy",
                                 optimize=exporter == "dynamo", max_batch=max_batch, **kwargs)  # fmt: skip
@@ -202,20 +219,34 @@ def export_component(
                 bound = batch_bound(e) if exporter != "legacy" else None
                 if bound is None or bound >= max_batch:
                     raise
+            if bound is not None:  # retried outside the handler: the failed trace is freed
+                gc.collect()
                 max_batch = bound  # diffusers' UNets: the same graph, proved for batch <= 63
                 ctx.progress(f"onnx: the {name}'s guards bound its batch at {bound}; again")
                 onnx_from_torch(module, path, opset, dynamo=True, optimize=exporter == "dynamo",
                                 max_batch=max_batch, **kwargs)  # fmt: skip
+            gc.collect()
             captured = True
             seconds = time.perf_counter() - t0
             # a graph that onnxruntime cannot load or that disagrees with torch counts as a
-            # failed export: the other exporter gets its turn
-            report = onnx_parity(path, ModuleRuntime(module, outputs, name), parity_feeds)
+            # failed export: the other exporter gets its turn. A module over RELEASE_BYTES is
+            # released once torch's outputs are computed (nothing after it needs it), so that
+            # its weights and onnxruntime's are never held together.
+            released = weight_bytes(module) > RELEASE_BYTES
+            reference = ModuleRuntime(module, outputs, name)
+            report = onnx_parity(path, reference, parity_feeds, then=release if released else None)
             break
         except Exception as e:  # each exporter fails in its own exception types
             tried[exporter] = _reason(e)
             for leftover in ctx.out.glob(file + "*"):
                 leftover.unlink()
+            if captured and released:
+                raise StageError(
+                    "onnx",
+                    f"the {exporter} exporter's graph of the {name} fails parity ({tried[exporter]}), "
+                    "and its weights were released to keep one copy in memory, so no other "
+                    "exporter is tried",
+                ) from None
     else:
         raise StageError(
             "onnx",
@@ -229,6 +260,7 @@ def export_component(
         "parity": report,
         "onnx_bytes": sum(p.stat().st_size for p in ctx.out.glob(file + "*")),
         **({"dynamo_max_batch": max_batch} if max_batch != 1024 and exporter != "legacy" else {}),
+        **({"batch_bound_found": max_batch} if max_batch < asked else {}),
     }
 
 
@@ -237,7 +269,7 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     from safetensors.numpy import save_file
 
     from accel.runtime import step_feeds
-    from accel.runtime.loop import plan_timesteps
+    from accel.runtime.loop import bounded_batch, plan_timesteps
     from export.onnx_export import MODEL_FILE
     from export.torch_runtime import PipelineRuntime
 
@@ -256,6 +288,27 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     torch_rt = PipelineRuntime(graph, (h, w))
     rng = np.random.default_rng(0)
     metrics: dict[str, dict] = {}
+
+    # the denoiser's feeds first, through the torch text encoder: a large component is released
+    # once exported (export_component), so nothing may need it afterwards
+    def denoiser_feeds(n: int, seed: int) -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((n, *plan.sample_shape)).astype(np.float32)
+        t, r = plan_timesteps(plan)
+        if text:
+            cond = torch_rt.encode([PROMPTS[i % 2] for i in range(n)])
+        else:
+            cond = torch_rt.encode(labels=np.arange(n) % (plan.num_classes or 1))
+        r = None if r is None else np.resize(r, n)  # a flow map's step ends
+        return step_feeds(plan, x, np.resize(t, n), cond, null, r)
+
+    null = torch_rt.null_conditioning()
+    adapter.prepare_export(graph.backbone)
+    # parity batches bounded as draws are (at most 2 of SD1.5's 512 px images: onnxruntime without
+    # its optimisations holds unfused attention, 0.5 GB per image per score tensor)
+    batches = [min(b, max(2, bounded_batch(plan, b))) for b in config.parity_batch_sizes]
+    den_feeds = [denoiser_feeds(b, i) for i, b in enumerate(batches)]
+    den_example = denoiser_feeds(2, 7)
 
     # the text encoder (class-conditional latent models, DiT: none)
     entries: list[dict] = []
@@ -279,24 +332,10 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
         )  # fmt: skip
 
     # the denoiser
-    def denoiser_feeds(n: int, seed: int) -> dict[str, np.ndarray]:
-        r = np.random.default_rng(seed)
-        x = r.standard_normal((n, *plan.sample_shape)).astype(np.float32)
-        t, r = plan_timesteps(plan)
-        if text:
-            cond = torch_rt.encode([PROMPTS[i % 2] for i in range(n)])
-        else:
-            cond = torch_rt.encode(labels=np.arange(n) % (plan.num_classes or 1))
-        r = None if r is None else np.resize(r, n)  # a flow map's step ends
-        return step_feeds(plan, x, np.resize(t, n), cond, null, r)
-
-    null = torch_rt.null_conditioning()
-    adapter.prepare_export(graph.backbone)
-    den_feeds = [denoiser_feeds(b, i) for i, b in enumerate(config.parity_batch_sizes)]
     metrics["denoiser"] = export_component(
         ctx, f"denoiser ({type(graph.backbone).__name__})", graph, MODEL_FILE,
-        denoiser_feeds(2, 7), ["x0"], config.opset, spatial, den_feeds,
-        [k for k in plan.conditioning if not plan.is_batched(k)],
+        den_example, ["x0"], config.opset, spatial, den_feeds,
+        [k for k in plan.conditioning if not plan.is_batched(k)], adapter.export_max_batch,
     )  # fmt: skip
 
     # the VAE decoder
@@ -304,7 +343,7 @@ def export_pipeline(ctx: StageContext, config, graph, plan: SamplerPlan, spatial
     vae_spatial = None if spatial is None else (spatial[0], spatial[1], spatial[2])
     latents = [
         {"latents": rng.standard_normal((b, *plan.sample_shape)).astype(np.float32)}
-        for b in [2, *config.parity_batch_sizes]
+        for b in [2, *batches]
     ]  # exported at batch 2 (torch.export specialises a batch of 1)
     metrics["vae_decoder"] = export_component(
         ctx, "VAE decoder", vae, VAE_FILE, latents[0], ["images"], config.opset, vae_spatial,

@@ -25,6 +25,7 @@ The quality gate (``export.quality_gate``) then samples with the quantized and t
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 import tempfile
 import time
@@ -250,7 +251,6 @@ def _modelopt_onnx_ptq(
 
 def run(ctx: StageContext) -> None:
     config: QuantizeConfig = ctx.config  # type: ignore[assignment]
-    from accel.runtime import OrtRuntime
 
     plan = SamplerPlan.load(ctx.input.path / PLAN_FILE)
     if plan.fused:
@@ -273,12 +273,16 @@ def run(ctx: StageContext) -> None:
         ctx.target.draw_batch,
         config.calibration_prompts,
     )
+    # the fp32 sessions are closed while the quantizer runs: it loads the graph, an augmented
+    # copy and a session of that copy itself (an SD1.5 UNet is 3.4 GB each); the gate reopens them
+    del parent
+    gc.collect()
     t0 = time.perf_counter()
     qdq: dict[str, int] = {}
     for component in config.components:
         file = graph_pass.files[component]
-        graph = OrtRuntime(ctx.input.path / file)
-        feeds = [{k: v for k, v in f.items() if k in graph.inputs()} for f in feeds_of[component]]
+        names = graph_inputs(ctx.input.path / file)
+        feeds = [{k: v for k, v in f.items() if k in names} for f in feeds_of[component]]
         ops = quantize_graph(ctx.input.path, ctx.out, file, feeds, config)
         if not all(ops[op] for op in QDQ_OPS):
             raise StageError(
@@ -293,6 +297,7 @@ def run(ctx: StageContext) -> None:
         quantized, _ = graph_pass.pipeline(ctx.out, optimize=not fp8)
     except StageError as e:
         raise StageError("quantize", f"the quantized graph does not load: {e.message}") from None
+    parent, _ = graph_pass.pipeline(ctx.input.path)
     gate = quality_gate(
         "quantize",
         config.gate,
@@ -309,6 +314,13 @@ def run(ctx: StageContext) -> None:
     )
     if plan.components:
         ctx.info["quantized_components"] = list(config.components)
+
+
+def graph_inputs(path: Path) -> set[str]:
+    """The input names of an ONNX graph, read without its weights or a session."""
+    import onnx
+
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
 
 
 def quantize_graph(src_dir: Path, out_dir: Path, file: str, feeds: list[dict], config) -> Counter:

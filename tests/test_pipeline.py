@@ -77,7 +77,14 @@ def test_recipe_runs_then_hits_the_cache_then_fails_cleanly(tmp_path):
     assert report["scenarios"]["offline"]["batch"] == 64
     assert set(report["quality"]) == {workloads[0], "teacher DDIM, 2 steps", workloads[2]}
     assert "quality_latency.png" in report["plots"]
-    assert (report_dir.path / "report.md").read_text().startswith("# accel report")
+    # what each stage of the chain cost, the source first: its own peak memory from its manifest
+    chain = report["chain"]
+    assert [r["stage"] for r in chain] == ["source", "progressive", "onnx", "ort"]
+    assert all(r["peak_rss_mb"] > 0 and r["wall_seconds"] >= 0 for r in chain[1:])
+    markdown = (report_dir.path / "report.md").read_text()
+    assert (
+        markdown.startswith("# accel report") and "## The chain: what each stage cost" in markdown
+    )
     assert any(p.suffix == ".png" for p in report_dir.path.iterdir())
     for a in artifacts:
         a.verify()

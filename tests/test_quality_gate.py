@@ -170,11 +170,14 @@ def test_draws_take_fewer_images_per_batch_as_the_images_grow():
     from accel.core.plan import SamplerPlan, Step
     from accel.runtime.loop import bounded_batch
 
-    def plan(shape):
-        return SamplerPlan(steps=[Step(timestep=999, a=0.0, b=1.0)], sample_shape=shape)
+    def plan(shape, resolution=None):
+        steps = [Step(timestep=999, a=0.0, b=1.0)]
+        return SamplerPlan(steps=steps, sample_shape=shape, resolution=resolution)
 
     assert bounded_batch(plan([1, 16, 16]), 64) == 64  # the digits: the target's batch
-    assert bounded_batch(plan([4, 16, 16]), 64) == 64  # the tiny text teacher's latents
-    assert bounded_batch(plan([4, 64, 64]), 64) == 4  # SD1.5 at 512 px
-    assert bounded_batch(plan([4, 128, 128]), 64) == 1  # SDXL at 1024 px
-    assert bounded_batch(plan([4, 64, 64]), 2) == 2  # never more than the target's
+    assert bounded_batch(plan([4, 16, 16], [32, 32]), 64) == 64  # the tiny text teacher's
+    assert bounded_batch(plan([4, 64, 64], [512, 512]), 64) == 1  # SD1.5 at 512 px
+    assert bounded_batch(plan([4, 32, 32], [256, 256]), 64) == 4
+    assert bounded_batch(plan([4, 128, 128], [1024, 1024]), 64) == 1  # SDXL at 1024 px
+    assert bounded_batch(plan([4096, 64], [1024, 1024]), 64) == 1  # Flux's packed tokens
+    assert bounded_batch(plan([1, 16, 16]), 2) == 2  # never more than the target's

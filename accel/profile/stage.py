@@ -309,6 +309,21 @@ def reference_file(store, teacher, plan, samples: int, seeds: list[int]):
     )
 
 
+CHAIN_FIGURES = ("wall_seconds", "peak_rss_mb", "peak_child_rss_mb", "peak_gpu_mb")
+
+
+def chain_figures(lineage: list) -> list[dict]:
+    """What each stage that made the engine cost, from its manifest, the source first: stage,
+    key, wall seconds and peak memory (resident; a child process's; CUDA's where it ran)."""
+    rows = []
+    for artifact in reversed(lineage):
+        metrics = artifact.metrics
+        row = {"stage": artifact.stage, "key": artifact.key}
+        row.update({k: metrics[k] for k in CHAIN_FIGURES if k in metrics})
+        rows.append(row)
+    return rows
+
+
 def _lineage(ctx: StageContext):
     """(student checkpoint, teacher checkpoint) artifacts of the engine, from the store."""
     chain = ctx.store.lineage(ctx.input)
@@ -394,6 +409,7 @@ def run(ctx: StageContext) -> None:
         p50 = {k: v["latency_ms"]["p50"] for k, v in timed["results"].items()}
         speedup = p50[names["teacher"]] / p50[names["engine"]]
     report.update(
+        chain=chain_figures(ctx.store.lineage(ctx.input)),
         guidance_scale=w,
         steps={"teacher": config.teacher_steps, "student": steps},
         speedup_end_to_end_p50=speedup,

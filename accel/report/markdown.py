@@ -95,6 +95,7 @@ def markdown(report: dict) -> str:
         ]
         lines.append("")
     lines += _breakdown_lines(report["breakdown"])
+    lines += _chain_lines(report.get("chain") or [])
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     gpus = env.get("gpus") or []
@@ -118,6 +119,29 @@ def markdown(report: dict) -> str:
             f"{', '.join(g.get('throttle_reasons') or []) or 'none'}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _chain_lines(chain: list[dict]) -> list[str]:
+    """The stages that made the engine: wall time and peak memory of each."""
+    if not chain:
+        return []
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if row.get(key) is not None else "-"
+
+    lines = [
+        "## The chain: what each stage cost",
+        "",
+        "| stage | key | wall s | peak RSS MB | peak child RSS MB | peak GPU MB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in chain:
+        lines.append(
+            f"| {r['stage']} | {r['key'][:12]} | {cell(r, 'wall_seconds', '.1f')} | "
+            f"{cell(r, 'peak_rss_mb', '.0f')} | {cell(r, 'peak_child_rss_mb', '.0f')} | "
+            f"{cell(r, 'peak_gpu_mb', '.0f')} |"
+        )
+    return [*lines, ""]
 
 
 def _harness_line(h: dict) -> str:

@@ -156,6 +156,17 @@ class Quality(_Open):
     class_accuracy: float
 
 
+class ChainRow(_Open):
+    """One stage that made the profiled engine: its wall time and peak memory (MB)."""
+
+    stage: str
+    key: str
+    wall_seconds: float | None = Field(None, ge=0)
+    peak_rss_mb: float | None = Field(None, gt=0)
+    peak_child_rss_mb: float | None = Field(None, ge=0)
+    peak_gpu_mb: float | None = Field(None, ge=0)
+
+
 class Report(_Open):
     schema_: Literal["accel.report/2"] = Field(alias="schema")
     created: str
@@ -168,6 +179,7 @@ class Report(_Open):
     warnings: list[str]
     budget: Budget | None = None
     quality: dict[str, Quality] | None = None
+    chain: list[ChainRow] | None = None
 
 
 def load_report(path: str | Path) -> dict:

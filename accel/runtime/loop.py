@@ -6,7 +6,6 @@ sampling needs nothing but numpy and a runtime."""
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -179,15 +178,17 @@ def run_pipeline(
     return x
 
 
-DRAW_ELEMENTS = 1 << 16
-"""Noise values per batch of a draw: 64 tiny latents (4 x 16 x 16), 4 of SD1.5's at 512 px, 1 of
-SDXL's at 1024 px, so that a draw's activations stay bounded as the model's images grow."""
+DRAW_PIXELS = 1 << 18
+"""Image pixels per batch of a draw: one 512 x 512 image (SD1.5; SDXL's 1024 px ones go one at a
+time too), 64 of the tiny models', so that a draw's activations (a VAE decoder's at 512 px: 2 GB
+per tensor at batch 4) stay bounded as the images grow."""
 
 
 def bounded_batch(plan: SamplerPlan, batch: int) -> int:
-    """The batch a draw of ``plan`` takes: the target's ``batch``, fewer where one example's
-    noise is large (``DRAW_ELEMENTS``)."""
-    return max(1, min(batch, DRAW_ELEMENTS // math.prod(plan.sample_shape)))
+    """The batch a draw of ``plan`` takes: the target's ``batch``, fewer where the images are
+    large (``DRAW_PIXELS``)."""
+    h, w = plan.resolution or plan.sample_shape[-2:]
+    return max(1, min(batch, DRAW_PIXELS // (h * w)))
 
 
 def draw(

@@ -111,6 +111,8 @@ class ModelAdapter:
     pixel: ClassVar[bool] = False  # samples pixels: no text encoder, no VAE
     null_from_info: ClassVar[bool] = False  # the unconditional branch of guidance is the
     # checkpoint's null class (accel.json's null_class_label), not null_conditioning's
+    export_max_batch: ClassVar[int] = 1024
+    """The largest batch the denoiser's dynamo export proves (its guards' bound)."""
     lora_targets: ClassVar[tuple[str, ...]] = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
         "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -185,8 +187,13 @@ class ModelAdapter:
             ) from None
         if name.startswith("tokenizer"):
             kwargs: dict[str, Any] = {"local_files_only": True}
-        else:
-            kwargs = {"local_files_only": True, "use_safetensors": True}
+        else:  # float32 whatever the files hold (transformers 5 keeps an fp16 checkpoint
+            # fp16): the exporters trace float32 graphs, and an fp16 VAE overflows (SDXL's)
+            kwargs = {
+                "local_files_only": True,
+                "use_safetensors": True,
+                "torch_dtype": torch.float32,
+            }
         try:
             module = cls.from_pretrained(str(folder), **kwargs)
         except Exception as e:  # each library raises its own types for missing/corrupt files

@@ -34,6 +34,8 @@ class StableDiffusionAdapter(ModelAdapter):
     """LCM-LoRA's layers (diffusers' ``train_lcm_distill_lora_sd*.py``): attention, the ResNets'
     convolutions and time projections, the samplers."""
 
+    export_max_batch = 63  # diffusers' Upsample2D makes its input contiguous from batch 64 on
+
     default_guidance = 8.5  # LatentConsistencyModelPipeline's guidance_scale default
     guidance_scale: float | None = None  # set by the loader: the embedded w to sample with
 
