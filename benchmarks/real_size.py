@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gpu_check import SD3_MEDIUM, SDXL_UNET  # noqa: E402
 from sd_components import SD15_UNET, SD_VAE  # noqa: E402
 
 PROMPTS = ["a handwritten seven", "a red circle on a white table", "a photo of a cat", "a house"]
@@ -42,29 +43,6 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
 CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
               num_attention_heads=20, projection_dim=1280, hidden_act="gelu")  # fmt: skip
-SDXL_UNET = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10),
-    "attention_head_dim": (5, 10, 20),
-    "cross_attention_dim": 2048,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "use_linear_projection": True,
-    "norm_num_groups": 32,
-}
-SD3_TRANSFORMER = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16,
-    "pos_embed_max_size": 192,
-}  # fmt: skip
 SD3_VAE = {**SD_VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
            "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024}  # fmt: skip
 DDPM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -136,9 +114,9 @@ def build(model: str, out: Path, dtype: str, tiny_size: bool) -> Path:
             scheduler=diffusers.EulerDiscreteScheduler(**DDPM, timestep_spacing="leading"),
         )  # fmt: skip
     elif model == "sd3":
-        config = SD3_TRANSFORMER
+        config = SD3_MEDIUM
         if tiny_size:
-            config = tiny(SD3_TRANSFORMER, num_layers=2, attention_head_dim=8, sample_size=8,
+            config = tiny(SD3_MEDIUM, num_layers=2, attention_head_dim=8, sample_size=8,
                           num_attention_heads=2, joint_attention_dim=32,
                           caption_projection_dim=16, pooled_projection_dim=64)  # fmt: skip
         vae = diffusers.AutoencoderKL(**(tiny(SD3_VAE, **small) if tiny_size else SD3_VAE))

@@ -208,7 +208,8 @@ def lora_base(teacher, shape: LoraShape, names: tuple[str, ...], dtype: torch.dt
         if _lora_layers(base.base):
             raise StageError("lora", "the teacher already carries adapters")
         base = base.base
-    base.to(dtype)
+    if next(base.parameters()).dtype != dtype:
+        base.to(dtype)
     add_adapters(base, shape, names)
     teacher.backbone = AdapterView(base, None)
     return [AdapterView(base, name, shape) for name in names]

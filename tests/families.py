@@ -618,6 +618,19 @@ def write_pipeline(family: str, path, seed: int = 0, evaluation: bool = True) ->
     return path
 
 
+def pipelines(root: pathlib.Path):
+    """``get(family)``: the family's tiny pipeline written under ``root`` on first use (a
+    module-scoped fixture's cache)."""
+    made: dict[str, pathlib.Path] = {}
+
+    def get(family: str) -> pathlib.Path:
+        if family not in made:
+            made[family] = write_pipeline(family, root / family)
+        return made[family]
+
+    return get
+
+
 def load_kwargs(family: str) -> dict:
     """Extra ``from_pretrained`` kwargs a saved ``family`` pipeline needs to load.
 

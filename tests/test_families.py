@@ -22,15 +22,7 @@ PROMPT = "a red circle"
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    made: dict[str, object] = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = families.write_pipeline(family, root / family)
-        return made[family]
-
-    return get
+    return families.pipelines(tmp_path_factory.mktemp("families"))
 
 
 def _sample(monkeypatch, capsys, path, family, out, *extra, steps=2):
