@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accel.core.artifact import Artifact, Store
 from accel.core.errors import AccelError, StageError
-from accel.core.memory import PeakMemory
+from accel.core.memory import PeakMemory, note_stage
 from accel.core.stage import Stage, StageConfig, StageContext, say
 from accel.core.target import Target
 from accel.processes import Processes
@@ -144,23 +144,50 @@ def out_of_memory(error: BaseException) -> bool:
     return any(s in str(error).lower() for s in _ALLOCATION)
 
 
-def _lower(stage, config, target: Target) -> str:
-    """The out-of-memory message of ``stage``: what of its inputs sets its memory."""
+def memory_tries(config, target: Target) -> str:
+    """What of a stage's inputs sets its memory, cheapest first: the end of its out-of-memory
+    message (and of the line a watched run's parent prints when the kernel kills it)."""
     fields = type(config).model_fields
-    asks = []
+    tries = []
+    if "lora_rank" in fields and not config.lora_rank:
+        tries.append("a LoRA student (lora_rank = 64: one frozen base, not three networks)")
+    if "base_dtype" in fields and config.lora_rank and config.base_dtype == "fp32":
+        tries.append('base_dtype = "bf16" (the frozen base in half precision)')
+    if "gradient_checkpointing" in fields and not config.gradient_checkpointing:
+        tries.append("gradient_checkpointing = true")
     if "batch_size" in fields:
-        asks.append(f"batch_size (now {config.batch_size})")
-        if "gradient_checkpointing" in fields and not config.gradient_checkpointing:
-            asks.append("or turn on gradient_checkpointing")
+        tries.append(f"a smaller batch_size (now {config.batch_size})")
     else:
         b = target.shapes.batch
-        asks.append(
-            f"the target's [shapes] batch max (now {b.max}: gates, calibration and engines draw "
-            "in batches of it)"
+        tries.append(
+            f"a smaller [shapes] batch max in the target (now {b.max}: gates, calibration and "
+            "engines draw in batches of it)"
         )
-    if "resolution" in fields:
-        asks.append("the resolution")
-    return "out of memory: this machine cannot hold what it asked for; lower " + ", ".join(asks)
+    if "resolution" in fields or target.shapes.resolution.max > 64:
+        tries.append("a lower resolution")
+    tries.append("a machine with more memory")
+    return "try " + "; ".join(tries)
+
+
+def memory_message(stage, config, target: Target, error: BaseException, peak) -> str:
+    """The one-line out-of-memory error of ``stage``: the allocation that failed (where the
+    allocator says), the peak so far against the machine's memory, and ``memory_tries``."""
+    from accel.core.memory import asked_bytes, gigabytes, machine_bytes
+
+    asked, total = asked_bytes(error), machine_bytes()
+    cuda = "cuda" in str(error).lower()
+    said = [f"an allocation of {gigabytes(asked)} failed"] if asked else []
+    if not cuda and getattr(peak, "rss", None):
+        said.append(
+            f"at a peak of {gigabytes(peak.rss)} resident"
+            + (f" of this machine's {gigabytes(total)}" if total else "")
+        )
+    return (
+        f"out of {'the GPU' + chr(39) + 's ' if cuda else ''}memory in the {stage.name} stage"
+        + (f" ({', '.join(said)})" if said else "")
+        + "; "
+        + memory_tries(config, target)
+    )
 
 
 def _run_and_commit(
@@ -199,8 +226,10 @@ def _run_and_commit(
             resume,
         )
         t0 = time.perf_counter()
+        note_stage(stage.name, memory_tries(config, target))
+        peak = PeakMemory()
         try:
-            with PeakMemory() as peak:
+            with peak:
                 stage.run(ctx)
         except StageError as e:
             e.completed = list(completed)
@@ -210,7 +239,8 @@ def _run_and_commit(
         except (MemoryError, RuntimeError) as e:
             if not out_of_memory(e):
                 raise
-            raise StageError(stage.name, _lower(stage, config, target), completed) from None
+            message = memory_message(stage, config, target, e, peak)
+            raise StageError(stage.name, message, completed) from None
         pending.metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
         pending.metrics.update(peak.metrics())
         if parent.stage == "source" and not store.has(parent.key):

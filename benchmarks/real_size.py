@@ -214,6 +214,11 @@ def main() -> None:
     parser.add_argument("--int8-threshold", type=float, default=10.0)
     parser.add_argument("--gate-seconds", type=float, default=120.0)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--beside",
+        default="nothing else heavy",
+        help="what ran on the machine beside it (recorded with each stage)",
+    )
     a = parser.parse_args()
 
     from accel.core.hardware import environment
@@ -260,6 +265,7 @@ def main() -> None:
         if out is not None and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         results[name] = run(name, args, work / f"{name}.log")
+        results[name]["beside"] = a.beside
         if out is not None and out.is_dir():
             results[name].update(manifest_metrics(out))
         if results[name]["exit_code"] != 0:
@@ -272,7 +278,6 @@ def main() -> None:
         "pipeline_bytes": sum(p.stat().st_size for p in pipeline.rglob("*") if p.is_file()),
         "stages": results,
         "environment": environment(),
-        "beside": "nothing else heavy (see docs/BENCHMARKS.md for each run)",
     }
     name = f"real_size_{a.model}{'_tiny' if a.tiny else ''}{'_fp16' if a.dtype == 'fp16' else ''}"
     out = a.out or ROOT / "benchmarks" / "results" / f"{name}.json"

@@ -298,10 +298,15 @@ def _encode_text(adapter: Any, captions: list[str], chunk: int = 64) -> dict[str
 
 
 @torch.no_grad()
-def _encode_images(adapter: Any, images: torch.Tensor, conditions, chunk: int = 64) -> TrainingData:
+def _encode_images(adapter: Any, images: torch.Tensor, conditions) -> TrainingData:
     """Latents (the VAE posterior's mean, scaled as the pipeline scales them: deterministic, as
     diffusers' training scripts are when they cache latents) and their conditioning: the text
-    encoders' of captions, or a class-conditional model's labels."""
+    encoders' of captions, or a class-conditional model's labels. The VAE encodes as many images
+    at a time as ``DRAW_PIXELS`` allows (64 tiny ones, one at 512 px or more: SDXL's encoder holds
+    several GB of activations per 1024 px image)."""
+    from accel.core import memory
+
+    chunk = max(1, min(64, memory.DRAW_PIXELS // (images.shape[-2] * images.shape[-1])))
     latents = torch.cat(
         [adapter.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)]
     )

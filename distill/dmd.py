@@ -121,12 +121,11 @@ def distill(
         return cls(net, sched, ptype, adapter=adapter, **kw)
 
     if config.lora_rank:  # one frozen base: the real score, the generator and the fake score
-        if generator_init is not teacher.backbone or config.gradient_checkpointing:
+        if generator_init is not teacher.backbone:
             raise StageError(
                 "adversarial",
                 "a LoRA student (lora_rank) is adapters on the teacher itself, its three networks "
-                "one base: it cannot fine-tune another student, and gradient_checkpointing "
-                "would recompute the critic's blocks with the generator's adapter; drop one",
+                "one base: it cannot fine-tune another student; drop lora_rank or the student",
             )
         g_net, f_net, g_params, f_params = lora_networks(teacher, config, trainer, ("critic",))
         with_w = w_conditioning(adapter, g_net, config.guidance_scale, trainer.device)

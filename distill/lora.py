@@ -39,7 +39,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights loo
 STUDENT = "student"
 
 
-def _lora_layers(base: nn.Module) -> list[nn.Module]:
+def lora_layers(base: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
@@ -122,7 +122,7 @@ def _activate(base: nn.Module, name: str | None) -> None:
     """Adapter ``name`` active (None: all off), without peft's ``set_adapter`` changing which
     parameters are trainable (it marks the active adapter's only)."""
     flags = [(p, p.requires_grad) for p in base.parameters()]
-    for layer in _lora_layers(base):
+    for layer in lora_layers(base):
         if name is None:
             layer.enable_adapters(False)
         else:
@@ -133,7 +133,7 @@ def _activate(base: nn.Module, name: str | None) -> None:
 
 
 def _active(base: nn.Module) -> str | None:
-    layers = _lora_layers(base)
+    layers = lora_layers(base)
     if not layers:
         return None
     return None if layers[0].disable_adapters else layers[0].active_adapters[0]
@@ -205,7 +205,7 @@ def lora_base(teacher, shape: LoraShape, names: tuple[str, ...], dtype: torch.dt
     returns one ``AdapterView`` per name."""
     base = teacher.backbone
     if isinstance(base, AdapterView):  # loaded in half precision (``load_denoiser``)
-        if _lora_layers(base.base):
+        if lora_layers(base.base):
             raise StageError("lora", "the teacher already carries adapters")
         base = base.base
     if next(base.parameters()).dtype != dtype:
@@ -290,7 +290,7 @@ def fused_copy(view: AdapterView, root: Path) -> nn.Module:
 def fuse(model: nn.Module) -> nn.Module:
     """Merge the active adapter of every LoRA layer into its base layer and put the base layer
     back in its place (peft's merge, then the layers unwrapped)."""
-    layers = {id(m) for m in _lora_layers(model)}
+    layers = {id(m) for m in lora_layers(model)}
     for name, module in list(model.named_modules()):
         if id(module) in layers:
             module.merge()
@@ -355,7 +355,7 @@ def apply_lora(adapter: Any, file: str | Path, scale: float = 1.0) -> list[str]:
     changed = [
         name
         for name, module in pipe.components.items()
-        if isinstance(module, nn.Module) and _lora_layers(module)
+        if isinstance(module, nn.Module) and lora_layers(module)
     ]
     if not changed:
         raise CheckpointError(f"{file} holds no LoRA weights for any layer of {adapter.root}")

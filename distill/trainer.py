@@ -560,15 +560,60 @@ def reshard(model: nn.Module) -> None:
 
 def enable_gradient_checkpointing(model: nn.Module) -> bool:
     """diffusers' gradient checkpointing on every model in ``model`` that supports it (the
-    backbone inside a method's wrapper); False when none does."""
+    backbone inside a method's wrapper), through ``checkpoint_block``; False when none does."""
     found = False
     for m in model.modules():
         if getattr(m, "_supports_gradient_checkpointing", False) and not getattr(
             m, "gradient_checkpointing", False
         ):
-            m.enable_gradient_checkpointing()
+            m.enable_gradient_checkpointing(checkpoint_block)
             found = True
     return found or any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def checkpoint_block(block: nn.Module, *args):
+    """diffusers' ``gradient_checkpointing_func``: torch's non-reentrant checkpoint, with the
+    block's per-call state at its forward pass set again while the backward pass recomputes it.
+    accel switches two things per call that a block's output depends on: the active LoRA adapter
+    (one base is teacher, student and EMA target, ``distill.lora``) and the attention processors
+    (SD3's ``RepeatedTokenAttention`` over a shortened context). A plain checkpoint recomputes
+    under whatever is set at ``backward``, other activations than the forward's; torch refuses
+    that ("a different number of tensors was saved"), or where the counts agree, the gradients
+    are silently wrong."""
+    from torch.utils.checkpoint import checkpoint
+
+    state = _block_state(block)
+
+    def run(*inputs):
+        now = _block_state(block)
+        _set_block_state(state)
+        try:
+            return block(*inputs)
+        finally:
+            _set_block_state(now)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+def _block_state(block: nn.Module) -> tuple[list, list]:
+    from distill.lora import lora_layers
+
+    processors = [(m, m.processor) for m in block.modules() if hasattr(m, "set_processor")]
+    adapters = [(m, m.disable_adapters, list(m.active_adapters)) for m in lora_layers(block)]
+    return processors, adapters
+
+
+def _set_block_state(state: tuple[list, list]) -> None:
+    processors, adapters = state
+    for m, processor in processors:
+        if m.processor is not processor:
+            m.set_processor(processor)
+    for layer, off, names in adapters:  # as distill.lora switches them: trainability kept
+        flags = [(p, p.requires_grad) for p in layer.parameters()]
+        layer.set_adapter(names)
+        layer.enable_adapters(not off)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def write_loss_log(out: Path, log: list[dict[str, float]] | dict) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from accel.core.memory import give_back
 from accel.runtime import Runtime
 
 # |out - ref| <= atol + rtol * |ref| elementwise (numpy.allclose semantics)
@@ -83,6 +84,7 @@ def compare(
         report["runtimes"][rt.name] = {"passed": ok, "outputs": worst}
         report["passed"] &= ok
         del rt
+        give_back()  # the session's heap, before the next one opens
     return report
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from accel.core.errors import StageError
+from accel.core.memory import give_back
 from accel.core.plan import PLAN_FILE, SamplerPlan
 from accel.core.stage import StageContext
 
@@ -202,7 +203,7 @@ def export_component(
 
     def release() -> None:
         module.to("meta")
-        gc.collect()
+        give_back()
 
     for exporter in EXPORTERS:
         if exporter == "dynamo-unoptimized" and "dynamo" in tried and not captured:

@@ -237,6 +237,25 @@ class StockScheduler:
         "TCDScheduler",
     )
 
+    @classmethod
+    def applies(cls, path: str | Path) -> bool:
+        """Whether ``path`` is a teacher this loop samples: a diffusers folder, not a student,
+        whose scheduler is a deterministic diffusers one (``accel sample``'s default then)."""
+        import json
+
+        import diffusers
+
+        from accel.core.model_info import ModelInfo
+
+        config = Path(path, "scheduler", "scheduler_config.json")
+        if not config.is_file() or ModelInfo.read(path).is_student:
+            return False
+        try:
+            name = json.loads(config.read_text()).get("_class_name", "")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return False
+        return name not in cls.STOCHASTIC and hasattr(diffusers, name)
+
     def __init__(
         self,
         path: str | Path,

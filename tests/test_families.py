@@ -92,9 +92,9 @@ REAL_SCHEDULERS = {
 def test_a_teacher_sampled_with_its_stock_scheduler_matches_its_stock_pipeline(
     family, tmp_path, monkeypatch, capsys
 ):
-    """``accel sample --scheduler stock`` runs the pipeline's own scheduler (the real
-    checkpoint's: PNDM, Euler, DPM-Solver, FlowMatch Euler) and draws what the stock pipeline
-    draws from the same latents, 3 steps (PLMS and DPM-Solver use their history)."""
+    """``accel sample --scheduler stock`` (a teacher's default) runs the pipeline's own scheduler
+    (the real checkpoint's: PNDM, Euler, DPM-Solver, FlowMatch Euler) and draws what the stock
+    pipeline draws from the same latents, 3 steps (PLMS and DPM-Solver use their history)."""
     import diffusers
 
     pipe = families.build_pipeline(family)
@@ -112,9 +112,15 @@ def test_a_teacher_sampled_with_its_stock_scheduler_matches_its_stock_pipeline(
     stock = _stock(family, path, out["latents"], [PROMPT], steps=3)
     ours = out["images"].transpose(0, 2, 3, 1)
     assert np.abs(stock - ours).max() <= TOLERANCE
+    # the default (auto) for a teacher is its stock scheduler, and says so
+    auto = _sample(monkeypatch, capsys, path, family, tmp_path / "a.npz", steps=3)
+    assert np.array_equal(auto["images"], out["images"])
+    assert str(auto["scheduler"]).endswith("3 steps (the stock pipeline's loop)")
     if family in REAL_SCHEDULERS:  # and accel's own DDIM plan draws something else
-        plan = _sample(monkeypatch, capsys, path, family, tmp_path / "p.npz", steps=3)
+        plan = _sample(monkeypatch, capsys, path, family, tmp_path / "p.npz", "--scheduler",
+                       "plan", steps=3)  # fmt: skip
         assert np.abs(plan["images"] - out["images"]).max() > 10 * TOLERANCE
+        assert str(plan["scheduler"]).startswith("accel's ")
 
 
 def test_prompts_batch_and_cycle(pipeline_dir, tmp_path, monkeypatch, capsys):

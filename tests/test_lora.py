@@ -148,6 +148,38 @@ def test_a_dmd2_lora_student_loads_in_its_stock_pipeline(
     assert np.abs(stock - ours["images"].transpose(0, 2, 3, 1)).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize(("family", "method"), [("sd3", "consistency"), ("sd15", "dmd2")])
+def test_gradient_checkpointing_trains_a_lora_student_as_without_it(
+    family, method, teacher, tmp_path, monkeypatch, capsys
+):
+    """The student's blocks are recomputed under the student's adapter, though the teacher's (and
+    the EMA target's or the fake score's) calls switch adapters between the forward pass and
+    ``backward`` (``distill.trainer.checkpoint_block``): the same losses and adapter weights."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for ckpt in (False, True):
+        out = tmp_path / f"student-{ckpt}"
+        extra = ["--gradient-checkpointing"] if ckpt else []
+        code, _, err = _distil(
+            monkeypatch, capsys, teacher(family), out, tmp_path / str(ckpt), "--dataset",
+            _prompts(tmp_path), "--base-dtype", "fp32", *extra, method=method,
+        )  # fmt: skip
+        assert code == 0, err
+        runs[ckpt] = (
+            _json(out / "loss_log.json"),
+            load_file(out / "pytorch_lora_weights.safetensors"),
+        )
+    (log, weights), (log_ck, weights_ck) = runs[False], runs[True]
+    assert len(log) == len(log_ck) == 2
+    for row, row_ck in zip(log, log_ck, strict=True):
+        assert row.keys() == row_ck.keys()
+        for k in row:
+            assert row_ck[k] == pytest.approx(row[k], rel=1e-4, abs=1e-6), k
+    for k in weights:
+        torch.testing.assert_close(weights_ck[k], weights[k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_without_a_lora_loader_the_student_is_fused_into_full_weights(
     family, teacher, tmp_path, monkeypatch, capsys

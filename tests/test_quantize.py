@@ -50,6 +50,58 @@ def test_calibration_feeds_are_the_sampling_trajectory(tiny):
     np.testing.assert_allclose(feeds[1]["sample"][:5], expected, atol=1e-5)
 
 
+def test_our_minmax_pass_finds_onnxruntimes_ranges(tiny, tmp_path):
+    """accel's min/max pass (the graph reduces each activation, feed by feed) gives the ranges
+    onnxruntime's MinMax calibrator gives, tensor for tensor, and the same quantized graph."""
+    import shutil
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        create_calibrator,
+        quantize_static,
+    )
+
+    from export.quantize_onnx import minmax_ranges, quantize_ort_int8
+
+    _, _, graph = tiny
+    feeds = calibration_feeds(OrtRuntime(graph.path / "model.onnx"), open_engine_plan(graph), 3, 1)
+    src = tmp_path / "model.onnx"
+    for f in graph.path.glob("model.onnx*"):
+        shutil.copy(f, tmp_path / f.name)
+    ops = ["Conv", "MatMul", "Gemm"]
+    ours = minmax_ranges(src, feeds, ops)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    calibrator = create_calibrator(src, ops, augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+    calibrator.collect_data(Reader())
+    theirs = calibrator.compute_data()
+    assert set(ours) == set(theirs.data) and len(ours) > 10
+    for name, (lo, hi) in ours.items():
+        assert lo.dtype == hi.dtype == np.float32 and lo.shape == hi.shape == (1,)
+        np.testing.assert_array_equal(lo, theirs[name].range_value[0], err_msg=name)
+        np.testing.assert_array_equal(hi, theirs[name].range_value[1], err_msg=name)
+    # the quantized graphs: ours through onnxruntime's calibration cache, theirs calibrated
+    quantize_ort_int8(src, tmp_path / "ours.onnx", feeds, ops, None, "uint8")
+    quantize_static(str(src), str(tmp_path / "theirs.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=ops, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)  # fmt: skip
+    a, b = (onnx.load(str(tmp_path / f)) for f in ("ours.onnx", "theirs.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    for t in a.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), weights[t.name])
+
+
 def open_engine_plan(artifact):
     from accel.core.plan import SamplerPlan
 

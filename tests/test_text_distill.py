@@ -195,6 +195,25 @@ def test_imagefolder_latents_are_cached_once(teachers, tmp_path):
     assert images.shape == (6, 3, 32, 32)
 
 
+def test_large_images_encode_a_few_at_a_time(teachers, tmp_path, monkeypatch):
+    """The VAE encodes as many images per call as ``DRAW_PIXELS`` allows (one at 512 px: SDXL's
+    encoder holds GBs of activations per 1024 px image), and the latents are those of one call."""
+    from accel.core import memory
+    from distill.checkpoint import load_denoiser
+    from distill.data import load_dataset
+
+    den, _ = load_denoiser(teachers["sd"])
+    name = f"imagefolder:{write_imagefolder(tmp_path / 'images', n=5)}"
+    whole, _ = load_dataset(name, den, tmp_path / "one")
+    monkeypatch.setattr(memory, "DRAW_PIXELS", 2 * 32 * 32)  # two 32 px images per call
+    sizes = []
+    encode = den.adapter.encode_images
+    monkeypatch.setattr(den.adapter, "encode_images", lambda x: sizes.append(len(x)) or encode(x))
+    chunked, _ = load_dataset(name, den, tmp_path / "chunked")
+    assert sizes == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_digits_with_captions_train_text_to_image_teachers(teachers, tmp_path):
     """``dataset = "digits"`` for a text-to-image teacher: the digits at its resolution and VAE
     channels, captioned in the text teacher's phrasings, VAE-encoded once."""

@@ -177,6 +177,55 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
     assert not enable_gradient_checkpointing(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full weights", "lora"])
+def test_a_recomputed_block_sees_the_state_its_forward_pass_saw(tmp_path, lora):
+    """accel switches per call what a block computes beyond its inputs: the active LoRA adapter
+    (teacher = adapters off, student, EMA target on one base) and SD3's attention processors
+    (``RepeatedTokenAttention`` over a text context with a repeated padding tail). The backward
+    pass recomputes each checkpointed block under the state of its forward pass, not under
+    whatever is set when ``backward`` runs: the gradients are those without checkpointing."""
+    from distill.checkpoint import load_denoiser
+    from distill.lora import STUDENT, LoraShape, active, lora_base
+    from distill.trainer import enable_gradient_checkpointing
+
+    import families
+
+    root = families.write_pipeline("sd3", tmp_path / "sd3")
+
+    def grads(checkpointing):
+        torch.manual_seed(0)  # peft's initialisation of A
+        den, _ = load_denoiser(root)
+        adapter = den.adapter
+        h, w = families.RESOLUTION["sd3"]
+        cond = adapter.encode(["a red circle"], height=h, width=w)
+        x = torch.randn(1, *adapter.latent_shape(h, w), generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([500])
+        if lora:
+            net, _ = lora_base(den, LoraShape(4, 4.0, adapter.lora_targets), (STUDENT, "ema"),
+                               torch.float32)  # fmt: skip
+            base = net.base
+            with torch.no_grad():  # B != 0: the student differs from the teacher
+                for name, p in base.named_parameters():
+                    if f"lora_B.{STUDENT}" in name:
+                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        else:
+            net = base = den.backbone
+            net.requires_grad_(True)
+        if checkpointing:
+            assert enable_gradient_checkpointing(net)
+        loss = adapter.forward(net, x, t, cond).square().mean()
+        with torch.no_grad():
+            adapter.forward(den.backbone, x, t, cond)  # the teacher's call in between
+        with active(base, None) if lora else torch.enable_grad():
+            loss.backward()  # under the teacher's state (LoRA: adapters off)
+        return {n: p.grad.clone() for n, p in base.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_killed_distillation_resumes_to_the_same_student(tmp_path):
     """SIGKILL an `accel distill consistency` run after its first checkpoint; `--resume` finishes

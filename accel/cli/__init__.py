@@ -86,6 +86,100 @@ def main() -> None:
         sys.exit(code)
 
 
+def console() -> None:
+    """The ``accel`` command: ``main`` in a forked child, watched. Linux's out-of-memory killer
+    ends a process with SIGKILL, which no handler sees; the parent then says in one line which
+    stage died and at what peak memory (the child's ``ru_maxrss``), and removes the child's
+    scratch files (its ``TMPDIR``, a directory of this run's own: quantizer and exporter
+    scratch that a killed child cannot remove). The store's pending artifacts are removed by
+    the next run (``Store.clean_tmp``). Under ``accelerate launch`` / ``torchrun`` (``RANK``
+    set), and where there is no ``fork``, ``main`` runs in this process."""
+    if not hasattr(os, "fork") or "RANK" in os.environ or os.environ.get("ACCEL_STAGE_FILE"):  # noqa: SIM112
+        main()
+        return
+    import signal
+
+    from accel.core.memory import STAGE_FILE_ENV
+
+    run_dir = tempfile.mkdtemp(prefix="accel-run-")
+    status = Path(run_dir, "stage")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",  # kept across runs, not in the run's TMPDIR
+                          str(Path(tempfile.gettempdir(), f"torchinductor_{_user()}")))  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the run itself
+        os.environ[STAGE_FILE_ENV] = str(status)
+        os.environ["TMPDIR"] = run_dir
+        tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+        os._exit(_child(main))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child (same group)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
+    while True:
+        try:
+            _, code, usage = os.wait4(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    noted = status.read_text().splitlines() if status.is_file() else []
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if os.WIFEXITED(code):
+        sys.exit(os.WEXITSTATUS(code))
+    sig = os.WTERMSIG(code)
+    if sig == signal.SIGKILL:
+        click.echo(f"error: {killed_message(noted, usage.ru_maxrss * 1024)}", err=True)
+    sys.exit(128 + sig)
+
+
+def _child(run) -> int:
+    """``run()``'s exit code, as the interpreter would exit with it; the caller ends the forked
+    process with ``os._exit`` so that it never returns into the parent's code."""
+    code = 1
+    try:
+        run()
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def killed_message(noted: list[str], peak: int) -> str:
+    """The line for a run the kernel killed: ``noted`` is what the run wrote when its last stage
+    started (``accel.core.memory.note_stage``: the stage, what to try), empty outside stages."""
+    from accel.core.memory import gigabytes, machine_bytes
+
+    total = machine_bytes()
+    where = f"the {noted[0]} stage" if noted else "accel"
+    of = f" of this machine's {gigabytes(total)}" if total else ""
+    tries = (
+        noted[1] if len(noted) > 1 else "try a smaller batch, fewer images or a lower resolution"
+    )
+    return (
+        f"{where} was killed by the kernel (SIGKILL) at a peak of {gigabytes(peak)} resident"
+        f"{of}: out of memory, most likely (the kernel's log, `dmesg`, says so); the store keeps "
+        f"only completed stages; {tries}"
+    )
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
 def _end_processes() -> None:
     """Leave a multi-process run's process group before exiting, as torch.distributed asks: a
     gloo group left to interpreter shutdown can abort the process ("terminate called without an
@@ -107,10 +201,17 @@ def _run():
     except AccelError as e:
         click.echo(f"error: {_shorten(str(e))}", err=True)
         sys.exit(e.exit_code)
-    except MemoryError:  # a size in the input (batch, samples, resolution) beyond this machine
+    except (MemoryError, RuntimeError) as e:  # outside a stage (a stage's is a StageError)
+        from accel.core.memory import asked_bytes, gigabytes
+        from accel.pipeline import out_of_memory
+
+        if not out_of_memory(e):
+            raise
+        asked = asked_bytes(e)
+        size = f" (an allocation of {gigabytes(asked)} failed)" if asked else ""
         click.echo(
-            "error: out of memory: a size asked for (images, batch, samples, resolution) needs "
-            "more memory than this machine has; ask for less",
+            f"error: out of memory{size}: a size asked for (images, batch, samples, resolution) "
+            "needs more memory than this machine has; ask for less",
             err=True,
         )
         sys.exit(1)

@@ -1,3 +1,3 @@
-from accel.cli import main
+from accel.cli import console
 
-main()
+console()

@@ -44,11 +44,13 @@ from accel.core.hub import resolve_model
 @source_options
 @click.option(
     "--scheduler",
-    type=click.Choice(["plan", "stock"]),
-    default="plan",
+    type=click.Choice(["auto", "plan", "stock"]),
+    default="auto",
     show_default=True,
-    help="plan: accel's sampler plan (DDIM, Euler, consistency), as engines run it; stock: a "
-    "teacher's own scheduler loop, as its stock diffusers pipeline runs it (torch eager).",
+    help="stock: a teacher's own scheduler loop, as its stock diffusers pipeline runs it (torch "
+    "eager); plan: accel's sampler plan (DDIM, Euler, consistency), as engines run it; auto: "
+    "stock for a teacher whose scheduler is deterministic, the plan for students, engines and "
+    "teachers that ship a stochastic scheduler (DDPM).",
 )
 @click.option(
     "--seed",
@@ -110,6 +112,14 @@ def sample(
     resolution = _resolution(height, width)
     model = resolve_model(model, revision, variant)
     stock = None
+    if scheduler == "auto":  # an engine or bundle runs its plan, and imports no torch
+        from accel.runtime import artifact_kind
+
+        scheduler = "plan"
+        if artifact_kind(model) not in ("bundle", "engine"):
+            from export.torch_runtime import StockScheduler
+
+            scheduler = "stock" if StockScheduler.applies(model) else "plan"
     if scheduler == "stock":
         from accel.runtime import artifact_kind
         from export.torch_runtime import StockScheduler
@@ -160,6 +170,11 @@ def sample(
     if not plan.decode:
         images = np.clip(images, -1, 1)
     check_finite(images, str(model))
+    how = (
+        f"{stock.scheduler_class.__name__}, {stock.steps} steps (the stock pipeline's loop)"
+        if stock is not None
+        else f"accel's {plan.sampler} plan, {len(plan.steps)} steps"
+    )
     images01 = np.clip((images + 1) / 2, 0, 1).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
@@ -168,7 +183,8 @@ def sample(
         tmp = out.with_name(f".{out.name}.tmp.png")
         rgb_grid(images01).save(tmp)
     else:
-        fields = {"images": images01, "latents": noise.astype(np.float32)}
+        fields = {"images": images01, "latents": noise.astype(np.float32),
+                  "scheduler": np.asarray(how)}  # fmt: skip
         if prompts:
             fields["prompts"] = np.asarray(prompt_list)
         fields["labels"] = (
@@ -177,4 +193,4 @@ def sample(
         tmp = out.with_name(f".{out.name}.tmp.npz")
         np.savez(tmp, **fields)
     os.replace(tmp, out)
-    click.echo(f"wrote {num} images {list(images.shape[1:])} to {out}")
+    click.echo(f"wrote {num} images {list(images.shape[1:])} to {out} ({how})")

@@ -10,10 +10,17 @@ torch's peak allocation on each visible device, reset at the start, where CUDA i
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 from pathlib import Path
 from typing import Any
+
+DRAW_PIXELS = 1 << 18
+"""Image pixels per batch of a draw or an encode: one 512 x 512 image (SD1.5; SDXL's 1024 px ones
+go one at a time too), 64 of the tiny models', so that activations (a VAE decoder's at 512 px:
+2 GB per tensor at batch 4) stay bounded as the images grow (``accel.runtime.loop.draw``,
+``distill.data``)."""
 
 
 def _hwm_bytes() -> int | None:
@@ -75,3 +82,71 @@ class PeakMemory:
         if self.gpu is not None:
             out["peak_gpu_mb"] = round(self.gpu / mb, 1)
         return out
+
+
+def give_back() -> None:
+    """Collect garbage and hand freed heap pages back to the kernel (glibc's ``malloc_trim``).
+    A closed onnxruntime session of a 3.4 GB UNet leaves GBs of freed but resident heap in
+    glibc's arenas, which the next session would otherwise add to; elsewhere only collects."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
+
+
+_ASKED = (  # how allocators name the size of the allocation that failed
+    re.compile(r"tried to allocate (\d+) bytes", re.I),  # torch's CPU allocator
+    re.compile(r"tried to allocate ([\d.]+) ([KMGT]i?B)", re.I),  # torch's CUDA allocator
+    re.compile(r"buffer of size (\d+)", re.I),  # onnxruntime's arena
+)
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def asked_bytes(error: BaseException) -> int | None:
+    """The size of the allocation an out-of-memory error reports, where it reports one."""
+    text = str(error)
+    for pattern in _ASKED:
+        m = pattern.search(text)
+        if m:
+            unit = _UNITS[m.group(2).upper()] if m.lastindex == 2 else 1
+            return int(float(m.group(1)) * unit)
+    return None
+
+
+def machine_bytes() -> int | None:
+    """This machine's memory (``MemTotal``), None where /proc/meminfo is not there."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def gigabytes(n: int | float) -> str:
+    """Bytes in GB of 2^30, as the stages' ``peak_rss_mb`` figures count MB of 2^20."""
+    return f"{n / 2**30:.1f} GB"
+
+
+STAGE_FILE_ENV = "ACCEL_STAGE_FILE"
+"""Where a watched run (``accel.cli.console``) writes the name of the stage it is running, so
+that its parent can name the stage when the kernel kills the run for memory."""
+
+
+def note_stage(name: str, tries: str) -> None:
+    """Record that stage ``name`` starts, and what to try if it runs out of memory (for a
+    watched run; elsewhere nothing)."""
+    import os
+
+    file = os.environ.get(STAGE_FILE_ENV)
+    if file:
+        try:
+            Path(file).write_text(f"{name}\n{tries}\n")
+        except OSError:
+            pass

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from accel.core import memory
 from accel.core.errors import CheckpointError
 from accel.core.plan import SamplerPlan
 from accel.core.sections import section
@@ -178,17 +179,11 @@ def run_pipeline(
     return x
 
 
-DRAW_PIXELS = 1 << 18
-"""Image pixels per batch of a draw: one 512 x 512 image (SD1.5; SDXL's 1024 px ones go one at a
-time too), 64 of the tiny models', so that a draw's activations (a VAE decoder's at 512 px: 2 GB
-per tensor at batch 4) stay bounded as the images grow."""
-
-
 def bounded_batch(plan: SamplerPlan, batch: int) -> int:
     """The batch a draw of ``plan`` takes: the target's ``batch``, fewer where the images are
     large (``DRAW_PIXELS``)."""
     h, w = plan.resolution or plan.sample_shape[-2:]
-    return max(1, min(batch, DRAW_PIXELS // (h * w)))
+    return max(1, min(batch, memory.DRAW_PIXELS // (h * w)))
 
 
 def draw(

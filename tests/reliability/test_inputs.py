@@ -117,7 +117,7 @@ def test_an_allocation_failure_in_a_stage_is_one_line_naming_what_to_lower(tmp_p
         run_or_reuse(stage, stage.config(), parent, load_target("cpu"), store, lambda m: None)
     message = str(info.value)
     assert "greedy" in message and "out of memory" in message and "\n" not in message
-    assert "the target's [shapes] batch max (now 64" in message
+    assert "a smaller [shapes] batch max in the target (now 64" in message
     assert files() == before  # nothing half-written, no temp dir left
     stage = Stage("buggy", 1, fake_stages.ShrinkConfig, "checkpoint", "checkpoint",
                   lambda ctx: (_ for _ in ()).throw(RuntimeError("a bug")))  # fmt: skip
