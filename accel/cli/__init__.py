@@ -107,8 +107,10 @@ def console() -> None:
                           str(Path(tempfile.gettempdir(), f"torchinductor_{_user()}")))  # fmt: skip
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
-    if pid == 0:  # the run itself
+    if pid == 0:  # the run itself: it dies with its parent (a SIGKILL of `accel` ends the run)
+        _die_with(parent)
         os.environ[STAGE_FILE_ENV] = str(status)
         os.environ["TMPDIR"] = run_dir
         tempfile.tempdir = None  # gettempdir() reads TMPDIR again
@@ -129,6 +131,20 @@ def console() -> None:
     if sig == signal.SIGKILL:
         click.echo(f"error: {killed_message(noted, usage.ru_maxrss * 1024)}", err=True)
     sys.exit(128 + sig)
+
+
+def _die_with(parent: int) -> None:
+    """Linux's PR_SET_PDEATHSIG: this process gets SIGKILL when its parent dies; where the
+    parent is already gone (or prctl is missing), it ends now."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(128 + signal.SIGKILL)
 
 
 def _child(run) -> int:
