@@ -23,14 +23,19 @@ go one at a time too), 64 of the tiny models', so that activations (a VAE decode
 ``distill.data``)."""
 
 
-def _hwm_bytes() -> int | None:
+def _proc_bytes(file: str, key: str) -> int | None:
+    """The ``key: N kB`` line of a /proc file in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _hwm_bytes() -> int | None:
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def _cuda():
@@ -120,13 +125,7 @@ def asked_bytes(error: BaseException) -> int | None:
 
 def machine_bytes() -> int | None:
     """This machine's memory (``MemTotal``), None where /proc/meminfo is not there."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _proc_bytes("/proc/meminfo", "MemTotal")
 
 
 def gigabytes(n: int | float) -> str:
